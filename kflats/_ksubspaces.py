@@ -1,0 +1,460 @@
+"""The KSubspaces estimator: k subspaces (or affine flats) of dimension j."""
+
+import warnings
+from functools import partial
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    ClusterMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+
+from ._lloyd import (
+    _assign,
+    _ksubspaces_single,
+    _pack,
+    _residual_sq,
+    _row_norms_sq,
+)
+from ._seeding import _grow, _initial_potential, _ksubspaces_plusplus, _random_partition
+
+
+class KSubspaces(
+    ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator
+):
+    """Projective clustering: k subspaces of dimension j fitted to the rows of X.
+
+    Each row is assigned to its nearest subspace and each subspace is the best
+    j-dimensional fit (top-j principal directions) of its rows; Lloyd's algorithm
+    alternates the two steps from a k-subspaces++ seeding, which lowers the cost
+    ``sum_i w_i min_c dist(x_i, S_c)^2`` at every step. With ``k=1`` the subspace
+    is the top-j (uncentred) PCA subspace, i.e. truncated SVD.
+
+    The first fit in a process compiles kflats' Numba kernels (a few seconds;
+    compiled code is cached on disk for later processes).
+
+    Parameters
+    ----------
+    k : int, default=8
+        Number of subspaces (clusters).
+    j : int, default=1
+        Dimension of every subspace; must be smaller than n_features.
+    affine : bool, default=False
+        Fit affine flats ``mu_c + span(B_c)`` instead of linear subspaces through
+        the origin. Factorizing a matrix needs linear subspaces (the default).
+    init : {"k-subspaces++", "random"} or array-like of shape (k, j, n_features), \
+            default="k-subspaces++"
+        How to start.
+
+        - "k-subspaces++": D^2 seeding with greedy local trials, each seed grown
+          into a subspace fitted to its neighbourhood (see
+          :func:`ksubspaces_plusplus`).
+        - "random": subspaces fitted to a uniformly random partition of the rows.
+        - an array of initial bases with orthonormal rows. With ``affine=True``
+          the flats then start through the weighted mean of X.
+    n_init : "auto" or int, default="auto"
+        Number of runs from different starts; the run with the lowest cost is
+        kept. "auto" is 1 for "k-subspaces++" and an explicit array, 10 for
+        "random".
+    max_iter : int, default=300
+        Maximum number of Lloyd iterations of one run.
+    tol : float, default=1e-4
+        Relative tolerance: a run stops once an iteration lowers the cost by at
+        most ``tol`` times the cost of the empty model (the weighted sum of the
+        squared norms of the rows, centred when ``affine``), or once the labels
+        stop changing.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the starts; an int makes fits reproducible.
+    verbose : int, default=0
+        Print the cost of every iteration when positive.
+
+    Attributes
+    ----------
+    bases_ : ndarray of shape (k, j, n_features)
+        Orthonormal rows spanning each subspace, in the dtype of X.
+    means_ : ndarray of shape (k, n_features)
+        Offset of each flat; zeros when ``affine=False``.
+    labels_ : ndarray of shape (n_samples,)
+        Index of the subspace each training row is assigned to.
+    inertia_ : float
+        Weighted sum of squared distances of the rows to their subspaces.
+    n_iter_ : int
+        Lloyd iterations of the kept run.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when X has string column names.
+
+    See Also
+    --------
+    ksubspaces_plusplus : The seeding, as a function.
+    sklearn.cluster.KMeans : The j = 0 affine case (one point per cluster).
+    sklearn.decomposition.TruncatedSVD : The k = 1 linear case.
+
+    Notes
+    -----
+    When ``j > n_features / 2``, distances are computed through the orthogonal
+    complement of each subspace: fewer flops, and no cancellation in float32.
+    float32 input is fitted in float32, float64 in float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats import KSubspaces
+    >>> rng = np.random.RandomState(0)
+    >>> lines = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+    >>> X = np.vstack([np.outer(rng.randn(20), lines[0]),
+    ...                np.outer(rng.randn(20), lines[1])])
+    >>> ks = KSubspaces(k=2, j=1, random_state=0).fit(X)
+    >>> ks.bases_.shape
+    (2, 1, 3)
+    >>> round(ks.inertia_, 10)
+    0.0
+    >>> ks.predict([[2.0, 0.0, 0.0], [0.0, 3.0, 4.0]]).tolist() == [
+    ...     ks.labels_[0], ks.labels_[-1]]
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "j": [Interval(Integral, 1, None, closed="left")],
+        "affine": ["boolean"],
+        "init": [StrOptions({"k-subspaces++", "random"}), "array-like"],
+        "n_init": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        k=8,
+        j=1,
+        *,
+        affine=False,
+        init="k-subspaces++",
+        n_init="auto",
+        max_iter=300,
+        tol=1e-4,
+        random_state=None,
+        verbose=0,
+    ):
+        self.k = k
+        self.j = j
+        self.affine = affine
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _check_params_vs_input(self, X, sample_weight):
+        n, d = X.shape
+        if self.k > n:
+            raise ValueError(f"k={self.k} must be <= n_samples={n}.")
+        if self.j >= d:
+            raise ValueError(
+                f"j={self.j} must be smaller than n_features={d}: a subspace of "
+                "dimension n_features fits every row exactly."
+            )
+        n_pos = int(np.count_nonzero(sample_weight > 0))
+        if n_pos == 0:
+            raise ValueError("sample_weight must have at least one positive entry.")
+        if self.k > n_pos:
+            raise ValueError(
+                f"k={self.k} must be <= the number of rows with positive "
+                f"sample_weight ({n_pos})."
+            )
+        is_array = not isinstance(self.init, str)
+        if is_array:
+            init = np.asarray(self.init)
+            expected = (self.k, self.j, d)
+            if init.shape != expected:
+                raise ValueError(
+                    f"init has shape {init.shape}; expected (k, j, n_features) = "
+                    f"{expected}."
+                )
+            if not np.all(np.isfinite(init)):
+                raise ValueError("init must contain only finite values.")
+            gram = np.einsum("kid,kjd->kij", init, init)
+            if not np.allclose(gram, np.eye(self.j), atol=1e-5):
+                raise ValueError(
+                    "init must have orthonormal rows in each of its k bases "
+                    "(orthonormalize them, e.g. with numpy.linalg.qr)."
+                )
+        if self.n_init == "auto":
+            self._n_init = 10 if self.init == "random" else 1
+        else:
+            self._n_init = self.n_init
+        if is_array and self._n_init != 1:
+            warnings.warn(
+                f"Explicit initial bases passed: performing only one init in "
+                f"{type(self).__name__} instead of n_init={self._n_init}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._n_init = 1
+
+    def _init_subspaces(self, X, xsq, sample_weight, unit_weights, rng, grow):
+        k, j = self.k, self.j
+        if isinstance(self.init, str) and self.init == "k-subspaces++":
+            bases, means, comps, _ = _ksubspaces_plusplus(
+                X, xsq, sample_weight, k, j, self.affine, rng, 2 + int(np.log(k))
+            )
+        elif isinstance(self.init, str) and self.init == "random":
+            bases, means, comps = _random_partition(
+                X, xsq, sample_weight, unit_weights, k, j, self.affine, rng, grow
+            )
+        else:
+            bases = np.array(self.init, dtype=X.dtype, copy=True)
+            means = np.zeros((k, X.shape[1]), dtype=X.dtype)
+            if self.affine:
+                means[:] = (sample_weight @ X) / sample_weight.sum()
+            comps = None
+        return bases, means, comps
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit k subspaces to the rows of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows. float32 is fitted in float32, anything else in
+            float64.
+        y : Ignored
+            Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row, in both the assignment cost and the
+            subspace update. ``None`` weighs every row 1.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], order="C", copy=False
+        )
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
+        )
+        self._check_params_vs_input(X, sample_weight)
+        rng = check_random_state(self.random_state)
+        unit_weights = bool(np.all(sample_weight == 1))
+        xsq = _row_norms_sq(X)
+        grow = partial(_grow, X, xsq, sample_weight, j=self.j, affine=self.affine)
+        # Stop once an iteration gains less than tol times the empty model's cost.
+        tol = self.tol * float(
+            sample_weight @ _initial_potential(X, xsq, sample_weight, self.affine)
+        )
+
+        best = None
+        for run in range(self._n_init):
+            bases, means, comps = self._init_subspaces(
+                X, xsq, sample_weight, unit_weights, rng, grow
+            )
+            if self.verbose:
+                print(f"Initialization {run} complete.")
+            result = _ksubspaces_single(
+                X, xsq, sample_weight, unit_weights, bases, means, comps,
+                self.affine, self.max_iter, tol, grow, self.verbose,
+            )
+            if best is None or result[1] < best[1]:
+                best = result
+        labels, inertia, bases, means, comps, n_iter = best
+
+        distinct = np.unique(labels).size
+        if distinct < self.k:
+            warnings.warn(
+                f"Number of distinct clusters ({distinct}) found smaller than "
+                f"k ({self.k}). Possibly the rows lie on fewer subspaces.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self.bases_ = bases
+        self.means_ = means
+        self._complements = comps
+        self.labels_ = labels
+        self.inertia_ = inertia
+        self.n_iter_ = n_iter
+        self._n_features_out = self.k
+        return self
+
+    def _check_test_data(self, X):
+        check_is_fitted(self)
+        return validate_data(
+            self, X, dtype=[np.float64, np.float32], order="C", reset=False
+        )
+
+    def _packed(self, dtype):
+        return _pack(self.bases_, self.means_, self.affine, self._complements, dtype)
+
+    def _assign(self, X, return_distances=False):
+        return _assign(
+            X, _row_norms_sq(X), self._packed(X.dtype), return_distances
+        )
+
+    def predict(self, X):
+        """Index of the nearest subspace of each row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to assign.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            Index of the nearest subspace (the lowest index on ties).
+        """
+        X = self._check_test_data(X)
+        return self._assign(X)[0]
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return the index of the nearest subspace of each row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows.
+        y : Ignored
+            Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            Equal to ``labels_``.
+        """
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def transform(self, X):
+        """Distances of every row to every subspace (cluster-distance space).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to transform.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_samples, k)
+            Euclidean (not squared) distance of each row to each subspace, in
+            the dtype of X.
+        """
+        X = self._check_test_data(X)
+        _, _, dist = self._assign(X, return_distances=True)
+        return np.sqrt(dist).astype(X.dtype, copy=False)
+
+    def fit_transform(self, X, y=None, sample_weight=None):
+        """Fit, then return the distances of every row to every subspace.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows.
+        y : Ignored
+            Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_samples, k)
+            As :meth:`transform`.
+        """
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X, y=None, sample_weight=None):
+        """Opposite of the weighted cost of X under the fitted subspaces.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to score.
+        y : Ignored
+            Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row.
+
+        Returns
+        -------
+        score : float
+            ``-sum_i w_i min_c dist(x_i, S_c)^2``; higher is better.
+        """
+        X = self._check_test_data(X)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
+        )
+        labels = self._assign(X)[0]
+        return -float(sample_weight @ _residual_sq(X, labels, self.bases_, self.means_))
+
+    def coordinates(self, X):
+        """Nearest subspace of each row and the row's j coordinates in it.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to decompose.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            Index of the nearest subspace.
+        coords : ndarray of shape (n_samples, j)
+            ``B_c (x - mu_c)`` for the nearest subspace c, so that the
+            projection of x is ``mu_c + coords @ B_c``.
+        """
+        X = self._check_test_data(X)
+        labels = self._assign(X)[0]
+        coords = np.empty((X.shape[0], self.j), dtype=X.dtype)
+        bases = self.bases_.astype(X.dtype, copy=False)
+        means = self.means_.astype(X.dtype, copy=False)
+        for c in range(self.k):
+            idx = np.flatnonzero(labels == c)
+            coords[idx] = (X[idx] - means[c]) @ bases[c].T
+        return labels, coords
+
+    def project(self, X):
+        """Orthogonal projection of each row onto its nearest subspace.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to project.
+
+        Returns
+        -------
+        X_proj : ndarray of shape (n_samples, n_features)
+            ``mu_c + B_c^T B_c (x - mu_c)`` for the nearest subspace c of each
+            row, in the dtype of X.
+        """
+        labels, coords = self.coordinates(X)
+        bases = self.bases_.astype(coords.dtype, copy=False)
+        means = self.means_.astype(coords.dtype, copy=False)
+        X_proj = np.empty((coords.shape[0], bases.shape[2]), dtype=coords.dtype)
+        for c in range(self.k):
+            idx = np.flatnonzero(labels == c)
+            X_proj[idx] = means[c] + coords[idx] @ bases[c]
+        return X_proj
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags

@@ -1,0 +1,267 @@
+"""The Lloyd iteration for k subspaces: assignment, statistics, update.
+
+Subspaces are held as ``bases`` (k, j, d) with orthonormal rows and ``means``
+(k, d) (zeros for linear subspaces). Distances of a block of rows to all k
+subspaces come from one GEMM against the stacked bases (or, when j > d / 2,
+against the stacked orthogonal complements, which costs fewer flops and does not
+cancel), followed by the fused Numba kernel in ``kflats._kernels``. Rows are
+processed in blocks, so memory stays O(block * k * j) whatever the number of rows.
+
+These functions assume validated input; ``KSubspaces`` validates.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+from ._kernels import _distances_labels
+
+# Target number of elements of one block of projections (X_block @ M.T).
+_BLOCK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """Subspaces laid out for the distance kernel (see ``_pack``)."""
+
+    M: np.ndarray  # (k * g [+ k], d): stacked bases or complements [, means]
+    offsets: np.ndarray  # (k, g) float64: M_c @ mu_c
+    musq: np.ndarray  # (k,) float64: ||mu_c||^2
+    complement: bool
+    xmu: bool
+
+    @property
+    def k(self):
+        return self.offsets.shape[0]
+
+
+def _complements(bases):
+    """Orthonormal complements (k, d - j, d) of the row spaces of ``bases``."""
+    k, j, d = bases.shape
+    out = np.empty((k, d - j, d), dtype=bases.dtype)
+    for c in range(k):
+        q, _ = np.linalg.qr(bases[c].T, mode="complete")
+        out[c] = q[:, j:].T
+    return out
+
+
+def _use_complement(j, d):
+    """Whether distances are cheaper (and exact) through the complement."""
+    return 2 * j > d
+
+
+def _pack(bases, means, affine, complements=None, dtype=None):
+    """Lay out subspaces for ``_assign``.
+
+    ``complements`` may be given when already known (the update computes them for
+    free); otherwise they are computed when the complement form is cheaper.
+    """
+    k, j, d = bases.shape
+    dtype = bases.dtype if dtype is None else dtype
+    complement = _use_complement(j, d)
+    if complement:
+        groups = _complements(bases) if complements is None else complements
+    else:
+        groups = bases
+    g = groups.shape[1]
+    means64 = means.astype(np.float64)
+    offsets = np.einsum("kgd,kd->kg", groups.astype(np.float64), means64)
+    musq = np.einsum("kd,kd->k", means64, means64)
+    xmu = bool(affine) and not complement
+    M = groups.reshape(k * g, d)
+    if xmu:
+        M = np.vstack([M, means])
+    M = np.ascontiguousarray(M, dtype=dtype)
+    return _Packed(M=M, offsets=offsets, musq=musq, complement=complement, xmu=xmu)
+
+
+def _row_norms_sq(X):
+    """``||x_i||^2`` of every row, in X's dtype."""
+    return np.einsum("ij,ij->i", X, X)
+
+
+def _assign(X, xsq, packed, return_distances=False):
+    """Nearest subspace of every row.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), int32
+    mind : ndarray of shape (n,), float64
+        Squared distance of each row to its nearest subspace.
+    dist : ndarray of shape (n, k), float64
+        Only when ``return_distances``: squared distances to every subspace.
+    """
+    n = X.shape[0]
+    k = packed.k
+    labels = np.empty(n, dtype=np.int32)
+    mind = np.empty(n, dtype=np.float64)
+    step = max(64, _BLOCK_ELEMENTS // max(packed.M.shape[0], 1))
+    if return_distances:
+        dist = np.empty((n, k), dtype=np.float64)
+    else:
+        scratch = np.empty((min(step, n), k), dtype=np.float64)
+    Mt = packed.M.T
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        P = X[start:stop] @ Mt
+        out = dist[start:stop] if return_distances else scratch[: stop - start]
+        _distances_labels(
+            P,
+            xsq[start:stop],
+            packed.xmu,
+            packed.musq,
+            packed.offsets,
+            packed.complement,
+            out,
+            labels[start:stop],
+            mind[start:stop],
+        )
+    if return_distances:
+        return labels, mind, dist
+    return labels, mind
+
+
+def _residual_sq(X, labels, bases, means):
+    """Squared distance of each row to the subspace it is labelled with.
+
+    Computed from the residual ``(x - mu) - B^T B (x - mu)`` itself, so it keeps
+    its digits where ``||x||^2 - ||B x||^2`` would cancel.
+    """
+    out = np.empty(X.shape[0], dtype=np.float64)
+    for c in range(bases.shape[0]):
+        idx = np.flatnonzero(labels == c)
+        if idx.size == 0:
+            continue
+        Xc = X[idx] - means[c]
+        R = Xc - (Xc @ bases[c].T) @ bases[c]
+        out[idx] = np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    return out
+
+
+def _exact_mind(X, xsq, labels, mind, packed, bases, means):
+    """Squared distances to the assigned subspaces, free of cancellation."""
+    if packed.complement:
+        return mind  # the complement form does not cancel
+    return _residual_sq(X, labels, bases, means)
+
+
+def _cluster_subspace(Xc, wc, j, affine, want_complement):
+    """Best j-dimensional subspace (or flat) for the weighted rows ``Xc``.
+
+    Returns the basis (j, d), the mean (d,) and, when ``want_complement``, the
+    orthonormal complement (d - j, d). The scatter's eigendecomposition serves
+    when the cluster has at least d rows or the complement is needed; otherwise
+    an SVD of the (weighted, centred) rows is cheaper.
+    """
+    d = Xc.shape[1]
+    dtype = Xc.dtype
+    W = wc.sum() if wc is not None else Xc.shape[0]
+    mean = np.zeros(d, dtype=dtype)
+    if affine and W > 0:
+        mean = ((wc @ Xc) / W if wc is not None else Xc.mean(axis=0)).astype(dtype)
+        Xc = Xc - mean
+    if wc is not None:
+        Xc = Xc * np.sqrt(wc, dtype=dtype)[:, None]
+    n_c = Xc.shape[0]
+    if not want_complement and j <= n_c < d:
+        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+        return np.ascontiguousarray(vt[:j]), mean, None
+    # Ascending eigenvalues; the divide-and-conquer driver is the fastest here.
+    _, vecs = linalg.eigh(Xc.T @ Xc, driver="evd", check_finite=False)
+    basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T)
+    comp = np.ascontiguousarray(vecs[:, : d - j].T) if want_complement else None
+    return basis, mean, comp
+
+
+def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
+    """Refit every subspace to its rows (the M-step of Lloyd).
+
+    Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
+    rows farthest from their subspaces (largest ``mind``) each grow a new
+    subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``), as
+    scikit-learn relocates empty k-means clusters.
+
+    Returns
+    -------
+    bases, means, complements, n_relocated
+    """
+    n, d = X.shape
+    dtype = X.dtype
+    want_comp = _use_complement(j, d)
+    bases = np.empty((k, j, d), dtype=dtype)
+    means = np.zeros((k, d), dtype=dtype)
+    comps = np.empty((k, d - j, d), dtype=dtype) if want_comp else None
+    positive = sample_weight > 0
+    counts = np.bincount(labels[positive], minlength=k)
+    starved = np.flatnonzero(counts < j)
+    relocated = {}
+    if starved.size:
+        far = np.where(positive, mind, -np.inf)
+        n_far = min(starved.size, int(np.count_nonzero(far > 0)))
+        seeds = np.argsort(-far, kind="stable")[:n_far]
+        relocated = dict(zip(starved[:n_far].tolist(), seeds.tolist(), strict=True))
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    for c in range(k):
+        if c in relocated:
+            bases[c], means[c], comp = grow(relocated[c])
+            if want_comp:
+                comps[c] = comp
+            continue
+        idx = order[bounds[c] : bounds[c + 1]]
+        wc = None if unit_weights else sample_weight[idx]
+        basis, mean, comp = _cluster_subspace(X[idx], wc, j, affine, want_comp)
+        bases[c], means[c] = basis, mean
+        if want_comp:
+            comps[c] = comp
+    return bases, means, comps, len(relocated)
+
+
+def _ksubspaces_single(
+    X, xsq, sample_weight, unit_weights, bases, means, comps, affine, max_iter,
+    tol, grow, verbose=0,
+):
+    """One run of Lloyd's algorithm for k subspaces from given initial subspaces.
+
+    ``tol`` is absolute: the run stops when an iteration (without relocation)
+    lowers the cost by at most ``tol``, or when the labels no longer change.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), int32
+    inertia : float
+        Weighted cost, recomputed from the residuals.
+    bases, means : ndarray
+        The subspaces the labels were assigned to.
+    comps : ndarray or None
+        Their orthonormal complements, when distances use them.
+    n_iter : int
+    """
+    k, j, _ = bases.shape
+    packed = _pack(bases, means, affine, comps)
+    labels, mind = _assign(X, xsq, packed)
+    inertia = float(sample_weight @ mind)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        bases, means, comps, n_relocated = _update(
+            X, labels, mind, sample_weight, unit_weights, k, j, affine, grow
+        )
+        packed = _pack(bases, means, affine, comps)
+        new_labels, mind = _assign(X, xsq, packed)
+        new_inertia = float(sample_weight @ mind)
+        if verbose:
+            print(f"Iteration {n_iter}, inertia {new_inertia:.6g}.")
+        converged = np.array_equal(new_labels, labels)
+        improvement = inertia - new_inertia
+        labels, inertia = new_labels, new_inertia
+        if converged and not n_relocated:
+            if verbose:
+                print(f"Converged at iteration {n_iter}: strict convergence.")
+            break
+        if not n_relocated and improvement <= tol:
+            if verbose:
+                print(f"Converged at iteration {n_iter}: cost change within tol.")
+            break
+    mind = _exact_mind(X, xsq, labels, mind, packed, bases, means)
+    return labels, float(sample_weight @ mind), bases, means, comps, n_iter

@@ -1,0 +1,208 @@
+"""Initial subspaces: k-subspaces++ seeding and the random-partition start."""
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, validate_params
+from sklearn.utils.validation import _check_sample_weight, check_array
+
+from ._lloyd import (
+    _assign,
+    _cluster_subspace,
+    _pack,
+    _row_norms_sq,
+    _update,
+    _use_complement,
+)
+
+
+def _n_neighbors(j):
+    """Rows used to grow a j-dimensional subspace around a seed row."""
+    return max(2 * j, j + 5)
+
+
+def _grow(X, xsq, sample_weight, i, j, affine):
+    """Grow a j-dimensional subspace (or flat) around row ``i``.
+
+    The neighbourhood of the seed is made of the rows closest to it in angle
+    (linear subspaces pass through the origin, so a row's direction is what
+    matters) or in Euclidean distance (affine flats); the subspace is the best
+    fit to the weighted neighbourhood, which contains the seed itself.
+
+    Returns
+    -------
+    basis : ndarray of shape (j, d)
+    mean : ndarray of shape (d,)
+    complement : ndarray of shape (d - j, d) or None
+        The basis' orthonormal complement when distances use it.
+    """
+    want_comp = _use_complement(j, X.shape[1])
+    x = X[i]
+    dots = X @ x
+    if affine:
+        score = xsq - 2 * dots  # ||x_r - x||^2 up to a constant
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = -np.where(xsq > 0, dots * dots / xsq, 0.0)  # -cos^2 ||x||^2
+    score = np.where(sample_weight > 0, score, np.inf)
+    score[i] = -np.inf
+    n_pos = int(np.count_nonzero(sample_weight > 0))
+    m = max(1, min(n_pos, _n_neighbors(j)))
+    nb = np.argpartition(score, m - 1)[:m]
+    Xn = X[nb]
+    wn = sample_weight[nb]
+    if Xn.shape[0] < j:  # too few rows: complete the basis orthonormally
+        if affine:
+            mean = ((wn @ Xn) / wn.sum()).astype(X.dtype)
+            Xn = Xn - mean
+        else:
+            mean = np.zeros(X.shape[1], dtype=X.dtype)
+        Xn = Xn * np.sqrt(wn, dtype=X.dtype)[:, None]
+        _, _, vt = np.linalg.svd(Xn, full_matrices=True)
+        comp = np.ascontiguousarray(vt[j:]) if want_comp else None
+        return np.ascontiguousarray(vt[:j]), mean, comp
+    return _cluster_subspace(Xn, wn, j, affine, want_comp)
+
+
+def _initial_potential(X, xsq, sample_weight, affine):
+    """Squared distance of each row to the empty model (origin, or the mean)."""
+    if not affine:
+        return xsq.astype(np.float64)
+    mean = (sample_weight @ X) / sample_weight.sum()
+    R = X - mean.astype(X.dtype)
+    return np.einsum("ij,ij->i", R, R, dtype=np.float64)
+
+
+def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trials):
+    """Worker of ``ksubspaces_plusplus`` on validated input."""
+    n, d = X.shape
+    bases = np.empty((k, j, d), dtype=X.dtype)
+    means = np.zeros((k, d), dtype=X.dtype)
+    indices = np.empty(k, dtype=np.intp)
+    want_comp = _use_complement(j, d)
+    comps = np.empty((k, d - j, d), dtype=X.dtype) if want_comp else None
+    pot = _initial_potential(X, xsq, sample_weight, affine)
+    positive = np.flatnonzero(sample_weight > 0)
+    for c in range(k):
+        weighted = sample_weight * pot
+        cumulative = np.cumsum(weighted)
+        total = cumulative[-1]
+        if total > 0:
+            draws = rng.uniform(size=n_local_trials) * total
+            cand = np.minimum(np.searchsorted(cumulative, draws), n - 1)
+        else:  # every row already lies on a chosen subspace
+            cand = rng.choice(positive, size=n_local_trials)
+        trial_bases = np.empty((n_local_trials, j, d), dtype=X.dtype)
+        trial_means = np.zeros((n_local_trials, d), dtype=X.dtype)
+        trial_comps = (
+            np.empty((n_local_trials, d - j, d), dtype=X.dtype) if want_comp else None
+        )
+        for t, i in enumerate(cand):
+            basis, mean, comp = _grow(X, xsq, sample_weight, i, j, affine)
+            trial_bases[t], trial_means[t] = basis, mean
+            if want_comp:
+                trial_comps[t] = comp
+        packed = _pack(trial_bases, trial_means, affine, trial_comps)
+        _, _, dist = _assign(X, xsq, packed, return_distances=True)
+        potentials = sample_weight @ np.minimum(pot[:, None], dist)
+        best = int(np.argmin(potentials))
+        bases[c], means[c] = trial_bases[best], trial_means[best]
+        indices[c] = cand[best]
+        if want_comp:
+            comps[c] = trial_comps[best]
+        pot = np.minimum(pot, dist[:, best])
+    return bases, means, comps, indices
+
+
+def _random_partition(X, xsq, sample_weight, unit_weights, k, j, affine, rng, grow):
+    """Subspaces fitted to a uniformly random partition of the rows."""
+    labels = rng.randint(k, size=X.shape[0]).astype(np.int32)
+    pot = _initial_potential(X, xsq, sample_weight, affine)
+    bases, means, comps, _ = _update(
+        X, labels, pot, sample_weight, unit_weights, k, j, affine, grow
+    )
+    return bases, means, comps
+
+
+@validate_params(
+    {
+        "X": ["array-like"],
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "j": [Interval(Integral, 1, None, closed="left")],
+        "affine": ["boolean"],
+        "sample_weight": ["array-like", None],
+        "n_local_trials": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": ["random_state"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def ksubspaces_plusplus(
+    X, k, j, *, affine=False, sample_weight=None, n_local_trials=None,
+    random_state=None,
+):
+    """Initial subspaces for k-subspaces, chosen by k-subspaces++ seeding.
+
+    Like k-means++, seed rows are drawn with probability proportional to
+    ``sample_weight * D^2``, D being the distance of a row to the subspaces chosen
+    so far (to the origin at first, or to the mean for affine flats). Each seed
+    grows into a j-dimensional subspace fitted to its neighbourhood (the rows
+    nearest to it in angle, or in distance for affine flats). At each step
+    ``n_local_trials`` candidates are grown and the one that lowers the
+    potential ``sum(sample_weight * D^2)`` most is kept (greedy local trials).
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The rows to seed from; float32 stays float32.
+    k : int
+        Number of subspaces.
+    j : int
+        Dimension of each subspace; ``j < n_features``.
+    affine : bool, default=False
+        Seed affine flats (with means) instead of linear subspaces.
+    sample_weight : array-like of shape (n_samples,), default=None
+        Non-negative weight of each row; ``None`` weighs every row 1.
+    n_local_trials : int, default=None
+        Candidates per step; ``None`` takes ``2 + int(log(k))``.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the draws.
+
+    Returns
+    -------
+    bases : ndarray of shape (k, j, n_features)
+        Orthonormal rows spanning each subspace.
+    means : ndarray of shape (k, n_features)
+        Zeros unless ``affine``.
+    indices : ndarray of shape (k,)
+        The seed row of each subspace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats import ksubspaces_plusplus
+    >>> rng = np.random.RandomState(0)
+    >>> X = np.vstack([np.outer(rng.randn(50), [1, 0, 0]),
+    ...                np.outer(rng.randn(50), [0, 1, 1])])
+    >>> bases, means, indices = ksubspaces_plusplus(X, k=2, j=1, random_state=0)
+    >>> bases.shape, means.shape, indices.shape
+    ((2, 1, 3), (2, 3), (2,))
+    """
+    X = check_array(X, dtype=[np.float64, np.float32])
+    n, d = X.shape
+    if k > n:
+        raise ValueError(f"k={k} must be <= n_samples={n}.")
+    if j >= d:
+        raise ValueError(f"j={j} must be smaller than n_features={d}.")
+    sample_weight = _check_sample_weight(
+        sample_weight, X, dtype=X.dtype, ensure_non_negative=True
+    )
+    if not np.any(sample_weight > 0):
+        raise ValueError("sample_weight must have at least one positive entry.")
+    rng = check_random_state(random_state)
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(k))
+    bases, means, _, indices = _ksubspaces_plusplus(
+        X, _row_norms_sq(X), sample_weight, k, j, affine, rng, n_local_trials
+    )
+    return bases, means, indices
