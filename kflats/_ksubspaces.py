@@ -247,6 +247,17 @@ class KSubspaces(
         self : object
             Fitted estimator.
         """
+        # A failed fit leaves the estimator as it was (validate_data would
+        # already have reset n_features_in_ when a later check fails).
+        state = dict(self.__dict__)
+        try:
+            return self._fit(X, sample_weight)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
+
+    def _fit(self, X, sample_weight):
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", copy=False
         )

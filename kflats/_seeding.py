@@ -3,13 +3,13 @@
 from numbers import Integral
 
 import numpy as np
+from scipy import linalg
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
 from sklearn.utils.validation import _check_sample_weight, check_array
 
 from ._lloyd import (
     _assign,
-    _cluster_subspace,
     _pack,
     _row_norms_sq,
     _update,
@@ -23,12 +23,16 @@ def _n_neighbors(j):
 
 
 def _grow(X, xsq, sample_weight, i, j, affine):
-    """Grow a j-dimensional subspace (or flat) around row ``i``.
+    """Grow a j-dimensional subspace (or flat) that contains row ``i``.
 
     The neighbourhood of the seed is made of the rows closest to it in angle
     (linear subspaces pass through the origin, so a row's direction is what
-    matters) or in Euclidean distance (affine flats); the subspace is the best
-    fit to the weighted neighbourhood, which contains the seed itself.
+    matters) or in Euclidean distance (affine flats). The subspace contains the
+    seed exactly: for linear subspaces its first direction is the seed's and the
+    other j - 1 are the neighbourhood's main directions orthogonal to it; an
+    affine flat passes through the seed, along the neighbourhood's main
+    directions around it. Containing the seed is what lets a re-seeded cluster
+    win at least the row it was grown from.
 
     Returns
     -------
@@ -37,32 +41,42 @@ def _grow(X, xsq, sample_weight, i, j, affine):
     complement : ndarray of shape (d - j, d) or None
         The basis' orthonormal complement when distances use it.
     """
-    want_comp = _use_complement(j, X.shape[1])
-    x = X[i]
-    dots = X @ x
+    d = X.shape[1]
+    dtype = X.dtype
+    x = X[i].astype(np.float64)
+    dots = X @ X[i]
     if affine:
         score = xsq - 2 * dots  # ||x_r - x||^2 up to a constant
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             score = -np.where(xsq > 0, dots * dots / xsq, 0.0)  # -cos^2 ||x||^2
     score = np.where(sample_weight > 0, score, np.inf)
-    score[i] = -np.inf
+    score[i] = np.inf  # the seed enters through the constraint below
     n_pos = int(np.count_nonzero(sample_weight > 0))
-    m = max(1, min(n_pos, _n_neighbors(j)))
-    nb = np.argpartition(score, m - 1)[:m]
-    Xn = X[nb]
-    wn = sample_weight[nb]
-    if Xn.shape[0] < j:  # too few rows: complete the basis orthonormally
-        if affine:
-            mean = ((wn @ Xn) / wn.sum()).astype(X.dtype)
-            Xn = Xn - mean
-        else:
-            mean = np.zeros(X.shape[1], dtype=X.dtype)
-        Xn = Xn * np.sqrt(wn, dtype=X.dtype)[:, None]
-        _, _, vt = np.linalg.svd(Xn, full_matrices=True)
-        comp = np.ascontiguousarray(vt[j:]) if want_comp else None
-        return np.ascontiguousarray(vt[:j]), mean, comp
-    return _cluster_subspace(Xn, wn, j, affine, want_comp)
+    m = max(1, min(n_pos - 1, _n_neighbors(j)))
+    nb = np.argpartition(score, m - 1)[:m] if n_pos > 1 else np.empty(0, np.intp)
+    Xn = X[nb].astype(np.float64) * np.sqrt(sample_weight[nb], dtype=np.float64)[
+        :, None
+    ]
+    if affine:
+        mean = X[i].copy()
+        Xn = Xn - np.sqrt(sample_weight[nb], dtype=np.float64)[:, None] * x
+        scatter = Xn.T @ Xn
+    else:
+        mean = np.zeros(d, dtype=dtype)
+        norm = np.linalg.norm(x)
+        u = x / norm if norm > 0 else np.eye(d)[0]
+        Xn = Xn - np.outer(Xn @ u, u)  # the seed's direction is taken already
+        scatter = Xn.T @ Xn
+        # Put u on top of the spectrum: the eigenvectors of P S P with u's zero
+        # eigenvalue lifted above all others.
+        scatter += (np.trace(scatter) + 1.0) * np.outer(u, u)
+    _, vecs = linalg.eigh(scatter, driver="evd", check_finite=False)
+    basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T, dtype=dtype)
+    comp = None
+    if _use_complement(j, d):
+        comp = np.ascontiguousarray(vecs[:, : d - j].T, dtype=dtype)
+    return basis, mean, comp
 
 
 def _initial_potential(X, xsq, sample_weight, affine):
