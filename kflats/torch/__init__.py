@@ -1,0 +1,38 @@
+"""PyTorch layers built on projective clustering, and model compression.
+
+Needs PyTorch (``pip install kflats[torch]``); ``import kflats`` alone never
+imports torch.
+
+- :class:`ProjectiveEmbedding` and :class:`ProjectiveLinear` replace an
+  :class:`torch.nn.Embedding` or :class:`torch.nn.Linear` by one low-rank
+  factor pair per cluster of rows (tokens, or input features).
+- :func:`compress` replaces chosen modules of a model in place.
+- :func:`save_compressed` and :func:`load_compressed` store the compressed
+  modules, and put them back into a freshly built model of the same
+  architecture without fitting again.
+- :mod:`kflats.torch.functional` holds the pure forward functions.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "kflats.torch needs PyTorch, which is not installed. Install it with "
+        "`pip install kflats[torch]`."
+    ) from exc
+
+from . import functional
+from ._compress import CompressionReport, ModuleReport, compress
+from ._io import load_compressed, save_compressed
+from ._layers import ProjectiveEmbedding, ProjectiveLinear
+
+__all__ = [
+    "CompressionReport",
+    "ModuleReport",
+    "ProjectiveEmbedding",
+    "ProjectiveLinear",
+    "compress",
+    "functional",
+    "load_compressed",
+    "save_compressed",
+]
