@@ -197,7 +197,7 @@ class KSubspaces(
                     "(orthonormalize them, e.g. with numpy.linalg.qr)."
                 )
         if self.n_init == "auto":
-            self._n_init = 10 if self.init == "random" else 1
+            self._n_init = 10 if (not is_array and self.init == "random") else 1
         else:
             self._n_init = self.n_init
         if is_array and self._n_init != 1:
@@ -282,8 +282,18 @@ class KSubspaces(
             if self.verbose:
                 print(f"Initialization {run} complete.")
             result = _ksubspaces_single(
-                X, xsq, sample_weight, unit_weights, bases, means, comps,
-                self.affine, self.max_iter, tol, grow, self.verbose,
+                X,
+                xsq,
+                sample_weight,
+                unit_weights,
+                bases,
+                means,
+                comps,
+                self.affine,
+                self.max_iter,
+                tol,
+                grow,
+                self.verbose,
             )
             if best is None or result[1] < best[1]:
                 best = result
@@ -316,9 +326,7 @@ class KSubspaces(
         return _pack(self.bases_, self.means_, self.affine, self._complements, dtype)
 
     def _assign(self, X, return_distances=False):
-        return _assign(
-            X, _row_norms_sq(X), self._packed(X.dtype), return_distances
-        )
+        return _assign(X, _row_norms_sq(X), self._packed(X.dtype), return_distances)
 
     def predict(self, X):
         """Index of the nearest subspace of each row.
@@ -370,7 +378,17 @@ class KSubspaces(
             the dtype of X.
         """
         X = self._check_test_data(X)
-        _, _, dist = self._assign(X, return_distances=True)
+        if self._complements is not None:  # ||N (x - mu)||^2 does not cancel
+            _, _, dist = self._assign(X, return_distances=True)
+        else:  # ||x - mu||^2 - ||B (x - mu)||^2 would: use the residuals
+            bases = self.bases_.astype(X.dtype, copy=False)
+            means = self.means_.astype(X.dtype, copy=False)
+            dist = np.column_stack(
+                [
+                    _residual_sq(X, np.zeros(X.shape[0], np.int32), B[None], mu[None])
+                    for B, mu in zip(bases, means, strict=True)
+                ]
+            )
         return np.sqrt(dist).astype(X.dtype, copy=False)
 
     def fit_transform(self, X, y=None, sample_weight=None):

@@ -146,6 +146,14 @@ def _exact_mind(X, xsq, labels, mind, packed, bases, means):
     return _residual_sq(X, labels, bases, means)
 
 
+def _distances_to_one(X, basis, mean, comp):
+    """Squared distances of every row to one subspace."""
+    packed = _pack(
+        basis[None], mean[None], bool(mean.any()), None if comp is None else comp[None]
+    )
+    return _assign(X, _row_norms_sq(X), packed)[1]
+
+
 def _cluster_subspace(Xc, wc, j, affine, want_complement):
     """Best j-dimensional subspace (or flat) for the weighted rows ``Xc``.
 
@@ -179,8 +187,9 @@ def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
 
     Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
     rows farthest from their subspaces (largest ``mind``) each grow a new
-    subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``), as
-    scikit-learn relocates empty k-means clusters.
+    subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``),
+    as scikit-learn relocates empty k-means clusters. ``grow=None`` turns
+    re-seeding off.
 
     Returns
     -------
@@ -196,16 +205,22 @@ def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
     counts = np.bincount(labels[positive], minlength=k)
     starved = np.flatnonzero(counts < j)
     relocated = {}
-    if starved.size:
+    if starved.size and grow is not None:
+        # Farthest row first; each re-seeded subspace contains its seed, so the
+        # next seed is the farthest row from every subspace chosen so far.
         far = np.where(positive, mind, -np.inf)
-        n_far = min(starved.size, int(np.count_nonzero(far > 0)))
-        seeds = np.argsort(-far, kind="stable")[:n_far]
-        relocated = dict(zip(starved[:n_far].tolist(), seeds.tolist(), strict=True))
+        for c in starved:
+            i = int(np.argmax(far))
+            if not far[i] > 0:
+                break
+            relocated[c] = grow(i)
+            basis, mean, comp = relocated[c]
+            far = np.minimum(far, _distances_to_one(X, basis, mean, comp))
     order = np.argsort(labels, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
     for c in range(k):
         if c in relocated:
-            bases[c], means[c], comp = grow(relocated[c])
+            bases[c], means[c], comp = relocated[c]
             if want_comp:
                 comps[c] = comp
             continue
@@ -219,8 +234,18 @@ def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
 
 
 def _ksubspaces_single(
-    X, xsq, sample_weight, unit_weights, bases, means, comps, affine, max_iter,
-    tol, grow, verbose=0,
+    X,
+    xsq,
+    sample_weight,
+    unit_weights,
+    bases,
+    means,
+    comps,
+    affine,
+    max_iter,
+    tol,
+    grow,
+    verbose=0,
 ):
     """One run of Lloyd's algorithm for k subspaces from given initial subspaces.
 
@@ -243,9 +268,21 @@ def _ksubspaces_single(
     labels, mind = _assign(X, xsq, packed)
     inertia = float(sample_weight @ mind)
     n_iter = 0
+    # Re-seed starved clusters only where k clusters of j rows can exist, and
+    # only while it pays: once a re-seeding step does not lower the cost, the run
+    # goes on as plain Lloyd (which then always terminates).
+    relocate = np.count_nonzero(sample_weight > 0) >= k * j
     for n_iter in range(1, max_iter + 1):
         bases, means, comps, n_relocated = _update(
-            X, labels, mind, sample_weight, unit_weights, k, j, affine, grow
+            X,
+            labels,
+            mind,
+            sample_weight,
+            unit_weights,
+            k,
+            j,
+            affine,
+            grow if relocate else None,
         )
         packed = _pack(bases, means, affine, comps)
         new_labels, mind = _assign(X, xsq, packed)
@@ -255,6 +292,8 @@ def _ksubspaces_single(
         converged = np.array_equal(new_labels, labels)
         improvement = inertia - new_inertia
         labels, inertia = new_labels, new_inertia
+        if n_relocated and improvement <= 0:
+            relocate = False
         if converged and not n_relocated:
             if verbose:
                 print(f"Converged at iteration {n_iter}: strict convergence.")

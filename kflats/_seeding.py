@@ -22,6 +22,37 @@ def _n_neighbors(j):
     return max(2 * j, j + 5)
 
 
+def _nearest_by_weight(score, sample_weight, m):
+    """Rows of lowest score, up to a total weight of ``m``.
+
+    The last row taken counts with the weight that completes ``m``, so that an
+    integer weight acts exactly as that many repeated rows.
+
+    Returns
+    -------
+    rows : ndarray of int
+    weights : ndarray of float64
+    """
+    finite = int(np.count_nonzero(np.isfinite(score)))
+    if finite == 0:
+        return np.empty(0, dtype=np.intp), np.empty(0)
+    take = min(finite, m)
+    while True:
+        cand = np.argpartition(score, take - 1)[:take]
+        cand = cand[np.argsort(score[cand], kind="stable")]
+        cum = np.cumsum(sample_weight[cand], dtype=np.float64)
+        if cum[-1] >= m or take == finite:
+            break
+        take = min(finite, 2 * take)
+    stop = int(np.searchsorted(cum, m)) + 1
+    rows = cand[:stop]
+    weights = sample_weight[rows].astype(np.float64)
+    excess = cum[min(stop, cum.size) - 1] - m
+    if excess > 0:
+        weights[-1] -= excess
+    return rows, weights
+
+
 def _grow(X, xsq, sample_weight, i, j, affine):
     """Grow a j-dimensional subspace (or flat) that contains row ``i``.
 
@@ -51,16 +82,16 @@ def _grow(X, xsq, sample_weight, i, j, affine):
         with np.errstate(divide="ignore", invalid="ignore"):
             score = -np.where(xsq > 0, dots * dots / xsq, 0.0)  # -cos^2 ||x||^2
     score = np.where(sample_weight > 0, score, np.inf)
-    score[i] = np.inf  # the seed enters through the constraint below
-    n_pos = int(np.count_nonzero(sample_weight > 0))
-    m = max(1, min(n_pos - 1, _n_neighbors(j)))
-    nb = np.argpartition(score, m - 1)[:m] if n_pos > 1 else np.empty(0, np.intp)
-    Xn = X[nb].astype(np.float64) * np.sqrt(sample_weight[nb], dtype=np.float64)[
-        :, None
-    ]
+    # The seed enters through the constraint below; its other copies (an
+    # integer weight w stands for w rows) are its nearest neighbours.
+    score[i] = -np.inf
+    weights = sample_weight.copy()
+    weights[i] = max(weights[i] - 1, 0)
+    nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
+    Xn = X[nb].astype(np.float64) * np.sqrt(wn)[:, None]
     if affine:
         mean = X[i].copy()
-        Xn = Xn - np.sqrt(sample_weight[nb], dtype=np.float64)[:, None] * x
+        Xn = Xn - np.sqrt(wn)[:, None] * x
         scatter = Xn.T @ Xn
     else:
         mean = np.zeros(d, dtype=dtype)
@@ -152,7 +183,13 @@ def _random_partition(X, xsq, sample_weight, unit_weights, k, j, affine, rng, gr
     prefer_skip_nested_validation=True,
 )
 def ksubspaces_plusplus(
-    X, k, j, *, affine=False, sample_weight=None, n_local_trials=None,
+    X,
+    k,
+    j,
+    *,
+    affine=False,
+    sample_weight=None,
+    n_local_trials=None,
     random_state=None,
 ):
     """Initial subspaces for k-subspaces, chosen by k-subspaces++ seeding.
