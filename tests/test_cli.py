@@ -43,3 +43,26 @@ def test_fit_rejects_bad_matrix(tmp_path):
         main(["fit", "--matrix", str(tmp_path / "v.npy")])
     with pytest.raises(SystemExit, match="cannot read"):
         main(["fit", "--matrix", str(tmp_path / "missing.npy")])
+
+
+def test_factorize_saves_factors(matrix_file, tmp_path, capsys):
+    from kflats.factorize import ProjectiveFactors
+
+    out = tmp_path / "f.npz"
+    argv = ["factorize", "--matrix", str(matrix_file), "--budget", "0.7"]
+    assert main([*argv, "--k", "1", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "truncated SVD (rank" in text and "kflats (adaptive ranks" in text
+    factors = ProjectiveFactors.load(out)
+    assert factors.shape == (60, 6) and factors.compression <= 0.7
+    A = np.load(matrix_file)
+    exact = ((A - factors.reconstruct()) ** 2).sum() / (A**2).sum()
+    assert factors.error == pytest.approx(exact, abs=1e-9)
+    assert f"relative error {factors.error:.4f}" in text
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2"])
+def test_factorize_rejects_bad_budget(matrix_file, budget, capsys):
+    with pytest.raises(SystemExit):
+        main(["factorize", "--matrix", str(matrix_file), "--budget", budget])
+    assert "expected a fraction in (0, 1]" in capsys.readouterr().err
