@@ -38,6 +38,7 @@ import numpy as np
 from scipy import linalg
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "K_GRID",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 #: Numbers of clusters that a budget search tries when ``k`` is not given.
-K_GRID = (1, 2, 3, 4, 6, 8)
+K_GRID = (1, 2, 4, 6, 8)
 
 _FORMAT = "kflats.ProjectiveFactors"
 _FORMAT_VERSION = 1
@@ -522,11 +523,15 @@ def _spectrum(A, rows, w, affine):
     if n_c >= d:
         # d x d scatter: cheaper than an SVD of the n_c x d block.
         G = (X.T * wc) @ X if wc is not None else X.T @ X
-        evals, evecs = linalg.eigh(G)
+        # small LAPACK problems: one thread is faster, and immune to threads
+        # left spinning by the parallel kernels of the fit
+        with threadpool_limits(1, user_api="blas"):
+            evals, evecs = linalg.eigh(G)
         evals, evecs = evals[::-1], evecs[:, ::-1]
     else:
         Xw = X * np.sqrt(wc)[:, None] if wc is not None else X
-        _, s, Vt = linalg.svd(Xw, full_matrices=False, lapack_driver="gesdd")
+        with threadpool_limits(1, user_api="blas"):
+            _, s, Vt = linalg.svd(Xw, full_matrices=False, lapack_driver="gesdd")
         evals, evecs = s**2, Vt.T
     return _Cluster(rows, mean, np.maximum(evals, 0.0), evecs)
 
