@@ -1,0 +1,1 @@
+"""asv benchmarks of kflats (see ``asv_benchmarks/asv.conf.json``)."""
