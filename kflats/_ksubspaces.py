@@ -212,9 +212,10 @@ class KSubspaces(
     def _init_subspaces(self, X, xsq, sample_weight, unit_weights, rng, grow):
         k, j = self.k, self.j
         if isinstance(self.init, str) and self.init == "k-subspaces++":
-            bases, means, comps, _ = _ksubspaces_plusplus(
+            bases, means, comps, _, dist = _ksubspaces_plusplus(
                 X, xsq, sample_weight, k, j, self.affine, rng, 2 + int(np.log(k))
             )
+            return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":
             bases, means, comps = _random_partition(
                 X, xsq, sample_weight, unit_weights, k, j, self.affine, rng, grow
@@ -225,7 +226,7 @@ class KSubspaces(
             if self.affine:
                 means[:] = (sample_weight @ X) / sample_weight.sum()
             comps = None
-        return bases, means, comps
+        return bases, means, comps, None
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
@@ -276,7 +277,7 @@ class KSubspaces(
 
         best = None
         for run in range(self._n_init):
-            bases, means, comps = self._init_subspaces(
+            bases, means, comps, dist = self._init_subspaces(
                 X, xsq, sample_weight, unit_weights, rng, grow
             )
             if self.verbose:

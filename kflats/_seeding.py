@@ -3,7 +3,6 @@
 from numbers import Integral
 
 import numpy as np
-from scipy import linalg
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
 from sklearn.utils.validation import _check_sample_weight, check_array
@@ -102,7 +101,7 @@ def _grow(X, xsq, sample_weight, i, j, affine):
         # Put u on top of the spectrum: the eigenvectors of P S P with u's zero
         # eigenvalue lifted above all others.
         scatter += (np.trace(scatter) + 1.0) * np.outer(u, u)
-    _, vecs = linalg.eigh(scatter, driver="evd", check_finite=False)
+    _, vecs = np.linalg.eigh(scatter)
     basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T, dtype=dtype)
     comp = None
     if _use_complement(j, d):
@@ -129,6 +128,7 @@ def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trial
     comps = np.empty((k, d - j, d), dtype=X.dtype) if want_comp else None
     pot = _initial_potential(X, xsq, sample_weight, affine)
     positive = np.flatnonzero(sample_weight > 0)
+    chosen_dist = np.empty((n, k))  # saves the fit its first assignment
     for c in range(k):
         weighted = sample_weight * pot
         cumulative = np.cumsum(weighted)
@@ -157,7 +157,8 @@ def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trial
         if want_comp:
             comps[c] = trial_comps[best]
         pot = np.minimum(pot, dist[:, best])
-    return bases, means, comps, indices
+        chosen_dist[:, c] = dist[:, best]
+    return bases, means, comps, indices, chosen_dist
 
 
 def _random_partition(X, xsq, sample_weight, unit_weights, k, j, affine, rng, grow):
@@ -253,7 +254,7 @@ def ksubspaces_plusplus(
     rng = check_random_state(random_state)
     if n_local_trials is None:
         n_local_trials = 2 + int(np.log(k))
-    bases, means, _, indices = _ksubspaces_plusplus(
+    bases, means, _, indices, _ = _ksubspaces_plusplus(
         X, _row_norms_sq(X), sample_weight, k, j, affine, rng, n_local_trials
     )
     return bases, means, indices
