@@ -209,7 +209,7 @@ class KSubspaces(
             )
             self._n_init = 1
 
-    def _init_subspaces(self, X, xsq, sample_weight, unit_weights, rng, grow):
+    def _init_subspaces(self, X, xsq, sample_weight, rng, grow):
         k, j = self.k, self.j
         if isinstance(self.init, str) and self.init == "k-subspaces++":
             bases, means, comps, _, dist = _ksubspaces_plusplus(
@@ -218,7 +218,7 @@ class KSubspaces(
             return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":
             bases, means, comps = _random_partition(
-                X, xsq, sample_weight, unit_weights, k, j, self.affine, rng, grow
+                X, xsq, sample_weight, k, j, self.affine, rng, grow
             )
         else:
             bases = np.array(self.init, dtype=X.dtype, copy=True)
@@ -267,7 +267,6 @@ class KSubspaces(
         )
         self._check_params_vs_input(X, sample_weight)
         rng = check_random_state(self.random_state)
-        unit_weights = bool(np.all(sample_weight == 1))
         xsq = _row_norms_sq(X)
         grow = partial(_grow, X, xsq, sample_weight, j=self.j, affine=self.affine)
         # Stop once an iteration gains less than tol times the empty model's cost.
@@ -278,7 +277,7 @@ class KSubspaces(
         best = None
         for run in range(self._n_init):
             bases, means, comps, dist = self._init_subspaces(
-                X, xsq, sample_weight, unit_weights, rng, grow
+                X, xsq, sample_weight, rng, grow
             )
             if self.verbose:
                 print(f"Initialization {run} complete.")
@@ -286,7 +285,6 @@ class KSubspaces(
                 X,
                 xsq,
                 sample_weight,
-                unit_weights,
                 bases,
                 means,
                 comps,
@@ -295,6 +293,7 @@ class KSubspaces(
                 tol,
                 grow,
                 self.verbose,
+                init_dist=dist,
             )
             if best is None or result[1] < best[1]:
                 best = result

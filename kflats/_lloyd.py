@@ -153,49 +153,76 @@ def _distances_to_one(X, basis, mean, comp):
     return _assign(X, _row_norms_sq(X), packed)[1]
 
 
-def _cluster_subspace(Xc, wc, j, affine, want_complement):
-    """Best j-dimensional subspace (or flat) for the weighted rows ``Xc``.
+class _Stats:
+    """Sufficient statistics of each cluster, in float64.
 
-    Returns the basis (j, d), the mean (d,) and, when ``want_complement``, the
-    orthonormal complement (d - j, d). The scatter's eigendecomposition serves
-    when the cluster has at least d rows or the complement is needed; otherwise
-    an SVD of the (weighted, centred) rows is cheaper.
+    ``W[c] = sum w_i``, ``s[c] = sum w_i x_i`` and ``S[c] = sum w_i x_i x_i^T``
+    over the rows labelled c. They add over rows, so when labels change only
+    the rows that moved are subtracted from one cluster and added to another:
+    after the first iterations of Lloyd that is a small fraction of the rows.
     """
-    d = Xc.shape[1]
-    dtype = Xc.dtype
-    W = wc.sum() if wc is not None else Xc.shape[0]
-    mean = np.zeros(d, dtype=dtype)
-    if affine and W > 0:
-        mean = ((wc @ Xc) / W if wc is not None else Xc.mean(axis=0)).astype(dtype)
-        Xc = Xc - mean
-    if wc is not None:
-        Xc = Xc * np.sqrt(wc, dtype=dtype)[:, None]
-    n_c = Xc.shape[0]
-    if not want_complement and j <= n_c < d:
-        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
-        return np.ascontiguousarray(vt[:j]), mean, None
-    # numpy's LAPACK shares its BLAS threads with the GEMMs of the iteration;
-    # SciPy's (a second OpenBLAS) measured several times slower in the fit.
-    _, vecs = np.linalg.eigh(Xc.T @ Xc)  # ascending eigenvalues
-    basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T)
-    comp = np.ascontiguousarray(vecs[:, : d - j].T) if want_complement else None
-    return basis, mean, comp
+
+    def __init__(self, X, labels, sample_weight, k):
+        d = X.shape[1]
+        self.W = np.zeros(k)
+        self.s = np.zeros((k, d))
+        self.S = np.zeros((k, d, d))
+        self._add(X, np.arange(X.shape[0]), labels, sample_weight, 1.0)
+
+    def _add(self, X, rows, labels, sample_weight, sign):
+        if rows.size == 0:
+            return
+        order = np.argsort(labels, kind="stable")
+        rows, labels = rows[order], labels[order]
+        cuts = np.flatnonzero(np.diff(labels)) + 1
+        for part in np.split(np.arange(rows.size), cuts):
+            c = labels[part[0]]
+            idx = rows[part]
+            w = sample_weight[idx].astype(np.float64)
+            Xc = X[idx].astype(np.float64)
+            Xw = Xc * np.sqrt(w)[:, None]
+            self.W[c] += sign * w.sum()
+            self.s[c] += sign * (w @ Xc)
+            self.S[c] += sign * (Xw.T @ Xw)
+
+    def move(self, X, old, new, sample_weight):
+        """Follow a change of labels from ``old`` to ``new``."""
+        moved = np.flatnonzero(old != new)
+        self._add(X, moved, old[moved], sample_weight, -1.0)
+        self._add(X, moved, new[moved], sample_weight, 1.0)
+
+    def subspace(self, c, j, affine, dtype, want_complement):
+        """Best subspace of cluster c: top-j eigenvectors of its scatter."""
+        d = self.S.shape[1]
+        scatter = self.S[c]
+        mean = np.zeros(d)
+        if affine and self.W[c] > 0:
+            mean = self.s[c] / self.W[c]
+            scatter = scatter - np.outer(self.s[c], mean)
+        _, vecs = np.linalg.eigh(scatter)  # ascending eigenvalues
+        basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T, dtype=dtype)
+        comp = None
+        if want_complement:
+            comp = np.ascontiguousarray(vecs[:, : d - j].T, dtype=dtype)
+        return basis, mean.astype(dtype), comp
 
 
-def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
+def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
     """Refit every subspace to its rows (the M-step of Lloyd).
 
     Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
     rows farthest from their subspaces (largest ``mind``) each grow a new
     subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``),
     as scikit-learn relocates empty k-means clusters. ``grow=None`` turns
-    re-seeding off.
+    re-seeding off. The other subspaces come from ``stats``, the clusters'
+    statistics under ``labels``.
 
     Returns
     -------
     bases, means, complements, n_relocated
     """
     n, d = X.shape
+    k = stats.W.size
     dtype = X.dtype
     want_comp = _use_complement(j, d)
     bases = np.empty((k, j, d), dtype=dtype)
@@ -216,18 +243,11 @@ def _update(X, labels, mind, sample_weight, unit_weights, k, j, affine, grow):
             relocated[c] = grow(i)
             basis, mean, comp = relocated[c]
             far = np.minimum(far, _distances_to_one(X, basis, mean, comp))
-    order = np.argsort(labels, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
     for c in range(k):
         if c in relocated:
             bases[c], means[c], comp = relocated[c]
-            if want_comp:
-                comps[c] = comp
-            continue
-        idx = order[bounds[c] : bounds[c + 1]]
-        wc = None if unit_weights else sample_weight[idx]
-        basis, mean, comp = _cluster_subspace(X[idx], wc, j, affine, want_comp)
-        bases[c], means[c] = basis, mean
+        else:
+            bases[c], means[c], comp = stats.subspace(c, j, affine, dtype, want_comp)
         if want_comp:
             comps[c] = comp
     return bases, means, comps, len(relocated)
@@ -237,7 +257,6 @@ def _ksubspaces_single(
     X,
     xsq,
     sample_weight,
-    unit_weights,
     bases,
     means,
     comps,
@@ -280,14 +299,14 @@ def _ksubspaces_single(
     # only while it pays: once a re-seeding step does not lower the cost, the run
     # goes on as plain Lloyd (which then always terminates).
     relocate = np.count_nonzero(sample_weight > 0) >= k * j
+    stats = _Stats(X, labels, sample_weight, k)
     for n_iter in range(1, max_iter + 1):
         bases, means, comps, n_relocated = _update(
             X,
             labels,
+            stats,
             mind,
             sample_weight,
-            unit_weights,
-            k,
             j,
             affine,
             grow if relocate else None,
@@ -298,6 +317,7 @@ def _ksubspaces_single(
         if verbose:
             print(f"Iteration {n_iter}, inertia {new_inertia:.6g}.")
         converged = np.array_equal(new_labels, labels)
+        stats.move(X, labels, new_labels, sample_weight)
         improvement = inertia - new_inertia
         labels, inertia = new_labels, new_inertia
         if n_relocated and improvement <= 0:

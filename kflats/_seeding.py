@@ -11,6 +11,7 @@ from ._lloyd import (
     _assign,
     _pack,
     _row_norms_sq,
+    _Stats,
     _update,
     _use_complement,
 )
@@ -161,12 +162,13 @@ def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trial
     return bases, means, comps, indices, chosen_dist
 
 
-def _random_partition(X, xsq, sample_weight, unit_weights, k, j, affine, rng, grow):
+def _random_partition(X, xsq, sample_weight, k, j, affine, rng, grow):
     """Subspaces fitted to a uniformly random partition of the rows."""
     labels = rng.randint(k, size=X.shape[0]).astype(np.int32)
     pot = _initial_potential(X, xsq, sample_weight, affine)
+    stats = _Stats(X, labels, sample_weight, k)
     bases, means, comps, _ = _update(
-        X, labels, pot, sample_weight, unit_weights, k, j, affine, grow
+        X, labels, stats, pot, sample_weight, j, affine, grow
     )
     return bases, means, comps
 

@@ -17,7 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from kflats import KSubspaces, ksubspaces_plusplus
-from kflats._lloyd import _assign, _pack, _row_norms_sq, _update
+from kflats._lloyd import _assign, _pack, _row_norms_sq, _Stats, _update
 from kflats._seeding import _grow
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -147,15 +147,39 @@ def test_cost_never_increases(p):
         return _grow(X, xsq, sw, i, j, affine)
 
     previous = np.inf
+    stats = _Stats(X, labels, sw, k)
     for _ in range(8):
         bases, means, comps, n_relocated = _update(
-            X, labels, mind, sw, True, k, j, affine, grow
+            X, labels, stats, mind, sw, j, affine, grow
         )
-        labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
+        new_labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
+        stats.move(X, labels, new_labels, sw)
+        labels = new_labels
         cost = mind.sum()
         if not n_relocated:  # re-seeding a starved cluster may cost
             assert cost <= previous * (1 + 1e-9) + 1e-9
         previous = cost
+
+
+@SETTINGS
+@given(problem)
+def test_statistics_follow_moved_rows(p):
+    """Moving rows between clusters gives the statistics computed afresh."""
+    X, k, _ = draw(p)
+    rng = np.random.RandomState(p["seed"])
+    sw = rng.rand(X.shape[0])
+    old = rng.randint(k, size=X.shape[0])
+    new = np.where(rng.rand(X.shape[0]) < 0.3, rng.randint(k, size=X.shape[0]), old)
+    moved = _Stats(X, old, sw, k)
+    moved.move(X, old, new, sw)
+    fresh = _Stats(X, new, sw, k)
+    for name in ("W", "s", "S"):
+        assert_allclose(getattr(moved, name), getattr(fresh, name), atol=1e-9)
+    X64 = X.astype(np.float64)
+    for c in range(k):
+        rows = new == c
+        assert fresh.W[c] == pytest.approx(sw[rows].sum())
+        assert_allclose(fresh.S[c], (X64[rows] * sw[rows, None]).T @ X64[rows])
 
 
 def test_starved_clusters_are_reseeded():
