@@ -160,14 +160,19 @@ class _Stats:
     over the rows labelled c. They add over rows, so when labels change only
     the rows that moved are subtracted from one cluster and added to another:
     after the first iterations of Lloyd that is a small fraction of the rows.
+
+    With fewer rows than features, an SVD of a cluster's rows is cheaper than
+    the d x d scatter: then ``S`` is not kept and the subspaces come from the
+    rows themselves.
     """
 
     def __init__(self, X, labels, sample_weight, k):
-        d = X.shape[1]
+        n, d = X.shape
         self.W = np.zeros(k)
         self.s = np.zeros((k, d))
-        self.S = np.zeros((k, d, d))
-        self._add(X, np.arange(X.shape[0]), labels, sample_weight, 1.0)
+        self.S = np.zeros((k, d, d)) if n >= d else None
+        self._X, self._w, self._labels = X, sample_weight, labels.copy()
+        self._add(X, np.arange(n), labels, sample_weight, 1.0)
 
     def _add(self, X, rows, labels, sample_weight, sign):
         if rows.size == 0:
@@ -180,30 +185,45 @@ class _Stats:
             idx = rows[part]
             w = sample_weight[idx].astype(np.float64)
             Xc = X[idx].astype(np.float64)
-            Xw = Xc * np.sqrt(w)[:, None]
             self.W[c] += sign * w.sum()
             self.s[c] += sign * (w @ Xc)
-            self.S[c] += sign * (Xw.T @ Xw)
+            if self.S is not None:
+                Xw = Xc * np.sqrt(w)[:, None]
+                self.S[c] += sign * (Xw.T @ Xw)
 
     def move(self, X, old, new, sample_weight):
         """Follow a change of labels from ``old`` to ``new``."""
         moved = np.flatnonzero(old != new)
         self._add(X, moved, old[moved], sample_weight, -1.0)
         self._add(X, moved, new[moved], sample_weight, 1.0)
+        self._labels = new.copy()
 
     def subspace(self, c, j, affine, dtype, want_complement):
-        """Best subspace of cluster c: top-j eigenvectors of its scatter."""
-        d = self.S.shape[1]
-        scatter = self.S[c]
+        """Best subspace of cluster c: its top-j principal directions."""
+        d = self.s.shape[1]
         mean = np.zeros(d)
         if affine and self.W[c] > 0:
             mean = self.s[c] / self.W[c]
+        if self.S is None:
+            return self._subspace_from_rows(c, j, mean, dtype, want_complement)
+        scatter = self.S[c]
+        if affine and self.W[c] > 0:
             scatter = scatter - np.outer(self.s[c], mean)
         _, vecs = np.linalg.eigh(scatter)  # ascending eigenvalues
         basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T, dtype=dtype)
         comp = None
         if want_complement:
             comp = np.ascontiguousarray(vecs[:, : d - j].T, dtype=dtype)
+        return basis, mean.astype(dtype), comp
+
+    def _subspace_from_rows(self, c, j, mean, dtype, want_complement):
+        idx = np.flatnonzero(self._labels == c)
+        w = self._w[idx].astype(np.float64)
+        Xc = (self._X[idx].astype(np.float64) - mean) * np.sqrt(w)[:, None]
+        # Fewer rows than j: the full V completes the basis orthonormally.
+        _, _, vt = np.linalg.svd(Xc, full_matrices=Xc.shape[0] < j)
+        basis = np.ascontiguousarray(vt[:j], dtype=dtype)
+        comp = _complements(basis[None])[0] if want_complement else None
         return basis, mean.astype(dtype), comp
 
 

@@ -237,6 +237,22 @@ def test_exact_recovery_of_noiseless_union(seed, k, j, extra, affine):
     assert adjusted_rand_score(y, ks.labels_) == 1.0
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_fewer_rows_than_features(affine):
+    """n < d (a Linear weight's input features): subspaces from the rows' SVD."""
+    rng = np.random.RandomState(0)
+    X, y = union_of_subspaces(rng, k=2, j=3, d=40, n_per=9, affine=affine)
+    ks = KSubspaces(k=2, j=3, affine=affine, random_state=0).fit(X)
+    assert ks.inertia_ <= 1e-12 * (X**2).sum()
+    assert adjusted_rand_score(y, ks.labels_) == 1.0
+    one = KSubspaces(k=1, j=5, affine=affine).fit(X)
+    Xc = X - X.mean(axis=0) if affine else X
+    s = np.linalg.svd(Xc, compute_uv=False)
+    assert one.inertia_ == pytest.approx((s[5:] ** 2).sum(), rel=1e-8)
+    gram = np.einsum("kid,kjd->kij", one.bases_, one.bases_)
+    assert_allclose(gram[0], np.eye(5), atol=1e-10)
+
+
 # -- invariances and equivariances (from a common start: Lloyd is deterministic)
 
 
