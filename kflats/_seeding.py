@@ -9,6 +9,7 @@ from sklearn.utils.validation import _check_sample_weight, check_array
 
 from ._lloyd import (
     _assign,
+    _complements,
     _pack,
     _row_norms_sq,
     _Stats,
@@ -89,23 +90,32 @@ def _grow(X, xsq, sample_weight, i, j, affine):
     weights[i] = max(weights[i] - 1, 0)
     nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
     Xn = X[nb].astype(np.float64) * np.sqrt(wn)[:, None]
+    want_comp = _use_complement(j, d)
     if affine:
         mean = X[i].copy()
         Xn = Xn - np.sqrt(wn)[:, None] * x
-        scatter = Xn.T @ Xn
+        u = np.empty((0, d))
     else:
         mean = np.zeros(d, dtype=dtype)
         norm = np.linalg.norm(x)
-        u = x / norm if norm > 0 else np.eye(d)[0]
-        Xn = Xn - np.outer(Xn @ u, u)  # the seed's direction is taken already
-        scatter = Xn.T @ Xn
+        u = (x / norm if norm > 0 else np.eye(d)[0])[None]
+        Xn = Xn - np.outer(Xn @ u[0], u[0])  # the seed's direction is taken
+    need = j - u.shape[0]
+    if Xn.shape[0] < d:  # fewer neighbours than features: SVD of the rows
+        _, _, vt = np.linalg.svd(Xn, full_matrices=Xn.shape[0] < need)
+        q, _ = np.linalg.qr(np.vstack([u, vt[:need]]).T)  # orthonormal again
+        basis = np.ascontiguousarray(q.T, dtype=dtype)
+        comp = _complements(basis[None])[0] if want_comp else None
+        return basis, mean, comp
+    scatter = Xn.T @ Xn
+    if u.shape[0]:
         # Put u on top of the spectrum: the eigenvectors of P S P with u's zero
         # eigenvalue lifted above all others.
-        scatter += (np.trace(scatter) + 1.0) * np.outer(u, u)
+        scatter += (np.trace(scatter) + 1.0) * np.outer(u[0], u[0])
     _, vecs = np.linalg.eigh(scatter)
     basis = np.ascontiguousarray(vecs[:, : d - j - 1 : -1].T, dtype=dtype)
     comp = None
-    if _use_complement(j, d):
+    if want_comp:
         comp = np.ascontiguousarray(vecs[:, : d - j].T, dtype=dtype)
     return basis, mean, comp
 

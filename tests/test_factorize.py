@@ -65,7 +65,9 @@ def check_consistent(f, A, w=None):
     A_hat = f.reconstruct()
     assert A_hat.shape == (n, d) and A_hat.dtype == A.dtype
     expected = weighted_error(A, A_hat, w)
-    assert f.error == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    # float32 rounding of the reconstruction shifts a tiny error by ~1e-10
+    abs_tol = 1e-12 if A.dtype == np.float64 else 1e-9
+    assert f.error == pytest.approx(expected, rel=1e-6, abs=abs_tol)
     assert 0.0 <= f.error <= 1.0 + 1e-6
 
 
