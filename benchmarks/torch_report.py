@@ -38,7 +38,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from kflats.factorize import factorize, factorize_linear, svd_factors  # noqa: E402
-from kflats.torch import ProjectiveEmbedding, ProjectiveLinear  # noqa: E402
+from kflats.torch import (  # noqa: E402
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    token_frequencies,
+)
 
 DATA = Path(__file__).parent / "data" / "sentences.txt"
 
@@ -86,9 +90,8 @@ def calibration_weights(tokenizer, n):
     from pydoc_data.topics import topics
 
     lines = [line for text in topics.values() for line in text.splitlines() if line]
-    ids = tokenizer(lines, add_special_tokens=True)["input_ids"]
-    counts = np.bincount(np.concatenate([np.asarray(i) for i in ids]), minlength=n)
-    return counts.astype(np.float64) + 1.0, int(counts.sum())
+    weights = token_frequencies(tokenizer, lines, vocab_size=n, smoothing=1.0)
+    return weights, int(weights.sum() - n)
 
 
 def timeit(functions, repeats):

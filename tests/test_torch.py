@@ -533,3 +533,38 @@ def test_load_rejects_other_files_and_architectures(tmp_path):
 
     with pytest.raises(ValueError, match="no ProjectiveEmbedding"):
         save_compressed(Tiny(), tmp_path / "nothing.kflats")
+
+
+# -- token_frequencies -----------------------------------------------------------
+
+
+def _word_length_tokenizer(texts):
+    return {"input_ids": [[len(word) for word in t.split()] for t in texts]}
+
+
+def test_token_frequencies_counts_ids():
+    from kflats.torch import token_frequencies
+
+    w = token_frequencies(
+        _word_length_tokenizer, ["a bb a", "ccc dd"], vocab_size=4, smoothing=0.5
+    )
+    np.testing.assert_array_equal(w, [0.5, 2.5, 2.5, 1.5])
+
+
+@pytest.mark.parametrize(
+    "texts, kwargs, error, match",
+    [
+        ("one string", {}, TypeError, "iterable of strings"),
+        ([], {}, ValueError, "non-empty"),
+        (["ok", 3], {}, ValueError, "non-empty iterable of strings"),
+        (["a"], {"smoothing": -1.0}, ValueError, "smoothing must be >= 0"),
+        (["a"], {"vocab_size": 0}, ValueError, "vocab_size must be a positive"),
+        (["aaaa"], {"vocab_size": 3}, ValueError, r"outside \[0, vocab_size=3\)"),
+    ],
+)
+def test_token_frequencies_rejects_bad_input(texts, kwargs, error, match):
+    from kflats.torch import token_frequencies
+
+    kwargs.setdefault("vocab_size", 10)
+    with pytest.raises(error, match=match):
+        token_frequencies(_word_length_tokenizer, texts, **kwargs)

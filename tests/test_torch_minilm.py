@@ -113,3 +113,15 @@ def test_saved_minilm_loads_without_fitting(fitted, tmp_path, monkeypatch):
     monkeypatch.setattr(kflats.factorize, "factorize", no_fit)
     fresh = load_compressed(load(), path)
     np.testing.assert_array_equal(encode(fresh), encode(model))
+
+
+def test_token_frequencies_with_the_real_tokenizer():
+    from kflats.torch import token_frequencies
+
+    tokenizer = load().tokenizer
+    weights = token_frequencies(tokenizer, SENTENCES[:20])
+    ids = tokenizer(SENTENCES[:20])["input_ids"]
+    assert weights.shape == (len(tokenizer),) == (30522,)
+    assert weights.sum() == sum(len(seq) for seq in ids) + 30522
+    cls = tokenizer.cls_token_id
+    assert weights[cls] == 20 + 1  # one [CLS] per sentence, plus smoothing

@@ -10,6 +10,8 @@ imports torch.
 - :func:`save_compressed` and :func:`load_compressed` store the compressed
   modules, and put them back into a freshly built model of the same
   architecture without fitting again.
+- :func:`token_frequencies` weighs embedding rows by how often a calibration
+  text uses each token (pass it as ``sample_weight``).
 - :mod:`kflats.torch.functional` holds the pure forward functions.
 """
 
@@ -22,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from . import functional
+from ._calibration import token_frequencies
 from ._compress import CompressionReport, ModuleReport, compress
 from ._io import load_compressed, save_compressed
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
@@ -35,4 +38,5 @@ __all__ = [
     "functional",
     "load_compressed",
     "save_compressed",
+    "token_frequencies",
 ]
