@@ -71,7 +71,7 @@ def projective_embedding(
 
     Returns
     -------
-    output : Tensor of shape (*input.shape, d)
+    output : Tensor of shape ``(*input.shape, d)``
 
     Examples
     --------
