@@ -126,16 +126,19 @@ def main(argv=None):
         prog="kflats",
         description="Projective clustering and layer compression with kflats.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    fac = sub.add_parser(
-        "factorize",
-        help="compress a matrix into per-cluster factor pairs under a budget",
-    )
-    fac.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--matrix",
         default="minilm",
         help="'minilm' (the bundled all-MiniLM-L6-v2 embedding table, default) "
         "or a .npy file holding a 2-D array",
+    )
+    common.add_argument("--random-state", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fac = sub.add_parser(
+        "factorize",
+        parents=[common],
+        help="compress a matrix into per-cluster factor pairs under a budget",
     )
     fac.add_argument(
         "--budget",
@@ -156,22 +159,16 @@ def main(argv=None):
         default=None,
         help="number(s) of clusters to try (default: kflats' search grid)",
     )
-    fac.add_argument("--random-state", type=int, default=0)
     fac.add_argument("--output", help="save the factors to this .npz file")
     fac.set_defaults(func=_cmd_factorize)
     fit = sub.add_parser(
-        "fit", help="fit k subspaces to the rows of a matrix and report the cost"
-    )
-    fit.add_argument(
-        "--matrix",
-        default="minilm",
-        help="'minilm' (the bundled all-MiniLM-L6-v2 embedding table, default) "
-        "or a .npy file holding a 2-D array",
+        "fit",
+        parents=[common],
+        help="fit k subspaces to the rows of a matrix and report the cost",
     )
     fit.add_argument("--k", type=_positive_int, default=5, help="subspaces (5)")
     fit.add_argument("--j", type=_positive_int, default=216, help="dimension (216)")
     fit.add_argument("--affine", action="store_true", help="fit affine flats")
-    fit.add_argument("--random-state", type=int, default=0)
     fit.set_defaults(func=_cmd_fit)
     args = parser.parse_args(argv)
     try:
