@@ -289,6 +289,29 @@ def test_rotation_and_scaling_equivariance(p, log2_scale):
     assert_allclose(projectors(b.bases_), rotated, atol=1e-4)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_seeding_keeps_the_best_local_trial(affine):
+    """Of the candidates drawn (w * D^2), the one lowering the potential most."""
+    rng = np.random.RandomState(4)
+    X, _ = union_of_subspaces(rng, k=3, j=2, d=7, n_per=30, noise=0.1)
+    trials = 8
+    _, _, idx = ksubspaces_plusplus(
+        X, 1, 2, affine=affine, n_local_trials=trials, random_state=0
+    )
+    sw, xsq = np.ones(len(X)), (X**2).sum(axis=1)
+    pot = ((X - X.mean(axis=0)) ** 2).sum(axis=1) if affine else xsq
+    cumulative = np.cumsum(pot)
+    draws = np.random.RandomState(0).uniform(size=trials) * cumulative[-1]
+    cand = np.minimum(np.searchsorted(cumulative, draws), len(X) - 1)
+    potentials = []
+    for i in cand:
+        B, mu, _ = _grow(X, xsq, sw, i, 2, affine)
+        R = (X - mu) - ((X - mu) @ B.T) @ B
+        potentials.append(np.minimum(pot, (R**2).sum(axis=1)).sum())
+    assert len(set(np.round(potentials, 6))) > 1  # the choice matters here
+    assert idx[0] == cand[int(np.argmin(potentials))]
+
+
 def test_seeding_is_rotation_and_scale_invariant():
     """The ++ draws depend only on distances: same seeds after s * X @ Q."""
     rng = np.random.RandomState(3)
