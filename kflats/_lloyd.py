@@ -145,14 +145,6 @@ def _exact_mind(X, xsq, labels, mind, packed, bases, means):
     return _residual_sq(X, labels, bases, means)
 
 
-def _distances_to_one(X, basis, mean, comp):
-    """Squared distances of every row to one subspace."""
-    packed = _pack(
-        basis[None], mean[None], bool(mean.any()), None if comp is None else comp[None]
-    )
-    return _assign(X, _row_norms_sq(X), packed)[1]
-
-
 class _Stats:
     """Sufficient statistics of each cluster, in float64.
 
@@ -256,13 +248,17 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
         # Farthest row first; each re-seeded subspace contains its seed, so the
         # next seed is the farthest row from every subspace chosen so far.
         far = np.where(positive, mind, -np.inf)
+        xsq = _row_norms_sq(X)
         for c in starved:
             i = int(np.argmax(far))
             if not far[i] > 0:
                 break
             relocated[c] = grow(i)
             basis, mean, comp = relocated[c]
-            far = np.minimum(far, _distances_to_one(X, basis, mean, comp))
+            one = _pack(
+                basis[None], mean[None], affine, None if comp is None else comp[None]
+            )
+            far = np.minimum(far, _assign(X, xsq, one)[1])
     for c in range(k):
         if c in relocated:
             bases[c], means[c], comp = relocated[c]
