@@ -27,6 +27,7 @@ from ._lloyd import (
     _pack,
     _residual_sq,
     _row_norms_sq,
+    _row_step,
 )
 from ._seeding import _grow, _initial_potential, _ksubspaces_plusplus, _random_partition
 
@@ -455,9 +456,12 @@ class KSubspaces(
         coords = np.empty((X.shape[0], self.j), dtype=X.dtype)
         bases = self.bases_.astype(X.dtype, copy=False)
         means = self.means_.astype(X.dtype, copy=False)
-        for c in range(self.k):
-            idx = np.flatnonzero(labels == c)
-            coords[idx] = (X[idx] - means[c]) @ bases[c].T
+        step = _row_step(X.shape[1])
+        for start in range(0, X.shape[0], step):  # blocks: no copy of X
+            Xb, lb = X[start : start + step], labels[start : start + step]
+            for c in np.unique(lb):
+                idx = np.flatnonzero(lb == c)
+                coords[start + idx] = (Xb[idx] - means[c]) @ bases[c].T
         return labels, coords
 
     def project(self, X):

@@ -121,20 +121,29 @@ def _assign(X, xsq, packed, return_distances=False):
     return labels, mind
 
 
+def _row_step(d):
+    """Rows per block when a block holds float64 copies of whole rows."""
+    return max(1, _BLOCK_ELEMENTS // max(d, 1))
+
+
 def _residual_sq(X, labels, bases, means):
     """Squared distance of each row to the subspace it is labelled with.
 
     Computed from the residual ``(x - mu) - B^T B (x - mu)`` itself, so it keeps
-    its digits where ``||x||^2 - ||B x||^2`` would cancel.
+    its digits where ``||x||^2 - ||B x||^2`` would cancel. Works in blocks of
+    rows, so it needs memory for one block, not for a copy of X.
     """
-    out = np.empty(X.shape[0], dtype=np.float64)
-    for c in range(bases.shape[0]):
-        idx = np.flatnonzero(labels == c)
-        if idx.size == 0:
-            continue
-        Xc = X[idx] - means[c]
-        R = Xc - (Xc @ bases[c].T) @ bases[c]
-        out[idx] = np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    n, d = X.shape
+    out = np.empty(n, dtype=np.float64)
+    step = _row_step(d)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        Xb, lb = X[start:stop], labels[start:stop]
+        for c in np.unique(lb):
+            idx = np.flatnonzero(lb == c)
+            Xc = Xb[idx] - means[c]
+            R = Xc - (Xc @ bases[c].T) @ bases[c]
+            out[start + idx] = np.einsum("ij,ij->i", R, R, dtype=np.float64)
     return out
 
 
@@ -172,16 +181,20 @@ class _Stats:
         order = np.argsort(labels, kind="stable")
         rows, labels = rows[order], labels[order]
         cuts = np.flatnonzero(np.diff(labels)) + 1
+        step = _row_step(X.shape[1])
         for part in np.split(np.arange(rows.size), cuts):
             c = labels[part[0]]
-            idx = rows[part]
-            w = sample_weight[idx].astype(np.float64)
-            Xc = X[idx].astype(np.float64)
-            self.W[c] += sign * w.sum()
-            self.s[c] += sign * (w @ Xc)
-            if self.S is not None:
-                Xw = Xc * np.sqrt(w)[:, None]
-                self.S[c] += sign * (Xw.T @ Xw)
+            # Blocks of rows: float64 copies of one block at a time, never of
+            # the whole cluster.
+            for start in range(0, part.size, step):
+                idx = rows[part[start : start + step]]
+                w = sample_weight[idx].astype(np.float64)
+                Xc = X[idx].astype(np.float64)
+                self.W[c] += sign * w.sum()
+                self.s[c] += sign * (w @ Xc)
+                if self.S is not None:
+                    Xc *= np.sqrt(w)[:, None]
+                    self.S[c] += sign * (Xc.T @ Xc)
 
     def move(self, X, old, new, sample_weight):
         """Follow a change of labels from ``old`` to ``new``."""

@@ -12,6 +12,7 @@ from ._lloyd import (
     _complements,
     _pack,
     _row_norms_sq,
+    _row_step,
     _Stats,
     _update,
     _use_complement,
@@ -124,9 +125,14 @@ def _initial_potential(X, xsq, sample_weight, affine):
     """Squared distance of each row to the empty model (origin, or the mean)."""
     if not affine:
         return xsq.astype(np.float64)
-    mean = (sample_weight @ X) / sample_weight.sum()
-    R = X - mean.astype(X.dtype)
-    return np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    mean = ((sample_weight @ X) / sample_weight.sum()).astype(X.dtype)
+    n = X.shape[0]
+    out = np.empty(n)
+    step = _row_step(X.shape[1])
+    for start in range(0, n, step):  # blocks: no centred copy of X
+        R = X[start : start + step] - mean
+        out[start : start + step] = np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    return out
 
 
 def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trials):
