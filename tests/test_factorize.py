@@ -281,7 +281,7 @@ def test_sample_weight_enters_error_and_fit():
 
 def test_factorize_linear_sides():
     W = np.random.default_rng(13).normal(size=(12, 30)).astype(np.float32)
-    f = factorize_linear(W, k=3, j=4, random_state=0)
+    f = factorize_linear(W, k=3, j=4, side="input", random_state=0)
     assert f.transposed and f.shape == (30, 12)
     np.testing.assert_array_equal(f.labels.shape, (30,))
     g = factorize(W.T, k=3, j=4, random_state=0)
@@ -289,8 +289,17 @@ def test_factorize_linear_sides():
     assert f.error == g.error
     o = factorize_linear(W, k=3, j=4, side="output", random_state=0)
     assert not o.transposed and o.shape == (12, 30)
-    b = factorize_linear(W, budget=0.5, random_state=0)
+    b = factorize_linear(W, budget=0.5, side="input", random_state=0)
     assert b.transposed and b.n_params <= 0.5 * W.size
+    # "auto" keeps the side with the lower error under one budget
+    bo = factorize_linear(W, budget=0.5, side="output", random_state=0)
+    a = factorize_linear(W, budget=0.5, random_state=0)
+    assert a.error == min(b.error, bo.error)
+    assert a.transposed == (b.error <= bo.error)
+    with pytest.raises(ValueError, match="give budget"):
+        factorize_linear(W, k=3, j=4, side="auto")
+    # without a budget, None is the input side
+    assert factorize_linear(W, k=3, j=4, random_state=0).transposed
     with pytest.raises(ValueError, match="side"):
         factorize_linear(W, k=2, j=2, side="rows")
 
@@ -326,7 +335,7 @@ def test_save_load_round_trip(tmp_path, dtype, affine):
 
 def test_save_load_file_object_and_flags():
     W = np.random.default_rng(15).normal(size=(5, 12))
-    f = factorize_linear(W, k=2, j=2, random_state=0)
+    f = factorize_linear(W, k=2, j=2, side="input", random_state=0)
     buf = io.BytesIO()
     f.save(buf)
     buf.seek(0)

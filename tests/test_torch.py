@@ -200,8 +200,12 @@ def test_linear_forward_equals_reconstruct(affine):
 def test_from_linear_matches_factorize_linear_and_keeps_bias():
     torch.manual_seed(0)
     linear = nn.Linear(30, 8)
-    layer = ProjectiveLinear.from_linear(linear, k=2, j=3, random_state=0)
-    f = factorize_linear(linear.weight.detach().numpy(), 2, 3, random_state=0)
+    layer = ProjectiveLinear.from_linear(
+        linear, k=2, j=3, side="input", random_state=0
+    )
+    f = factorize_linear(
+        linear.weight.detach().numpy(), 2, 3, side="input", random_state=0
+    )
     assert torch.equal(layer.bias, linear.bias)
     assert layer.bias is not linear.bias
     x = torch.randn(5, 30)
@@ -228,7 +232,9 @@ def test_from_linear_clusters_input_features():
     linear = nn.Linear(60, 12, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(WT.T))
-    layer = ProjectiveLinear.from_linear(linear, k=3, j=2, random_state=0)
+    layer = ProjectiveLinear.from_linear(
+        linear, k=3, j=2, side="input", random_state=0
+    )
     assert layer.factorization_error < 1e-8
     assert sorted(layer.sizes) == [20, 20, 20]
     x = torch.randn(4, 60)
@@ -238,8 +244,8 @@ def test_from_linear_clusters_input_features():
 def test_from_linear_bad_input():
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
         ProjectiveLinear.from_linear(nn.Embedding(4, 4), k=1, j=1)
-    with pytest.raises(ValueError, match="transposed"):
-        ProjectiveLinear.from_factors(random_factors(10, 4, (2,)))
+    with pytest.raises(ValueError, match="side must be"):
+        ProjectiveLinear(10, 4, ranks=(2,), side="rows")
     with pytest.raises(ValueError, match="bias must have shape"):
         ProjectiveLinear.from_factors(
             random_factors(10, 4, (2,), transposed=True), torch.zeros(5)
@@ -322,7 +328,7 @@ def test_layers_move_with_to():
     layer, x = _layers()[0]
     layer = layer.to(torch.float64)
     assert layer.bases.dtype == torch.float64
-    assert layer.labels.dtype == torch.int64
+    assert layer.labels.dtype == torch.uint8  # the smallest that holds k
     assert layer(x).dtype == torch.float64
 
 

@@ -20,20 +20,27 @@ A ``budget`` is the fraction of the n * d numbers of ``A`` that may be kept:
 
 Linear layers
 -------------
-A Linear layer computes ``y = W x + b`` with ``W`` of shape (out, in). The
-compressed layers of :mod:`kflats.torch` cluster the **input features**, the
-rows of ``W.T``: :func:`factorize_linear` with ``side="input"`` (the default)
-factorizes ``W.T`` and marks the result ``transposed=True``.
+A Linear layer computes ``y = W x + b`` with ``W`` of shape (out, in).
+:func:`factorize_linear` clusters its **input features** (the rows of
+``W.T``; the result is marked ``transposed=True``) or its **output neurons**
+(the rows of ``W``), and with a calibrated input moment minimises the
+expected output error instead of the weight's (see :func:`damped_moment`).
+
+The parts: ``_factors`` (the result and its file format), ``_search``
+(partition, budget search over k, the SVD baseline), ``_allocation`` (ranks
+per cluster under a budget), ``_spectra`` (per-cluster spectra and factors),
+``_linear`` (the sides and the calibrated objective of a Linear weight).
 """
 
 from ._factors import Candidate, ProjectiveFactors
-from ._linear import factorize_linear
+from ._linear import damped_moment, factorize_linear
 from ._search import K_GRID, factorize, svd_factors
 
 __all__ = [
     "K_GRID",
     "Candidate",
     "ProjectiveFactors",
+    "damped_moment",
     "factorize",
     "factorize_linear",
     "svd_factors",

@@ -9,7 +9,10 @@ from typing import NamedTuple
 import numpy as np
 
 _FORMAT = "kflats.ProjectiveFactors"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+#: What a factorization minimised; recorded in ProjectiveFactors.objective.
+OBJECTIVES = ("frobenius", "weighted", "input_moment")
 
 
 class Candidate(NamedTuple):
@@ -58,13 +61,22 @@ class ProjectiveFactors:
     means : ndarray of shape (k, d) or None, default=None
         Offsets of affine flats; ``None`` for linear subspaces.
     error : float or None, default=None
-        Relative (weighted) squared Frobenius error against the matrix the
-        factors were fitted on, ``None`` when unknown.
+        Relative error under the factorization's ``objective`` (the
+        calibrated error when the fit was calibrated), ``None`` when unknown.
     transposed : bool, default=False
         Whether the factors describe the transpose of the matrix the user
         passed (a Linear weight factorized on its input features).
     search : tuple of Candidate, default=()
         The candidates a budget search evaluated; empty when none ran.
+    objective : {"frobenius", "weighted", "input_moment"}, default="frobenius"
+        What the fit minimised: the plain squared Frobenius error; the
+        row-weighted one (``sample_weight``, e.g. token frequencies); or, for
+        a Linear weight ``W``, the expected output error
+        ``E||(W - W_hat) x||^2`` under a calibrated input moment.
+    weight_error : float or None, default=None
+        The plain relative squared Frobenius error of the weight,
+        ``||A - A_hat||^2 / ||A||^2``, reported beside ``error``; equal to it
+        for the ``"frobenius"`` objective. ``None`` when unknown.
 
     Attributes
     ----------
@@ -110,6 +122,8 @@ class ProjectiveFactors:
     error: float | None = None
     transposed: bool = False
     search: tuple = ()
+    objective: str = "frobenius"
+    weight_error: float | None = None
 
     def __post_init__(self):
         labels = np.asarray(self.labels)
@@ -169,8 +183,13 @@ class ProjectiveFactors:
         object.__setattr__(self, "means", means)
         object.__setattr__(self, "transposed", bool(self.transposed))
         object.__setattr__(self, "search", tuple(Candidate(*c) for c in self.search))
-        if self.error is not None:
-            object.__setattr__(self, "error", float(self.error))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
+        for name in ("error", "weight_error"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "_order", order)
         object.__setattr__(self, "_offsets", offsets)
 
@@ -295,6 +314,10 @@ class ProjectiveFactors:
             "has_error": np.array(self.error is not None),
             "transposed": np.array(self.transposed),
             "search": np.array(json.dumps([list(c) for c in self.search])),
+            "objective": np.array(self.objective),
+            "weight_error": np.array(
+                np.nan if self.weight_error is None else self.weight_error
+            ),
         }
         for c in range(self.k):
             arrays[f"U_{c}"] = self.U[c]
@@ -348,10 +371,14 @@ class ProjectiveFactors:
                 f"'format' entry equal to {_FORMAT!r})"
             )
         version = arrays.get("version")
-        if version is None or version.shape != () or int(version) != _FORMAT_VERSION:
+        if (
+            version is None
+            or version.shape != ()
+            or int(version) not in _READABLE_VERSIONS
+        ):
             raise ValueError(
                 f"{path!r} has format version {version!r}; this kflats reads "
-                f"version {_FORMAT_VERSION}"
+                f"versions {_READABLE_VERSIONS}"
             )
         try:
             k = int(arrays["k"])
@@ -371,8 +398,16 @@ class ProjectiveFactors:
                 error=float(arrays["error"]) if bool(arrays["has_error"]) else None,
                 transposed=bool(arrays["transposed"]),
                 search=search,
+                objective=str(arrays.get("objective", "frobenius")),
+                weight_error=_optional_float(arrays.get("weight_error")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
                 f"{path!r} is a corrupt kflats ProjectiveFactors file: {exc}"
             ) from exc
+
+
+def _optional_float(value):
+    if value is None or np.isnan(value):
+        return None
+    return float(value)

@@ -1,13 +1,173 @@
-"""Linear layers: factor pairs of a weight, clustering its input or output side."""
+"""Linear layers: factor pairs of a weight, clustering its input or output side.
 
+A Linear layer ``y = W x + b`` (W of shape out x in) can be clustered on
+either side:
+
+- **input side**: the rows of ``W.T`` (input features) are clustered; the
+  layer becomes k small layers on disjoint slices of the input, recombined by
+  one fully-connected layer (the form of *Deep Learning Meets Projective
+  Clustering*). The factors are marked ``transposed=True``.
+- **output side**: the rows of ``W`` (output neurons) are clustered; the
+  layer becomes k small two-layer products, each producing the outputs of its
+  own neurons.
+
+Calibrated objective
+--------------------
+What a user feels is the output error on the inputs the layer sees,
+``E||(W - W_hat) x||^2 = ||(W - W_hat) L||_F^2`` with ``C = E[x x^T] = L L^T``
+(damped so that it is positive definite). On the output side this is exact:
+the rows of ``W L`` are clustered and factored (a projective clustering in
+whitened coordinates) and mapped back, ``W_hat_c = U_c (V_c L^-1)``. With
+k = 1 this is the whitened truncated SVD. On the input side only the diagonal
+of ``C`` keeps the clusters separable: it becomes the row weights, which is
+exact only for a diagonal ``C``. Either way the reported ``error`` is the
+exact calibrated error under the full (damped) ``C``.
+"""
+
+import numbers
 from dataclasses import replace
 
 import numpy as np
+from scipy import linalg
+from sklearn.utils import check_random_state
 
 from ._search import factorize
+from ._spectra import _ratio
+from ._validation import _check_matrix
+
+SIDES = ("auto", "input", "output")
 
 
-def factorize_linear(W, k=None, j=None, *, side="input", **kwargs):
+def _check_damping(damping):
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"damping must be a float >= 0, got {damping!r}")
+    if not 0 <= damping < np.inf:
+        raise ValueError(f"damping must be a finite float >= 0, got {damping}")
+    return float(damping)
+
+
+def damped_moment(input_moment, n_features, damping=1e-2):
+    """The damped second moment of a layer's inputs, and its Cholesky factor.
+
+    Parameters
+    ----------
+    input_moment : array-like of shape (n_features, n_features)
+        ``E[x x^T]`` of the layer's inputs: symmetric positive semi-definite.
+    n_features : int
+        The layer's ``in_features``.
+    damping : float, default=1e-2
+        Added to the diagonal, relative to its mean, so that directions the
+        calibration never saw keep a small, non-zero weight.
+
+    Returns
+    -------
+    C : ndarray of shape (n_features, n_features), float64
+        The damped moment.
+    L : ndarray of shape (n_features, n_features), float64
+        Lower-triangular, ``C = L @ L.T``.
+
+    Raises
+    ------
+    ValueError
+        If the moment has the wrong shape, holds NaN or inf, is not
+        symmetric, is zero, or is not positive semi-definite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats.factorize import damped_moment
+    >>> C, L = damped_moment(np.diag([4.0, 0.0]), 2, damping=0.5)
+    >>> np.diag(C).tolist(), bool(np.allclose(L @ L.T, C))
+    ([5.0, 1.0], True)
+    """
+    damping = _check_damping(damping)
+    C = np.asarray(input_moment)
+    if C.shape != (n_features, n_features):
+        raise ValueError(
+            f"input_moment must have shape ({n_features}, {n_features}) (the "
+            f"layer's in_features), got {C.shape}"
+        )
+    if C.dtype.kind not in "iuf":
+        raise TypeError(f"input_moment must hold real numbers, got dtype {C.dtype}")
+    C = C.astype(np.float64)
+    if not np.all(np.isfinite(C)):
+        raise ValueError("input_moment must be finite (no NaN or inf)")
+    scale = float(np.trace(C)) / n_features
+    if not scale > 0:
+        raise ValueError(
+            "input_moment has a non-positive trace: it is not the second moment "
+            "of any non-zero input (was the calibration empty?)"
+        )
+    if not np.allclose(C, C.T, rtol=1e-5, atol=1e-8 * scale):
+        raise ValueError("input_moment must be symmetric (E[x x^T])")
+    C = 0.5 * (C + C.T)
+    C[np.diag_indices(n_features)] += damping * scale
+    try:
+        L = linalg.cholesky(C, lower=True)
+    except linalg.LinAlgError:
+        raise ValueError(
+            "input_moment is not positive semi-definite (its damped form has no "
+            "Cholesky factor); pass E[x x^T] of real inputs, or raise damping"
+        ) from None
+    return C, L
+
+
+def _calibrated(W64, What64, L):
+    """(calibrated, plain) relative errors of an approximation of W."""
+    E = W64 - What64
+    num = float(np.sum((E @ L) ** 2))
+    den = float(np.sum((W64 @ L) ** 2))
+    return _ratio(num, den), _ratio(float(np.sum(E**2)), float(np.sum(W64**2)))
+
+
+def _weight_of(factors):
+    """The approximation of W (out x in) that factors of either side describe."""
+    A = factors.reconstruct().astype(np.float64)
+    return A.T if factors.transposed else A
+
+
+def _fit_side(W, k, j, side, L, C, kwargs):
+    dtype = W.dtype
+    if side == "input":
+        if C is not None:
+            kwargs = {**kwargs, "sample_weight": np.diag(C).copy()}
+        result = factorize(W.T, k, j, **kwargs)
+        result = replace(result, transposed=True)
+    elif L is None:
+        result = factorize(W, k, j, **kwargs)
+    else:
+        WL = W.astype(np.float64) @ L
+        whitened = factorize(WL.astype(dtype), k, j, **kwargs)
+
+        def unwhiten(M):  # M L^-1, by a triangular solve
+            M = np.asarray(M, dtype=np.float64)
+            out = linalg.solve_triangular(L, M.T, lower=True, trans="T").T
+            return np.ascontiguousarray(out, dtype=dtype)
+
+        result = replace(
+            whitened,
+            V=tuple(unwhiten(v) for v in whitened.V),
+            means=None if whitened.means is None else unwhiten(whitened.means),
+        )
+    if L is not None:
+        error, weight_error = _calibrated(W.astype(np.float64), _weight_of(result), L)
+        result = replace(
+            result, error=error, weight_error=weight_error, objective="input_moment"
+        )
+    return result
+
+
+def factorize_linear(
+    W,
+    k=None,
+    j=None,
+    *,
+    side=None,
+    input_moment=None,
+    damping=1e-2,
+    random_state=None,
+    **kwargs,
+):
     """Factor pairs of a Linear layer's weight, clustering one of its sides.
 
     Parameters
@@ -16,37 +176,111 @@ def factorize_linear(W, k=None, j=None, *, side="input", **kwargs):
         The weight of ``y = W x + b``.
     k, j : int, default=None
         As in :func:`factorize`.
-    side : {"input", "output"}, default="input"
+    side : {"auto", "input", "output"} or None, default=None
         ``"input"``: cluster the input features, i.e. factorize ``W.T``
         (in x out); the result is marked ``transposed=True`` and
-        ``reconstruct().T`` approximates ``W``. This is the side that the
-        layers of :mod:`kflats.torch` use. ``"output"``: cluster the output
-        features, the rows of ``W`` itself.
+        ``reconstruct().T`` approximates ``W``. ``"output"``: cluster the
+        output neurons, the rows of ``W`` itself. ``"auto"``: fit both under
+        the ``budget`` and keep the one with the lower ``error`` (the
+        calibrated error when ``input_moment`` is given). ``None``:
+        ``"auto"`` with a budget, ``"input"`` with ``k`` and ``j`` (for the
+        same k and j the two sides store different numbers, so their errors
+        do not compare).
+    input_moment : array-like of shape (in_features, in_features), default=None
+        ``C = E[x x^T]`` of the layer's inputs on calibration data (see
+        :func:`kflats.torch.calibrate`). The fit then minimises the expected
+        output error ``E||(W - W_hat) x||^2 = ||(W - W_hat) L||^2`` with
+        ``L L^T`` the damped ``C``: exactly on the output side (the rows of
+        ``W L`` are clustered and factored, then mapped back by ``L^-1``; k = 1
+        is the whitened truncated SVD), and through the row weights
+        ``diag(C)`` on the input side (exact only for a diagonal ``C``).
+    damping : float, default=1e-2
+        With ``input_moment``: ``damping * mean(diag(C))`` is added to the
+        diagonal of ``C`` (see :func:`damped_moment`).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the clustering; with ``side="auto"`` both sides get the same
+        seed.
     **kwargs
         Passed to :func:`factorize` (``budget``, ``ranks``, ``affine``,
-        ``sample_weight`` (one weight per clustered feature),
-        ``random_state``, and KSubspaces parameters).
+        ``sample_weight`` (one weight per clustered row; not with
+        ``input_moment``, nor with ``side="auto"``), and KSubspaces
+        parameters).
 
     Returns
     -------
     factors : ProjectiveFactors
+        ``error`` is the relative calibrated error ``||(W - W_hat) L||^2 /
+        ||W L||^2`` (objective ``"input_moment"``) when ``input_moment`` is
+        given, else the relative (weighted) Frobenius error;
+        ``weight_error`` is the plain ``||W - W_hat||^2 / ||W||^2``.
+
+    Raises
+    ------
+    ValueError
+        If ``side`` is unknown, ``W`` is not 2-D, ``input_moment`` is not a
+        valid second moment of the layer's inputs, or ``sample_weight`` is
+        combined with ``input_moment`` or ``side="auto"``.
+
+    See Also
+    --------
+    factorize : The factorization of the rows of a matrix.
+    kflats.torch.ProjectiveLinear.from_factors : The layer of either side.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from kflats.factorize import factorize_linear
-    >>> W = np.random.default_rng(0).normal(size=(8, 20))
-    >>> f = factorize_linear(W, k=2, j=3, random_state=0)
+    >>> from kflats.factorize import factorize_linear, svd_factors
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.normal(size=(8, 20))
+    >>> f = factorize_linear(W, k=2, j=3, side="input", random_state=0)
     >>> f.shape, f.transposed
     ((20, 8), True)
     >>> f.reconstruct().T.shape
     (8, 20)
+
+    With inputs of very unequal scales, the calibrated fit spends its rank
+    where the inputs are large:
+
+    >>> X = rng.normal(size=(500, 20)) * np.logspace(0, -2, 20)
+    >>> C = X.T @ X / len(X)
+    >>> g = factorize_linear(W, budget=0.5, input_moment=C, random_state=0)
+    >>> g.objective
+    'input_moment'
+    >>> plain = svd_factors(W, budget=0.5).reconstruct()
+    >>> calibrated = g.reconstruct().T if g.transposed else g.reconstruct()
+    >>> err = lambda Wh: np.sum(((W - Wh) @ X.T) ** 2)
+    >>> bool(err(calibrated) < err(plain))
+    True
     """
-    if side not in ("input", "output"):
-        raise ValueError(f"side must be 'input' or 'output', got {side!r}")
-    if getattr(W, "ndim", 2) != 2:
-        raise ValueError(f"W must be a 2-D array, got ndim={W.ndim}")
-    if side == "input":
-        result = factorize(np.asarray(W).T, k, j, **kwargs)
-        return replace(result, transposed=True)
-    return factorize(W, k, j, **kwargs)
+    if side is None:
+        side = "auto" if kwargs.get("budget") is not None else "input"
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES} or None, got {side!r}")
+    if side == "auto" and kwargs.get("budget") is None:
+        raise ValueError(
+            "side='auto' compares the two sides under one budget: give budget=, "
+            "or choose side='input' or side='output' for a given k and j"
+        )
+    W = _check_matrix(W, "W")
+    if "sample_weight" in kwargs and kwargs["sample_weight"] is not None:
+        if input_moment is not None:
+            raise ValueError(
+                "sample_weight and input_moment exclude each other: the input "
+                "moment already weighs the error"
+            )
+        if side == "auto":
+            raise ValueError(
+                "sample_weight weighs the clustered rows, which differ between "
+                "sides: choose side='input' or side='output'"
+            )
+    C = L = None
+    if input_moment is not None:
+        C, L = damped_moment(input_moment, W.shape[1], damping)
+    if random_state is not None and not isinstance(random_state, numbers.Integral):
+        # one draw, so that both sides of "auto" see the same seed
+        random_state = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    kwargs = {**kwargs, "random_state": random_state}
+    if side != "auto":
+        return _fit_side(W, k, j, side, L, C, kwargs)
+    fits = [_fit_side(W, k, j, s, L, C, kwargs) for s in ("input", "output")]
+    return min(fits, key=lambda f: f.error)

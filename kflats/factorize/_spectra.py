@@ -79,7 +79,7 @@ def _build(A, w, clusters, ranks, affine, denom, **meta):
     keep = [c for c, cl in enumerate(clusters) if cl.rows.size > 0]
     labels = np.empty(n, dtype=np.int64)
     U, V, means = [], [], []
-    numer = 0.0
+    numer = plain = 0.0
     for new, c in enumerate(keep):
         cl = clusters[c]
         labels[cl.rows] = new
@@ -93,10 +93,17 @@ def _build(A, w, clusters, ranks, affine, denom, **meta):
         # error from the stored (rounded) factors, computed in float64
         R = X - Uc.astype(np.float64) @ Vc.astype(np.float64)
         r2 = np.einsum("ij,ij->i", R, R)
-        numer += float(r2.sum() if w is None else w[cl.rows] @ r2)
+        r2_sum = float(r2.sum())
+        plain += r2_sum
+        numer += r2_sum if w is None else float(w[cl.rows] @ r2)
         U.append(Uc)
         V.append(Vc)
-    error = numer / denom if denom > 0 else (0.0 if numer == 0 else math.inf)
+    error = _ratio(numer, denom)
+    if w is None:
+        meta.setdefault("weight_error", error)
+    else:
+        meta.setdefault("weight_error", _ratio(plain, _total_energy(A, None)))
+    meta.setdefault("objective", "frobenius" if w is None else "weighted")
     return ProjectiveFactors(
         labels=labels,
         U=tuple(U),
@@ -105,6 +112,11 @@ def _build(A, w, clusters, ranks, affine, denom, **meta):
         error=error,
         **meta,
     )
+
+
+def _ratio(numer, denom):
+    """A relative error; 0 / 0 is 0."""
+    return numer / denom if denom > 0 else (0.0 if numer == 0 else math.inf)
 
 
 def _total_energy(A, w):

@@ -83,7 +83,7 @@ def save_compressed(model, path):
             config = {"padding_idx": module.padding_idx}
         else:
             shape = (module.in_features, module.out_features)
-            config = {"bias": module.bias is not None}
+            config = {"bias": module.bias is not None, "side": module.side}
         config.update(ranks=module.ranks, affine=module.affine)
         state = {
             key: value.detach().cpu()

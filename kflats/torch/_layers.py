@@ -47,10 +47,18 @@ def _check_ranks_labels(n, d, ranks, labels, name_n):
 
 def _order(labels):
     """Rows ordered by cluster (ascending within a cluster), and each row's place."""
-    order = torch.argsort(labels, stable=True)
+    order = torch.argsort(labels.to(torch.int64), stable=True)
     place = torch.empty_like(order)
     place[order] = torch.arange(order.numel(), device=order.device)
     return order, place
+
+
+def _label_dtype(k):
+    """The smallest integer dtype that holds the cluster ids 0 .. k-1."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if k - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64  # pragma: no cover - more than 2**31 clusters
 
 
 def _count(sizes, ranks, d, affine):
@@ -83,7 +91,8 @@ class _Projective(nn.Module):
         self.sizes = sizes
         self.affine = bool(affine)
         self.factorization_error = None
-        self.register_buffer("labels", labels.to(device))
+        self.weight_error = None
+        self.register_buffer("labels", labels.to(device, _label_dtype(len(ranks))))
         self.coefficients = nn.ParameterList(
             nn.Parameter(torch.empty(s, r, **factory))
             for s, r in zip(sizes, ranks, strict=True)
@@ -152,8 +161,9 @@ class _Projective(nn.Module):
         Returns
         -------
         factors : kflats.factorize.ProjectiveFactors
-            For a :class:`ProjectiveLinear`, the factors of ``weight.T``
-            (``transposed=True``).
+            For an input-side :class:`ProjectiveLinear`, the factors of
+            ``weight.T`` (``transposed=True``); for an output-side one, those
+            of ``weight``.
 
         Examples
         --------
@@ -176,7 +186,7 @@ class _Projective(nn.Module):
             tuple(to_np(U) for U in self.coefficients),
             tuple(to_np(self._bases_of(c)) for c in range(self.k)),
             means=None if self.means is None else to_np(self.means),
-            transposed=isinstance(self, ProjectiveLinear),
+            transposed=getattr(self, "side", None) == "input",
         )
 
     def __repr__(self):
@@ -197,7 +207,9 @@ class _Projective(nn.Module):
 def _refresh_after_load(module, incompatible_keys):
     """Recompute the derived index buffers after ``load_state_dict``."""
     labels = module.labels
-    sizes = tuple(torch.bincount(labels.cpu(), minlength=module.k).tolist())
+    sizes = tuple(
+        torch.bincount(labels.cpu().to(torch.int64), minlength=module.k).tolist()
+    )
     if len(sizes) != module.k or sizes != module.sizes:
         raise RuntimeError(
             f"loaded labels give cluster sizes {sizes}, but the layer was built "
@@ -247,7 +259,8 @@ class ProjectiveEmbedding(_Projective):
         The bases of the clusters, stacked in cluster order.
     means : torch.nn.Parameter of shape (k, embedding_dim) or None
     labels : torch.Tensor of shape (num_embeddings,)
-        Cluster id of each token (int64 buffer, part of the state dict).
+        Cluster id of each token: a buffer, part of the state dict, in the
+        smallest integer dtype that holds k (uint8 up to 256 clusters).
     k : int
     n_params : int
     compression : float
@@ -441,6 +454,7 @@ class ProjectiveEmbedding(_Projective):
             dtype=weight.dtype,
         )
         layer.factorization_error = factors.error
+        layer.weight_error = factors.weight_error
         return layer
 
     def forward(self, input):
@@ -493,22 +507,31 @@ class ProjectiveEmbedding(_Projective):
 
 
 class ProjectiveLinear(_Projective):
-    """A Linear layer whose weight is stored by clusters of its input features.
+    """A Linear layer stored as factor pairs of clusters of its inputs or outputs.
 
-    With the input features split into clusters ``R_c``, the layer computes
-    ``y = sum_c (x[R_c] @ U_c) @ V_c + b``: k small layers in parallel on
-    disjoint slices of the input, recombined by one fully-connected layer
-    (``sum(ranks)`` to ``out_features``). FLOPs per row:
+    ``side="input"``: with the input features split into clusters ``R_c``,
+    the layer computes ``y = sum_c (x[R_c] @ U_c) @ V_c + b``: k small layers
+    in parallel on disjoint slices of the input, recombined by one
+    fully-connected layer (``sum(ranks)`` to ``out_features``). FLOPs per row:
     ``sum_c n_c j_c + sum(ranks) * out_features`` instead of
     ``in_features * out_features``.
+
+    ``side="output"``: with the output neurons split into clusters ``R_c``,
+    ``y[R_c] = U_c (V_c x) + b[R_c]``: k two-layer products in parallel, each
+    producing its own neurons. FLOPs per row: ``sum(ranks) * in_features +
+    sum_c n_c j_c``.
 
     Parameters
     ----------
     in_features, out_features : int
     ranks : sequence of int
-        Rank of each cluster (``0 <= ranks[c] <= out_features``).
-    labels : array-like of shape (in_features,), default=None
-        Cluster id of each input feature. ``None``: k contiguous blocks.
+        Rank of each cluster (at most ``out_features`` on the input side,
+        ``in_features`` on the output side).
+    labels : array-like, default=None
+        Cluster id of each input feature (shape (in_features,)) or output
+        neuron (shape (out_features,)). ``None``: k contiguous blocks.
+    side : {"input", "output"}, default="input"
+        Which side of the weight is clustered.
     bias : bool, default=True
     affine : bool, default=False
         Whether each cluster also has a mean (affine flats).
@@ -517,12 +540,15 @@ class ProjectiveLinear(_Projective):
     Attributes
     ----------
     coefficients : torch.nn.ParameterList
-        ``coefficients[c]`` of shape (n_c, ranks[c]), input features of
-        cluster c in ascending order.
-    bases : torch.nn.Parameter of shape (sum(ranks), out_features)
-    means : torch.nn.Parameter of shape (k, out_features) or None
+        ``coefficients[c]`` of shape (n_c, ranks[c]), the features (input
+        side) or neurons (output side) of cluster c in ascending order.
+    bases : torch.nn.Parameter of shape (sum(ranks), m)
+        The stacked bases, m = out_features on the input side (bases over
+        the outputs), m = in_features on the output side.
+    means : torch.nn.Parameter of shape (k, bases.shape[1]) or None
     bias : torch.nn.Parameter of shape (out_features,) or None
-    labels : torch.Tensor of shape (in_features,)
+    labels : torch.Tensor of shape (in_features,) or (out_features,)
+    side : str
     k, n_params : int
     compression : float
         ``n_params / (in_features * out_features)`` (the bias not counted).
@@ -555,6 +581,7 @@ class ProjectiveLinear(_Projective):
         ranks,
         labels=None,
         *,
+        side="input",
         bias=True,
         affine=False,
         device=None,
@@ -566,17 +593,23 @@ class ProjectiveLinear(_Projective):
                 "in_features and out_features must be positive, got "
                 f"{in_features} and {out_features}"
             )
+        if side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', got {side!r}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
+        self.side = side
+        rows, cols = (self.in_features, self.out_features)
+        if side == "output":
+            rows, cols = cols, rows
         self._init_factors(
-            self.in_features,
-            self.out_features,
+            rows,
+            cols,
             ranks,
             labels,
             affine,
             device,
             dtype,
-            "input feature",
+            "input feature" if side == "input" else "output neuron",
         )
         if bias:
             self.bias = nn.Parameter(
@@ -604,14 +637,15 @@ class ProjectiveLinear(_Projective):
 
     @classmethod
     def from_factors(cls, factors, bias=None, *, device=None, dtype=None):
-        """Build the layer from the factors of a weight's transpose.
+        """Build the layer from the factors of a weight, of either side.
 
         Parameters
         ----------
         factors : kflats.factorize.ProjectiveFactors
-            Factors of ``W.T`` (in_features x out_features), marked
-            ``transposed=True``, as :func:`kflats.factorize.factorize_linear`
-            returns them.
+            As :func:`kflats.factorize.factorize_linear` returns them: the
+            factors of ``W.T`` (in_features x out_features, marked
+            ``transposed=True``) give an input-side layer, those of ``W``
+            (out_features x in_features) an output-side layer.
         bias : Tensor or array-like of shape (out_features,), default=None
             Copied into the layer; ``None`` builds a layer without bias.
         device, dtype : optional
@@ -628,25 +662,26 @@ class ProjectiveLinear(_Projective):
         >>> from kflats.factorize import factorize_linear
         >>> from kflats.torch import ProjectiveLinear
         >>> W = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
-        >>> f = factorize_linear(W, k=2, j=3, random_state=0)
+        >>> f = factorize_linear(W, k=2, j=3, side="input", random_state=0)
         >>> layer = ProjectiveLinear.from_factors(f)
         >>> x = torch.randn(4, 10)
         >>> expected = x.numpy() @ f.reconstruct()
         >>> np.allclose(layer(x).detach().numpy(), expected, atol=1e-5)
         True
+        >>> g = factorize_linear(W, k=2, j=3, side="output", random_state=0)
+        >>> layer = ProjectiveLinear.from_factors(g)
+        >>> layer.side, np.allclose(layer(x).detach().numpy(),
+        ...                         x.numpy() @ g.reconstruct().T, atol=1e-5)
+        ('output', True)
         """
         if not isinstance(factors, ProjectiveFactors):
             raise TypeError(
                 f"factors must be a ProjectiveFactors, got {type(factors).__name__}"
             )
-        if not factors.transposed:
-            raise ValueError(
-                "factors must describe W.T (transposed=True): ProjectiveLinear "
-                "clusters the input features. Build them with "
-                "kflats.factorize.factorize_linear(W) (side='input'), or mark "
-                "factors of W.T with dataclasses.replace(factors, transposed=True)"
-            )
-        in_features, out_features = factors.shape
+        if factors.transposed:
+            side, (in_features, out_features) = "input", factors.shape
+        else:
+            side, (out_features, in_features) = "output", factors.shape
         if bias is not None:
             bias = torch.as_tensor(bias)
             if bias.shape != (out_features,):
@@ -662,6 +697,7 @@ class ProjectiveLinear(_Projective):
             out_features,
             factors.ranks,
             torch.from_numpy(factors.labels),
+            side=side,
             bias=bias is not None,
             affine=factors.means is not None,
             device=device,
@@ -675,7 +711,7 @@ class ProjectiveLinear(_Projective):
 
     @classmethod
     def from_linear(cls, linear, k=None, j=None, *, budget=None, **factorize_params):
-        """Compress a :class:`torch.nn.Linear` by clustering its input features.
+        """Compress a :class:`torch.nn.Linear` by projective clustering of its weight.
 
         Parameters
         ----------
@@ -684,13 +720,17 @@ class ProjectiveLinear(_Projective):
         k, j, budget :
             As in :func:`kflats.factorize.factorize_linear`.
         **factorize_params
-            Further parameters of :func:`kflats.factorize.factorize`.
+            Further parameters of :func:`kflats.factorize.factorize_linear`
+            (``side``, ``input_moment`` for the calibrated objective,
+            ``damping``) and :func:`kflats.factorize.factorize`.
 
         Returns
         -------
         layer : ProjectiveLinear
-            The attribute ``factorization_error`` holds the relative squared
-            Frobenius error of the fit.
+            The attribute ``factorization_error`` holds the relative error of
+            the fit (calibrated when ``input_moment`` is given), and
+            ``weight_error`` the plain relative squared Frobenius error of
+            the weight.
 
         Examples
         --------
@@ -717,9 +757,19 @@ class ProjectiveLinear(_Projective):
             dtype=weight.dtype,
         )
         layer.factorization_error = factors.error
+        layer.weight_error = factors.weight_error
         return layer
 
     def forward(self, input):
+        if self.side == "output":
+            return F.projective_linear_output(
+                input,
+                self._place,
+                list(self.coefficients),
+                self.bases,
+                self.bias,
+                self.means,
+            )
         return F.projective_linear(
             input,
             self._order,
@@ -748,7 +798,9 @@ class ProjectiveLinear(_Projective):
         True
         """
         with torch.no_grad():
-            weight = self._reconstruct().T
+            weight = self._reconstruct()
+            if self.side == "input":
+                weight = weight.T
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -763,7 +815,8 @@ class ProjectiveLinear(_Projective):
         return linear
 
     def extra_repr(self):
+        side = ", side='output'" if self.side == "output" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{self._factor_repr()}, bias={self.bias is not None}"
+            f"{self._factor_repr()}{side}, bias={self.bias is not None}"
         )
