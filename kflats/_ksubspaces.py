@@ -23,11 +23,14 @@ from sklearn.utils.validation import (
 
 from ._lloyd import (
     _assign,
+    _exact_mind,
     _ksubspaces_single,
     _pack,
     _residual_sq,
     _row_norms_sq,
     _row_step,
+    _Stats,
+    _update,
 )
 from ._seeding import _grow, _initial_potential, _ksubspaces_plusplus, _random_partition
 
@@ -315,6 +318,119 @@ class KSubspaces(
         self.inertia_ = inertia
         self.n_iter_ = n_iter
         self._n_features_out = self.k
+        self._stats = None  # a later partial_fit starts from these subspaces
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Update the subspaces with one batch of rows.
+
+        The first call seeds the subspaces from its batch (with ``init``, as
+        ``fit`` does; it needs at least ``k`` rows of positive weight). Every
+        call then assigns the batch's rows to their nearest subspaces, adds them
+        to the clusters' statistics (``sum w``, ``sum w x``, ``sum w x x^T``)
+        and refits every subspace to its statistics: one Lloyd step whose
+        statistics **accumulate** over all batches, without decay, so that
+        after one pass over the data each subspace fits all the rows it was
+        given. A cluster with fewer than ``j`` rows so far is re-seeded from the
+        batch's row farthest from the subspaces (its statistics start afresh).
+        After ``fit``, ``partial_fit`` goes on from the fitted subspaces with
+        fresh statistics.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            One batch of rows; every batch has the first batch's width. It is
+            fitted in the dtype of the first batch.
+        y : Ignored
+            Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row of the batch.
+
+        Returns
+        -------
+        self : object
+            The estimator, with the attributes of ``fit``: ``labels_`` and
+            ``inertia_`` are those of this batch under the updated subspaces,
+            and ``n_iter_`` counts the batches since seeding (or since ``fit``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kflats import KSubspaces
+        >>> rng = np.random.RandomState(0)
+        >>> lines = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+        >>> ks = KSubspaces(k=2, j=1, random_state=0)
+        >>> for _ in range(3):
+        ...     t = rng.randn(40, 1)
+        ...     ks = ks.partial_fit(np.vstack([t[:20] * lines[0], t[20:] * lines[1]]))
+        >>> ks.n_iter_, round(ks.inertia_, 10)
+        (3, 0.0)
+        """
+        state = dict(self.__dict__)
+        try:
+            return self._partial_fit(X, sample_weight)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
+
+    def _partial_fit(self, X, sample_weight):
+        first = not hasattr(self, "bases_")
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], order="C", reset=first
+        )
+        if not first:
+            X = X.astype(self.bases_.dtype, copy=False)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
+        )
+        k, j, affine = self.k, self.j, self.affine
+        xsq = _row_norms_sq(X)
+        grow = partial(_grow, X, xsq, sample_weight, j=j, affine=affine)
+        if first:
+            self._check_params_vs_input(X, sample_weight)
+            bases, means, comps, _ = self._init_subspaces(
+                X, xsq, sample_weight, check_random_state(self.random_state), grow
+            )
+            stats, n_batches = _Stats.empty(k, X.shape[1]), 0
+        else:
+            bases, means, comps = self.bases_, self.means_, self._complements
+            stats = getattr(self, "_stats", None)
+            n_batches = getattr(self, "_n_batches", 0)
+            if stats is None:  # after fit: go on from its subspaces
+                stats, n_batches = _Stats.empty(k, X.shape[1]), 0
+        if np.any(sample_weight > 0):
+            labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
+            total = stats + _Stats.of_rows(X, labels, sample_weight, k)
+            bases, means, comps, relocated = _update(
+                X, labels, total, mind, sample_weight, j, affine, grow, total.N
+            )
+            if relocated:
+                # The batch's rows follow the re-seeded subspaces, whose old
+                # rows are forgotten; the others are refitted without them.
+                stats = stats + _Stats.empty(k, X.shape[1])
+                stats.reset(relocated)
+                labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
+                total = stats + _Stats.of_rows(X, labels, sample_weight, k)
+                refit = _update(
+                    X, labels, total, mind, sample_weight, j, affine, None, total.N
+                )
+                keep = [c for c in range(k) if c in relocated and total.N[c] < j]
+                for new, old in zip(refit[:3], (bases, means, comps), strict=True):
+                    if new is not None:
+                        new[keep] = old[keep]
+                bases, means, comps = refit[:3]
+            stats = total
+        packed = _pack(bases, means, affine, comps)
+        labels, mind = _assign(X, xsq, packed)
+        mind = _exact_mind(X, xsq, labels, mind, packed, bases, means)
+        self.bases_, self.means_, self._complements = bases, means, comps
+        self.labels_ = labels
+        self.inertia_ = float(sample_weight @ mind)
+        self._stats = stats
+        self._n_batches = self.n_iter_ = n_batches + 1
+        self._n_features_out = k
         return self
 
     def _check_test_data(self, X):

@@ -169,11 +169,44 @@ class _Stats:
 
     def __init__(self, X, labels, sample_weight, k):
         n, d = X.shape
-        self.W = np.zeros(k)
-        self.s = np.zeros((k, d))
-        self.S = np.zeros((k, d, d)) if n >= d else None
+        self._zero(k, d, scatter=n >= d)
         self._X, self._w, self._labels = X, sample_weight, labels.copy()
         self._add(X, np.arange(n), labels, sample_weight, 1.0)
+
+    def _zero(self, k, d, scatter):
+        self.W = np.zeros(k)
+        self.N = np.zeros(k, dtype=np.int64)  # rows of positive weight
+        self.s = np.zeros((k, d))
+        self.S = np.zeros((k, d, d)) if scatter else None
+
+    @classmethod
+    def empty(cls, k, d):
+        """Statistics of no rows, that rows are added to (``of_rows``, ``+``).
+
+        They always keep the scatter: rows added later are not kept.
+        """
+        self = cls.__new__(cls)
+        self._zero(k, d, scatter=True)
+        self._X = self._w = self._labels = None
+        return self
+
+    @classmethod
+    def of_rows(cls, X, labels, sample_weight, k):
+        """Statistics of a block of rows that are not kept (Dask, partial_fit)."""
+        self = cls.empty(k, X.shape[1])
+        self._add(X, np.arange(X.shape[0]), labels, sample_weight, 1.0)
+        return self
+
+    def __add__(self, other):
+        out = type(self).empty(self.W.size, self.s.shape[1])
+        for name in ("W", "N", "s", "S"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def reset(self, clusters):
+        """Forget the rows of ``clusters`` (re-seeded: a new subspace)."""
+        for name in ("W", "N", "s", "S"):
+            getattr(self, name)[clusters] = 0
 
     def _add(self, X, rows, labels, sample_weight, sign):
         if rows.size == 0:
@@ -191,6 +224,7 @@ class _Stats:
                 w = sample_weight[idx].astype(np.float64)
                 Xc = X[idx].astype(np.float64)
                 self.W[c] += sign * w.sum()
+                self.N[c] += int(sign) * np.count_nonzero(w > 0)
                 self.s[c] += sign * (w @ Xc)
                 if self.S is not None:
                     Xc *= np.sqrt(w)[:, None]
@@ -232,7 +266,7 @@ class _Stats:
         return basis, mean.astype(dtype), comp
 
 
-def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
+def _update(X, labels, stats, mind, sample_weight, j, affine, grow, counts=None):
     """Refit every subspace to its rows (the M-step of Lloyd).
 
     Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
@@ -240,11 +274,13 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
     subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``),
     as scikit-learn relocates empty k-means clusters. ``grow=None`` turns
     re-seeding off. The other subspaces come from ``stats``, the clusters'
-    statistics under ``labels``.
+    statistics under ``labels``. ``counts`` (k,), when given, are the numbers of
+    rows behind ``stats`` (more than X's when they accumulate, as in partial_fit).
 
     Returns
     -------
-    bases, means, complements, n_relocated
+    bases, means, complements, relocated
+        ``relocated`` lists the re-seeded clusters.
     """
     n, d = X.shape
     k = stats.W.size
@@ -254,7 +290,8 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
     means = np.zeros((k, d), dtype=dtype)
     comps = np.empty((k, d - j, d), dtype=dtype) if want_comp else None
     positive = sample_weight > 0
-    counts = np.bincount(labels[positive], minlength=k)
+    if counts is None:
+        counts = np.bincount(labels[positive], minlength=k)
     starved = np.flatnonzero(counts < j)
     relocated = {}
     if starved.size and grow is not None:
@@ -279,7 +316,7 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow):
             bases[c], means[c], comp = stats.subspace(c, j, affine, dtype, want_comp)
         if want_comp:
             comps[c] = comp
-    return bases, means, comps, len(relocated)
+    return bases, means, comps, sorted(relocated)
 
 
 def _ksubspaces_single(
