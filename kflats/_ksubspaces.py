@@ -21,6 +21,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from . import _dask
 from ._lloyd import (
     _assign,
     _exact_mind,
@@ -113,6 +114,14 @@ class KSubspaces(
     complement of each subspace: fewer flops, and no cancellation in float32.
     float32 input is fitted in float32, float64 in float64.
 
+    Every step works in blocks of rows, so a fit needs little memory beyond X
+    itself. Rows that arrive in batches are fitted with :meth:`partial_fit`.
+    ``fit``, ``predict`` and ``transform`` also take a :class:`dask.array.Array`
+    chunked along the rows (``pip install kflats[dask]``): each Lloyd step is
+    then one map over the chunks and one reduction of the clusters' statistics,
+    the seeding oversamples rows in the manner of k-means||, and ``labels_``,
+    ``predict`` and ``transform`` are lazy dask arrays (see :doc:`/scale`).
+
     Examples
     --------
     >>> import numpy as np
@@ -185,21 +194,7 @@ class KSubspaces(
             )
         is_array = not isinstance(self.init, str)
         if is_array:
-            init = np.asarray(self.init)
-            expected = (self.k, self.j, d)
-            if init.shape != expected:
-                raise ValueError(
-                    f"init has shape {init.shape}; expected (k, j, n_features) = "
-                    f"{expected}."
-                )
-            if not np.all(np.isfinite(init)):
-                raise ValueError("init must contain only finite values.")
-            gram = np.einsum("kid,kjd->kij", init, init)
-            if not np.allclose(gram, np.eye(self.j), atol=1e-5):
-                raise ValueError(
-                    "init must have orthonormal rows in each of its k bases "
-                    "(orthonormalize them, e.g. with numpy.linalg.qr)."
-                )
+            self._check_init(d)
         if self.n_init == "auto":
             self._n_init = 10 if (not is_array and self.init == "random") else 1
         else:
@@ -212,6 +207,23 @@ class KSubspaces(
                 stacklevel=3,
             )
             self._n_init = 1
+
+    def _check_init(self, d):
+        init = np.asarray(self.init)
+        expected = (self.k, self.j, d)
+        if init.shape != expected:
+            raise ValueError(
+                f"init has shape {init.shape}; expected (k, j, n_features) = "
+                f"{expected}."
+            )
+        if not np.all(np.isfinite(init)):
+            raise ValueError("init must contain only finite values.")
+        gram = np.einsum("kid,kjd->kij", init, init)
+        if not np.allclose(gram, np.eye(self.j), atol=1e-5):
+            raise ValueError(
+                "init must have orthonormal rows in each of its k bases "
+                "(orthonormalize them, e.g. with numpy.linalg.qr)."
+            )
 
     def _init_subspaces(self, X, xsq, sample_weight, rng, grow):
         k, j = self.k, self.j
@@ -263,6 +275,8 @@ class KSubspaces(
             raise
 
     def _fit(self, X, sample_weight):
+        if _dask.is_dask_array(X):
+            return self._fit_dask(X, sample_weight)
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", copy=False
         )
@@ -433,6 +447,22 @@ class KSubspaces(
         self._n_features_out = k
         return self
 
+    def _fit_dask(self, X, sample_weight):
+        X = _dask.check_array(X)
+        if not isinstance(self.init, str):
+            self._check_init(X.shape[1])
+        rng = check_random_state(self.random_state)
+        bases, means, comps, inertia, n_iter = _dask.fit(self, X, sample_weight, rng)
+        self.__dict__.pop("feature_names_in_", None)
+        self.n_features_in_ = X.shape[1]
+        self.bases_, self.means_, self._complements = bases, means, comps
+        self.labels_ = _dask.predict(X, self._packed(X.dtype))
+        self.inertia_ = inertia
+        self.n_iter_ = n_iter
+        self._n_features_out = self.k
+        self._stats = None
+        return self
+
     def _check_test_data(self, X):
         check_is_fitted(self)
         return validate_data(
@@ -458,6 +488,10 @@ class KSubspaces(
         labels : ndarray of shape (n_samples,)
             Index of the nearest subspace (the lowest index on ties).
         """
+        if _dask.is_dask_array(X):  # lazy, chunk by chunk
+            check_is_fitted(self)
+            X = _dask.check_array(X, self.n_features_in_)
+            return _dask.predict(X, self._packed(X.dtype))
         X = self._check_test_data(X)
         return self._assign(X)[0]
 
@@ -494,19 +528,18 @@ class KSubspaces(
             Euclidean (not squared) distance of each row to each subspace, in
             the dtype of X.
         """
-        X = self._check_test_data(X)
-        if self._complements is not None:  # ||N (x - mu)||^2 does not cancel
-            _, _, dist = self._assign(X, return_distances=True)
-        else:  # ||x - mu||^2 - ||B (x - mu)||^2 would: use the residuals
-            bases = self.bases_.astype(X.dtype, copy=False)
-            means = self.means_.astype(X.dtype, copy=False)
-            dist = np.column_stack(
-                [
-                    _residual_sq(X, np.zeros(X.shape[0], np.int32), B[None], mu[None])
-                    for B, mu in zip(bases, means, strict=True)
-                ]
-            )
-        return np.sqrt(dist).astype(X.dtype, copy=False)
+        check_is_fitted(self)
+        distances = partial(
+            _distances,
+            bases=self.bases_,
+            means=self.means_,
+            complements=self._complements,
+            affine=self.affine,
+        )
+        if _dask.is_dask_array(X):  # lazy, chunk by chunk
+            X = _dask.check_array(X, self.n_features_in_)
+            return _dask.transform(X, distances, self.k)
+        return distances(self._check_test_data(X))
 
     def fit_transform(self, X, y=None, sample_weight=None):
         """Fit, then return the distances of every row to every subspace.
@@ -607,3 +640,21 @@ class KSubspaces(
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+def _distances(X, bases, means, complements, affine):
+    """Euclidean distances of the rows of X to every subspace, in X's dtype."""
+    if complements is not None:  # ||N (x - mu)||^2 does not cancel
+        packed = _pack(bases, means, affine, complements, X.dtype)
+        _, _, dist = _assign(X, _row_norms_sq(X), packed, return_distances=True)
+    else:  # ||x - mu||^2 - ||B (x - mu)||^2 would: use the residuals
+        bases = bases.astype(X.dtype, copy=False)
+        means = means.astype(X.dtype, copy=False)
+        zeros = np.zeros(X.shape[0], np.int32)
+        dist = np.column_stack(
+            [
+                _residual_sq(X, zeros, B[None], mu[None])
+                for B, mu in zip(bases, means, strict=True)
+            ]
+        )
+    return np.sqrt(dist).astype(X.dtype, copy=False)

@@ -74,15 +74,7 @@ def _grow(X, xsq, sample_weight, i, j, affine):
     complement : ndarray of shape (d - j, d) or None
         The basis' orthonormal complement when distances use it.
     """
-    d = X.shape[1]
-    dtype = X.dtype
-    x = X[i].astype(np.float64)
-    dots = X @ X[i]
-    if affine:
-        score = xsq - 2 * dots  # ||x_r - x||^2 up to a constant
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = -np.where(xsq > 0, dots * dots / xsq, 0.0)  # -cos^2 ||x||^2
+    score = _neighbour_score(X, xsq, X[i], affine)
     score = np.where(sample_weight > 0, score, np.inf)
     # The seed enters through the constraint below; its other copies (an
     # integer weight w stands for w rows) are its nearest neighbours.
@@ -90,10 +82,30 @@ def _grow(X, xsq, sample_weight, i, j, affine):
     weights = sample_weight.copy()
     weights[i] = max(weights[i] - 1, 0)
     nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
-    Xn = X[nb].astype(np.float64) * np.sqrt(wn)[:, None]
+    return _grow_from(X[i], X[nb], wn, j, affine)
+
+
+def _neighbour_score(X, xsq, x, affine):
+    """Score of every row as a neighbour of ``x``: lower is nearer."""
+    dots = X @ x
+    if affine:
+        return xsq - 2 * dots  # ||x_r - x||^2 up to a constant
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(xsq > 0, dots * dots / xsq, 0.0)  # -cos^2 ||x||^2
+
+
+def _grow_from(seed, neighbours, wn, j, affine):
+    """The subspace (or flat) of ``_grow`` from its seed row and neighbourhood.
+
+    ``neighbours`` are rows, ``wn`` their weights (see ``_nearest_by_weight``).
+    """
+    d = seed.shape[0]
+    dtype = seed.dtype
+    x = seed.astype(np.float64)
+    Xn = neighbours.astype(np.float64) * np.sqrt(wn)[:, None]
     want_comp = _use_complement(j, d)
     if affine:
-        mean = X[i].copy()
+        mean = seed.copy()
         Xn = Xn - np.sqrt(wn)[:, None] * x
         u = np.empty((0, d))
     else:

@@ -1,0 +1,139 @@
+"""KSubspaces on dask arrays, on a local cluster of two worker processes.
+
+Marked ``dask``: deselect with ``-m "not dask"``.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from kflats import KSubspaces  # noqa: E402
+
+pytestmark = pytest.mark.dask
+
+K, J, D = 4, 3, 16
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        worker_dashboard_address=None,
+    ) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def _block(block_info=None, marker=None):
+    """One chunk of rows near K subspaces, generated from its chunk index."""
+    b = block_info[None]["chunk-location"][0]
+    (start, stop), _ = block_info[None]["array-location"]
+    if marker is not None and b == 2 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # the worker dies while computing this chunk
+    bases = np.stack(
+        [np.linalg.qr(np.random.RandomState(c).randn(D, J))[0].T for c in range(K)]
+    )
+    rng = np.random.RandomState(1000 + b)
+    n = stop - start
+    labels = rng.randint(K, size=n)
+    X = np.einsum("nj,njd->nd", rng.randn(n, J), bases[labels])
+    return (X + 0.05 * rng.randn(n, D)).astype(np.float32)
+
+
+def generated(n=6000, chunk=1000, marker=None):
+    """Rows generated chunk by chunk on the workers, never whole."""
+    return da.map_blocks(
+        _block, marker=marker, chunks=((chunk,) * (n // chunk), (D,)), dtype=np.float32
+    )
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_inertia_within_one_percent_of_the_in_memory_fit(client, affine):
+    X = generated()
+    if affine:
+        X = X + np.float32(2.0)
+    Xm = X.compute()
+    mem = KSubspaces(k=K, j=J, affine=affine, random_state=0).fit(Xm)
+    dist = KSubspaces(k=K, j=J, affine=affine, random_state=0).fit(X)
+    assert dist.inertia_ == pytest.approx(mem.inertia_, rel=0.01)
+    assert dist.bases_.dtype == np.float32 and dist.n_features_in_ == D
+    assert isinstance(dist.labels_, da.Array)
+    assert_array_equal(dist.labels_.compute(), dist.predict(Xm))
+    # the reported inertia is the cost of the returned subspaces
+    assert -dist.score(Xm) == pytest.approx(dist.inertia_, rel=1e-5)
+
+
+def test_predict_and_transform_are_lazy(client):
+    X = generated()
+    est = KSubspaces(k=K, j=J, random_state=0).fit(X)
+    labels, dist = est.predict(X), est.transform(X)
+    assert isinstance(labels, da.Array) and isinstance(dist, da.Array)
+    assert dist.chunks == (X.chunks[0], (K,))
+    Xm = X.compute()
+    assert_array_equal(labels.compute(), est.predict(Xm))
+    assert_allclose(dist.compute(), est.transform(Xm), rtol=1e-6)
+
+
+def test_worker_killed_mid_fit_does_not_change_the_result(client, tmp_path):
+    marker = str(tmp_path / "killed")
+    calm = KSubspaces(k=K, j=J, random_state=0).fit(generated())
+    hit = KSubspaces(k=K, j=J, random_state=0).fit(generated(marker=marker))
+    assert os.path.exists(marker)  # a worker did die during the fit
+    assert hit.inertia_ == calm.inertia_
+    assert_array_equal(hit.bases_, calm.bases_)
+
+
+def test_sample_weight_as_numpy_or_dask(client):
+    X = generated(n=4000)
+    w = np.random.RandomState(0).randint(0, 3, size=X.shape[0]).astype(np.float32)
+    a = KSubspaces(k=K, j=J, random_state=0).fit(X, sample_weight=w)
+    b = KSubspaces(k=K, j=J, random_state=0).fit(
+        X, sample_weight=da.from_array(w, chunks=500)
+    )
+    assert a.inertia_ == pytest.approx(b.inertia_, rel=1e-6)
+    mem = KSubspaces(k=K, j=J, random_state=0).fit(X.compute(), sample_weight=w)
+    assert a.inertia_ == pytest.approx(mem.inertia_, rel=0.01)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_one_weighted_subspace_is_the_weighted_svd(client, affine):
+    """k=1 has one optimum: the weighted (centred when affine) top-j subspace."""
+    rng = np.random.RandomState(0)
+    Xm = rng.randn(3000, 8) * np.linspace(1, 2, 8)
+    w = rng.exponential(size=3000)
+    X = da.from_array(Xm, chunks=(700, 8))
+    est = KSubspaces(k=1, j=3, affine=affine, random_state=0)
+    est.fit(X, sample_weight=da.from_array(w, chunks=700))
+    mean = (w @ Xm) / w.sum() if affine else np.zeros(8)
+    _, s, vt = np.linalg.svd((Xm - mean) * np.sqrt(w)[:, None], full_matrices=False)
+    assert est.inertia_ == pytest.approx((s[3:] ** 2).sum(), rel=1e-9)
+    assert_allclose(est.bases_[0].T @ est.bases_[0], vt[:3].T @ vt[:3], atol=1e-9)
+    assert_allclose(est.means_[0], mean, atol=1e-12)
+
+
+def test_bad_chunks_are_rejected():
+    X = da.random.RandomState(0).random_sample((200, 8), chunks=(50, 4))
+    est = KSubspaces(k=2, j=2, random_state=0)
+    with pytest.raises(ValueError, match="chunked along the feature axis"):
+        est.fit(X)
+    assert not hasattr(est, "bases_")
+    X = X.rechunk({1: -1})
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        est.fit(X[X[:, 0] > 0.5])
+    est.fit(X, sample_weight=np.ones(200))
+    before = est.bases_.copy()
+    with pytest.raises(ValueError, match="chunked along the feature axis"):
+        est.predict(X.rechunk((50, 4)))
+    with pytest.raises(ValueError, match="X has 7 features, but KSubspaces is"):
+        est.transform(X[:, :7])
+    with pytest.raises(ValueError, match="sample_weight has shape"):
+        est.fit(X, sample_weight=np.ones(199))
+    assert_array_equal(est.bases_, before)
