@@ -380,7 +380,13 @@ def test_compress_by_type_and_pattern():
     ids = torch.randint(0, 150, (4, 7))
     reference = model(ids)
     report = compress(
-        model, budget=0.7, targets=[nn.Embedding, "block.2"], k=2, random_state=0
+        model,
+        budget=0.7,
+        targets=[nn.Embedding, "block.2"],
+        k=2,
+        allocation="uniform",
+        side="input",
+        random_state=0,
     )
     assert isinstance(report, CompressionReport)
     assert [m.name for m in report] == ["embed", "block.2"]
@@ -427,7 +433,14 @@ def test_compress_hf_default_target():
 
 
 def test_compress_progress_bar(capsys):
-    compress(Tiny(), budget=0.5, targets=["block.0", "block.2"], k=1, progress=True)
+    compress(
+        Tiny(),
+        budget=0.5,
+        targets=["block.0", "block.2"],
+        k=1,
+        allocation="uniform",
+        progress=True,
+    )
     assert "kflats compress" in capsys.readouterr().err
     compress(Tiny(), budget=0.5, targets="block.0", k=1)
     assert "kflats compress" not in capsys.readouterr().err
@@ -441,6 +454,8 @@ def test_compress_progress_bar(capsys):
         ({"targets": ["embed", "norm"]}, TypeError, r"norm \(LayerNorm\)"),
         ({"targets": "block"}, TypeError, r"block \(Sequential\)"),
         ({"targets": [nn.Linear], "budget": 0.05}, ValueError, "cannot be met"),
+        ({"allocation": "per-layer"}, ValueError, "allocation must be"),
+        ({"ranks": "equal"}, ValueError, "ranks must be"),
         ({"targets": "embed", "budget": 1.5}, ValueError, "budget must be"),
         ({"targets": 3}, TypeError, "targets must be"),
         ({"targets": None}, ValueError, "get_input_embeddings"),
@@ -464,7 +479,13 @@ def test_compress_failing_fit_leaves_model_unchanged(monkeypatch):
 
     monkeypatch.setattr(ProjectiveLinear, "from_linear", broken)
     with pytest.raises(RuntimeError, match="fit failed"):
-        compress(model, budget=0.5, targets=[nn.Embedding, nn.Linear], k=1)
+        compress(
+            model,
+            budget=0.5,
+            targets=[nn.Embedding, nn.Linear],
+            k=1,
+            allocation="uniform",
+        )
     _assert_unchanged(model, snapshot)
 
 
@@ -474,7 +495,15 @@ def test_compress_failing_fit_leaves_model_unchanged(monkeypatch):
 
 def test_save_and_load_in_a_fresh_process(tmp_path):
     model = Tiny()
-    compress(model, budget=0.5, targets=[nn.Embedding, "block.0"], k=3, random_state=0)
+    compress(
+        model,
+        budget=0.5,
+        targets=[nn.Embedding, "block.0"],
+        k=3,
+        allocation="uniform",
+        side="input",
+        random_state=0,
+    )
     path = tmp_path / "tiny.kflats"
     save_compressed(model, path)
     ids = torch.randint(0, 150, (3, 11))

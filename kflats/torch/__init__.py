@@ -10,6 +10,10 @@ imports torch.
 - :func:`save_compressed` and :func:`load_compressed` store the compressed
   modules, and put them back into a freshly built model of the same
   architecture without fitting again.
+- :func:`calibrate` records, in one pass over calibration text, what the
+  calibrated objectives need (token counts, input second moments);
+  :func:`compress` takes the :class:`Calibration` it returns.
+- :func:`heal` distils the compressed model towards the original.
 - :func:`token_frequencies` weighs embedding rows by how often a calibration
   text uses each token (pass it as ``sample_weight``).
 - :mod:`kflats.torch.functional` holds the pure forward functions.
@@ -24,18 +28,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from . import functional
-from ._calibration import token_frequencies
+from ._calibration import Calibration, calibrate, token_frequencies
 from ._compress import CompressionReport, ModuleReport, compress
+from ._heal import heal
 from ._io import load_compressed, save_compressed
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
 
 __all__ = [
+    "Calibration",
     "CompressionReport",
     "ModuleReport",
     "ProjectiveEmbedding",
     "ProjectiveLinear",
+    "calibrate",
     "compress",
     "functional",
+    "heal",
     "load_compressed",
     "save_compressed",
     "token_frequencies",

@@ -1,8 +1,21 @@
-"""Row weights for compressing an embedding table: token frequencies."""
+"""Calibration: what the calibrated objectives need, recorded on real inputs.
 
-from collections.abc import Iterable
+:func:`calibrate` runs a model over calibration data with forward hooks that
+only accumulate (token counts for Embeddings, input second moments for
+Linears), in the spirit of PyTorch's post-training-quantization observers;
+:class:`Calibration` holds the result by module name and saves it.
+:func:`token_frequencies` is the stand-alone count for one embedding table.
+"""
+
+import json
+import numbers
+import weakref
+import zipfile
+from collections.abc import Iterable, Mapping
 
 import numpy as np
+import torch
+from torch import nn
 
 
 def token_frequencies(tokenizer, texts, *, vocab_size=None, smoothing=1.0):
@@ -66,3 +79,578 @@ def token_frequencies(tokenizer, texts, *, vocab_size=None, smoothing=1.0):
         )
     counts = np.bincount(flat, minlength=int(vocab_size)).astype(np.float64)
     return counts + smoothing
+
+
+# --------------------------------------------------------------------------
+# calibrate: one pass over calibration data, statistics kept by module name
+
+_FORMAT = "kflats.torch.Calibration"
+_VERSION = 1
+# batches above which progress=None shows a progress bar
+_PROGRESS_BATCHES = 8
+
+
+class Calibration:
+    """What :func:`calibrate` recorded, by qualified module name.
+
+    For each :class:`torch.nn.Embedding`, how often each row (token id) was
+    looked up; for each :class:`torch.nn.Linear`, the sum of ``x x^T`` over
+    its input rows ``x`` (float64) and their number. Padding positions are
+    left out. No activation is kept.
+
+    Parameters
+    ----------
+    records : dict
+        ``name -> {"kind": "Embedding", "counts": ndarray (num_embeddings,)}``
+        or ``name -> {"kind": "Linear", "moment_sum": ndarray (in, in),
+        "n_rows": int}``.
+    n_sequences : int, default=0
+        Number of sequences (sentences) the pass read.
+    architecture : str, default=""
+        Class of the model the pass ran on (informative).
+
+    Attributes
+    ----------
+    names : tuple of str
+        The recorded modules, in model order.
+
+    See Also
+    --------
+    calibrate : Build one.
+    kflats.torch.compress : Its ``calibration=`` takes one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats.torch import Calibration
+    >>> cal = Calibration({"emb": {"kind": "Embedding",
+    ...                            "counts": np.array([3, 0, 1])}})
+    >>> cal.token_weights("emb", smoothing=0.5).tolist()
+    [3.5, 0.5, 1.5]
+    """
+
+    def __init__(self, records, *, n_sequences=0, architecture=""):
+        checked = {}
+        for name, rec in records.items():
+            kind = rec.get("kind")
+            if kind == "Embedding":
+                counts = np.asarray(rec["counts"])
+                if counts.ndim != 1 or counts.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"counts of {name!r} must be a 1-D integer array, got "
+                        f"shape {counts.shape}, dtype {counts.dtype}"
+                    )
+                checked[name] = {"kind": kind, "counts": counts.astype(np.int64)}
+            elif kind == "Linear":
+                S = np.asarray(rec["moment_sum"], dtype=np.float64)
+                if S.ndim != 2 or S.shape[0] != S.shape[1]:
+                    raise ValueError(
+                        f"moment_sum of {name!r} must be square, got {S.shape}"
+                    )
+                checked[name] = {
+                    "kind": kind,
+                    "moment_sum": S,
+                    "n_rows": int(rec["n_rows"]),
+                }
+            else:
+                raise ValueError(
+                    f"record {name!r} has kind {kind!r}; expected 'Embedding' "
+                    "or 'Linear'"
+                )
+        self._records = checked
+        self.n_sequences = int(n_sequences)
+        self.architecture = str(architecture)
+
+    @property
+    def names(self):
+        """The recorded module names, in model order."""
+        return tuple(self._records)
+
+    def __contains__(self, name):
+        return name in self._records
+
+    def __repr__(self):
+        kinds = [r["kind"] for r in self._records.values()]
+        return (
+            f"Calibration({kinds.count('Embedding')} Embedding, "
+            f"{kinds.count('Linear')} Linear, n_sequences={self.n_sequences})"
+        )
+
+    def _get(self, name, kind):
+        rec = self._records.get(name)
+        if rec is None:
+            raise KeyError(
+                f"the calibration has no record of module {name!r}; it holds "
+                f"{list(self._records)[:8]}{' ...' if len(self._records) > 8 else ''}"
+            )
+        if rec["kind"] != kind:
+            raise ValueError(f"{name!r} was recorded as a {rec['kind']}, not a {kind}")
+        return rec
+
+    def token_counts(self, name):
+        """How often each row of Embedding ``name`` was looked up.
+
+        Parameters
+        ----------
+        name : str
+
+        Returns
+        -------
+        counts : ndarray of shape (num_embeddings,), int64
+        """
+        return self._get(name, "Embedding")["counts"].copy()
+
+    def token_weights(self, name, smoothing=1.0):
+        """Row weights for Embedding ``name``: ``count + smoothing``.
+
+        The weight of a token is how often the calibration text used it,
+        plus ``smoothing``: a token the calibration never saw keeps the
+        weight ``smoothing`` (default 1, as if seen once), so text that
+        uses it later still finds it approximated, only with less care than
+        a frequent one.
+
+        Parameters
+        ----------
+        name : str
+        smoothing : float, default=1.0
+            Must be > 0: a zero weight would let the fit ignore a row.
+
+        Returns
+        -------
+        weights : ndarray of shape (num_embeddings,), float64
+        """
+        if isinstance(smoothing, bool) or not (
+            isinstance(smoothing, numbers.Real) and 0 < smoothing < np.inf
+        ):
+            raise ValueError(f"smoothing must be a finite float > 0, got {smoothing!r}")
+        return self._get(name, "Embedding")["counts"] + float(smoothing)
+
+    def input_moment(self, name):
+        """``E[x x^T]`` of the inputs of Linear ``name`` (undamped).
+
+        Parameters
+        ----------
+        name : str
+
+        Returns
+        -------
+        moment : ndarray of shape (in_features, in_features), float64
+        """
+        rec = self._get(name, "Linear")
+        if rec["n_rows"] == 0:
+            raise ValueError(f"the calibration saw no input of {name!r}")
+        return rec["moment_sum"] / rec["n_rows"]
+
+    def _check_covers(self, model, names):
+        """Raise unless every module in ``names`` was recorded with its shape."""
+        named = dict(model.named_modules())
+        for name in names:
+            module = named[name]
+            rec = self._records.get(name)
+            kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
+            if rec is None or rec["kind"] != kind:
+                raise ValueError(
+                    f"the calibration has no {kind} record of {name!r}: it was "
+                    "recorded on another model or for other targets (run "
+                    "calibrate with these targets on this model)"
+                )
+            if kind == "Embedding":
+                found, want = rec["counts"].shape[0], module.num_embeddings
+            else:
+                found, want = rec["moment_sum"].shape[0], module.in_features
+            if found != want:
+                raise ValueError(
+                    f"the calibration of {name!r} has size {found}, the module "
+                    f"{want}: it was recorded on another model"
+                )
+            if kind == "Embedding" and not rec["counts"].any():
+                raise ValueError(f"the calibration never looked up {name!r}")
+            if kind == "Linear" and rec["n_rows"] == 0:
+                raise ValueError(f"the calibration saw no input of {name!r}")
+
+    def save(self, path):
+        """Write the calibration to an ``.npz`` file (no pickle).
+
+        Parameters
+        ----------
+        path : str or path-like or file-like
+
+        Examples
+        --------
+        >>> import numpy as np, os, tempfile
+        >>> from kflats.torch import Calibration
+        >>> cal = Calibration({"fc": {"kind": "Linear",
+        ...                           "moment_sum": np.eye(2), "n_rows": 4}})
+        >>> path = os.path.join(tempfile.mkdtemp(), "cal.npz")
+        >>> cal.save(path)
+        >>> Calibration.load(path).input_moment("fc").tolist()
+        [[0.25, 0.0], [0.0, 0.25]]
+        """
+        meta = {
+            "n_sequences": self.n_sequences,
+            "architecture": self.architecture,
+            "modules": [
+                {"name": n, "kind": r["kind"], "n_rows": r.get("n_rows", 0)}
+                for n, r in self._records.items()
+            ],
+        }
+        arrays = {
+            "format": np.array(_FORMAT),
+            "version": np.array(_VERSION),
+            "meta": np.array(json.dumps(meta)),
+        }
+        for i, rec in enumerate(self._records.values()):
+            key = "counts" if rec["kind"] == "Embedding" else "moment_sum"
+            arrays[f"{key}_{i}"] = rec[key]
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Read a calibration written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or path-like or file-like
+
+        Returns
+        -------
+        calibration : Calibration
+
+        Raises
+        ------
+        ValueError
+            If the file is not a kflats calibration, or is corrupt.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(
+                f"{path!r} is not a readable kflats calibration file: {exc}"
+            ) from exc
+        if arrays.get("format") != np.array(_FORMAT):
+            raise ValueError(
+                f"{path!r} is not a kflats calibration file (written by "
+                "Calibration.save)"
+            )
+        if int(arrays.get("version", -1)) != _VERSION:
+            raise ValueError(
+                f"{path!r} has format version {arrays.get('version')!r}; this "
+                f"kflats reads version {_VERSION}"
+            )
+        try:
+            meta = json.loads(str(arrays["meta"]))
+            records = {}
+            for i, m in enumerate(meta["modules"]):
+                if m["kind"] == "Embedding":
+                    records[m["name"]] = {
+                        "kind": "Embedding",
+                        "counts": arrays[f"counts_{i}"],
+                    }
+                else:
+                    records[m["name"]] = {
+                        "kind": "Linear",
+                        "moment_sum": arrays[f"moment_sum_{i}"],
+                        "n_rows": m["n_rows"],
+                    }
+            return cls(
+                records,
+                n_sequences=meta["n_sequences"],
+                architecture=meta["architecture"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path!r} is a corrupt kflats calibration file: {exc}"
+            ) from exc
+
+
+class _Observer:
+    """Accumulates one module's statistics from its forward inputs."""
+
+    def __init__(self, module, state):
+        self.kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
+        self.state = state
+        if self.kind == "Embedding":
+            self.counts = torch.zeros(module.num_embeddings, dtype=torch.int64)
+        else:
+            self.moment_sum = torch.zeros(
+                module.in_features, module.in_features, dtype=torch.float64
+            )
+            self.n_rows = 0
+
+    def _rows(self, x):
+        """The rows of x at real (not padding) positions."""
+        mask = self.state.get("mask")
+        if (
+            mask is not None
+            and x.dim() >= mask.dim()
+            and x.shape[: mask.dim()] == mask.shape
+        ):
+            return x[mask.to(x.device)]
+        return x
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        if self.kind == "Embedding":
+            ids = self._rows(x).reshape(-1).to("cpu", torch.int64)
+            self.counts += torch.bincount(ids, minlength=self.counts.numel())
+            return
+        # several layers often read the same input tensor (queries, keys and
+        # values): one product serves them. The weak reference tells a live
+        # tensor from a new one that reuses a freed tensor's id.
+        cache = self.state["moments"]
+        hit = cache.get(id(args[0]))
+        if hit is None or hit[0]() is not args[0]:
+            rows = self._rows(x).reshape(-1, x.shape[-1])
+            if not rows.dtype.is_floating_point or rows.dtype in (
+                torch.float16,
+                torch.bfloat16,
+            ):
+                rows = rows.float()
+            # float32 products per batch, summed in float64 across batches
+            moment = (rows.T @ rows).to("cpu", torch.float64)
+            hit = (weakref.ref(args[0]), moment, rows.shape[0])
+            cache[id(args[0])] = hit
+        _, moment, n = hit
+        self.moment_sum += moment
+        self.n_rows += n
+
+    def record(self):
+        if self.kind == "Embedding":
+            return {"kind": self.kind, "counts": self.counts.numpy()}
+        return {
+            "kind": self.kind,
+            "moment_sum": self.moment_sum.numpy(),
+            "n_rows": self.n_rows,
+        }
+
+
+def _is_sentence_transformer(model):
+    return callable(getattr(model, "tokenize", None)) and callable(
+        getattr(model, "encode", None)
+    )
+
+
+def _tokenize(model, tokenizer, texts, max_length):
+    """Model inputs for a list of texts, by ``tokenizer`` or the model's own."""
+    if tokenizer is None and max_length is None:
+        # sentence-transformers >= 5.2 names it preprocess
+        prepare = getattr(model, "preprocess", None) or model.tokenize
+        return dict(prepare(texts))
+    return dict(
+        (tokenizer or model.tokenizer)(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+    )
+
+
+def _run(model, batch):
+    """One forward pass on an input dict, as the model takes it."""
+    return model(batch) if _is_sentence_transformer(model) else model(**batch)
+
+
+def _batches(model, data, tokenizer, batch_size, max_length):
+    """Model-input dicts, and how many there will be (None when unknown)."""
+    if isinstance(data, str):
+        raise TypeError(
+            "data must be a list of strings or an iterable of model-input dicts, "
+            "not one string"
+        )
+    if (
+        isinstance(data, (list, tuple))
+        and data
+        and all(isinstance(t, str) for t in data)
+    ):
+        texts = list(data)
+        if tokenizer is None and not _is_sentence_transformer(model):
+            raise ValueError(
+                "data holds texts, and the model has no tokenizer of its own (it "
+                "is not a sentence-transformers model): pass tokenizer="
+            )
+
+        n = -(-len(texts) // batch_size)
+        chunks = (texts[i : i + batch_size] for i in range(0, len(texts), batch_size))
+        return (_tokenize(model, tokenizer, c, max_length) for c in chunks), n
+    if isinstance(data, (list, tuple)) and not data:
+        raise ValueError("data is empty: calibration needs at least one sentence")
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a list of strings or an iterable of model-input dicts, "
+            f"got {type(data).__name__}"
+        )
+    n = len(data) if hasattr(data, "__len__") else None
+    return iter(data), n
+
+
+def calibrate(
+    model,
+    data,
+    *,
+    tokenizer=None,
+    targets=None,
+    batch_size=32,
+    max_length=None,
+    progress=None,
+):
+    """Record what the calibrated objectives need, in one pass over data.
+
+    Forward hooks, attached for the pass and always removed, record for each
+    target :class:`torch.nn.Embedding` how often each token id is looked up,
+    and for each target :class:`torch.nn.Linear` the second moment of its
+    input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
+    activation is kept, padding positions are left out, and no gradient is
+    computed. Records are keyed by qualified module name, so a calibration
+    of one copy of a model serves any copy of the same architecture, and
+    :meth:`Calibration.save` keeps it for later compressions.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A sentence-transformers model, a Hugging Face model, or any module
+        that takes the input dicts in ``data``. Left in the mode (train or
+        eval) it was in.
+    data : list of str, or iterable of dict
+        Calibration text (one sentence or document per string; it needs a
+        tokenizer: the model's own for a sentence-transformers model, else
+        ``tokenizer=``), or model-input dicts (``input_ids``,
+        ``attention_mask``, ...), passed to the model as they are
+        (``model(batch)`` for a sentence-transformers model,
+        ``model(**batch)`` otherwise). Keep it disjoint from any text you
+        evaluate on.
+    tokenizer : callable, default=None
+        A Hugging Face tokenizer for texts.
+    targets : str, type, or list of them, default=None
+        Modules to record (patterns, types, names, as in :func:`compress`);
+        ``None``: every Embedding and Linear module.
+    batch_size : int, default=32
+        Texts per forward pass.
+    max_length : int, default=None
+        Truncate texts to this many tokens; ``None``: the model's own limit.
+    progress : bool, default=None
+        Show a tqdm progress bar; ``None``: when there are more than 8
+        batches.
+
+    Returns
+    -------
+    calibration : Calibration
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is empty, holds texts and no tokenizer is known, or a
+        target matches no module.
+    TypeError
+        If ``data`` is neither texts nor dicts.
+
+    See Also
+    --------
+    compress : ``calibration=`` takes the result (or texts).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch import calibrate
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4),
+    ...                             torch.nn.Linear(4, 2))
+    >>> class Wrapper(torch.nn.Module):  # takes input dicts, like HF models
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = model
+    ...     def forward(self, input_ids):
+    ...         return self.net(input_ids)
+    >>> cal = calibrate(Wrapper(), [{"input_ids": torch.tensor([[1, 2, 2]])}])
+    >>> cal.names
+    ('net.0', 'net.1')
+    >>> cal.token_counts("net.0")[:4].tolist()
+    [0, 1, 2, 0]
+    >>> cal.input_moment("net.1").shape
+    (4, 4)
+    """
+    from ._targets import _every_layer, _select
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_length is not None and (
+        isinstance(max_length, bool)
+        or not isinstance(max_length, numbers.Integral)
+        or max_length < 1
+    ):
+        raise ValueError(
+            f"max_length must be a positive int or None, got {max_length!r}"
+        )
+    names, named = _select(model, targets, default=_every_layer)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Embedding or Linear module")
+    batches, n_batches = _batches(model, data, tokenizer, int(batch_size), max_length)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    state = {"mask": None, "moments": {}}
+    observers = {name: _Observer(named[name], state) for name in names}
+    show = (
+        (n_batches is None or n_batches > _PROGRESS_BATCHES)
+        if progress is None
+        else bool(progress)
+    )
+    bar = None
+    if show:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_batches, desc="kflats calibrate", unit="batch")
+        except ImportError:  # pragma: no cover - tqdm is in the torch extra
+            bar = None
+    handles = []
+    was_training = model.training
+    n_sequences = 0
+    try:
+        for name, obs in observers.items():
+            handles.append(named[name].register_forward_pre_hook(obs))
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, Mapping):
+                    raise TypeError(
+                        "data must be a list of strings or an iterable of "
+                        f"model-input dicts; got an item of type {type(batch).__name__}"
+                    )
+                batch = {
+                    k: v.to(device) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
+                mask = batch.get("attention_mask")
+                state["mask"] = None if mask is None else mask.bool()
+                state["moments"] = {}
+                _run(model, batch)
+                ids = batch.get("input_ids")
+                n_sequences += (
+                    int(ids.shape[0]) if torch.is_tensor(ids) and ids.dim() > 1 else 1
+                )
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    if n_sequences == 0:
+        raise ValueError("data is empty: calibration needs at least one batch")
+    cls = type(model)
+    return Calibration(
+        {name: obs.record() for name, obs in observers.items()},
+        n_sequences=n_sequences,
+        architecture=f"{cls.__module__}.{cls.__qualname__}",
+    )

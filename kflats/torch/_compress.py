@@ -1,14 +1,20 @@
 """compress: replace the Embedding and Linear modules of a model in place."""
 
-import fnmatch
+import heapq
 import math
 import numbers
 import time
 from typing import NamedTuple
 
+import numpy as np
+import torch
+from scipy import linalg
 from torch import nn
 
+from ..factorize import damped_moment
+from ._calibration import Calibration, calibrate
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._targets import _select
 
 __all__ = ["CompressionReport", "ModuleReport", "compress"]
 
@@ -37,9 +43,21 @@ class ModuleReport(NamedTuple):
         Numbers the compressed module stores (factors, cluster ids when k > 1,
         and the bias).
     error : float
-        Relative squared Frobenius error of the weight's reconstruction.
+        Relative error of the fit under its objective: calibrated (token
+        frequencies for an Embedding, the expected output error for a
+        Linear) when :func:`compress` had a calibration, else the relative
+        squared Frobenius error of the weight.
     seconds : float
         Time the fit took.
+    weight_error : float or None
+        Relative squared Frobenius error of the weight, beside ``error``.
+    bytes_before, bytes_after : int
+        Bytes of the module's state dict (what a checkpoint stores) before
+        and after: weight and bias, then factors, cluster ids (in the
+        smallest integer type that holds k) and bias.
+    side : str or None
+        For a Linear: ``"input"`` or ``"output"``, the clustered side;
+        ``None`` for an Embedding, or a module kept dense.
     """
 
     name: str
@@ -51,6 +69,10 @@ class ModuleReport(NamedTuple):
     params_after: int
     error: float
     seconds: float
+    weight_error: float | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+    side: str | None = None
 
 
 class CompressionReport(tuple):
@@ -63,6 +85,8 @@ class CompressionReport(tuple):
     ----------
     params_before, params_after : int
         Totals over the replaced modules.
+    bytes_before, bytes_after : int
+        Totals of the modules' state-dict bytes.
 
     Examples
     --------
@@ -85,6 +109,38 @@ class CompressionReport(tuple):
     @property
     def params_after(self):
         return sum(m.params_after for m in self)
+
+    @property
+    def bytes_before(self):
+        return sum(m.bytes_before for m in self)
+
+    @property
+    def bytes_after(self):
+        return sum(m.bytes_after for m in self)
+
+    def to_dict(self):
+        """The report as plain JSON-ready data: one dict per module, and totals.
+
+        Returns
+        -------
+        report : dict
+            ``{"modules": [...], "params_before": ..., "params_after": ...,
+            "bytes_before": ..., "bytes_after": ...}``.
+        """
+        modules = []
+        for m in self:
+            entry = m._asdict()
+            entry["shape"] = list(m.shape)
+            entry["ranks"] = list(m.ranks)
+            entry["share"] = m.params_after / max(self.params_after, 1)
+            modules.append(entry)
+        return {
+            "modules": modules,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
 
     def __repr__(self):
         return f"CompressionReport({list(self)!r})"
@@ -126,82 +182,27 @@ class CompressionReport(tuple):
         )
 
 
-def _default_target(model):
-    for name, module in model.named_modules():
-        getter = getattr(module, "get_input_embeddings", None)
-        if callable(getter):
-            emb = getter()
-            for inner, sub in module.named_modules():
-                if sub is emb:
-                    return [name + "." + inner if name and inner else name or inner]
-    raise ValueError(
-        "targets=None selects the word-embedding table of a Hugging Face "
-        "transformers model (get_input_embeddings()), and no submodule of "
-        f"{type(model).__name__} has one; pass targets= (names, patterns or "
-        "module types)"
-    )
-
-
-def _select(model, targets):
-    """Names of the modules to replace; checks that every target matches."""
-    named = dict(model.named_modules())
-    if targets is None:
-        names = _default_target(model)
-    else:
-        if isinstance(targets, (str, type)):
-            targets = [targets]
-        try:
-            targets = list(targets)
-        except TypeError:
-            raise TypeError(
-                "targets must be a name pattern (str), a module type, or a list "
-                f"of them, got {type(targets).__name__}"
-            ) from None
-        if not targets:
-            raise ValueError("targets is empty: it selects no module")
-        names = []
-        for target in targets:
-            if isinstance(target, str):
-                hits = [n for n in named if n and fnmatch.fnmatchcase(n, target)]
-            elif isinstance(target, type) and issubclass(target, nn.Module):
-                hits = [n for n, m in named.items() if n and isinstance(m, target)]
-            else:
-                raise TypeError(
-                    "each target must be a name pattern (str) or a subclass of "
-                    f"torch.nn.Module, got {target!r}"
-                )
-            if not hits:
-                raise ValueError(
-                    f"target {target!r} matches no module of {type(model).__name__}"
-                )
-            names.extend(hits)
-        names = list(dict.fromkeys(names))
-    wrong = [
-        f"{n} ({type(named[n]).__name__})"
-        for n in names
-        if type(named[n]) not in (nn.Embedding, nn.Linear)
-    ]
-    if wrong:
-        raise TypeError(
-            "compress replaces torch.nn.Embedding and torch.nn.Linear modules "
-            f"only; targets select {', '.join(wrong)}"
-        )
-    return names, named
-
-
-def _check_budget(budget, names, named):
+def _check_budget(budget, names, named, allocation):
     if (
         not isinstance(budget, numbers.Real)
         or isinstance(budget, bool)
         or not 0 < budget <= 1
     ):
         raise ValueError(f"budget must be a float in (0, 1], got {budget!r}")
-    for name in names:
-        module = named[name]
-        if isinstance(module, nn.Embedding):
-            n, d = module.num_embeddings, module.embedding_dim
-        else:
-            n, d = module.in_features, module.out_features
+    budget = float(budget)
+    shapes = [_rows_cols(named[name]) for name in names]
+    if allocation == "global":
+        total = sum(n * d for n, d in shapes)
+        need = sum(n + d for n, d in shapes)
+        if need > math.floor(budget * total):
+            raise ValueError(
+                f"budget={budget} cannot be met for the {len(names)} selected "
+                f"modules: rank 1 for each needs {need} numbers, the budget "
+                f"allows {math.floor(budget * total)} (budget >= "
+                f"{need / total:.4g})"
+            )
+        return budget
+    for name, (n, d) in zip(names, shapes, strict=True):
         if n + d > math.floor(budget * n * d):
             raise ValueError(
                 f"budget={budget} cannot be met for {name!r} ({n} x {d}): a "
@@ -209,7 +210,133 @@ def _check_budget(budget, names, named):
                 f"budget allows {math.floor(budget * n * d)} "
                 f"(budget >= {(n + d) / (n * d):.4g})"
             )
-    return float(budget)
+    return budget
+
+
+def _rows_cols(module):
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
+
+
+def _state_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _weight64(module):
+    return module.weight.detach().to("cpu", torch.float64).numpy()
+
+
+def _spectrum(module, objective):
+    """Relative squared singular values of a module's (calibrated) weight, k = 1.
+
+    ``objective`` is ``("weights", w)`` for an Embedding's rows, ``("moment",
+    C)`` for a Linear, or ``None``; the values are those of the truncated SVD
+    the objective makes exact (the whitened SVD for a Linear), divided by the
+    total, so that ``1 - cumsum`` is the module's relative error by rank.
+    """
+    A = _weight64(module)
+    if objective is not None and objective[0] == "weights":
+        A = A * np.sqrt(objective[1])[:, None]
+    elif objective is not None:
+        _, L = damped_moment(objective[1], A.shape[1], objective[2])
+        A = A @ L
+    s = linalg.svdvals(A, check_finite=False) if min(A.shape) <= 2048 else None
+    if s is None:  # tall tables: the d x d Gram matrix is cheaper than the SVD
+        G = A.T @ A if A.shape[0] >= A.shape[1] else A @ A.T
+        evals = np.clip(linalg.eigvalsh(G)[::-1], 0, None)
+    else:
+        evals = s**2
+    total = float(np.sum(A * A))
+    return evals / total if total > 0 else evals
+
+
+def _global_allocation(names, named, spectra, budget):
+    """Numbers per module under one total budget: greedy by gain per number.
+
+    Every module starts at rank 1; then rank steps (each costing ``n + d``
+    numbers and gaining the next relative squared singular value) are taken
+    in order of gain per number across all modules while they fit, a module's
+    steps in rank order (its gains per number never increase). A module whose
+    rank reaches the point where factors stop saving numbers may instead stay
+    dense, a step that gains all of its remaining error.
+
+    Returns ``{name: numbers}``, ``None`` for a module best kept dense.
+    """
+    shapes = {name: _rows_cols(named[name]) for name in names}
+    total = math.floor(budget * sum(n * d for n, d in shapes.values()))
+    rank = {name: 1 for name in names}
+    dense = dict.fromkeys(names, False)
+    room = total - sum(n + d for n, d in shapes.values())
+    heap = []
+
+    def push(name):
+        n, d = shapes[name]
+        gains, r = spectra[name], rank[name]
+        r_max = (n * d - 1) // (n + d)  # beyond it, factors store more than W
+        if r < min(r_max, gains.size):
+            heapq.heappush(heap, (-gains[r] / (n + d), name, "rank", n + d))
+        else:  # stay dense: all the remaining error, for the numbers left
+            cost = n * d - r * (n + d)
+            gain = float(gains[r:].sum())
+            if gain > 0:
+                heapq.heappush(heap, (-gain / max(cost, 1), name, "dense", cost))
+
+    for name in names:
+        push(name)
+    while heap:
+        _, name, step, cost = heapq.heappop(heap)
+        if cost > room:
+            continue  # this module's next step does not fit; others may
+        room -= cost
+        if step == "dense":
+            dense[name] = True
+            continue
+        rank[name] += 1
+        push(name)
+    out = {}
+    for name in names:
+        n, d = shapes[name]
+        out[name] = None if dense[name] else rank[name] * (n + d)
+    # numbers no step could use go to the modules in proportion, so that the
+    # clustered fits (ids, several bases) have room to do better than k = 1
+    spare = room
+    for name in names:
+        if out[name] is not None and spare > 0:
+            n, d = shapes[name]
+            extra = min(spare, n * d - out[name] - 1, (n + d) - 1)
+            if extra > 0:
+                out[name] += extra
+                spare -= extra
+    return out
+
+
+def _objectives(calibration, names, named, smoothing, damping):
+    """Per module: ("weights", w) (Embedding), ("moment", C, damping) (Linear)."""
+    if calibration is None:
+        return dict.fromkeys(names)
+    calibration._check_covers(named[""], names)
+    out = {}
+    for name in names:
+        if isinstance(named[name], nn.Embedding):
+            out[name] = ("weights", calibration.token_weights(name, smoothing))
+        else:
+            out[name] = ("moment", calibration.input_moment(name), damping)
+    return out
+
+
+def _fit(module, objective, budget, k, ranks, side, params):
+    if isinstance(module, nn.Embedding):
+        if objective is not None:
+            params = {**params, "sample_weight": objective[1]}
+        return ProjectiveEmbedding.from_embedding(
+            module, k, budget=budget, ranks=ranks, **params
+        )
+    if objective is not None:
+        params = {**params, "input_moment": objective[1], "damping": objective[2]}
+    return ProjectiveLinear.from_linear(
+        module, k, budget=budget, ranks=ranks, side=side, **params
+    )
 
 
 def compress(
@@ -217,8 +344,14 @@ def compress(
     budget,
     targets=None,
     *,
+    calibration=None,
+    allocation="global",
     k=None,
-    ranks="adaptive",
+    ranks=None,
+    side="auto",
+    tokenizer=None,
+    smoothing=1.0,
+    damping=1e-2,
     progress=None,
     **factorize_params,
 ):
@@ -226,18 +359,22 @@ def compress(
 
     Every selected :class:`torch.nn.Embedding` becomes a
     :class:`ProjectiveEmbedding` and every selected :class:`torch.nn.Linear` a
-    :class:`ProjectiveLinear` (input features clustered), each keeping at most
-    ``budget`` of the module's weight numbers. All modules are fitted first and
-    replaced only when every fit succeeded: on any error the model is left
-    unchanged.
+    :class:`ProjectiveLinear`. With a ``calibration``, each fit minimises
+    what the model's outputs feel on that text: an Embedding's rows are
+    weighted by their smoothed token counts, a Linear minimises its expected
+    output error ``E||(W - W_hat) x||^2`` (see
+    :func:`kflats.factorize.factorize_linear`). All modules are fitted first
+    and replaced only when every fit succeeded: on any error the model is
+    left unchanged.
 
     Parameters
     ----------
     model : torch.nn.Module
         Modified in place.
     budget : float in (0, 1]
-        Fraction of each weight's numbers that its factors may store (cluster
-        ids included, bias excluded).
+        Fraction of the weight numbers to keep (cluster ids included, biases
+        excluded): of all the selected modules together with
+        ``allocation="global"``, of each module with ``"uniform"``.
     targets : str, type, or list of them, default=None
         Which modules to replace. A string is a pattern on qualified module
         names (:mod:`fnmatch` syntax, so ``"encoder.layer.*.output.dense"``);
@@ -246,34 +383,70 @@ def compress(
         least one module. ``None``: the word-embedding table of a Hugging Face
         transformers model, found through ``get_input_embeddings()`` (also
         inside a wrapper such as a sentence-transformers model).
+    calibration : Calibration or list of str, default=None
+        What the model will read: a :class:`Calibration` from
+        :func:`calibrate` (it must hold every target), or calibration texts,
+        which are run through :func:`calibrate` first (``tokenizer=`` for a
+        model that is not a sentence-transformers model). ``None``: the plain
+        weight error is minimised.
+    allocation : {"global", "uniform"}, default="global"
+        ``"global"``: ``budget`` is shared out across the modules by
+        (calibrated) relative error gained per number stored, greedily, the
+        idea of adaptive ranks one level up: each module's share comes from
+        the spectrum of its truncated (whitened, for a calibrated Linear)
+        SVD, and a module may stay dense when that pays. ``"uniform"``: each
+        module keeps ``budget`` of its own numbers.
     k : int or sequence of int, default=None
         Numbers of clusters to search (see :func:`kflats.factorize.factorize`);
         ``None`` searches :data:`kflats.factorize.K_GRID`, which includes the
         truncated SVD (k = 1).
-    ranks : {"adaptive", "uniform"}, default="adaptive"
-        Rank allocation across clusters.
+    ranks : {"adaptive", "uniform"} or None, default=None
+        Rank allocation across the clusters of a module. ``None``:
+        ``"adaptive"`` with a calibration, ``"uniform"`` without. Without
+        calibration, the adaptive allocation minimises the plain squared
+        error, which counts each token by its squared norm; the most
+        frequent tokens of a language model have the smallest norms, so it
+        starves exactly the clusters that text uses most.
+    side : {"auto", "input", "output"}, default="auto"
+        Which side of a Linear weight to cluster (see
+        :func:`kflats.factorize.factorize_linear`).
+    tokenizer : callable, default=None
+        For calibration texts, when the model has no tokenizer of its own.
+    smoothing : float, default=1.0
+        Added to every token count (see :meth:`Calibration.token_weights`):
+        a token the calibration never saw keeps weight 1.
+    damping : float, default=1e-2
+        Added to the diagonal of each Linear's input moment, relative to its
+        mean (see :func:`kflats.factorize.damped_moment`).
     progress : bool, default=None
         Show a tqdm progress bar over the modules. ``None``: only when the
         modules hold more than two million numbers in all (and tqdm is
         installed).
     **factorize_params
         Further parameters of :func:`kflats.factorize.factorize`
-        (``affine``, ``random_state``, ``sample_weight`` for a single target,
-        ``n_init``, ``max_iter``, ...).
+        (``affine``, ``random_state``, ``sample_weight`` for a single target
+        without calibration, ``n_init``, ``max_iter``, ...).
 
     Returns
     -------
     report : CompressionReport
-        One :class:`ModuleReport` per replaced module.
+        One :class:`ModuleReport` per selected module (a module the global
+        allocation kept dense is reported with k = 0 and stays as it was).
 
     Raises
     ------
     ValueError
-        If ``budget`` is out of range or too small for a selected module, or
-        a target matches no module.
+        If ``budget`` is out of range or too small for the selected modules,
+        a target matches no module, or the calibration is empty or was
+        recorded on another model or for other targets.
     TypeError
         If a selected module is neither an Embedding nor a Linear, or a target
         is neither a string nor a module type.
+
+    See Also
+    --------
+    calibrate : Record a calibration once, for many budgets.
+    heal : Distil the compressed model towards the original.
 
     Examples
     --------
@@ -289,13 +462,40 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    names, named = _select(model, targets)
-    budget = _check_budget(budget, names, named)
-    if "sample_weight" in factorize_params and len(names) > 1:
+    if allocation not in ("global", "uniform"):
         raise ValueError(
-            "sample_weight applies to the rows of one matrix; with several "
-            f"targets ({len(names)}) compress them one call at a time"
+            f"allocation must be 'global' or 'uniform', got {allocation!r}"
         )
+    if ranks is not None and ranks not in ("adaptive", "uniform"):
+        raise ValueError(f"ranks must be 'adaptive', 'uniform' or None, got {ranks!r}")
+    names, named = _select(model, targets)
+    budget = _check_budget(budget, names, named, allocation)
+    if "sample_weight" in factorize_params and (
+        len(names) > 1 or calibration is not None
+    ):
+        raise ValueError(
+            "sample_weight applies to the rows of one matrix without a "
+            f"calibration; with {len(names)} targets or a calibration, use "
+            "calibration= (or compress one module per call)"
+        )
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = calibrate(
+            model, calibration, tokenizer=tokenizer, targets=names, progress=progress
+        )
+    objectives = _objectives(calibration, names, named, smoothing, damping)
+    if ranks is None:
+        ranks = "uniform" if calibration is None else "adaptive"
+
+    shapes = {name: _rows_cols(named[name]) for name in names}
+    if allocation == "global" and len(names) > 1:
+        spectra = {name: _spectrum(named[name], objectives[name]) for name in names}
+        numbers_of = _global_allocation(names, named, spectra, budget)
+    else:
+        numbers_of = {
+            name: math.floor(budget * shapes[name][0] * shapes[name][1])
+            for name in names
+        }
+
     size = sum(named[n].weight.numel() for n in names)
     show = size > _PROGRESS_NUMBERS if progress is None else bool(progress)
     bar = None
@@ -314,34 +514,52 @@ def compress(
             if bar is not None:
                 bar.set_postfix_str(name)
             start = time.perf_counter()
-            if isinstance(module, nn.Embedding):
-                layer = ProjectiveEmbedding.from_embedding(
-                    module, k, budget=budget, ranks=ranks, **factorize_params
-                )
-                shape = (module.num_embeddings, module.embedding_dim)
-                kind = "Embedding"
-            else:
-                layer = ProjectiveLinear.from_linear(
-                    module, k, budget=budget, ranks=ranks, **factorize_params
-                )
-                shape = (module.out_features, module.in_features)
-                kind = "Linear"
-            seconds = time.perf_counter() - start
+            n, d = shapes[name]
+            kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
             bias = 0 if getattr(module, "bias", None) is None else module.bias.numel()
-            reports.append(
-                ModuleReport(
-                    name,
-                    kind,
-                    shape,
-                    layer.k,
-                    layer.ranks,
-                    module.weight.numel() + bias,
-                    layer.n_params + bias,
-                    layer.factorization_error,
-                    seconds,
+            before = _state_bytes(module)
+            if numbers_of[name] is None:  # kept dense by the global allocation
+                reports.append(
+                    ModuleReport(
+                        name,
+                        kind,
+                        (n, d),
+                        0,
+                        (),
+                        n * d + bias,
+                        n * d + bias,
+                        0.0,
+                        0.0,
+                        0.0,
+                        before,
+                        before,
+                        None,
+                    )
                 )
-            )
-            replacements.append((name, layer.train(module.training)))
+            else:
+                # + 0.5: floor(budget * n * d) gives back exactly these numbers
+                share = min((numbers_of[name] + 0.5) / (n * d), 1.0)
+                layer = _fit(
+                    module, objectives[name], share, k, ranks, side, factorize_params
+                )
+                reports.append(
+                    ModuleReport(
+                        name,
+                        kind,
+                        (n, d),
+                        layer.k,
+                        layer.ranks,
+                        n * d + bias,
+                        layer.n_params + bias,
+                        layer.factorization_error,
+                        time.perf_counter() - start,
+                        layer.weight_error,
+                        before,
+                        _state_bytes(layer),
+                        getattr(layer, "side", None),
+                    )
+                )
+                replacements.append((name, layer.train(module.training)))
             if bar is not None:
                 bar.update(1)
     finally:

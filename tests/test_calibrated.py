@@ -1,0 +1,554 @@
+"""Calibrated compression: calibrate, objectives, global budgets, heal."""
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch", reason="kflats.torch needs torch")
+
+from torch import nn  # noqa: E402
+
+from kflats.factorize import damped_moment, factorize_linear, svd_factors  # noqa: E402
+from kflats.torch import (  # noqa: E402
+    Calibration,
+    ProjectiveLinear,
+    calibrate,
+    compress,
+    heal,
+    load_compressed,
+    save_compressed,
+)
+
+# --------------------------------------------------------------------------
+# a small transformer-like model that takes input dicts, and its tokenizer
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        return self.norm(h + self.down(torch.relu(self.up(h))))
+
+
+class TinyEncoder(nn.Module):
+    """Embedding, two blocks, mean pooling over real tokens: input dicts in."""
+
+    def __init__(self, vocab=60, d=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.layers = nn.ModuleList([Block(d), Block(d)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return {"last_hidden_state": h}
+
+
+def word_tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
+    """One id per word (a hash into 1..59), padded with 0."""
+    ids = [[1 + sum(map(ord, w)) % 59 for w in t.split()] for t in texts]
+    if max_length is not None:
+        ids = [seq[:max_length] for seq in ids]
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
+    return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
+
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park today",
+    "rain is expected over the hills tonight",
+    "she paid the bill with a card",
+    "the train to the city was late again",
+    "bread needs flour water salt and time",
+    "he fixed the bike in the garage",
+    "our team won the match at home",
+] * 3
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return TinyEncoder().eval()
+
+
+def clone(model):
+    other = TinyEncoder().eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def snapshot(model):
+    return (
+        {n: type(m) for n, m in model.named_modules()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+    )
+
+
+def assert_unchanged(model, snap):
+    now = snapshot(model)
+    assert now[0] == snap[0] and now[2] == snap[2]
+    assert all(torch.equal(now[1][k], snap[1][k]) for k in snap[1])
+
+
+# --------------------------------------------------------------------------
+# calibrate
+
+
+def test_calibrate_records_counts_and_moments_without_padding():
+    model = tiny()
+    cal = calibrate(model, TEXTS, tokenizer=word_tokenizer, batch_size=5)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert cal.names == ("embed", *linears)
+    assert cal.n_sequences == len(TEXTS)
+    # counts: every real token once, padding (id 0) never
+    batch = word_tokenizer(TEXTS)
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    expected = np.bincount(ids.numpy(), minlength=60)
+    np.testing.assert_array_equal(cal.token_counts("embed"), expected)
+    # moments: E[x x^T] of the real rows only, as a direct computation
+    h = model.embed(batch["input_ids"])[batch["attention_mask"].bool()]
+    rows = h.detach().double()
+    np.testing.assert_allclose(
+        cal.input_moment("layers.0.up"),
+        (rows.T @ rows / rows.shape[0]).numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    assert not model.training  # mode kept
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks gone
+
+
+def test_calibrate_input_dicts_and_targets():
+    model = tiny()
+    batches = [word_tokenizer(TEXTS[:4]), word_tokenizer(TEXTS[4:9])]
+    cal = calibrate(model, batches, targets=["layers.*.down"])
+    assert cal.names == ("layers.0.down", "layers.1.down")
+    assert cal.n_sequences == 9
+    text_cal = calibrate(model, TEXTS[:9], tokenizer=word_tokenizer, batch_size=4)
+    np.testing.assert_allclose(
+        cal.input_moment("layers.1.down"),
+        text_cal.input_moment("layers.1.down"),
+        rtol=1e-6,
+    )
+
+
+def test_calibration_save_load_round_trip(tmp_path):
+    cal = calibrate(tiny(), TEXTS, tokenizer=word_tokenizer)
+    path = tmp_path / "cal.npz"
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.names == cal.names and back.n_sequences == cal.n_sequences
+    np.testing.assert_array_equal(back.token_counts("embed"), cal.token_counts("embed"))
+    for name in cal.names[1:]:
+        np.testing.assert_array_equal(back.input_moment(name), cal.input_moment(name))
+    bad = tmp_path / "other.npz"
+    np.savez(bad, x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a kflats calibration"):
+        Calibration.load(bad)
+    with pytest.raises(ValueError, match="not a readable"):
+        Calibration.load(io.BytesIO(b"nonsense"))
+
+
+def test_token_weights_keep_unseen_tokens():
+    cal = calibrate(tiny(), TEXTS, tokenizer=word_tokenizer)
+    w = cal.token_weights("embed")
+    assert w.min() == 1.0  # unseen tokens (padding included) keep weight 1
+    np.testing.assert_array_equal(w, cal.token_counts("embed") + 1.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        cal.token_weights("embed", smoothing=0)
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, error, match",
+    [
+        (TEXTS, {}, ValueError, "pass tokenizer="),
+        ([], {"tokenizer": word_tokenizer}, ValueError, "empty"),
+        (iter([]), {}, ValueError, "empty"),
+        ("one string", {}, TypeError, "not one string"),
+        ([1, 2, 3], {}, TypeError, "model-input dicts"),
+        (TEXTS, {"tokenizer": word_tokenizer, "batch_size": 0}, ValueError, "batch"),
+        (
+            TEXTS,
+            {"tokenizer": word_tokenizer, "targets": "nope"},
+            ValueError,
+            "matches",
+        ),
+    ],
+)
+def test_calibrate_bad_input_leaves_model_unchanged(data, kwargs, error, match):
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        calibrate(model, data, **kwargs)
+    assert_unchanged(model, snap)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+# --------------------------------------------------------------------------
+# the calibrated objectives, on synthetic data
+
+
+def correlated_inputs(rng, n, d):
+    """Inputs with strongly unequal, correlated directions."""
+    mix = rng.normal(size=(d, d)) * np.logspace(0, -2, d)
+    return rng.normal(size=(n, d)) @ mix.T
+
+
+def output_error(W, W_hat, X):
+    return float(np.sum((X @ (W - W_hat).T) ** 2))
+
+
+def dense(factors):
+    A = factors.reconstruct().astype(np.float64)
+    return A.T if factors.transposed else A
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 3))
+def test_whitened_output_side_lowers_expected_output_error(seed, k):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(24, 16))
+    X = correlated_inputs(rng, 400, 16)
+    C = X.T @ X / len(X)
+    kw = {"k": k, "j": 4, "side": "output", "random_state": 0}
+    whitened = factorize_linear(W, input_moment=C, damping=1e-6, **kw)
+    plain = factorize_linear(W, **kw)
+    assert whitened.objective == "input_moment" and plain.objective == "frobenius"
+    assert output_error(W, dense(whitened), X) < output_error(W, dense(plain), X)
+    # the reported error is the relative calibrated one, the weight's beside it
+    C_d, L = damped_moment(C, 16, 1e-6)
+    E = W - dense(whitened)
+    assert whitened.error == pytest.approx(
+        np.sum((E @ L) ** 2) / np.sum((W @ L) ** 2), rel=1e-6
+    )
+    assert whitened.weight_error == pytest.approx(np.sum(E**2) / np.sum(W**2), rel=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), rank=st.integers(1, 8))
+def test_k1_whitened_equals_whitened_truncated_svd(seed, rank):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(20, 12))
+    X = correlated_inputs(rng, 300, 12)
+    C, L = damped_moment(X.T @ X / len(X), 12)
+    f = factorize_linear(W, k=1, j=rank, side="output", input_moment=X.T @ X / len(X))
+    # reference: truncated SVD of W L, mapped back by L^-1
+    ref = svd_factors(W @ L, rank=rank).reconstruct() @ np.linalg.inv(L)
+    np.testing.assert_allclose(dense(f), ref, rtol=1e-7, atol=1e-9)
+
+
+def test_input_side_uses_the_diagonal_and_auto_picks_the_lower_error():
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(16, 24))
+    X = rng.normal(size=(500, 24)) * np.logspace(0, -3, 24)  # diagonal moment
+    C = X.T @ X / len(X)
+    kw = {"budget": 0.5, "random_state": 0}
+    weighted = factorize_linear(W, side="input", input_moment=C, **kw)
+    plain = factorize_linear(W, side="input", **kw)
+    assert output_error(W, dense(weighted), X) < output_error(W, dense(plain), X)
+    output = factorize_linear(W, side="output", input_moment=C, **kw)
+    auto = factorize_linear(W, input_moment=C, **kw)
+    assert auto.error == pytest.approx(min(weighted.error, output.error))
+
+
+def test_calibrated_never_worse_than_whitened_svd():
+    rng = np.random.default_rng(4)
+    W = np.vstack(
+        [rng.normal(size=(30, 3)) @ rng.normal(size=(3, 20)) for _ in range(3)]
+    )
+    X = correlated_inputs(rng, 400, 20)
+    C = X.T @ X / len(X)
+    f = factorize_linear(W, budget=0.4, input_moment=C, random_state=0)
+    anchor = factorize_linear(W, budget=0.4, k=1, side="output", input_moment=C)
+    assert f.error <= anchor.error + 1e-12
+    assert (1, anchor.ranks[0]) in {(c.k, c.j) for c in f.search} or f.transposed
+
+
+@pytest.mark.parametrize(
+    "C, match",
+    [
+        (np.eye(5), "shape"),
+        (np.zeros((6, 6)), "trace"),
+        (np.triu(np.ones((6, 6))), "symmetric"),
+        (-np.eye(6), "trace"),
+        (np.diag([9.0, 9, 9, 9, 9, -5]), "positive semi-definite"),
+        (np.full((6, 6), np.nan), "finite"),
+    ],
+)
+def test_bad_input_moment(C, match):
+    W = np.ones((4, 6))
+    with pytest.raises(ValueError, match=match):
+        factorize_linear(W, budget=0.5, input_moment=C)
+
+
+def test_sample_weight_and_moment_exclude_each_other():
+    W = np.ones((4, 6))
+    with pytest.raises(ValueError, match="exclude each other"):
+        factorize_linear(
+            W, budget=0.9, input_moment=np.eye(6), sample_weight=np.ones(6)
+        )
+
+
+# --------------------------------------------------------------------------
+# output-side layers
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(1, 4),
+    affine=st.booleans(),
+    bias=st.booleans(),
+)
+def test_output_side_layer_equals_its_dense_form(seed, k, affine, bias):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(18, 10)).astype(np.float32)
+    f = factorize_linear(W, k=k, j=3, side="output", affine=affine, random_state=0)
+    b = torch.from_numpy(rng.normal(size=18).astype(np.float32)) if bias else None
+    layer = ProjectiveLinear.from_factors(f, b)
+    assert layer.side == "output" and layer.labels.shape == (18,)
+    x = torch.from_numpy(rng.normal(size=(2, 5, 10)).astype(np.float32))
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-4)
+    expected = x.numpy() @ f.reconstruct().T + (0 if b is None else b.numpy())
+    np.testing.assert_allclose(
+        layer(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4
+    )
+    back = layer.to_factors()
+    assert not back.transposed
+    np.testing.assert_allclose(back.reconstruct(), f.reconstruct(), atol=1e-6)
+
+
+def test_output_side_layer_trains_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 18))
+    compress(model, 0.5, targets="0", k=2, side="output", random_state=0)
+    assert model[0].side == "output"
+    loss = model(torch.randn(4, 10)).pow(2).sum()
+    loss.backward()
+    assert model[0].bases.grad is not None
+    path = tmp_path / "m.kflats"
+    save_compressed(model, path)
+    torch.manual_seed(0)
+    fresh = load_compressed(nn.Sequential(nn.Linear(10, 18)), path)
+    x = torch.randn(3, 10)
+    assert torch.equal(fresh(x), model(x))
+
+
+# --------------------------------------------------------------------------
+# compress with a calibration, and one budget for the whole model
+
+
+def test_compress_with_texts_or_calibration_gives_the_same_model():
+    a, b = tiny(), tiny()
+    cal = calibrate(a, TEXTS, tokenizer=word_tokenizer)
+    ra = compress(a, 0.5, ["embed", "layers.*.up"], calibration=cal, random_state=0)
+    rb = compress(
+        b,
+        0.5,
+        ["embed", "layers.*.up"],
+        calibration=TEXTS,
+        tokenizer=word_tokenizer,
+        random_state=0,
+    )
+    assert [m.error for m in ra] == [m.error for m in rb]
+    ids = word_tokenizer(TEXTS[:3])
+    torch.testing.assert_close(
+        a(**ids)["last_hidden_state"], b(**ids)["last_hidden_state"]
+    )
+    for m in ra:
+        assert m.weight_error is not None and m.bytes_after > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(budget=st.floats(0.25, 0.9), seed=st.integers(0, 100))
+def test_global_allocation_never_exceeds_the_total(budget, seed):
+    model = tiny(seed)
+    cal = calibrate(model, TEXTS, tokenizer=word_tokenizer)
+    targets = ["embed", "layers.*.up", "layers.*.down"]
+    report = compress(model, budget, targets, calibration=cal, random_state=0)
+    weights = sum(n * d for n, d in (m.shape for m in report))
+    biases = sum(m.params_before - m.shape[0] * m.shape[1] for m in report)
+    assert report.params_after - biases <= np.floor(budget * weights)
+    shares = {m.name: m.params_after for m in report}
+    assert len(set(shares.values())) > 1  # the modules did not all get the same
+
+
+def test_global_allocation_beats_uniform_on_its_objective():
+    # one module that needs rank 2, one that needs every number it can get
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    with torch.no_grad():
+        model.layers[0].up.weight.copy_(torch.randn(24, 2) @ torch.randn(2, 12))
+    cal = calibrate(model, TEXTS, tokenizer=word_tokenizer)
+    targets = ["layers.0.up", "layers.1.up"]
+    g = compress(clone(model), 0.5, targets, calibration=cal, k=1)
+    u = compress(clone(model), 0.5, targets, calibration=cal, k=1, allocation="uniform")
+    assert sum(m.error for m in g) < sum(m.error for m in u)
+    assert g[0].params_after < u[0].params_after  # the small one gave numbers up
+
+
+def test_compress_rejects_a_calibration_of_other_targets_or_models():
+    model = tiny()
+    snap = snapshot(model)
+    cal = calibrate(model, TEXTS, tokenizer=word_tokenizer, targets="layers.*.up")
+    with pytest.raises(ValueError, match="another model or for other targets"):
+        compress(model, 0.5, ["embed"], calibration=cal)
+    wrong = Calibration({"embed": {"kind": "Embedding", "counts": np.ones(40, int)}})
+    with pytest.raises(ValueError, match="another model"):
+        compress(model, 0.5, ["embed"], calibration=wrong)
+    empty = Calibration({"embed": {"kind": "Embedding", "counts": np.zeros(60, int)}})
+    with pytest.raises(ValueError, match="never looked up"):
+        compress(model, 0.5, ["embed"], calibration=empty)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        compress(model, 0.5, ["embed"], calibration=TEXTS)
+    assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------
+# heal
+
+
+def distance(model, teacher):
+    """Relative squared distance of the model's outputs to the teacher's."""
+    ids = word_tokenizer(TEXTS)
+    with torch.no_grad():
+        a = model(**ids)["last_hidden_state"]
+        b = teacher(**ids)["last_hidden_state"]
+    return float(((a - b) ** 2).sum() / (b**2).sum())
+
+
+def compressed_pair():
+    teacher = tiny()
+    model = clone(teacher)
+    compress(
+        model,
+        0.4,
+        ["embed", "layers.*.up", "layers.*.down"],
+        calibration=TEXTS,
+        tokenizer=word_tokenizer,
+        random_state=0,
+    )
+    return teacher, model
+
+
+def test_heal_lowers_the_loss_and_touches_only_the_factors():
+    teacher, model = compressed_pair()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    start = distance(model, teacher)
+    losses = heal(
+        model,
+        teacher,
+        TEXTS,
+        steps=60,
+        batch_size=4,
+        lr=1e-2,
+        tokenizer=word_tokenizer,
+        progress=False,
+    )
+    assert len(losses) == 60
+    assert distance(model, teacher) < 0.9 * start
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert not model.training
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "heal trained nothing"
+    # only factors move: labels, biases, norms and the dense layers stay
+    assert all(
+        k.split(".")[-1] in ("bases", "means") or ".coefficients." in k for k in changed
+    ), changed
+    assert all(
+        torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items()
+    )
+
+
+def test_heal_is_deterministic_and_round_trips(tmp_path):
+    runs = []
+    for _ in range(2):
+        teacher, model = compressed_pair()
+        torch.manual_seed(1)
+        runs.append(
+            (
+                heal(
+                    model,
+                    teacher,
+                    TEXTS,
+                    steps=5,
+                    batch_size=3,
+                    tokenizer=word_tokenizer,
+                ),
+                model,
+            )
+        )
+    assert runs[0][0] == runs[1][0]
+    model = runs[0][1]
+    path = tmp_path / "healed.kflats"
+    save_compressed(model, path)
+    fresh = load_compressed(tiny(), path)
+    ids = word_tokenizer(TEXTS[:4])
+    torch.testing.assert_close(fresh(**ids), model(**ids), rtol=0, atol=0)
+
+
+def test_heal_trainable_all_moves_dense_parameters_too():
+    teacher, model = compressed_pair()
+    norm = model.layers[0].norm.weight.clone()
+    torch.manual_seed(0)
+    heal(
+        model,
+        teacher,
+        TEXTS,
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        trainable="all",
+        tokenizer=word_tokenizer,
+    )
+    assert not torch.equal(norm, model.layers[0].norm.weight)
+
+
+class Wider(TinyEncoder):
+    def forward(self, input_ids, attention_mask=None):
+        out = super().forward(input_ids, attention_mask)
+        return {"last_hidden_state": torch.cat([out["last_hidden_state"]] * 2, -1)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"steps": 0}, ValueError, "steps must be"),
+        ({"data": []}, ValueError, "empty"),
+        ({"data": "text"}, TypeError, "list of strings"),
+        ({"tokenizer": None}, ValueError, "pass tokenizer="),
+        ({"teacher": "wider"}, ValueError, "shape"),
+        ({"trainable": "some"}, ValueError, "trainable must be"),
+        ({"model": "dense"}, ValueError, "compress it first"),
+    ],
+)
+def test_heal_bad_input_leaves_the_model_untouched(kwargs, error, match):
+    teacher, model = compressed_pair()
+    if kwargs.get("teacher") == "wider":
+        kwargs["teacher"] = Wider()
+    if kwargs.get("model") == "dense":
+        kwargs["model"] = model = tiny()
+    snap = snapshot(model)
+    args = {
+        "model": model,
+        "teacher": teacher,
+        "data": TEXTS,
+        "tokenizer": word_tokenizer,
+        "steps": 2,
+        **kwargs,
+    }
+    with pytest.raises(error, match=match):
+        heal(**args)
+    assert_unchanged(model, snap)
