@@ -84,6 +84,16 @@ class KSubspaces(
         Seed of the starts; an int makes fits reproducible.
     verbose : int, default=0
         Print the cost of every iteration when positive.
+    backend : {"numpy", "torch"}, default="numpy"
+        Where ``fit`` runs the assignment and the update. "torch" runs them on
+        torch tensors on ``device`` (a GPU where there is one; needs
+        ``pip install kflats[torch]``); the seeding's neighbourhoods and the
+        driver stay in numpy. On CPU both backends give the same fit up to
+        rounding. ``predict``, ``transform``, ``partial_fit`` and dask input
+        use numpy.
+    device : str or torch.device, default=None
+        The torch device of ``backend="torch"``, e.g. "cuda" or "cuda:1";
+        None is "cpu". Must be None with ``backend="numpy"``.
 
     Attributes
     ----------
@@ -150,6 +160,8 @@ class KSubspaces(
         "tol": [Interval(Real, 0, None, closed="left")],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "backend": [StrOptions({"numpy", "torch"})],
+        "device": "no_validation",  # checked by torch when backend="torch"
     }
 
     def __init__(
@@ -164,6 +176,8 @@ class KSubspaces(
         tol=1e-4,
         random_state=None,
         verbose=0,
+        backend="numpy",
+        device=None,
     ):
         self.k = k
         self.j = j
@@ -174,6 +188,8 @@ class KSubspaces(
         self.tol = tol
         self.random_state = random_state
         self.verbose = verbose
+        self.backend = backend
+        self.device = device
 
     def _check_params_vs_input(self, X, sample_weight):
         n, d = X.shape
@@ -225,11 +241,19 @@ class KSubspaces(
                 "(orthonormalize them, e.g. with numpy.linalg.qr)."
             )
 
-    def _init_subspaces(self, X, xsq, sample_weight, rng, grow):
+    def _init_subspaces(self, X, xsq, sample_weight, rng, grow, ops=None):
         k, j = self.k, self.j
         if isinstance(self.init, str) and self.init == "k-subspaces++":
             bases, means, comps, _, dist = _ksubspaces_plusplus(
-                X, xsq, sample_weight, k, j, self.affine, rng, 2 + int(np.log(k))
+                X,
+                xsq,
+                sample_weight,
+                k,
+                j,
+                self.affine,
+                rng,
+                2 + int(np.log(k)),
+                _assign if ops is None else ops.assign,
             )
             return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":
@@ -274,8 +298,25 @@ class KSubspaces(
             self.__dict__.update(state)
             raise
 
+    def _ops(self, X, xsq):
+        """The backend's assignment and statistics (None: numpy's)."""
+        if self.backend == "numpy":
+            if self.device is not None:
+                raise ValueError(
+                    f"device={self.device!r} is only used with backend='torch'."
+                )
+            return None
+        from ._torch_backend import TorchOps  # imports torch
+
+        return TorchOps(X, xsq, self.device)
+
     def _fit(self, X, sample_weight):
         if _dask.is_dask_array(X):
+            if self.backend != "numpy":
+                raise ValueError(
+                    "backend='torch' does not take dask arrays: their chunks are "
+                    "fitted with numpy (use backend='numpy')."
+                )
             return self._fit_dask(X, sample_weight)
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", copy=False
@@ -286,6 +327,7 @@ class KSubspaces(
         self._check_params_vs_input(X, sample_weight)
         rng = check_random_state(self.random_state)
         xsq = _row_norms_sq(X)
+        ops = self._ops(X, xsq)
         grow = partial(_grow, X, xsq, sample_weight, j=self.j, affine=self.affine)
         # Stop once an iteration gains less than tol times the empty model's cost.
         tol = self.tol * float(
@@ -295,7 +337,7 @@ class KSubspaces(
         best = None
         for run in range(self._n_init):
             bases, means, comps, dist = self._init_subspaces(
-                X, xsq, sample_weight, rng, grow
+                X, xsq, sample_weight, rng, grow, ops
             )
             if self.verbose:
                 print(f"Initialization {run} complete.")
@@ -312,6 +354,7 @@ class KSubspaces(
                 grow,
                 self.verbose,
                 init_dist=dist,
+                ops=ops,
             )
             if best is None or result[1] < best[1]:
                 best = result

@@ -332,6 +332,7 @@ def _ksubspaces_single(
     grow,
     verbose=0,
     init_dist=None,
+    ops=None,
 ):
     """One run of Lloyd's algorithm for k subspaces from given initial subspaces.
 
@@ -350,12 +351,19 @@ def _ksubspaces_single(
     n_iter : int
 
     ``init_dist`` (n, k), when given, holds the rows' squared distances to the
-    initial subspaces, which spares the first assignment.
+    initial subspaces, which spares the first assignment. ``ops``, when given,
+    replaces the assignment, the statistics and the exact residuals by another
+    backend's (``kflats._torch_backend.TorchOps``).
     """
+    assign, Stats, exact_mind = (
+        (_assign, _Stats, _exact_mind)
+        if ops is None
+        else (ops.assign, ops.stats, ops.exact_mind)
+    )
     k, j, _ = bases.shape
     packed = _pack(bases, means, affine, comps)
     if init_dist is None:
-        labels, mind = _assign(X, xsq, packed)
+        labels, mind = assign(X, xsq, packed)
     else:  # the seeding's distances to the subspaces it chose
         labels = np.argmin(init_dist, axis=1).astype(np.int32)
         mind = init_dist[np.arange(X.shape[0]), labels]
@@ -365,7 +373,7 @@ def _ksubspaces_single(
     # only while it pays: once a re-seeding step does not lower the cost, the run
     # goes on as plain Lloyd (which then always terminates).
     relocate = np.count_nonzero(sample_weight > 0) >= k * j
-    stats = _Stats(X, labels, sample_weight, k)
+    stats = Stats(X, labels, sample_weight, k)
     for n_iter in range(1, max_iter + 1):
         bases, means, comps, n_relocated = _update(
             X,
@@ -378,7 +386,7 @@ def _ksubspaces_single(
             grow if relocate else None,
         )
         packed = _pack(bases, means, affine, comps)
-        new_labels, mind = _assign(X, xsq, packed)
+        new_labels, mind = assign(X, xsq, packed)
         new_inertia = float(sample_weight @ mind)
         if verbose:
             print(f"Iteration {n_iter}, inertia {new_inertia:.6g}.")
@@ -396,5 +404,5 @@ def _ksubspaces_single(
             if verbose:
                 print(f"Converged at iteration {n_iter}: cost change within tol.")
             break
-    mind = _exact_mind(X, xsq, labels, mind, packed, bases, means)
+    mind = exact_mind(X, xsq, labels, mind, packed, bases, means)
     return labels, float(sample_weight @ mind), bases, means, comps, n_iter

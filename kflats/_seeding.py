@@ -147,8 +147,14 @@ def _initial_potential(X, xsq, sample_weight, affine):
     return out
 
 
-def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trials):
-    """Worker of ``ksubspaces_plusplus`` on validated input."""
+def _ksubspaces_plusplus(
+    X, xsq, sample_weight, k, j, affine, rng, n_local_trials, assign=_assign
+):
+    """Worker of ``ksubspaces_plusplus`` on validated input.
+
+    ``assign`` computes the distances of the rows to the trial subspaces
+    (``_assign``, or another backend's).
+    """
     n, d = X.shape
     bases = np.empty((k, j, d), dtype=X.dtype)
     means = np.zeros((k, d), dtype=X.dtype)
@@ -178,7 +184,7 @@ def _ksubspaces_plusplus(X, xsq, sample_weight, k, j, affine, rng, n_local_trial
             if want_comp:
                 trial_comps[t] = comp
         packed = _pack(trial_bases, trial_means, affine, trial_comps)
-        _, _, dist = _assign(X, xsq, packed, return_distances=True)
+        _, _, dist = assign(X, xsq, packed, return_distances=True)
         potentials = sample_weight @ np.minimum(pot[:, None], dist)
         best = int(np.argmin(potentials))
         bases[c], means[c] = trial_bases[best], trial_means[best]
