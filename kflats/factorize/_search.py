@@ -69,7 +69,11 @@ def factorize(
     clusters is searched over ``k`` (default :data:`K_GRID`, which includes
     k = 1, the truncated SVD) with, for each, the largest rank that the budget
     allows, and the factors with the lowest error are returned; the
-    candidates tried are recorded in ``search``.
+    candidates tried are recorded in ``search``. The default grid is walked
+    in increasing k and stops at the first k > 1 that does not lower the
+    error (a matrix whose rows do not cluster, such as most Linear weights,
+    then costs two fits instead of five); a ``k`` you give is searched
+    whole.
 
     Parameters
     ----------
@@ -234,6 +238,10 @@ def factorize(
         )
         if best is None or res < best[0]:
             best = (res, labels, clusters, alloc)
+        elif k is None and kk > 1:
+            # the default grid stops at the first k > 1 that does not improve:
+            # more clusters pay more ids and bases for the same numbers
+            break
     _, labels, clusters, alloc = best
     if ranks == "adaptive" and len(clusters) > 1:
         clusters, alloc = _refine(
