@@ -30,10 +30,12 @@ from functools import reduce
 import numpy as np
 
 from ._lloyd import (
+    _BLOCK_ELEMENTS,
     _assign,
     _exact_mind,
     _pack,
     _row_norms_sq,
+    _row_step,
     _Stats,
     _update,
     _use_complement,
@@ -124,12 +126,19 @@ def _map_reduce(blocks, task, combine, *args):
     parts = [
         dask.delayed(task, pure=True)(x, w, b, *args) for b, (x, w) in enumerate(blocks)
     ]
+    return dask.compute(_tree(parts, combine))[0]
+
+
+def _tree(parts, combine):
+    """A tree of ``combine`` over delayed ``parts``, ``_FAN_IN`` at a time."""
+    import dask
+
     while len(parts) > 1:
         parts = [
             dask.delayed(_combine_all, pure=True)(combine, *parts[i : i + _FAN_IN])
             for i in range(0, len(parts), _FAN_IN)
         ]
-    return dask.compute(parts[0])[0]
+    return parts[0]
 
 
 def _combine_all(combine, *parts):
@@ -169,43 +178,78 @@ def _combine_lloyd(a, b):
 
 def _potential_task(X, w, b, mean):
     """Weight, weighted sum of rows and potential to the empty model."""
-    R = X if mean is None else X - mean.astype(X.dtype)
-    pot = np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    if mean is None:
+        pot = _row_norms_sq(X).astype(np.float64)
+    else:
+        pot = _centred_sq(X, mean)
     w64 = w.astype(np.float64)
     return (w64.sum(), w64 @ X.astype(np.float64), float(w64 @ pot), np.count_nonzero(w))
 
 
+def _nearest_candidate(X, xsq, C, affine):
+    """Squared distance of each row to its nearest candidate (line or point).
+
+    Returns (distance, index of the candidate); rows are taken in blocks so
+    that memory stays O(block * len(C)).
+    """
+    n = X.shape[0]
+    dist, nearest = np.empty(n), np.empty(n, dtype=np.intp)
+    csq = np.einsum("ij,ij->i", C, C, dtype=np.float64)
+    step = max(1, _BLOCK_ELEMENTS // max(len(C), 1))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        dots = (X[start:stop] @ C.T).astype(np.float64)
+        if affine:
+            dots *= -2.0
+            dots += csq
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dots = -np.where(csq > 0, dots * dots / csq, 0.0)
+        nearest[start:stop] = np.argmin(dots, axis=1)
+        best = dots[np.arange(stop - start), nearest[start:stop]]
+        dist[start:stop] = np.maximum(xsq[start:stop] + best, 0.0)
+    return dist, nearest
+
+
 def _candidate_dist(X, xsq, C, affine, mean):
-    """Squared distance of each row to its nearest candidate (line or point)."""
+    """Squared distance of each row to the nearest candidate, or empty model."""
     if C is None:  # the empty model
         if mean is None:
             return xsq.astype(np.float64)
-        R = X - mean.astype(X.dtype)
-        return np.einsum("ij,ij->i", R, R, dtype=np.float64)
-    dots = (X @ C.T).astype(np.float64)
-    csq = np.einsum("ij,ij->i", C, C, dtype=np.float64)
-    if affine:
-        dist = xsq[:, None] - 2 * dots + csq
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dist = xsq[:, None] - np.where(csq > 0, dots * dots / csq, 0.0)
-    return np.maximum(dist.min(axis=1), 0.0)
+        return _centred_sq(X, mean)
+    return _nearest_candidate(X, xsq, C, affine)[0]
 
 
-def _sample_task(X, w, b, C, affine, mean, m, seed):
+def _centred_sq(X, mean):
+    out = np.empty(X.shape[0])
+    step = _row_step(X.shape[1])
+    mean = mean.astype(X.dtype)
+    for start in range(0, X.shape[0], step):
+        R = X[start : start + step] - mean
+        out[start : start + step] = np.einsum("ij,ij->i", R, R, dtype=np.float64)
+    return out
+
+
+def _sample_task(X, w, b, d2, C_new, affine, mean, m, seed):
     """Weighted sample without replacement of m rows of a chunk, prob. ~ w D^2.
 
+    ``d2`` holds the rows' squared distances to the candidates of the earlier
+    rounds (None in the first): only the new candidates ``C_new`` are measured.
     Keys ``log(u) / (w D^2)`` (Efraimidis-Spirakis): the m largest over all
     chunks are a weighted sample of the union.
+
+    Returns (d2, (keys, rows)).
     """
     xsq = _row_norms_sq(X).astype(np.float64)
-    weight = w.astype(np.float64) * _candidate_dist(X, xsq, C, affine, mean)
+    new = _candidate_dist(X, xsq, C_new, affine, mean)
+    d2 = new if d2 is None else np.minimum(d2, new)
+    weight = w.astype(np.float64) * d2
     u = np.random.default_rng([seed, b]).random(X.shape[0])
     with np.errstate(divide="ignore"):
         keys = np.where(weight > 0, np.log(u) / weight, -np.inf)
     top = np.argsort(-keys, kind="stable")[:m]
     top = top[np.isfinite(keys[top])]
-    return keys[top], X[top].copy()
+    return d2, (keys[top], X[top].copy())
 
 
 def _combine_sample(m):
@@ -221,15 +265,7 @@ def _combine_sample(m):
 def _weigh_task(X, w, b, C, affine):
     """Weight of the rows nearest to each candidate."""
     xsq = _row_norms_sq(X).astype(np.float64)
-    dots = (X @ C.T).astype(np.float64)
-    csq = np.einsum("ij,ij->i", C, C, dtype=np.float64)
-    if affine:
-        score = -2 * dots + csq
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = -np.where(csq > 0, dots * dots / csq, 0.0)
-    del xsq
-    nearest = np.argmin(score, axis=1)
+    _, nearest = _nearest_candidate(X, xsq, C, affine)
     return (np.bincount(nearest, weights=w.astype(np.float64), minlength=len(C)),)
 
 
@@ -271,16 +307,34 @@ def _grow_distributed(blocks, seed_row, j, affine):
 
 def _seed(blocks, k, j, affine, mean, rng, dtype):
     """k-means||-style oversampling, then k-subspaces++ on weighted candidates."""
+    import dask
+
     ell = 2 * k * (j + 1)
-    C = None
-    for r in range(_ROUNDS + 1):
+    C = rows = None
+    d2 = [None] * len(blocks)
+    for _ in range(_ROUNDS + 1):
         seed = int(rng.randint(2**31))
-        _, rows = _map_reduce(
-            blocks, _sample_task, _combine_sample(ell), C, affine, mean, ell, seed
+        # One pass: each chunk measures the new candidates only, keeps its
+        # distances (persisted, small: one number per row) and samples.
+        outs = dask.persist(
+            *[
+                dask.delayed(_sample_task, nout=2, pure=True)(
+                    x, w, b, d2[b], rows, affine, mean, ell, seed
+                )
+                for b, (x, w) in enumerate(blocks)
+            ]
         )
+        d2 = [out[0] for out in outs]
+        _, rows = dask.compute(_tree([out[1] for out in outs], _combine_sample(ell)))[0]
         if rows.shape[0] == 0:
             break  # every row lies on a candidate
         C = rows if C is None else np.vstack([C, rows])
+    del d2, outs
+    if C is None:
+        raise ValueError(
+            "Every row lies on the empty model (the origin, or the mean when "
+            "affine): there is nothing to seed from."
+        )
     (weights,) = _map_reduce(blocks, _weigh_task, _add, C, affine)
     keep = weights > 0
     C, weights = np.ascontiguousarray(C[keep], dtype=dtype), weights[keep]
@@ -329,7 +383,7 @@ def fit(est, X, sample_weight, rng):
         )
     sample_weight = _check_weight(sample_weight, X)
     blocks = _blocks(X, sample_weight)
-    W, s, _, n_pos = _map_reduce(blocks, _potential_task, _add, None)
+    W, s, empty_cost, n_pos = _map_reduce(blocks, _potential_task, _add, None)
     if n_pos == 0:
         raise ValueError("sample_weight must have at least one positive entry.")
     if k > n_pos:
@@ -338,7 +392,8 @@ def fit(est, X, sample_weight, rng):
             f"({n_pos})."
         )
     mean = s / W if affine else None
-    empty_cost = _map_reduce(blocks, _potential_task, _add, mean)[2]
+    if affine:  # the potential to the mean needs the mean: one more pass
+        empty_cost = _map_reduce(blocks, _potential_task, _add, mean)[2]
     tol = est.tol * empty_cost
     is_array = not isinstance(est.init, str)
     if est.n_init == "auto":

@@ -19,6 +19,27 @@ from ._kernels import _distances_labels
 # Target number of elements of one block of projections (X_block @ M.T).
 _BLOCK_ELEMENTS = 1 << 21
 
+_controller = None
+
+
+def _one_lapack_thread():
+    """Context in which BLAS/LAPACK run on one thread.
+
+    The d x d eigendecompositions of the update and of the seeding (d in the
+    hundreds) are faster on one thread than on several: tridiagonalization is
+    bound by memory traffic, and the threads only add synchronization, which
+    costs dearly when other processes share the cores (``np.linalg.eigh`` of a
+    384 x 384 scatter on a 2-core machine: 22 ms on one thread, 35 ms on two,
+    and 300 ms on two while other processes use the cores; the MiniLM fit in
+    benchmarks/scale_report.py spends most of its time there otherwise).
+    """
+    global _controller
+    if _controller is None:  # inspecting the loaded libraries takes a while
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
 
 @dataclass(frozen=True)
 class _Packed:
@@ -309,13 +330,16 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow, counts=None)
                 basis[None], mean[None], affine, None if comp is None else comp[None]
             )
             far = np.minimum(far, _assign(X, xsq, one)[1])
-    for c in range(k):
-        if c in relocated:
-            bases[c], means[c], comp = relocated[c]
-        else:
-            bases[c], means[c], comp = stats.subspace(c, j, affine, dtype, want_comp)
-        if want_comp:
-            comps[c] = comp
+    with _one_lapack_thread():
+        for c in range(k):
+            if c in relocated:
+                bases[c], means[c], comp = relocated[c]
+            else:
+                bases[c], means[c], comp = stats.subspace(
+                    c, j, affine, dtype, want_comp
+                )
+            if want_comp:
+                comps[c] = comp
     return bases, means, comps, sorted(relocated)
 
 

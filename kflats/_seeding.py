@@ -10,6 +10,7 @@ from sklearn.utils.validation import _check_sample_weight, check_array
 from ._lloyd import (
     _assign,
     _complements,
+    _one_lapack_thread,
     _pack,
     _row_norms_sq,
     _row_step,
@@ -99,6 +100,11 @@ def _grow_from(seed, neighbours, wn, j, affine):
 
     ``neighbours`` are rows, ``wn`` their weights (see ``_nearest_by_weight``).
     """
+    with _one_lapack_thread():  # small dense factorizations: see there
+        return _grow_from_impl(seed, neighbours, wn, j, affine)
+
+
+def _grow_from_impl(seed, neighbours, wn, j, affine):
     d = seed.shape[0]
     dtype = seed.dtype
     x = seed.astype(np.float64)
