@@ -183,7 +183,15 @@ def _potential_task(X, w, b, mean):
     else:
         pot = _centred_sq(X, mean)
     w64 = w.astype(np.float64)
-    return (w64.sum(), w64 @ X.astype(np.float64), float(w64 @ pot), np.count_nonzero(w))
+    bad = int(np.count_nonzero(~np.isfinite(pot)))
+    pot[~np.isfinite(pot)] = 0.0
+    return (
+        w64.sum(),
+        w64 @ X.astype(np.float64),
+        float(w64 @ pot),
+        np.count_nonzero(w),
+        bad,
+    )
 
 
 def _nearest_candidate(X, xsq, C, affine):
@@ -383,7 +391,9 @@ def fit(est, X, sample_weight, rng):
         )
     sample_weight = _check_weight(sample_weight, X)
     blocks = _blocks(X, sample_weight)
-    W, s, empty_cost, n_pos = _map_reduce(blocks, _potential_task, _add, None)
+    W, s, empty_cost, n_pos, bad = _map_reduce(blocks, _potential_task, _add, None)
+    if bad:
+        raise ValueError(f"Input X contains NaN or infinity ({bad} rows).")
     if n_pos == 0:
         raise ValueError("sample_weight must have at least one positive entry.")
     if k > n_pos:

@@ -136,4 +136,6 @@ def test_bad_chunks_are_rejected():
         est.transform(X[:, :7])
     with pytest.raises(ValueError, match="sample_weight has shape"):
         est.fit(X, sample_weight=np.ones(199))
+    with pytest.raises(ValueError, match=r"contains NaN or infinity \(1 rows\)"):
+        est.fit(da.where(da.arange(200)[:, None] == 7, np.nan, X))
     assert_array_equal(est.bases_, before)
