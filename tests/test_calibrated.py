@@ -147,6 +147,11 @@ def test_calibration_save_load_round_trip(tmp_path):
     cal.save(path)
     back = Calibration.load(path)
     assert back.names == cal.names and back.n_sequences == cal.n_sequences
+    # the probe (token ids and masks of the first batches) survives too
+    assert cal.probe and len(back.probe) == len(cal.probe)
+    for a, b in zip(cal.probe, back.probe, strict=True):
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
     np.testing.assert_array_equal(back.token_counts("embed"), cal.token_counts("embed"))
     for name in cal.names[1:]:
         np.testing.assert_array_equal(back.input_moment(name), cal.input_moment(name))
@@ -380,6 +385,26 @@ def test_global_allocation_never_exceeds_the_total(budget, seed):
     assert report.params_after - biases <= np.floor(budget * weights)
     shares = {m.name: m.params_after for m in report}
     assert len(set(shares.values())) > 1  # the modules did not all get the same
+
+
+def test_sensitivities_follow_how_far_the_output_moves():
+    from kflats.torch._compress import _objectives, _sensitivities, _spectrum
+    from kflats.torch._targets import _select
+
+    model = tiny()
+    cal = calibrate(model, TEXTS, tokenizer=word_tokenizer)
+    names, named = _select(model, ["layers.0.up", "layers.1.up"])
+    objectives = _objectives(cal, names, named, 1.0, 1e-2)
+    spectra = {n: _spectrum(named[n], objectives[n]) for n in names}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = _sensitivities(model, names, named, spectra, cal.probe)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # a block whose output is scaled down moves the model's output less
+    with torch.no_grad():
+        model.layers[1].down.weight.mul_(0.01)
+    damped = _sensitivities(model, names, named, spectra, cal.probe)
+    assert damped["layers.1.up"] < 0.1 * base["layers.1.up"]
+    assert damped["layers.0.up"] > 0
 
 
 def test_global_allocation_beats_uniform_on_its_objective():

@@ -88,6 +88,9 @@ _FORMAT = "kflats.torch.Calibration"
 _VERSION = 1
 # batches above which progress=None shows a progress bar
 _PROGRESS_BATCHES = 8
+# input batches a Calibration keeps (token ids, not activations) for compress
+# to measure how much each module's error moves the model's output
+_PROBE_SEQUENCES = 64
 
 
 class Calibration:
@@ -108,6 +111,11 @@ class Calibration:
         Number of sequences (sentences) the pass read.
     architecture : str, default=""
         Class of the model the pass ran on (informative).
+    probe : list of dict, default=()
+        The first model-input batches of the pass (about 64 sequences of
+        token ids and masks; no activations), as dicts of integer arrays.
+        :func:`compress` runs them to weigh each module's error by how much
+        it moves the model's output.
 
     Attributes
     ----------
@@ -129,7 +137,8 @@ class Calibration:
     [3.5, 0.5, 1.5]
     """
 
-    def __init__(self, records, *, n_sequences=0, architecture=""):
+    def __init__(self, records, *, n_sequences=0, architecture="", probe=()):
+        self.probe = [{k: np.asarray(v) for k, v in batch.items()} for batch in probe]
         checked = {}
         for name, rec in records.items():
             kind = rec.get("kind")
@@ -302,6 +311,11 @@ class Calibration:
         for i, rec in enumerate(self._records.values()):
             key = "counts" if rec["kind"] == "Embedding" else "moment_sum"
             arrays[f"{key}_{i}"] = rec[key]
+        meta["probe"] = [list(batch) for batch in self.probe]
+        arrays["meta"] = np.array(json.dumps(meta))
+        for b, batch in enumerate(self.probe):
+            for i, value in enumerate(batch.values()):
+                arrays[f"probe_{b}_{i}"] = value
         np.savez(path, **arrays)
 
     @classmethod
@@ -353,10 +367,15 @@ class Calibration:
                         "moment_sum": arrays[f"moment_sum_{i}"],
                         "n_rows": m["n_rows"],
                     }
+            probe = [
+                {key: arrays[f"probe_{b}_{i}"] for i, key in enumerate(keys)}
+                for b, keys in enumerate(meta.get("probe", []))
+            ]
             return cls(
                 records,
                 n_sequences=meta["n_sequences"],
                 architecture=meta["architecture"],
+                probe=probe,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -615,6 +634,7 @@ def calibrate(
     handles = []
     was_training = model.training
     n_sequences = 0
+    probe, probe_rows = [], 0
     try:
         for name, obs in observers.items():
             handles.append(named[name].register_forward_pre_hook(obs))
@@ -634,6 +654,17 @@ def calibrate(
                 state["mask"] = None if mask is None else mask.bool()
                 state["moments"] = {}
                 _run(model, batch)
+                if probe_rows < _PROBE_SEQUENCES and all(
+                    torch.is_tensor(v) or isinstance(v, str) for v in batch.values()
+                ):
+                    probe.append(
+                        {
+                            k: v.cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+                            for k, v in batch.items()
+                        }
+                    )
+                    first = next(iter(batch.values()))
+                    probe_rows += int(first.shape[0]) if first.dim() > 1 else 1
                 ids = batch.get("input_ids")
                 n_sequences += (
                     int(ids.shape[0]) if torch.is_tensor(ids) and ids.dim() > 1 else 1
@@ -653,4 +684,5 @@ def calibrate(
         {name: obs.record() for name, obs in observers.items()},
         n_sequences=n_sequences,
         architecture=f"{cls.__module__}.{cls.__qualname__}",
+        probe=probe,
     )

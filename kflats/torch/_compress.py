@@ -9,10 +9,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy import linalg
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ..factorize import damped_moment
-from ._calibration import Calibration, calibrate
+from ._calibration import Calibration, _run, calibrate
+from ._heal import _final, _relative_mse
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
 from ._targets import _select
 
@@ -227,35 +229,128 @@ def _weight64(module):
     return module.weight.detach().to("cpu", torch.float64).numpy()
 
 
+class _Spectrum(NamedTuple):
+    """A module's (calibrated) weight by its k = 1 truncated SVD."""
+
+    gains: np.ndarray  # squared singular values / total: 1 - cumsum = error
+    V: np.ndarray  # (d, m) right singular vectors of the (whitened) weight
+    L: np.ndarray | None  # Cholesky factor of a Linear's damped input moment
+
+
 def _spectrum(module, objective):
-    """Relative squared singular values of a module's (calibrated) weight, k = 1.
+    """The truncated SVD that the module's objective makes exact, k = 1.
 
     ``objective`` is ``("weights", w)`` for an Embedding's rows, ``("moment",
-    C)`` for a Linear, or ``None``; the values are those of the truncated SVD
-    the objective makes exact (the whitened SVD for a Linear), divided by the
-    total, so that ``1 - cumsum`` is the module's relative error by rank.
+    C, damping)`` for a Linear, or ``None``: the SVD of the row-weighted
+    table, of the whitened weight ``W L``, or of the weight.
     """
     A = _weight64(module)
+    L = None
     if objective is not None and objective[0] == "weights":
         A = A * np.sqrt(objective[1])[:, None]
     elif objective is not None:
         _, L = damped_moment(objective[1], A.shape[1], objective[2])
         A = A @ L
-    s = linalg.svdvals(A, check_finite=False) if min(A.shape) <= 2048 else None
-    if s is None:  # tall tables: the d x d Gram matrix is cheaper than the SVD
-        G = A.T @ A if A.shape[0] >= A.shape[1] else A @ A.T
-        evals = np.clip(linalg.eigvalsh(G)[::-1], 0, None)
-    else:
-        evals = s**2
-    total = float(np.sum(A * A))
-    return evals / total if total > 0 else evals
+    # the d x d Gram matrix: cheaper than an SVD for tall tables
+    G = A.T @ A
+    # one thread: a small eigenproblem gains little from more, and threads
+    # that wait on a busy machine cost a hundredfold
+    with threadpool_limits(1, user_api="blas"):
+        evals, V = linalg.eigh(G)
+    evals, V = np.clip(evals[::-1], 0, None), V[:, ::-1]
+    total = float(np.trace(G))
+    gains = evals / total if total > 0 else evals
+    return _Spectrum(gains, V, L)
 
 
-def _global_allocation(names, named, spectra, budget):
+def _truncated(module, spectrum, rank):
+    """The module's weight replaced by its k = 1 factors of this rank."""
+    W = _weight64(module)
+    V = spectrum.V[:, :rank]
+    if spectrum.L is None:
+        return W @ V @ V.T
+    # (W L V V^T) L^-1, by a triangular solve
+    WLV = (W @ spectrum.L @ V) @ V.T
+    return linalg.solve_triangular(spectrum.L, WLV.T, lower=True, trans="T").T
+
+
+def _distortion(model, probe, reference=None):
+    """How far the model's final outputs on the probe are from ``reference``."""
+    outs = []
+    with torch.no_grad():
+        for batch in probe:
+            out, kind = _final(_run(model, batch))
+            outs.append((out, kind, batch.get("attention_mask")))
+    if reference is None:
+        return outs
+    total = 0.0
+    for (out, kind, mask), (ref, _, _) in zip(outs, reference, strict=True):
+        if kind == "cosine":
+            cos = nn.functional.cosine_similarity(out, ref, dim=-1)
+            total += float((1 - cos).mean())
+        else:
+            total += float(_relative_mse(out, ref, mask))
+    return total / len(outs)
+
+
+# each module's sensitivity is measured with its k = 1 factors at the rank
+# whose calibrated relative error is about this
+_PROBE_ERROR = 0.05
+
+
+def _sensitivities(model, names, named, spectra, probe):
+    """Output distortion per unit of relative error, for each module.
+
+    Each module in turn has its weight replaced by its (calibrated) k = 1
+    factors at the rank where their relative error is about 5%, the probe
+    batches of the calibration run through the model, and the distortion of
+    its final output (``1 - cosine`` of sentence embeddings, or the relative
+    squared error of the last hidden state) divided by that error. The
+    weight is always put back.
+    """
+    device = next(model.parameters()).device
+    probe = [
+        {
+            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
+            for k, v in batch.items()
+        }
+        for batch in probe
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _distortion(model, probe)
+        out = {}
+        for name in names:
+            module, spectrum = named[name], spectra[name]
+            n, d = _rows_cols(module)
+            error = 1 - np.cumsum(spectrum.gains)
+            rank = int(np.searchsorted(-error, -_PROBE_ERROR)) + 1
+            rank = min(rank, (n * d - 1) // (n + d), spectrum.gains.size)
+            rel = float(error[rank - 1]) if rank >= 1 else 1.0
+            if rel <= 0:
+                out[name] = 0.0
+                continue
+            weight = module.weight
+            saved = weight.detach().clone()
+            try:
+                with torch.no_grad():
+                    weight.copy_(torch.as_tensor(_truncated(module, spectrum, rank)))
+                out[name] = _distortion(model, probe, reference) / rel
+            finally:
+                with torch.no_grad():
+                    weight.copy_(saved)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _global_allocation(names, named, spectra, budget, scale=None):
     """Numbers per module under one total budget: greedy by gain per number.
 
     Every module starts at rank 1; then rank steps (each costing ``n + d``
-    numbers and gaining the next relative squared singular value) are taken
+    numbers and gaining the next relative squared singular value, times the
+    module's ``scale``, its output sensitivity) are taken
     in order of gain per number across all modules while they fit, a module's
     steps in rank order (its gains per number never increase). A module whose
     rank reaches the point where factors stop saving numbers may instead stay
@@ -264,6 +359,7 @@ def _global_allocation(names, named, spectra, budget):
     Returns ``{name: numbers}``, ``None`` for a module best kept dense.
     """
     shapes = {name: _rows_cols(named[name]) for name in names}
+    scale = scale or {}
     total = math.floor(budget * sum(n * d for n, d in shapes.values()))
     rank = {name: 1 for name in names}
     dense = dict.fromkeys(names, False)
@@ -272,7 +368,7 @@ def _global_allocation(names, named, spectra, budget):
 
     def push(name):
         n, d = shapes[name]
-        gains, r = spectra[name], rank[name]
+        gains, r = spectra[name].gains * scale.get(name, 1.0), rank[name]
         r_max = (n * d - 1) // (n + d)  # beyond it, factors store more than W
         if r < min(r_max, gains.size):
             heapq.heappush(heap, (-gains[r] / (n + d), name, "rank", n + d))
@@ -390,11 +486,15 @@ def compress(
         model that is not a sentence-transformers model). ``None``: the plain
         weight error is minimised.
     allocation : {"global", "uniform"}, default="global"
-        ``"global"``: ``budget`` is shared out across the modules by
-        (calibrated) relative error gained per number stored, greedily, the
-        idea of adaptive ranks one level up: each module's share comes from
-        the spectrum of its truncated (whitened, for a calibrated Linear)
-        SVD, and a module may stay dense when that pays. ``"uniform"``: each
+        ``"global"``: ``budget`` is shared out across the modules greedily,
+        by error gained per number stored, the idea of adaptive ranks one
+        level up. A module's errors by rank come from the spectrum of its
+        truncated SVD (frequency-weighted for a calibrated Embedding,
+        whitened for a calibrated Linear); with a calibration they are
+        weighted by the module's measured sensitivity, how far the model's
+        final output moves (on the calibration's probe batches) per unit of
+        the module's relative error; without, plain relative errors count
+        alike. A module may stay dense when that pays. ``"uniform"``: each
         module keeps ``budget`` of its own numbers.
     k : int or sequence of int, default=None
         Numbers of clusters to search (see :func:`kflats.factorize.factorize`);
@@ -489,7 +589,10 @@ def compress(
     shapes = {name: _rows_cols(named[name]) for name in names}
     if allocation == "global" and len(names) > 1:
         spectra = {name: _spectrum(named[name], objectives[name]) for name in names}
-        numbers_of = _global_allocation(names, named, spectra, budget)
+        scale = None
+        if calibration is not None and calibration.probe:
+            scale = _sensitivities(model, names, named, spectra, calibration.probe)
+        numbers_of = _global_allocation(names, named, spectra, budget, scale)
     else:
         numbers_of = {
             name: math.floor(budget * shapes[name][0] * shapes[name][1])
