@@ -20,7 +20,7 @@ from ._validation import (
 )
 
 #: Numbers of clusters that a budget search tries when ``k`` is not given.
-K_GRID = (1, 2, 4, 6, 8)
+K_GRID = (1, 2, 4, 6, 8, 12, 16)
 
 
 def _uniform_rank(n, d, k, max_params, affine):
