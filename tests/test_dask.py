@@ -25,8 +25,7 @@ def client():
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
-        worker_dashboard_address=None,
+        dashboard_address=":0",  # any free port: no clash with another cluster
     ) as cluster, distributed.Client(cluster) as client:
         yield client
 
