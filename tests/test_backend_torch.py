@@ -39,7 +39,9 @@ def test_cpu_fit_equals_the_numpy_backend(seed, n, d, k, j_frac, affine, dtype, 
     j = 1 + int(j_frac * (d - 2))
     n = max(n, 3 * k * (j + 1))
     X = np.random.RandomState(seed).randn(n, d).astype(dtype)
-    kw = dict(k=k, j=j, affine=affine, init=init, n_init=2, random_state=seed)
+    # One run: with several, two runs that reach the same optimum (numbered
+    # differently) are a tie that rounding breaks one way or the other.
+    kw = dict(k=k, j=j, affine=affine, init=init, n_init=1, random_state=seed)
     ref = KSubspaces(**kw).fit(X)
     est = KSubspaces(backend="torch", device="cpu", **kw).fit(X)
     assert_array_equal(est.labels_, ref.labels_)
