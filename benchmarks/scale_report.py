@@ -68,9 +68,10 @@ def _memory_child(n, d, k, j, max_iter):
 
 
 def _in_child(function, *args):
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import sys; sys.path.insert(0, %r); import scale_report as s; s.%s(*%r)"
-        % (os.path.dirname(os.path.abspath(__file__)), function, args)
+        f"import sys; sys.path.insert(0, {here!r}); import scale_report as s; "
+        f"s.{function}(*{args!r})"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
@@ -134,18 +135,19 @@ def minilm(args):
             finally:
                 _lloyd._one_lapack_thread = one_thread
     cost = np.median([f.inertia_ / total for f in fits.values()])
+    fit_m, svd_m = np.median(fit_t), np.median(svd_t)
     print(
         f"minilm: {n} x {d} float32, KSubspaces(k={k}, j={j}), {args.repeat} seeds, "
-        f"interleaved: fit median {np.median(fit_t):.2f} s, numpy float64 SVD "
-        f"median {np.median(svd_t):.2f} s, ratio {np.median(fit_t) / np.median(svd_t):.2f}"
-        f" (best {min(fit_t):.2f} / {min(svd_t):.2f} s = {min(fit_t) / min(svd_t):.2f}); "
+        f"interleaved: fit median {fit_m:.2f} s, numpy float64 SVD median "
+        f"{svd_m:.2f} s, ratio {fit_m / svd_m:.2f} (best {min(fit_t):.2f} / "
+        f"{min(svd_t):.2f} s = {min(fit_t) / min(svd_t):.2f}); "
         f"relative cost median {cost:.4f}"
     )
     if nothread_t:
+        threads_m = np.median(nothread_t)
         print(
             f"  same fits with multi-threaded LAPACK for the eigh: median "
-            f"{np.median(nothread_t):.2f} s = {np.median(nothread_t) / np.median(svd_t):.2f} "
-            "x SVD"
+            f"{threads_m:.2f} s = {threads_m / svd_m:.2f} x SVD"
         )
     # The same on one thread, in CPU time: what the work costs, whatever the
     # neighbours on a shared machine do.
@@ -184,7 +186,10 @@ def minilm(args):
 def _union_block(n, d, k, j, seed, noise=0.05, dtype=np.float32):
     """Rows near k fixed j-dimensional subspaces of R^d (subspaces from seed 0)."""
     bases = np.stack(
-        [np.linalg.qr(np.random.default_rng(c).normal(size=(d, j)))[0].T for c in range(k)]
+        [
+            np.linalg.qr(np.random.default_rng(c).normal(size=(d, j)))[0].T
+            for c in range(k)
+        ]
     ).astype(dtype)
     rng = np.random.default_rng(seed)
     labels = rng.integers(k, size=n)
@@ -226,7 +231,9 @@ def growth(args):
     from kflats import KSubspaces
 
     d = 128
-    KSubspaces(k=2, j=2, random_state=0).fit(np.random.rand(500, d))  # compile
+    KSubspaces(k=2, j=2, random_state=0).fit(
+        np.random.default_rng(0).random((500, d))
+    )  # compile
     rows = []
     # Gaussian rows: no structure to find, so every fit runs its 10 iterations
     # (a union of subspaces is often found in one, which hides the growth).
@@ -239,16 +246,20 @@ def growth(args):
         est = KSubspaces(k=8, j=16, max_iter=10, tol=0.0, random_state=0)
         t = _best_cpu(lambda X=X, est=est: est.fit(X), 2)
         rows.append(("n", n, 8 * 16, t, est.n_iter_))
-        print(f"  n={n:>9,} k=8 j=16: {t:7.2f} s, {est.n_iter_} iterations, "
-              f"{t / n * 1e6:.2f} us per row")
+        print(
+            f"  n={n:>9,} k=8 j=16: {t:7.2f} s, {est.n_iter_} iterations, "
+            f"{t / n * 1e6:.2f} us per row"
+        )
     n = args.sizes[min(2, len(args.sizes) - 1)]
     X = _chunked_normal(n, d)
     for k, j in [(2, 8), (4, 8), (4, 16), (8, 16), (8, 32), (16, 32)]:
         est = KSubspaces(k=k, j=j, max_iter=10, tol=0.0, random_state=0)
         t = _best_cpu(lambda est=est: est.fit(X), 2)
         rows.append(("kj", n, k * j, t, est.n_iter_))
-        print(f"  n={n:,} k={k:>2} j={j:>2} (k*j={k * j:>3}): {t:7.2f} s, "
-              f"{est.n_iter_} iterations")
+        print(
+            f"  n={n:,} k={k:>2} j={j:>2} (k*j={k * j:>3}): {t:7.2f} s, "
+            f"{est.n_iter_} iterations"
+        )
     if args.plot:
         import matplotlib
 
@@ -257,14 +268,14 @@ def growth(args):
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
         ns = [(r[1], r[3]) for r in rows if r[0] == "n"]
-        a.loglog(*zip(*ns), "o-", label="KSubspaces(k=8, j=16)")
+        a.loglog(*zip(*ns, strict=True), "o-", label="KSubspaces(k=8, j=16)")
         x1, t1 = ns[-1]  # the largest fit, where fixed costs weigh least
         a.loglog([x for x, _ in ns], [t1 * x / x1 for x, _ in ns], "k:", label="linear")
         a.set_xlabel("rows n (d = 128)")
         a.set_ylabel("CPU time of the fit (s)")
         a.legend()
         kjs = [(r[2], r[3]) for r in rows if r[0] == "kj"]
-        b.plot(*zip(*kjs), "o-")
+        b.plot(*zip(*kjs, strict=True), "o-")
         b.set_xlabel(f"k * j (n = {n:,}, d = 128)")
         b.set_ylabel("CPU time of the fit (s)")
         fig.suptitle("KSubspaces.fit, 10 Lloyd iterations, one thread (CPU time)")
@@ -293,11 +304,19 @@ def dask_section(args):
 
     X = da.map_blocks(block, chunks=(tuple(sizes), (d,)), dtype=np.float32)
     nbytes = n * d * 4
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("kflats").KSubspaces(k=2, j=2).fit(
-            np.random.rand(100, 4)))  # compile on the workers
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(
+            lambda: (
+                __import__("kflats")
+                .KSubspaces(k=2, j=2)
+                .fit(np.random.default_rng(0).random((100, 4)))
+            )
+        )  # compile on the workers
         client.run(_reset_peak)
         before = client.run(_vm, "VmRSS")
         start = time.perf_counter()
@@ -338,12 +357,16 @@ def main():
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000, 300_000, 1_000_000]
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[10_000, 30_000, 100_000, 300_000, 1_000_000],
     )
     parser.add_argument("--plot", default=None, help="growth: save the plot here")
     parser.add_argument("--dask-n", type=int, default=10_000_000)
     parser.add_argument(
-        "--dask-in-memory", action="store_true",
+        "--dask-in-memory",
+        action="store_true",
         help="dask: also fit the same rows in memory (needs n x d x 4 bytes)",
     )
     parser.add_argument(

@@ -37,7 +37,6 @@ from ._lloyd import (
     _row_norms_sq,
     _row_step,
     _Stats,
-    _update,
     _use_complement,
 )
 from ._seeding import (

@@ -89,7 +89,8 @@ def test_statistics_accumulate_over_batches():
         models.append(ks.bases_.copy() if hasattr(ks, "bases_") else None)
         ks.partial_fit(X[part], sample_weight=sw[part])
     # re-assign each batch as partial_fit did: to the subspaces before its step
-    for part, bases in zip(np.array_split(np.arange(X.shape[0]), 4), models):
+    parts = np.array_split(np.arange(X.shape[0]), 4)
+    for part, bases in zip(parts, models, strict=True):
         if bases is None:  # the first batch: to the seeded subspaces
             bases = ksubspaces_plusplus(
                 X[part], 3, 2, sample_weight=sw[part], random_state=0
@@ -131,7 +132,8 @@ def test_batch_width_change_is_rejected_and_leaves_the_estimator():
     ks = KSubspaces(k=2, j=2, random_state=0).partial_fit(X)
     state = {a: v.copy() for a, v in vars(ks).items() if isinstance(v, np.ndarray)}
     stats = ks._stats
-    with pytest.raises(ValueError, match="X has 4 features, but KSubspaces is expecting 5"):
+    match = "X has 4 features, but KSubspaces is expecting 5"
+    with pytest.raises(ValueError, match=match):
         ks.partial_fit(X[:, :4])
     for name, value in state.items():
         assert_array_equal(getattr(ks, name), value)

@@ -181,4 +181,6 @@ class TorchBackendBenchmark(common.Benchmark):
         KSubspaces(k=8, j=4, random_state=0, backend=backend).fit(self.X)
 
     def track_inertia(self, backend):
-        return KSubspaces(k=8, j=4, random_state=0, backend=backend).fit(self.X).inertia_
+        return (
+            KSubspaces(k=8, j=4, random_state=0, backend=backend).fit(self.X).inertia_
+        )
