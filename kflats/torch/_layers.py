@@ -261,8 +261,7 @@ class ProjectiveEmbedding(_Projective):
     labels : torch.Tensor of shape (num_embeddings,)
         Cluster id of each token: a buffer, part of the state dict, in the
         smallest integer dtype that holds k (uint8 up to 256 clusters).
-    k : int
-    n_params : int
+    k, n_params : int
     compression : float
         ``n_params / (num_embeddings * embedding_dim)``.
 
