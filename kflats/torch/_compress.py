@@ -394,8 +394,9 @@ def _global_allocation(names, named, spectra, budget, scale=None):
     for name in names:
         n, d = shapes[name]
         out[name] = None if dense[name] else rank[name] * (n + d)
-    # numbers no step could use go to the modules in proportion, so that the
-    # clustered fits (ids, several bases) have room to do better than k = 1
+    # numbers no step could use go to the modules in turn, less than one rank
+    # step each, so that the clustered fits (ids, several bases) have room
+    # to do better than k = 1
     spare = room
     for name in names:
         if out[name] is not None and spare > 0:
