@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch_report import encode, fidelity  # noqa: E402  (same measures)
 
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 from kflats.torch import calibrate, compress, heal  # noqa: E402
@@ -70,27 +71,6 @@ def load_model():
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_model_dir()), device="cpu")
-
-
-def encode(model, sentences):
-    return model.encode(
-        sentences, batch_size=64, normalize_embeddings=True, convert_to_numpy=True
-    )
-
-
-def fidelity(reference, compressed, n_neighbours=5):
-    cos = np.sum(reference * compressed, axis=1)
-
-    def neighbours(E):
-        sim = E @ E.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argsort(-sim, axis=1)[:, :n_neighbours]
-
-    a, b = neighbours(reference), neighbours(compressed)
-    overlap = np.mean(
-        [len(set(x) & set(y)) / n_neighbours for x, y in zip(a, b, strict=True)]
-    )
-    return float(cos.mean()), float(cos.min()), float(overlap)
 
 
 def run(base, reference, evaluation, calibration, setting, method, seed, heal_steps):

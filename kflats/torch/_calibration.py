@@ -444,6 +444,12 @@ class _Observer:
         }
 
 
+def _check_count(value, name):
+    """Raise unless ``value`` is an int >= 1 (bools excluded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def _is_sentence_transformer(model):
     return callable(getattr(model, "tokenize", None)) and callable(
         getattr(model, "encode", None)
@@ -593,20 +599,9 @@ def calibrate(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_length is not None and (
-        isinstance(max_length, bool)
-        or not isinstance(max_length, numbers.Integral)
-        or max_length < 1
-    ):
-        raise ValueError(
-            f"max_length must be a positive int or None, got {max_length!r}"
-        )
+    _check_count(batch_size, "batch_size")
+    if max_length is not None:
+        _check_count(max_length, "max_length")
     names, named = _select(model, targets, default=_every_layer)
     if not names:
         raise ValueError(f"{type(model).__name__} has no Embedding or Linear module")

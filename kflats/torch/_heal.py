@@ -6,7 +6,7 @@ import numbers
 import torch
 from torch import nn
 
-from ._calibration import _is_sentence_transformer, _run, _tokenize
+from ._calibration import _check_count, _is_sentence_transformer, _run, _tokenize
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
 
 __all__ = ["heal"]
@@ -203,14 +203,10 @@ def heal(
     >>> len(losses), losses[-1] < losses[0], model.training
     (30, True, False)
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_count(steps, "steps")
+    _check_count(batch_size, "batch_size")
+    if max_length is not None:
+        _check_count(max_length, "max_length")
     if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a positive float, got {lr!r}")
     if not (isinstance(layer_weight, numbers.Real) and 0 <= layer_weight < math.inf):
