@@ -1,5 +1,6 @@
 """Calibrated compression: calibrate, objectives, global budgets, heal."""
 
+import copy
 import io
 
 import numpy as np
@@ -577,3 +578,30 @@ def test_heal_bad_input_leaves_the_model_untouched(kwargs, error, match):
     with pytest.raises(error, match=match):
         heal(**args)
     assert_unchanged(model, snap)
+
+
+def test_k_per_module_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(120, 16), nn.Linear(16, 24))
+    report = compress(
+        model,
+        0.5,
+        [nn.Embedding, nn.Linear],
+        k={"0": 3},
+        ranks="uniform",
+        allocation="uniform",
+        random_state=0,
+        progress=False,
+    )
+    by_name = {m.name: m for m in report}
+    assert by_name["0"].k == 3
+    assert by_name["1"].k in (1, 2, 4, 6, 8, 12, 16)  # searched the grid
+
+
+def test_k_per_module_rejects_unselected_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(120, 16), nn.Linear(16, 24))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"k names modules that targets does not"):
+        compress(model, 0.5, nn.Embedding, k={"1": 2}, progress=False)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

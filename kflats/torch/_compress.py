@@ -4,6 +4,7 @@ import heapq
 import math
 import numbers
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -422,6 +423,19 @@ def _objectives(calibration, names, named, smoothing, damping):
     return out
 
 
+def _k_per_module(k, names):
+    """``k`` for each selected module: the same for all, or looked up by name."""
+    if not isinstance(k, Mapping):
+        return dict.fromkeys(names, k)
+    unknown = sorted(set(k) - set(names))
+    if unknown:
+        raise ValueError(
+            f"k names modules that targets does not select: {unknown}; the "
+            f"selected modules are {names}"
+        )
+    return {name: k.get(name) for name in names}
+
+
 def _fit(module, objective, budget, k, ranks, side, params):
     if isinstance(module, nn.Embedding):
         if objective is not None:
@@ -497,10 +511,11 @@ def compress(
         the module's relative error; without, plain relative errors count
         alike. A module may stay dense when that pays. ``"uniform"``: each
         module keeps ``budget`` of its own numbers.
-    k : int or sequence of int, default=None
+    k : int, sequence of int, dict or None, default=None
         Numbers of clusters to search (see :func:`kflats.factorize.factorize`);
         ``None`` searches :data:`kflats.factorize.K_GRID`, which includes the
-        truncated SVD (k = 1).
+        truncated SVD (k = 1). A dict maps module names (as in the report) to
+        their own ``k``; the modules it leaves out search the grid.
     ranks : {"adaptive", "uniform"} or None, default=None
         Rank allocation across the clusters of a module. ``None``:
         ``"adaptive"`` with a calibration, ``"uniform"`` without. Without
@@ -571,6 +586,7 @@ def compress(
         raise ValueError(f"ranks must be 'adaptive', 'uniform' or None, got {ranks!r}")
     names, named = _select(model, targets)
     budget = _check_budget(budget, names, named, allocation)
+    k_of = _k_per_module(k, names)
     if "sample_weight" in factorize_params and (
         len(names) > 1 or calibration is not None
     ):
@@ -644,7 +660,13 @@ def compress(
                 # + 0.5: floor(budget * n * d) gives back exactly these numbers
                 share = min((numbers_of[name] + 0.5) / (n * d), 1.0)
                 layer = _fit(
-                    module, objectives[name], share, k, ranks, side, factorize_params
+                    module,
+                    objectives[name],
+                    share,
+                    k_of[name],
+                    ranks,
+                    side,
+                    factorize_params,
                 )
                 reports.append(
                     ModuleReport(
