@@ -605,3 +605,23 @@ def test_k_per_module_rejects_unselected_names():
     with pytest.raises(ValueError, match=r"k names modules that targets does not"):
         compress(model, 0.5, nn.Embedding, k={"1": 2}, progress=False)
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_side_per_module_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))
+    report = compress(
+        model,
+        0.5,
+        nn.Linear,
+        k=2,
+        side={"0": "output", "1": "input"},
+        allocation="uniform",
+        random_state=0,
+        progress=False,
+    )
+    assert [m.side for m in report] == ["output", "input"]
+    fresh = nn.Sequential(nn.Linear(16, 24))
+    with pytest.raises(ValueError, match=r"side must be 'auto', 'input' or"):
+        compress(fresh, 0.5, nn.Linear, side={"0": "left"}, progress=False)
+    assert type(fresh[0]) is nn.Linear

@@ -423,17 +423,17 @@ def _objectives(calibration, names, named, smoothing, damping):
     return out
 
 
-def _k_per_module(k, names):
-    """``k`` for each selected module: the same for all, or looked up by name."""
-    if not isinstance(k, Mapping):
-        return dict.fromkeys(names, k)
-    unknown = sorted(set(k) - set(names))
+def _per_module(value, names, param):
+    """``value`` for each selected module: the same for all, or looked up by name."""
+    if not isinstance(value, Mapping):
+        return dict.fromkeys(names, value)
+    unknown = sorted(set(value) - set(names))
     if unknown:
         raise ValueError(
-            f"k names modules that targets does not select: {unknown}; the "
+            f"{param} names modules that targets does not select: {unknown}; the "
             f"selected modules are {names}"
         )
-    return {name: k.get(name) for name in names}
+    return {name: value.get(name) for name in names}
 
 
 def _fit(module, objective, budget, k, ranks, side, params):
@@ -523,9 +523,10 @@ def compress(
         error, which counts each token by its squared norm; the most
         frequent tokens of a language model have the smallest norms, so it
         starves exactly the clusters that text uses most.
-    side : {"auto", "input", "output"}, default="auto"
+    side : {"auto", "input", "output"} or dict, default="auto"
         Which side of a Linear weight to cluster (see
-        :func:`kflats.factorize.factorize_linear`).
+        :func:`kflats.factorize.factorize_linear`). A dict maps module names to
+        their own side; the Linear modules it leaves out use ``"auto"``.
     tokenizer : callable, default=None
         For calibration texts, when the model has no tokenizer of its own.
     smoothing : float, default=1.0
@@ -586,7 +587,15 @@ def compress(
         raise ValueError(f"ranks must be 'adaptive', 'uniform' or None, got {ranks!r}")
     names, named = _select(model, targets)
     budget = _check_budget(budget, names, named, allocation)
-    k_of = _k_per_module(k, names)
+    k_of = _per_module(k, names, "k")
+    side_of = _per_module(side, names, "side")
+    bad = {
+        n: v for n, v in side_of.items() if v not in (None, "auto", "input", "output")
+    }
+    if bad:
+        raise ValueError(
+            f"side must be 'auto', 'input' or 'output' (or a dict of them), got {bad}"
+        )
     if "sample_weight" in factorize_params and (
         len(names) > 1 or calibration is not None
     ):
@@ -665,7 +674,7 @@ def compress(
                     share,
                     k_of[name],
                     ranks,
-                    side,
+                    side_of[name] or "auto",
                     factorize_params,
                 )
                 reports.append(
