@@ -1,14 +1,18 @@
 """Sphinx configuration of the kflats documentation.
 
-Build with ``python -m sphinx -b html docs docs/_build/html``. The build works
-offline: intersphinx gives up on unreachable inventories after a short timeout
-(a warning, not an error), and the API pages of the optional parts
-(:mod:`kflats.factorize`, :mod:`kflats.torch`) are left out when they cannot be
-imported.
+Build with ``python -m sphinx -W -E -b html docs docs/_build/html`` (the
+sphinx-gallery examples run during the build). intersphinx fetches the
+inventories of Python, NumPy, SciPy, scikit-learn and PyTorch at build time;
+without network each one it cannot reach is a warning, an error under ``-W``, so
+an offline build (CI) sets ``KFLATS_DOCS_OFFLINE=1``, which leaves intersphinx
+out: references to those projects then show as plain text. The API pages of the
+optional parts (:mod:`kflats.factorize`, :mod:`kflats.torch`) are left out when
+they cannot be imported.
 """
 
 import importlib
 import os
+import re
 from pathlib import Path
 
 import kflats
@@ -41,7 +45,10 @@ default_role = "literal"
 nitpicky = False
 
 autosummary_generate = True
-autodoc_default_options = {"members": True, "inherited-members": False}
+# No "inherited-members" here: a default that is not a string replaces the
+# directive's own option, and False would undo estimator.rst's
+# :inherited-members: (class.rst, for torch modules, leaves it out).
+autodoc_default_options = {"members": True}
 autodoc_typehints = "none"
 
 numpydoc_show_class_members = False
@@ -80,12 +87,45 @@ def _add_optional_api(app, docname, source):
     source[0] = source[0].replace("   .. optional-api\n", entries)
 
 
+# -- Methods from scikit-learn ------------------------------------------------
+# The estimator pages show the methods inherited from scikit-learn (get_params,
+# set_output, ...), whose docstrings point into scikit-learn's own glossary,
+# user guide and gallery (:term:`meta-estimator`, :ref:`metadata_routing`).
+# intersphinx links those when it has scikit-learn's inventory; when it has not
+# (an offline build) they stay plain text instead of warning: kflats cannot
+# fix them. References in kflats' own docstrings still warn.
+#
+# The set_{method}_request methods that scikit-learn generates on every
+# estimator for each method taking metadata (set_fit_request,
+# set_partial_fit_request, ...) are left out: the same text on every page, only
+# relevant with metadata routing on. Matching the pattern rather than listing
+# names keeps a new one from slipping in.
+
+_METADATA_REQUEST = re.compile(r"set_\w+_request")
+
+
+def _skip_metadata_requests(app, what, name, obj, skip, options):
+    if what == "class" and _METADATA_REQUEST.fullmatch(name):
+        return True
+    return None  # autodoc decides
+
+
+def _sklearn_reference_as_text(app, env, node, contnode):
+    if ":docstring of sklearn." in (node.source or ""):
+        return contnode
+    return None  # a reference of kflats' own: warn as usual
+
+
 def setup(app):
     app.connect("source-read", _add_optional_api)
+    app.connect("autodoc-skip-member", _skip_metadata_requests)
+    # After intersphinx (priority 500), which links them when it can.
+    app.connect("missing-reference", _sklearn_reference_as_text, priority=900)
 
 
 # -- intersphinx -------------------------------------------------------------
-# Unreachable inventories (no network) only warn; keep the wait short.
+# An unreachable inventory warns (and fails a -W build) after this short wait;
+# KFLATS_DOCS_OFFLINE=1 skips the fetch altogether.
 
 intersphinx_mapping = {
     "python": ("https://docs.python.org/3", None),
