@@ -1,4 +1,4 @@
-"""Tests of kflats.torch: the projective layers, compress, and persistence."""
+"""Tests of kflats.torch: the projective layers and compress (persistence: test_io)."""
 
 import os
 import subprocess
@@ -22,8 +22,6 @@ from kflats.torch import (  # noqa: E402
     ProjectiveEmbedding,
     ProjectiveLinear,
     compress,
-    load_compressed,
-    save_compressed,
 )
 
 
@@ -487,87 +485,6 @@ def test_compress_failing_fit_leaves_model_unchanged(monkeypatch):
             allocation="uniform",
         )
     _assert_unchanged(model, snapshot)
-
-
-# --------------------------------------------------------------------------
-# persistence
-
-
-def test_save_and_load_in_a_fresh_process(tmp_path):
-    model = Tiny()
-    compress(
-        model,
-        budget=0.5,
-        targets=[nn.Embedding, "block.0"],
-        k=3,
-        allocation="uniform",
-        side="input",
-        random_state=0,
-    )
-    path = tmp_path / "tiny.kflats"
-    save_compressed(model, path)
-    ids = torch.randint(0, 150, (3, 11))
-    torch.save({"ids": ids, "out": model(ids).detach()}, tmp_path / "expected.pt")
-    # compressed numbers: 4 bytes each, cluster ids 1 byte each, little overhead
-    numbers = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if n.startswith(("embed.", "block.0."))
-    )
-    ids_bytes = 150 + 16
-    size = path.stat().st_size
-    assert 4 * numbers + ids_bytes <= size <= 4 * numbers + ids_bytes + 16_000
-    result = run_python(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_torch import Tiny
-        from kflats.torch import load_compressed, ProjectiveEmbedding
-        model = load_compressed(Tiny(), {str(path)!r})
-        assert isinstance(model.embed, ProjectiveEmbedding)
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        assert torch.equal(model(expected["ids"]), expected["out"]), "outputs differ"
-        print("OK")
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
-
-
-def test_load_rejects_other_files_and_architectures(tmp_path):
-    model = Tiny()
-    compress(model, budget=0.5, targets="embed", k=2, random_state=0)
-    path = tmp_path / "tiny.kflats"
-    save_compressed(model, path)
-
-    junk = tmp_path / "junk.bin"
-    junk.write_bytes(b"not a model at all")
-    plain = tmp_path / "plain.pt"
-    torch.save(Tiny().state_dict(), plain)
-    for bad in (junk, plain):
-        fresh = Tiny()
-        snapshot = _snapshot(fresh)
-        with pytest.raises(ValueError, match="not a kflats compressed-model file"):
-            load_compressed(fresh, bad)
-        _assert_unchanged(fresh, snapshot)
-
-    other = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="saved from a .*Tiny model"):
-        load_compressed(other, path)
-
-    class Wider(Tiny):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(151, 16)
-
-    wider = Wider()
-    snapshot = _snapshot(wider)
-    with pytest.raises(ValueError, match="another architecture"):
-        load_compressed(wider, path, strict_architecture=False)
-    _assert_unchanged(wider, snapshot)
-
-    with pytest.raises(ValueError, match="no ProjectiveEmbedding"):
-        save_compressed(Tiny(), tmp_path / "nothing.kflats")
 
 
 # -- token_frequencies -----------------------------------------------------------

@@ -100,18 +100,26 @@ def test_kflats_beats_svd_of_the_same_size(fitted):
 
 def test_saved_minilm_loads_without_fitting(fitted, tmp_path, monkeypatch):
     model, reference, weight, report = fitted
-    path = tmp_path / "minilm.kflats"
+    path = tmp_path / "minilm"
     save_compressed(model, path)
-    # factors in float32 plus one byte of cluster id per token, little overhead
+    # the whole model: the factors of the embedding (float32, one byte of
+    # cluster id per token) and every other weight, in one safetensors file
     floats = report[0].params_after - 30522
-    assert 4 * floats + 30522 <= path.stat().st_size <= 4 * floats + 30522 + 50_000
+    others = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "word_embeddings" not in name
+    )
+    size = (path / "model.safetensors").stat().st_size
+    assert 4 * (floats + others) + 30522 <= size <= 4 * (floats + others) + 80_000
     import kflats.factorize
 
     def no_fit(*args, **kwargs):
         raise AssertionError("load_compressed must not fit")
 
     monkeypatch.setattr(kflats.factorize, "factorize", no_fit)
-    fresh = load_compressed(load(), path)
+    fresh = load_compressed(path)  # no original weights needed
+    assert type(fresh) is type(model)
     np.testing.assert_array_equal(encode(fresh), encode(model))
 
 

@@ -7,9 +7,11 @@ imports torch.
   :class:`torch.nn.Embedding` or :class:`torch.nn.Linear` by one low-rank
   factor pair per cluster of rows (tokens, or input features).
 - :func:`compress` replaces chosen modules of a model in place.
-- :func:`save_compressed` and :func:`load_compressed` store the compressed
-  modules, and put them back into a freshly built model of the same
-  architecture without fitting again.
+- :func:`save_compressed` writes a compressed model to a self-contained
+  folder (safetensors and JSON, no pickle; a transformers or
+  sentence-transformers model with its config and tokenizer);
+  :func:`load_compressed` rebuilds the model from it, without the original
+  weights and without fitting again.
 - :func:`calibrate` records, in one pass over calibration text, what the
   calibrated objectives need (token counts, input second moments);
   :func:`compress` takes the :class:`Calibration` it returns.
