@@ -1,4 +1,7 @@
-"""Command line of kflats: ``kflats fit`` and ``kflats factorize``.
+"""Command line of kflats: ``kflats compress``, ``kflats fit``, ``kflats factorize``.
+
+``kflats compress`` (in :mod:`kflats._cli_compress`) compresses a model folder;
+see the docs' page on the command line.
 
 Both work on a matrix's rows: by default the word-embedding table of the
 bundled all-MiniLM-L6-v2 model, else a plain 2-D array of real numbers given
@@ -38,7 +41,6 @@ use :func:`_output_path` and :func:`_write_atomically` for their own ``--out``.
 """
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -49,11 +51,9 @@ import zlib
 
 import numpy as np
 
-from kflats import __version__
+from kflats import __version__, _cli_compress
 
 # Subcommands defined in modules of their own, in the order --help lists them.
-_SUBCOMMAND_MODULES = ("kflats._cli_compress",)
-
 # The extra that brings in a missing module, for the hint after an ImportError.
 _EXTRAS = {
     "torch": "torch",
@@ -475,14 +475,7 @@ def _build_parser():
     )
     fit.set_defaults(func=_cmd_fit)
 
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # the module is there, one of its imports not
-                raise
-            continue  # not written yet
-        module.add_parser(sub)
+    _cli_compress.add_parser(sub)
     return parser
 
 
@@ -496,6 +489,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error
         return exc.code
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as exc:

@@ -1,0 +1,255 @@
+"""The report of ``kflats compress``: report.json, report.md and pictures."""
+
+import json
+import os
+
+import numpy as np
+
+_PICTURES = {
+    "fidelity_vs_budget.png": "Fidelity on held-out text against budget",
+    "module_shares.png": "Each module's share of the budget",
+    "embedding_spectra.png": "Singular values of the embedding's clusters",
+}
+
+
+def _short_names(names):
+    """Module names without the prefix they all share."""
+    if len(names) < 2:
+        return list(names)
+    parts = [n.split(".") for n in names]
+    common = 0
+    while (
+        all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1
+    ):
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def _fidelity_picture(ax, data):
+    curve = data["curve"]
+    budgets = [p["budget"] for p in curve]
+    for key, label, style in (
+        ("kflats", "kflats, calibrated", "o-"),
+        ("svd", "truncated SVD", "s--"),
+    ):
+        ax.plot(budgets, [p[key]["mean_cosine"] for p in curve], style, label=label)
+    if "kflats_before_heal" in data["fidelity"]:
+        ax.plot(
+            [data["settings"]["budget"]],
+            [data["fidelity"]["kflats"]["mean_cosine"]],
+            "*",
+            markersize=14,
+            label=f"kflats + heal ({data['settings']['heal_steps']} steps)",
+        )
+    ax.axvline(data["settings"]["budget"], color="0.7", lw=1, zorder=0)
+    ax.set_xlabel("budget: fraction of the selected modules' numbers kept")
+    ax.set_ylabel("mean cosine to the original's embeddings")
+    ax.set_title(
+        f"Held-out text ({data['evaluation']['texts']} texts, never calibrated on)"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _shares_picture(fig, data):
+    modules = data["compression"]["modules"]
+    names = _short_names([m["name"] for m in modules])
+    kept = [m["params_after"] / m["params_before"] for m in modules]
+    share = [m["share"] for m in modules]
+    colors = ["C1" if m["kind"] == "Embedding" else "C0" for m in modules]
+    left, right = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(modules))
+    left.barh(y, share, color=colors)
+    left.set_yticks(y, names, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("share of the compressed numbers")
+    right.barh(y, kept, color=colors)
+    right.axvline(data["settings"]["budget"], color="k", lw=1, ls="--")
+    right.set_xlabel("fraction of its own numbers kept (dashed: budget)")
+    right.set_xlim(0, 1.05)
+    fig.suptitle("Where the budget went (orange: embedding, blue: Linear)")
+
+
+def _spectra_picture(ax, base, model, name):
+    import torch
+
+    weight = base.get_submodule(name).weight.detach().to("cpu", torch.float64)
+    layer = model.get_submodule(name)
+    A = weight.numpy()
+    labels = layer.labels.to("cpu", torch.int64).numpy()
+    whole = np.linalg.svd(A, compute_uv=False)
+    scale = whole[0]
+    ax.semilogy(whole / scale, color="k", lw=2, label=f"whole table {A.shape}")
+    for c, rank in enumerate(layer.ranks):
+        rows = A[labels == c]
+        if len(rows) == 0:
+            continue
+        s = np.linalg.svd(rows, compute_uv=False) / scale
+        (line,) = ax.semilogy(s, lw=1, label=f"cluster {c}: {len(rows)} rows")
+        if 0 < rank <= len(s):
+            ax.plot(rank - 1, s[rank - 1], "o", color=line.get_color())
+    ax.set_xlabel("index (dots: the rank each cluster keeps)")
+    ax.set_ylabel("singular value / the table's largest")
+    ax.set_title(f"{name.rsplit('.', 1)[-1]}: {layer.k} clusters and the whole table")
+    ax.grid(alpha=0.3)
+    if layer.k <= 16:
+        ax.legend(fontsize=7, ncol=2)
+
+
+def draw_pictures(folder, data, base, model, names):
+    """Draw the pictures into folder; returns their file names.
+
+    Needs matplotlib; without it, no picture is drawn (report.md says so).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from kflats.torch import ProjectiveEmbedding
+
+    drawn = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    _fidelity_picture(ax, data)
+    fig.savefig(os.path.join(folder, "fidelity_vs_budget.png"), dpi=110)
+    plt.close(fig)
+    drawn.append("fidelity_vs_budget.png")
+
+    n = len(data["compression"]["modules"])
+    fig = plt.figure(figsize=(9, 1.2 + 0.2 * n), layout="constrained")
+    _shares_picture(fig, data)
+    fig.savefig(os.path.join(folder, "module_shares.png"), dpi=110)
+    plt.close(fig)
+    drawn.append("module_shares.png")
+
+    embedding = next(
+        (n for n in names if isinstance(model.get_submodule(n), ProjectiveEmbedding)),
+        None,
+    )
+    if embedding is not None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+        _spectra_picture(ax, base, model, embedding)
+        fig.savefig(os.path.join(folder, "embedding_spectra.png"), dpi=110)
+        plt.close(fig)
+        drawn.append("embedding_spectra.png")
+    return drawn
+
+
+def _ranks(ranks):
+    if not ranks:
+        return "dense"
+    shown = ", ".join(str(r) for r in ranks[:6])
+    return f"{shown}, ..." if len(ranks) > 6 else shown
+
+
+def _mb(n):
+    return f"{n / 1e6:.2f} MB"
+
+
+def _markdown(data, pictures):
+    s, t, f = data["settings"], data["totals"], data["fidelity"]
+    c = data["compression"]
+    lines = [
+        "# kflats compress report",
+        "",
+        f"`{data['command']}`",
+        "",
+        f"Model: `{data['model']['source']}` ({data['model']['class']}). "
+        f"Budget {s['budget']:g} over {len(c['modules'])} modules "
+        f"(targets {', '.join(s['targets'])}; allocation {s['allocation']}; "
+        f"ranks {s['ranks']}; heal steps {s['heal_steps']}; seed {data['seed']}). "
+        f"Calibration: {data['calibration']['texts']} texts from "
+        f"{data['calibration']['source']}.",
+        "",
+        "## Before and after",
+        "",
+        "| | before | after | ratio |",
+        "|---|---|---|---|",
+        f"| parameters, whole model | {t['params_before']:,} | "
+        f"{t['params_after']:,} | {t['params_after'] / t['params_before']:.3f} |",
+        f"| bytes, whole model | {_mb(t['bytes_before'])} | {_mb(t['bytes_after'])} "
+        f"| {t['bytes_after'] / t['bytes_before']:.3f} |",
+        f"| numbers of the compressed modules | {c['params_before']:,} | "
+        f"{c['params_after']:,} | {c['params_after'] / c['params_before']:.3f} |",
+        "",
+        f"Fidelity on {data['evaluation']['texts']} held-out texts "
+        f"({data['evaluation']['source']}, never calibrated on): cosine between "
+        "the original's and the compressed model's sentence embeddings, and the "
+        "overlap of each text's 5 nearest neighbours.",
+        "",
+        "| model | mean cosine | worst cosine | top-5 overlap |",
+        "|---|---|---|---|",
+    ]
+    rows = [("kflats", "kflats")]
+    if "kflats_before_heal" in f:
+        rows = [("kflats_before_heal", "kflats, before heal"), ("kflats", "kflats")]
+    rows.append(("svd", "truncated SVD, same size"))
+    for key, label in rows:
+        v = f[key]
+        lines.append(
+            f"| {label} | {v['mean_cosine']:.4f} | {v['worst_cosine']:.4f} "
+            f"| {v['top5_overlap']:.3f} |"
+        )
+    if len(data["curve"]) > 1:
+        lines += [
+            "",
+            "At other budgets (kflats with each module's k and side from this "
+            "run, no heal; SVD of each module at the budget):",
+            "",
+            "| budget | kflats mean cosine | SVD mean cosine |",
+            "|---|---|---|",
+        ]
+        for p in data["curve"]:
+            lines.append(
+                f"| {p['budget']:g} | {p['kflats']['mean_cosine']:.4f} "
+                f"| {p['svd']['mean_cosine']:.4f} |"
+            )
+    lines += [
+        "",
+        "## Modules",
+        "",
+        "Error: relative squared error under the calibrated objective "
+        "(frequency-weighted rows, whitened inputs), and the plain relative "
+        "error of the weight.",
+        "",
+        "| module | kind | shape | k | ranks | side | numbers before | after "
+        "| calibrated error | plain error | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in c["modules"]:
+        plain = m["weight_error"]
+        lines.append(
+            f"| `{m['name']}` | {m['kind']} | {m['shape'][0]} × {m['shape'][1]} "
+            f"| {m['k']} | {_ranks(m['ranks'])} | {m['side'] or ''} "
+            f"| {m['params_before']:,} | {m['params_after']:,} | {m['error']:.4f} "
+            f"| {'' if plain is None else f'{plain:.4f}'} | {m['seconds']:.1f} |"
+        )
+    lines += ["", "## Pictures", ""]
+    if not pictures:
+        lines.append("(matplotlib is not installed: no pictures.)")
+    for name in pictures:
+        lines += [f"![{_PICTURES[name]}]({name})", ""]
+    seconds = data.get("seconds", {})
+    lines += [
+        "## Run",
+        "",
+        "Seconds: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+        + ". Versions: "
+        + ", ".join(f"{k} {v}" for k, v in data["versions"].items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(folder, data, pictures):
+    """Write report.json and report.md; returns every report file's name."""
+    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as fh:
+        json.dump({**data, "pictures": pictures}, fh, indent=2)
+        fh.write("\n")
+    with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(_markdown(data, pictures))
+    return ["report.md", "report.json", *pictures]
