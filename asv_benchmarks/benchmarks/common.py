@@ -20,8 +20,9 @@ import numpy as np
 
 
 @cache
-def union_of_subspaces(n_samples, n_features, k, j, noise=0.05, dtype="float64",
-                       random_state=0):
+def union_of_subspaces(
+    n_samples, n_features, k, j, noise=0.05, dtype="float64", random_state=0
+):
     """Rows near k random j-dimensional linear subspaces of R^n_features.
 
     Returns

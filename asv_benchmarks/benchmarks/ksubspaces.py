@@ -24,8 +24,7 @@ class KSubspacesSyntheticBenchmark(
 
     def make_estimator(self, params):
         _, init = params
-        return KSubspaces(k=8, j=4, init=init, n_init=1, max_iter=100,
-                          random_state=0)
+        return KSubspaces(k=8, j=4, init=init, n_init=1, max_iter=100, random_state=0)
 
 
 class KSubspacesComplementBenchmark(
