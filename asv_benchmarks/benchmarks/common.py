@@ -43,6 +43,37 @@ def union_of_subspaces(
 
 
 @cache
+def union_of_flats(
+    n_samples, n_features, dims, noise=0.05, dtype="float32", random_state=0
+):
+    """Rows near random linear subspaces of the given dimensions.
+
+    Unlike :func:`union_of_subspaces`, the subspaces differ in dimension
+    (``dims``, one per subspace), so that ranks adapted per cluster pay off.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features)
+    """
+    rng = np.random.default_rng(random_state)
+    y = rng.integers(len(dims), size=n_samples)
+    X = np.empty((n_samples, n_features))
+    for c, j in enumerate(dims):
+        rows = np.flatnonzero(y == c)
+        basis = np.linalg.qr(rng.normal(size=(n_features, j)))[0].T
+        X[rows] = rng.normal(size=(rows.size, j)) @ basis
+    X += noise * rng.normal(size=X.shape)
+    return X.astype(dtype)
+
+
+@cache
+def zipf_weights(n_samples, random_state=0):
+    """Token-frequency-like row weights: ``1 / rank``, ranks shuffled."""
+    rng = np.random.default_rng(random_state)
+    return 1.0 / rng.permutation(np.arange(1, n_samples + 1))
+
+
+@cache
 def minilm_embeddings(dtype="float32"):
     """The 30522 x 384 word-embedding table of all-MiniLM-L6-v2.
 
