@@ -165,14 +165,23 @@ def add_parser(subparsers):
 
 
 def _check_out(out, overwrite):
+    """--out as a Path, checked: free (or --overwrite), and its folder writable.
+
+    Missing parent folders are fine: they are created when the results are
+    written.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {str(out)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(out)!r}: cannot write in {str(parent)!r}")
+    ancestor = out.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"--out {str(out)!r}: {str(ancestor)!r} is a file, not a folder"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: cannot write in {str(ancestor)!r}")
     return out
 
 
@@ -558,6 +567,7 @@ def run(args):
     curve.sort(key=lambda p: p["budget"])
 
     after_params, after_bytes = _model_numbers(model)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.resolve().parent / f".{out.name}.kflats-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -296,7 +296,7 @@ def _one_line_error(code, stderr, match):
         ("empty-text", (), "holds no text"),
         ("binary-text", (), "is not UTF-8 text"),
         ("existing-out", (), "exists; pass --overwrite"),
-        ("missing-parent", (), "does not exist"),
+        ("parent-is-a-file", (), "is a file, not a folder"),
         (None, ("--heal-steps", "-1"), "expected an integer >= 0"),
     ],
 )
@@ -318,12 +318,32 @@ def test_user_mistakes_get_one_line_and_exit_2(
     elif setup == "existing-out":
         out.mkdir()
         argv[1] = out
-    elif setup == "missing-parent":
-        argv[1] = tmp_path / "no" / "such" / "out"
+    elif setup == "parent-is-a-file":
+        (tmp_path / "afile").write_text("")
+        argv[1] = tmp_path / "afile" / "out"
     code, _, stderr = _run(capsys, model, *argv)
     _one_line_error(code, stderr, match)
     assert not out.exists() or setup == "existing-out"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_parent_folders_of_out_are_made(hf_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "folders" / "out"
+    code, _, stderr = _run(
+        capsys,
+        hf_dir,
+        "--targets",
+        "embedding",
+        "--k",
+        "1",
+        "--curve",
+        "none",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert code == 0, stderr
+    assert (out / "report.json").is_file()
 
 
 @pytest.mark.skipif(
