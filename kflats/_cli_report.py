@@ -65,7 +65,7 @@ def _shares_picture(fig, data):
     left.set_xlabel("share of the compressed numbers")
     right.barh(y, kept, color=colors)
     right.axvline(data["settings"]["budget"], color="k", lw=1, ls="--")
-    right.set_xlabel("fraction of its own numbers kept (dashed: budget)")
+    right.set_xlabel("own numbers kept (dashed: the budget)")
     right.set_xlim(0, 1.05)
     fig.suptitle("Where the budget went (orange: embedding, blue: Linear)")
 
