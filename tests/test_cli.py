@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -130,26 +129,6 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_fit", buggy)
     with pytest.raises(TypeError, match="a bug"):
         main(["fit"])
-
-
-def test_subcommand_modules(monkeypatch, capsys):
-    """A module's add_parser adds a command whose errors get the same treatment."""
-
-    def add_parser(subparsers):
-        p = subparsers.add_parser("extra", help="a command of another module")
-        p.set_defaults(func=lambda args: cli._output_path(args.out, False))
-        p.add_argument("--out", required=True)
-
-    module = types.ModuleType("kflats._cli_extra")
-    module.add_parser = add_parser
-    monkeypatch.setitem(sys.modules, "kflats._cli_extra", module)
-    monkeypatch.setattr(
-        cli, "_SUBCOMMAND_MODULES", ("kflats._cli_extra", "kflats._cli_missing")
-    )
-    assert main(["extra", "--out", "/no/such/folder/x"]) == 2
-    assert one_line(capsys.readouterr().err) == (
-        "kflats: cannot write '/no/such/folder/x.npz': no folder '/no/such/folder'"
-    )
 
 
 # --- --matrix --------------------------------------------------------------
