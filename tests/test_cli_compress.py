@@ -327,6 +327,31 @@ def test_user_mistakes_get_one_line_and_exit_2(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_late_failure_leaves_nothing_behind(hf_dir, tmp_path, capsys, monkeypatch):
+    import kflats._cli_report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kflats._cli_report, "draw_pictures", full)
+    out = tmp_path / "out"
+    code, _, stderr = _run(
+        capsys,
+        hf_dir,
+        "--targets",
+        "embedding",
+        "--k",
+        "1",
+        "--curve",
+        "none",
+        "--out",
+        out,
+        "--quiet",
+    )
+    _one_line_error(code, stderr, "No space left on device")
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_missing_parent_folders_of_out_are_made(hf_dir, tmp_path, capsys):
     out = tmp_path / "new" / "folders" / "out"
     code, _, stderr = _run(
