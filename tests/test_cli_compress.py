@@ -16,6 +16,7 @@ sentence_transformers = pytest.importorskip("sentence_transformers")
 from kflats.__main__ import main  # noqa: E402
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 
+QUICK = ("--targets", "embedding", "--k", "1", "--curve", "none", "--quiet")
 PNG = b"\x89PNG\r\n\x1a\n"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -79,19 +80,14 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def _reference(folder, texts, kind):
-    """Unit-norm sentence embeddings of the uncompressed model in folder."""
+def _mean_pooled(model, tokenizer, texts):
+    """Unit-norm means of a Hugging Face model's last hidden states."""
     import torch
 
-    if kind == "st":
-        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
-        return model.encode(texts, normalize_embeddings=True, batch_size=32)
-    model = transformers.AutoModel.from_pretrained(str(folder)).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), 32):
-            batch = tok(
+            batch = tokenizer(
                 texts[i : i + 32], padding=True, truncation=True, return_tensors="pt"
             )
             hidden = model(**batch).last_hidden_state
@@ -99,6 +95,16 @@ def _reference(folder, texts, kind):
             mean = (hidden * mask).sum(1) / mask.sum(1)
             out.append(torch.nn.functional.normalize(mean, dim=-1).numpy())
     return np.concatenate(out)
+
+
+def _reference(folder, texts, kind):
+    """Unit-norm sentence embeddings of the uncompressed model in folder."""
+    if kind == "st":
+        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
+        return model.encode(texts, normalize_embeddings=True, batch_size=32)
+    model = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return _mean_pooled(model, tok, texts)
 
 
 def test_compress_writes_a_loadable_model_and_its_report(st_dir, tmp_path, capsys):
@@ -231,19 +237,7 @@ def test_compress_a_hugging_face_folder_with_heal(hf_dir, tmp_path, capsys):
     heldout = load_sentences("heldout")
     reference = _reference(hf_dir, heldout, "hf")
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    import torch
-
-    parts = []
-    with torch.inference_mode():
-        for i in range(0, len(heldout), 32):
-            batch = tok(
-                heldout[i : i + 32], padding=True, truncation=True, return_tensors="pt"
-            )
-            hidden = loaded(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * mask).sum(1) / mask.sum(1)
-            parts.append(torch.nn.functional.normalize(mean, dim=-1).numpy())
-    cos = np.sum(reference * np.concatenate(parts), axis=1)
+    cos = np.sum(reference * _mean_pooled(loaded, tok, heldout), axis=1)
     assert float(cos.mean()) == pytest.approx(
         report["fidelity"]["kflats"]["mean_cosine"], abs=1e-6
     )
@@ -335,38 +329,14 @@ def test_a_late_failure_leaves_nothing_behind(hf_dir, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(kflats._cli_report, "draw_pictures", full)
     out = tmp_path / "out"
-    code, _, stderr = _run(
-        capsys,
-        hf_dir,
-        "--targets",
-        "embedding",
-        "--k",
-        "1",
-        "--curve",
-        "none",
-        "--out",
-        out,
-        "--quiet",
-    )
+    code, _, stderr = _run(capsys, hf_dir, *QUICK, "--out", out)
     _one_line_error(code, stderr, "No space left on device")
     assert sorted(tmp_path.iterdir()) == []
 
 
 def test_missing_parent_folders_of_out_are_made(hf_dir, tmp_path, capsys):
     out = tmp_path / "new" / "folders" / "out"
-    code, _, stderr = _run(
-        capsys,
-        hf_dir,
-        "--targets",
-        "embedding",
-        "--k",
-        "1",
-        "--curve",
-        "none",
-        "--out",
-        out,
-        "--quiet",
-    )
+    code, _, stderr = _run(capsys, hf_dir, *QUICK, "--out", out)
     assert code == 0, stderr
     assert (out / "report.json").is_file()
 
