@@ -236,6 +236,15 @@ def projective_linear_output(
     shape = input.shape
     x = input.reshape(-1, shape[-1])
     z = x @ bases.T
+    if len(coefficients) == 1:
+        # one cluster holds every neuron in order: positions is the identity,
+        # so skip the concatenation and the column gather (two copies)
+        out = z @ coefficients[0].T
+        if means is not None:
+            out = out + x @ means.T
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], out.shape[1])
     ranks = [U.shape[1] for U in coefficients]
     pieces = z.split(ranks, dim=1)
     outs = [zc @ U.T for zc, U in zip(pieces, coefficients, strict=True)]
