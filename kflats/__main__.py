@@ -307,14 +307,7 @@ def _write_atomically(path, write, overwrite):
 # --- the commands ----------------------------------------------------------
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+_positive_int = _cli_compress._integer_at_least(1)
 
 
 def _budget(text):

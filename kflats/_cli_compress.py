@@ -37,24 +37,21 @@ def _budget(text):
     return value
 
 
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _integer_at_least(minimum):
+    """An argparse type: an integer >= minimum."""
 
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text}"
+            )
+        return value
 
-def _k(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return parse
 
 
 def _curve(text):
@@ -120,14 +117,14 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--heal-steps",
-        type=_count,
+        type=_integer_at_least(0),
         default=0,
         help="steps of distillation towards the original model after "
         "compressing (0: none, the default; 300 is a good start)",
     )
     parser.add_argument(
         "--k",
-        type=_k,
+        type=_integer_at_least(1),
         nargs="+",
         default=None,
         help="number(s) of clusters to try for each module (default: kflats' "
