@@ -505,6 +505,4 @@ def predict(X, packed):
 
 def transform(X, transform_block, k):
     """Distances of a dask array's rows to every subspace, lazily."""
-    return X.map_blocks(
-        transform_block, chunks=(X.chunks[0], (k,)), dtype=X.dtype
-    )
+    return X.map_blocks(transform_block, chunks=(X.chunks[0], (k,)), dtype=X.dtype)

@@ -254,11 +254,12 @@ class KSubspaces(
                 rng,
                 2 + int(np.log(k)),
                 _assign if ops is None else ops.assign,
+                grow,
             )
             return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":
             bases, means, comps = _random_partition(
-                X, xsq, sample_weight, k, j, self.affine, rng, grow
+                X, xsq, sample_weight, k, j, self.affine, rng, grow, ops
             )
         else:
             bases = np.array(self.init, dtype=X.dtype, copy=True)
@@ -328,7 +329,14 @@ class KSubspaces(
         rng = check_random_state(self.random_state)
         xsq = _row_norms_sq(X)
         ops = self._ops(X, xsq)
-        grow = partial(_grow, X, xsq, sample_weight, j=self.j, affine=self.affine)
+        grow = partial(
+            _grow if ops is None else ops.grow,
+            X,
+            xsq,
+            sample_weight,
+            j=self.j,
+            affine=self.affine,
+        )
         # Stop once an iteration gains less than tol times the empty model's cost.
         tol = self.tol * float(
             sample_weight @ _initial_potential(X, xsq, sample_weight, self.affine)

@@ -85,9 +85,12 @@ def _pack(bases, means, affine, complements=None, dtype=None):
     else:
         groups = bases
     g = groups.shape[1]
-    means64 = means.astype(np.float64)
-    offsets = np.einsum("kgd,kd->kg", groups.astype(np.float64), means64)
-    musq = np.einsum("kd,kd->k", means64, means64)
+    if affine:
+        means64 = means.astype(np.float64)
+        offsets = np.einsum("kgd,kd->kg", groups.astype(np.float64), means64)
+        musq = np.einsum("kd,kd->k", means64, means64)
+    else:  # linear subspaces: their means are zero
+        offsets, musq = np.zeros((k, g)), np.zeros(k)
     xmu = bool(affine) and not complement
     M = groups.reshape(k * g, d)
     if xmu:
@@ -287,7 +290,18 @@ class _Stats:
         return basis, mean.astype(dtype), comp
 
 
-def _update(X, labels, stats, mind, sample_weight, j, affine, grow, counts=None):
+def _update(
+    X,
+    labels,
+    stats,
+    mind,
+    sample_weight,
+    j,
+    affine,
+    grow,
+    counts=None,
+    assign=_assign,
+):
     """Refit every subspace to its rows (the M-step of Lloyd).
 
     Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
@@ -297,6 +311,8 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow, counts=None)
     re-seeding off. The other subspaces come from ``stats``, the clusters'
     statistics under ``labels``. ``counts`` (k,), when given, are the numbers of
     rows behind ``stats`` (more than X's when they accumulate, as in partial_fit).
+    ``assign`` measures the rows' distances to a re-seeded subspace (``_assign``,
+    or another backend's).
 
     Returns
     -------
@@ -329,7 +345,7 @@ def _update(X, labels, stats, mind, sample_weight, j, affine, grow, counts=None)
             one = _pack(
                 basis[None], mean[None], affine, None if comp is None else comp[None]
             )
-            far = np.minimum(far, _assign(X, xsq, one)[1])
+            far = np.minimum(far, assign(X, xsq, one)[1])
     with _one_lapack_thread():
         for c in range(k):
             if c in relocated:
@@ -408,6 +424,7 @@ def _ksubspaces_single(
             j,
             affine,
             grow if relocate else None,
+            assign=assign,
         )
         packed = _pack(bases, means, affine, comps)
         new_labels, mind = assign(X, xsq, packed)

@@ -154,13 +154,19 @@ def _initial_potential(X, xsq, sample_weight, affine):
 
 
 def _ksubspaces_plusplus(
-    X, xsq, sample_weight, k, j, affine, rng, n_local_trials, assign=_assign
+    X, xsq, sample_weight, k, j, affine, rng, n_local_trials, assign=_assign, grow=None
 ):
     """Worker of ``ksubspaces_plusplus`` on validated input.
 
     ``assign`` computes the distances of the rows to the trial subspaces
-    (``_assign``, or another backend's).
+    (``_assign``, or another backend's), and ``grow(i)`` the subspace grown
+    around row i (``_grow`` by default, or another backend's).
     """
+    if grow is None:
+
+        def grow(i):
+            return _grow(X, xsq, sample_weight, i, j, affine)
+
     n, d = X.shape
     bases = np.empty((k, j, d), dtype=X.dtype)
     means = np.zeros((k, d), dtype=X.dtype)
@@ -185,7 +191,7 @@ def _ksubspaces_plusplus(
             np.empty((n_local_trials, d - j, d), dtype=X.dtype) if want_comp else None
         )
         for t, i in enumerate(cand):
-            basis, mean, comp = _grow(X, xsq, sample_weight, i, j, affine)
+            basis, mean, comp = grow(i)
             trial_bases[t], trial_means[t] = basis, mean
             if want_comp:
                 trial_comps[t] = comp
@@ -202,13 +208,20 @@ def _ksubspaces_plusplus(
     return bases, means, comps, indices, chosen_dist
 
 
-def _random_partition(X, xsq, sample_weight, k, j, affine, rng, grow):
-    """Subspaces fitted to a uniformly random partition of the rows."""
+def _random_partition(X, xsq, sample_weight, k, j, affine, rng, grow, ops=None):
+    """Subspaces fitted to a uniformly random partition of the rows.
+
+    ``ops``, when given, is another backend's statistics and assignment
+    (``kflats._torch_backend.TorchOps``).
+    """
     labels = rng.randint(k, size=X.shape[0]).astype(np.int32)
     pot = _initial_potential(X, xsq, sample_weight, affine)
-    stats = _Stats(X, labels, sample_weight, k)
+    if ops is None:
+        stats, assign = _Stats(X, labels, sample_weight, k), _assign
+    else:
+        stats, assign = ops.stats(X, labels, sample_weight, k), ops.assign
     bases, means, comps, _ = _update(
-        X, labels, stats, pot, sample_weight, j, affine, grow
+        X, labels, stats, pot, sample_weight, j, affine, grow, assign=assign
     )
     return bases, means, comps
 

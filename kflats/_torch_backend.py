@@ -16,7 +16,8 @@ only here, and this module only when ``backend="torch"``.
 
 import numpy as np
 
-from ._lloyd import _BLOCK_ELEMENTS, _row_step, _Stats
+from ._lloyd import _BLOCK_ELEMENTS, _Stats, _use_complement
+from ._seeding import _n_neighbors, _nearest_by_weight
 
 
 def _torch():
@@ -68,6 +69,13 @@ class TorchOps:
         # On CPU from_numpy shares X's memory: no copy.
         self.X = torch.from_numpy(X).to(self.device)
         self.xsq = torch.from_numpy(xsq).to(self.device, torch.float64)
+        # Blocks of rows: larger on a GPU, where a block's GEMM must fill the
+        # device (and its memory is not the host's cache).
+        self._block = _BLOCK_ELEMENTS * (16 if self.device.type == "cuda" else 1)
+
+    def _row_step(self, d):
+        """Rows per block of float64 copies of whole rows."""
+        return max(1, self._block // max(d, 1))
 
     def _tensor(self, a, dtype=None):
         return self.torch.as_tensor(np.ascontiguousarray(a), device=self.device).to(
@@ -90,7 +98,7 @@ class TorchOps:
         k, g = packed.offsets.shape
         Mt = torch.from_numpy(packed.M).to(self.device).T
         offsets, musq = self._tensor(packed.offsets), self._tensor(packed.musq)
-        step = max(64, _BLOCK_ELEMENTS // max(packed.M.shape[0], 1))
+        step = max(64, self._block // max(packed.M.shape[0], 1))
         labels = torch.empty(n, dtype=torch.int64, device=self.device)
         mind = torch.empty(n, dtype=torch.float64, device=self.device)
         dist = (
@@ -117,6 +125,74 @@ class TorchOps:
             return out + (dist.cpu().numpy(),)
         return out
 
+    def grow(self, X, xsq, sample_weight, i, j, affine):
+        """``kflats._seeding._grow`` with its linear algebra on the device.
+
+        The neighbours' scores are computed on the device and ranked on the
+        host (n numbers); the neighbourhood's factorization runs on the device
+        in float64: the eigendecomposition of its scatter (d x d) when it has
+        at least d rows, else that of its Gram matrix (rows x rows), which gives
+        the same top right singular vectors as numpy's SVD of the rows and, on
+        a GPU, costs a small fraction of it.
+        """
+        torch = self.torch
+        Xt, xsqt = self._rows(X, xsq)
+        x = Xt[i]
+        dots = (Xt @ x).double()
+        if affine:
+            score = xsqt - 2.0 * dots
+        else:
+            score = torch.where(xsqt > 0, -(dots * dots) / xsqt, 0.0)
+        score = torch.where(self._tensor(sample_weight) > 0, score, torch.inf)
+        score = score.cpu().numpy()
+        score[i] = -np.inf
+        weights = sample_weight.copy()
+        weights[i] = max(weights[i] - 1, 0)
+        nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
+        rows = Xt[torch.from_numpy(nb).to(self.device)]
+        return self._grow_from(x, rows, self._tensor(wn), j, affine, X.dtype)
+
+    def _grow_from(self, seed, neighbours, wn, j, affine, dtype):
+        """``kflats._seeding._grow_from`` on torch tensors."""
+        torch = self.torch
+        d = seed.shape[0]
+        x = seed.double()
+        root = torch.sqrt(wn)[:, None]
+        Xn = neighbours.double() * root
+        if affine:
+            mean = seed.cpu().numpy().astype(dtype)
+            Xn = Xn - root * x
+            u = x.new_zeros((0, d))
+        else:
+            mean = np.zeros(d, dtype=dtype)
+            norm = torch.linalg.vector_norm(x)
+            u = (x / norm if norm > 0 else torch.eye(d, dtype=x.dtype)[0])[None]
+            u = u.to(self.device)
+            Xn = Xn - torch.outer(Xn @ u[0], u[0])  # the seed's direction is taken
+        need = j - u.shape[0]
+        m = Xn.shape[0]
+        if m < d:  # fewer neighbours than features: the rows' right vectors
+            vt = _top_right_vectors(torch, Xn, need)
+            q, _ = torch.linalg.qr(torch.cat([u, vt]).T)  # orthonormal again
+            basis = q.T
+            comp = None
+            if _use_complement(j, d):
+                full, _ = torch.linalg.qr(basis.T, mode="complete")
+                comp = full[:, j:].T
+        else:
+            scatter = Xn.T @ Xn
+            if u.shape[0]:
+                # u on top of the spectrum, as in kflats._seeding._grow_from
+                scatter += (torch.trace(scatter) + 1.0) * torch.outer(u[0], u[0])
+            _, vecs = torch.linalg.eigh(scatter)
+            basis = vecs[:, d - j :].flip(1).T
+            comp = vecs[:, : d - j].T if _use_complement(j, d) else None
+
+        def out(t):
+            return np.ascontiguousarray(t.cpu().numpy(), dtype=dtype)
+
+        return out(basis), mean, None if comp is None else out(comp)
+
     def stats(self, X, labels, sample_weight, k):
         """Statistics of the clusters on the device (``_Stats`` when n < d)."""
         if X.shape[0] < X.shape[1]:  # the rows' SVD path: small, stays numpy
@@ -129,15 +205,13 @@ class TorchOps:
             return mind
         torch = self.torch
         Xt, _ = self._rows(X, xsq)
-        B = torch.from_numpy(np.ascontiguousarray(bases, dtype=X.dtype)).to(
-            self.device
-        )
+        B = torch.from_numpy(np.ascontiguousarray(bases, dtype=X.dtype)).to(self.device)
         mu = torch.from_numpy(np.ascontiguousarray(means, dtype=X.dtype)).to(
             self.device
         )
         lab = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         out = torch.empty(Xt.shape[0], dtype=torch.float64, device=self.device)
-        step = _row_step(X.shape[1])
+        step = self._row_step(X.shape[1])
         for start in range(0, Xt.shape[0], step):
             Xb, lb = Xt[start : start + step], lab[start : start + step]
             for c in torch.unique(lb).tolist():
@@ -184,7 +258,7 @@ class _TorchStats:
         order = np.argsort(labels, kind="stable")
         rows, labels = rows[order], labels[order]
         cuts = np.flatnonzero(np.diff(labels)) + 1
-        step = _row_step(self._Xt.shape[1])
+        step = self._ops._row_step(self._Xt.shape[1])
         dev = self._ops.device
         for part in np.split(np.arange(rows.size), cuts):
             c = int(labels[part[0]])
@@ -218,3 +292,25 @@ class _TorchStats:
             comp = np.ascontiguousarray(vecs[:, : d - j].T.cpu().numpy(), dtype=dtype)
         mean = mean.cpu().numpy()
         return np.ascontiguousarray(basis, dtype=dtype), mean.astype(dtype), comp
+
+
+def _top_right_vectors(torch, A, r):
+    """The top r right singular vectors of A (m x d, m < d), as rows (r x d).
+
+    From the eigendecomposition of the Gram matrix A A^T (m x m): v = A^T u / s.
+    Where a wanted singular value is too small for that division to keep its
+    digits (or r exceeds the rank), the SVD of A itself, completed to r
+    orthonormal rows as numpy's ``full_matrices`` does.
+    """
+    m, d = A.shape
+    if r == 0:
+        return A.new_zeros((0, d))
+    if r <= m:
+        evals, U = torch.linalg.eigh(A @ A.T)  # ascending
+        top = evals[m - r :].flip(0)
+        scale = float(evals[-1]) if m else 0.0
+        if scale > 0 and float(top[-1]) > 1e3 * m * np.finfo(np.float64).eps * scale:
+            V = (A.T @ U[:, m - r :].flip(1)) / torch.sqrt(top)
+            return V.T
+    _, _, vt = torch.linalg.svd(A, full_matrices=m < r)
+    return vt[:r]

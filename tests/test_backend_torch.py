@@ -117,3 +117,56 @@ def test_without_torch_the_error_says_how_to_install(monkeypatch):
 )
 def test_sklearn_compatible_with_the_torch_backend(estimator, check):
     check(estimator)
+
+
+def test_the_seeding_grows_its_subspaces_on_the_backend(monkeypatch):
+    """backend='torch' grows the seeding's subspaces with torch, not numpy."""
+    import kflats._ksubspaces
+    import kflats._seeding
+
+    def numpy_grow(*args, **kwargs):
+        raise AssertionError("the numpy _grow ran under backend='torch'")
+
+    for module in (kflats._seeding, kflats._ksubspaces):
+        monkeypatch.setattr(module, "_grow", numpy_grow)
+    X = np.random.RandomState(0).randn(300, 40)
+    est = KSubspaces(k=3, j=5, random_state=0, backend="torch").fit(X)
+    monkeypatch.undo()
+    ref = KSubspaces(k=3, j=5, random_state=0).fit(X)
+    assert_array_equal(est.labels_, ref.labels_)
+    assert est.inertia_ == pytest.approx(ref.inertia_, rel=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    m=st.integers(1, 30),
+    extra=st.integers(1, 20),
+    r_frac=st.floats(0.0, 1.0),
+    rank_frac=st.floats(0.0, 1.0),
+)
+def test_top_right_vectors_span_the_svds(seed, m, extra, r_frac, rank_frac):
+    """Gram route or SVD fallback: the top r right singular vectors.
+
+    Rank-deficient rows force the fallback (a wanted singular value is zero);
+    there the completion is arbitrary, so only orthonormality and the span of
+    the nonzero part are compared.
+    """
+    from kflats._torch_backend import _top_right_vectors
+
+    d = m + extra
+    r = int(r_frac * m)
+    rank = max(1, int(rank_frac * m))
+    rng = np.random.RandomState(seed)
+    # distinct singular values, so that the top r span is well defined
+    s = np.geomspace(10.0, 1.0, rank)
+    u = np.linalg.qr(rng.randn(m, rank))[0]
+    v = np.linalg.qr(rng.randn(d, rank))[0]
+    A = (u * s) @ v.T
+    vt = _top_right_vectors(torch, torch.from_numpy(A), r).numpy()
+    assert vt.shape == (r, d)
+    assert_allclose(vt @ vt.T, np.eye(r), atol=1e-8)
+    top = min(r, rank)
+    ref = v[:, :top].T
+    got = vt[:top]
+    assert_allclose(got.T @ got, ref.T @ ref, atol=1e-8)

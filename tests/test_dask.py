@@ -21,12 +21,15 @@ K, J, D = 4, 3, 16
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # any free port: no clash with another cluster
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # any free port: no clash with another cluster
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 

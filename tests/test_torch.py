@@ -198,9 +198,7 @@ def test_linear_forward_equals_reconstruct(affine):
 def test_from_linear_matches_factorize_linear_and_keeps_bias():
     torch.manual_seed(0)
     linear = nn.Linear(30, 8)
-    layer = ProjectiveLinear.from_linear(
-        linear, k=2, j=3, side="input", random_state=0
-    )
+    layer = ProjectiveLinear.from_linear(linear, k=2, j=3, side="input", random_state=0)
     f = factorize_linear(
         linear.weight.detach().numpy(), 2, 3, side="input", random_state=0
     )
@@ -230,9 +228,7 @@ def test_from_linear_clusters_input_features():
     linear = nn.Linear(60, 12, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(WT.T))
-    layer = ProjectiveLinear.from_linear(
-        linear, k=3, j=2, side="input", random_state=0
-    )
+    layer = ProjectiveLinear.from_linear(linear, k=3, j=2, side="input", random_state=0)
     assert layer.factorization_error < 1e-8
     assert sorted(layer.sizes) == [20, 20, 20]
     x = torch.randn(4, 60)
