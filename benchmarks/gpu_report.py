@@ -295,11 +295,11 @@ def layers(args, torch, device):
         for name, layer in forms.items():
             layer = layer.to(device)
 
-            def forward(layer=layer):
+            def forward(layer=layer, ids=ids):
                 with torch.no_grad():
                     layer.eval()(ids)
 
-            def train_step(layer=layer):
+            def train_step(layer=layer, ids=ids):
                 layer.train()
                 layer.zero_grad(set_to_none=True)
                 layer(ids).square().mean().backward()
