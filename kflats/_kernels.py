@@ -15,13 +15,19 @@ core through BLAS, and on the 2-core machines kflats is designed for, a
 each call and steal the cores from the next BLAS call
 (KSubspaces(k=5, j=216) on the 30522 x 384 MiniLM table: 2.0 s serial, 2.0 s
 workqueue, 3.1 s OpenMP).
+
+The sums of squares may be reassociated (``fastmath``'s ``reassoc`` and
+``contract``, nothing else: no flush to zero, no assumption that values are
+finite), so that they vectorize: a block of 2500 rows x 5 complements of 168
+dimensions took 1.16 ms with sums in order and 0.30 ms reassociated, the
+distances agreeing to 1.4e-15 relative.
 """
 
 import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _distances_labels(P, xsq, xmu, musq, offsets, complement, dist, labels, mind):
     """Squared distances of a block of rows to k subspaces; nearest of them.
 

@@ -255,6 +255,7 @@ class KSubspaces(
                 2 + int(np.log(k)),
                 _assign if ops is None else ops.assign,
                 grow,
+                parallel=ops is None,
             )
             return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":

@@ -10,9 +10,11 @@ processed in blocks, so memory stays O(block * k * j) whatever the number of row
 These functions assume validated input; ``KSubspaces`` validates.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from joblib import cpu_count
 
 from ._kernels import _distances_labels
 
@@ -39,6 +41,22 @@ def _one_lapack_thread():
 
         _controller = ThreadpoolController()
     return _controller.limit(limits=1, user_api="blas")
+
+
+def _map_threads(fn, items, parallel=True):
+    """``[fn(x) for x in items]``, on one thread per core when ``parallel``.
+
+    For the independent d x d factorizations of the update and the seeding:
+    each runs LAPACK on one thread (see ``_one_lapack_thread``), which releases
+    the GIL, so the cores share the k of them. The results are the same as in
+    sequence, in the same order.
+    """
+    items = list(items)
+    n_threads = min(len(items), cpu_count()) if parallel else 1
+    if n_threads < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        return list(pool.map(fn, items))
 
 
 @dataclass(frozen=True)
@@ -346,16 +364,20 @@ def _update(
                 basis[None], mean[None], affine, None if comp is None else comp[None]
             )
             far = np.minimum(far, assign(X, xsq, one)[1])
+
+    def fit(c):
+        if c in relocated:
+            return relocated[c]
+        return stats.subspace(c, j, affine, dtype, want_comp)
+
+    # The numpy statistics' k eigendecompositions run side by side; another
+    # backend's (on a device) in sequence.
     with _one_lapack_thread():
-        for c in range(k):
-            if c in relocated:
-                bases[c], means[c], comp = relocated[c]
-            else:
-                bases[c], means[c], comp = stats.subspace(
-                    c, j, affine, dtype, want_comp
-                )
-            if want_comp:
-                comps[c] = comp
+        fitted = _map_threads(fit, range(k), parallel=isinstance(stats, _Stats))
+    for c, (basis, mean, comp) in enumerate(fitted):
+        bases[c], means[c] = basis, mean
+        if want_comp:
+            comps[c] = comp
     return bases, means, comps, sorted(relocated)
 
 

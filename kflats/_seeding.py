@@ -9,6 +9,7 @@ from sklearn.utils.validation import _check_sample_weight, check_array
 
 from ._lloyd import (
     _assign,
+    _map_threads,
     _complements,
     _one_lapack_thread,
     _pack,
@@ -154,13 +155,25 @@ def _initial_potential(X, xsq, sample_weight, affine):
 
 
 def _ksubspaces_plusplus(
-    X, xsq, sample_weight, k, j, affine, rng, n_local_trials, assign=_assign, grow=None
+    X,
+    xsq,
+    sample_weight,
+    k,
+    j,
+    affine,
+    rng,
+    n_local_trials,
+    assign=_assign,
+    grow=None,
+    parallel=True,
 ):
     """Worker of ``ksubspaces_plusplus`` on validated input.
 
     ``assign`` computes the distances of the rows to the trial subspaces
     (``_assign``, or another backend's), and ``grow(i)`` the subspace grown
-    around row i (``_grow`` by default, or another backend's).
+    around row i (``_grow`` by default, or another backend's). ``parallel``:
+    grow a step's trials side by side, one thread per core (numpy's LAPACK
+    releases the GIL); a device backend's grow runs in sequence.
     """
     if grow is None:
 
@@ -190,8 +203,9 @@ def _ksubspaces_plusplus(
         trial_comps = (
             np.empty((n_local_trials, d - j, d), dtype=X.dtype) if want_comp else None
         )
-        for t, i in enumerate(cand):
-            basis, mean, comp = grow(i)
+        with _one_lapack_thread():
+            grown = _map_threads(grow, cand, parallel=parallel)
+        for t, (basis, mean, comp) in enumerate(grown):
             trial_bases[t], trial_means[t] = basis, mean
             if want_comp:
                 trial_comps[t] = comp

@@ -127,6 +127,37 @@ def test_same_random_state_same_fit(p):
         assert a.inertia_ == b.inertia_
 
 
+@SETTINGS
+@given(problem)
+def test_threads_do_not_change_the_fit(p):
+    """The update's and the seeding's factorizations on 1 or 4 threads."""
+    X, k, j = draw(p)
+    fits = []
+    cpu_count = _lloyd.cpu_count
+    try:
+        for n_cores in (1, 4):
+            _lloyd.cpu_count = lambda n=n_cores: n
+            fits.append(KSubspaces(k=k, j=j, random_state=p["seed"]).fit(X))
+    finally:
+        _lloyd.cpu_count = cpu_count
+    assert_array_equal(fits[0].labels_, fits[1].labels_)
+    assert_array_equal(fits[0].bases_, fits[1].bases_)
+    assert fits[0].inertia_ == fits[1].inertia_
+
+
+def test_map_threads_keeps_order_and_raises(monkeypatch):
+    monkeypatch.setattr(_lloyd, "cpu_count", lambda: 3)
+    assert _lloyd._map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
+
+    def fail(x):
+        if x == 4:
+            raise ValueError("row 4")
+        return x
+
+    with pytest.raises(ValueError, match="row 4"):
+        _lloyd._map_threads(fail, range(7))
+
+
 # -- Lloyd's algorithm ---------------------------------------------------------
 
 
