@@ -9,8 +9,8 @@ from sklearn.utils.validation import _check_sample_weight, check_array
 
 from ._lloyd import (
     _assign,
-    _map_threads,
     _complements,
+    _map_threads,
     _one_lapack_thread,
     _pack,
     _row_norms_sq,
