@@ -491,7 +491,37 @@ def _lloyd(blocks, bases, means, comps, k, j, affine, est, tol, n_pos):
     return bases, means, comps, inertia, n_iter
 
 
-# -- predict and transform: lazy -------------------------------------------------
+# -- score: one pass; predict, transform, coordinates, project: lazy -------------
+
+
+def _score_task(X, w, b, packed, bases, means):
+    xsq = _row_norms_sq(X)
+    labels, mind = _assign(X, xsq, packed)
+    return (float(w @ _exact_mind(X, xsq, labels, mind, packed, bases, means)),)
+
+
+def cost(X, sample_weight, packed, bases, means):
+    """Weighted cost of a dask array's rows: one map over the chunks, one sum."""
+    blocks = _blocks(X, _check_weight(sample_weight, X))
+    (total,) = _map_reduce(blocks, _score_task, _add, packed, bases, means)
+    return total
+
+
+def map_rows(X, fn, width, dtype):
+    """``fn`` over the row chunks of X, each giving (rows, width), lazily."""
+    return X.map_blocks(fn, chunks=(X.chunks[0], (width,)), dtype=dtype)
+
+
+def batches(X, sample_weight):
+    """The chunks of X (and of the weights) one at a time, as numpy arrays."""
+    import dask
+
+    weights = _check_weight(sample_weight, X) if sample_weight is not None else None
+    for b, x in enumerate(X.to_delayed().ravel()):
+        if weights is None:
+            yield dask.compute(x)[0], None
+        else:
+            yield dask.compute(x, weights.blocks[b])
 
 
 def _predict_block(X, packed):

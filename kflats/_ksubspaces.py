@@ -130,7 +130,9 @@ class KSubspaces(
     chunked along the rows (``pip install kflats[dask]``): each Lloyd step is
     then one map over the chunks and one reduction of the clusters' statistics,
     the seeding oversamples rows in the manner of k-means||, and ``labels_``,
-    ``predict`` and ``transform`` are lazy dask arrays (see :doc:`/scale`).
+    ``predict``, ``transform``, ``coordinates`` and ``project`` are lazy dask
+    arrays; ``score`` is one pass over the chunks, and ``partial_fit`` takes
+    the chunks as a stream of batches (see :doc:`/scale`).
 
     Examples
     --------
@@ -407,7 +409,11 @@ class KSubspaces(
         ----------
         X : array-like of shape (n_samples, n_features)
             One batch of rows; every batch has the first batch's width. It is
-            fitted in the dtype of the first batch.
+            fitted in the dtype of the first batch. A :class:`dask.array.Array`
+            chunked along the rows is a stream of batches: its chunks are
+            computed and fitted one at a time, in order, as if each were passed
+            to ``partial_fit`` (``labels_`` and ``inertia_`` then describe the
+            last chunk).
         y : Ignored
             Not used, present for API consistency.
         sample_weight : array-like of shape (n_samples,), default=None
@@ -435,6 +441,13 @@ class KSubspaces(
         """
         state = dict(self.__dict__)
         try:
+            if _dask.is_dask_array(X):  # a stream of its chunks
+                if sample_weight is not None and not _dask.is_dask_array(sample_weight):
+                    sample_weight = np.asarray(sample_weight)
+                X = _dask.check_array(X, getattr(self, "n_features_in_", None))
+                for batch, weight in _dask.batches(X, sample_weight):
+                    self._partial_fit(batch, weight)
+                return self
             return self._partial_fit(X, sample_weight)
         except BaseException:
             self.__dict__.clear()
@@ -618,17 +631,24 @@ class KSubspaces(
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Rows to score.
+            Rows to score. A :class:`dask.array.Array` chunked along the rows
+            is scored in one pass over its chunks (one task each, then a sum).
         y : Ignored
             Not used, present for API consistency.
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weight of each row.
+            Non-negative weight of each row (numpy, or dask with dask X).
 
         Returns
         -------
         score : float
             ``-sum_i w_i min_c dist(x_i, S_c)^2``; higher is better.
         """
+        if _dask.is_dask_array(X):  # one pass over the chunks
+            check_is_fitted(self)
+            X = _dask.check_array(X, self.n_features_in_)
+            bases = self.bases_.astype(X.dtype, copy=False)
+            means = self.means_.astype(X.dtype, copy=False)
+            return -_dask.cost(X, sample_weight, self._packed(X.dtype), bases, means)
         X = self._check_test_data(X)
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=X.dtype, ensure_non_negative=True
@@ -642,7 +662,8 @@ class KSubspaces(
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Rows to decompose.
+            Rows to decompose. For a :class:`dask.array.Array` chunked along the
+            rows, both outputs are lazy dask arrays with X's row chunks.
 
         Returns
         -------
@@ -652,7 +673,17 @@ class KSubspaces(
             ``B_c (x - mu_c)`` for the nearest subspace c, so that the
             projection of x is ``mu_c + coords @ B_c``.
         """
-        X = self._check_test_data(X)
+        if _dask.is_dask_array(X):  # lazy, chunk by chunk
+            check_is_fitted(self)
+            X = _dask.check_array(X, self.n_features_in_)
+            labels = _dask.predict(X, self._packed(X.dtype))
+            return labels, _dask.map_rows(X, self._coords, self.j, X.dtype)
+        return self._coordinates(self._check_test_data(X))
+
+    def _coords(self, X):
+        return self._coordinates(X)[1]
+
+    def _coordinates(self, X):
         labels = self._assign(X)[0]
         coords = np.empty((X.shape[0], self.j), dtype=X.dtype)
         bases = self.bases_.astype(X.dtype, copy=False)
@@ -671,7 +702,8 @@ class KSubspaces(
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Rows to project.
+            Rows to project. For a :class:`dask.array.Array` chunked along the
+            rows, the projection is a lazy dask array with X's chunks.
 
         Returns
         -------
@@ -679,7 +711,14 @@ class KSubspaces(
             ``mu_c + B_c^T B_c (x - mu_c)`` for the nearest subspace c of each
             row, in the dtype of X.
         """
-        labels, coords = self.coordinates(X)
+        if _dask.is_dask_array(X):  # lazy, chunk by chunk
+            check_is_fitted(self)
+            X = _dask.check_array(X, self.n_features_in_)
+            return _dask.map_rows(X, self._project, X.shape[1], X.dtype)
+        return self._project(self._check_test_data(X))
+
+    def _project(self, X):
+        labels, coords = self._coordinates(X)
         bases = self.bases_.astype(coords.dtype, copy=False)
         means = self.means_.astype(coords.dtype, copy=False)
         X_proj = np.empty((coords.shape[0], bases.shape[2]), dtype=coords.dtype)

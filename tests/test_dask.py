@@ -141,3 +141,49 @@ def test_bad_chunks_are_rejected():
     with pytest.raises(ValueError, match=r"contains NaN or infinity \(1 rows\)"):
         est.fit(da.where(da.arange(200)[:, None] == 7, np.nan, X))
     assert_array_equal(est.bases_, before)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_score_coordinates_and_project_match_in_memory(client, affine):
+    X = generated()
+    if affine:
+        X = X + np.float32(1.0)
+    Xm = X.compute()
+    est = KSubspaces(k=K, j=J, affine=affine, random_state=0).fit(Xm)
+    w = np.random.RandomState(0).exponential(size=Xm.shape[0])
+    assert est.score(X) == pytest.approx(est.score(Xm), rel=1e-6)
+    assert est.score(X, sample_weight=w) == pytest.approx(
+        est.score(Xm, sample_weight=w), rel=1e-6
+    )
+    labels, coords = est.coordinates(X)
+    proj = est.project(X)
+    assert all(isinstance(a, da.Array) for a in (labels, coords, proj))
+    assert coords.chunks == (X.chunks[0], (J,)) and proj.chunks == X.chunks
+    ref_labels, ref_coords = est.coordinates(Xm)
+    assert_array_equal(labels.compute(), ref_labels)
+    assert_allclose(coords.compute(), ref_coords, rtol=1e-5, atol=1e-6)
+    assert_allclose(proj.compute(), est.project(Xm), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_fit_streams_the_chunks(client):
+    X = generated(n=4000, chunk=1000)
+    w = da.from_array(
+        np.random.RandomState(1).exponential(size=4000), chunks=X.chunks[0]
+    )
+    streamed = KSubspaces(k=K, j=J, random_state=0).partial_fit(X, sample_weight=w)
+    one_by_one = KSubspaces(k=K, j=J, random_state=0)
+    for b in range(X.numblocks[0]):
+        one_by_one.partial_fit(X.blocks[b].compute(), sample_weight=w.blocks[b])
+    assert streamed.n_iter_ == one_by_one.n_iter_ == 4
+    assert_array_equal(streamed.bases_, one_by_one.bases_)
+    assert streamed.inertia_ == one_by_one.inertia_
+    assert_array_equal(streamed.labels_, one_by_one.labels_)
+
+
+def test_partial_fit_on_a_dask_array_of_another_width_changes_nothing(client):
+    est = KSubspaces(k=K, j=J, random_state=0).partial_fit(generated(n=2000).compute())
+    before = (est.bases_.copy(), est.n_iter_)
+    with pytest.raises(ValueError, match=f"expecting {D} features"):
+        est.partial_fit(da.zeros((100, D + 1), chunks=(50, D + 1)))
+    assert_array_equal(est.bases_, before[0])
+    assert est.n_iter_ == before[1]
