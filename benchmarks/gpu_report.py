@@ -236,6 +236,22 @@ def eigh(args, torch, device):
         _time(torch, device, lambda: torch.linalg.eigh(Sk), repeat=3) * 1e3
     )
     if device.type == "cuda":
+        from concurrent.futures import ThreadPoolExecutor
+
+        streams = [torch.cuda.Stream(device) for _ in range(k)]
+
+        def on_stream(c):
+            with torch.cuda.stream(streams[c]):
+                torch.linalg.eigh(Sk[c])
+
+        def side_by_side():
+            with ThreadPoolExecutor(k) as pool:
+                list(pool.map(on_stream, range(k)))
+            torch.cuda.synchronize(device)
+
+        out[f"eigh_float64_{k}_on_{k}_streams_ms"] = (
+            _time(torch, device, side_by_side, repeat=3) * 1e3
+        )
         before = torch.backends.cuda.preferred_linalg_library()
         try:
             torch.backends.cuda.preferred_linalg_library("magma")

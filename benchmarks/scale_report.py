@@ -295,7 +295,7 @@ def dask_section(args):
 
     from kflats import KSubspaces
 
-    n, d, k, j, chunk = args.dask_n, 64, 8, 8, 250_000
+    n, d, k, j, chunk = args.dask_n, args.dask_d, args.dask_k, args.dask_j, 250_000
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
 
     def block(block_info=None):
@@ -320,14 +320,16 @@ def dask_section(args):
         client.run(_reset_peak)
         before = client.run(_vm, "VmRSS")
         start = time.perf_counter()
-        est = KSubspaces(k=k, j=j, random_state=0).fit(X)
+        est = KSubspaces(k=k, j=j, max_iter=args.dask_max_iter, random_state=0)
+        est.fit(X)
         t_dask = time.perf_counter() - start
         peak = client.run(_vm, "VmHWM")
     extra = {w: peak[w] - before[w] for w in peak}
     print(
         f"dask: {n:,} x {d} float32 ({nbytes / 2**30:.2f} GiB, never whole; chunks "
         f"of {chunk:,} rows = {chunk * d * 4 / 2**20:.0f} MiB) on a LocalCluster of "
-        f"2 worker processes x 1 thread: fit {t_dask:.1f} s, {est.n_iter_} "
+        f"2 worker processes x 1 thread, KSubspaces(k={k}, j={j}, "
+        f"max_iter={args.dask_max_iter}): fit {t_dask:.1f} s, {est.n_iter_} "
         f"iterations, inertia {est.inertia_:.6g}"
     )
     for w, e in extra.items():
@@ -338,7 +340,8 @@ def dask_section(args):
     if args.dask_in_memory:
         Xm = X.compute(scheduler="threads")
         start = time.perf_counter()
-        mem = KSubspaces(k=k, j=j, random_state=0).fit(Xm)
+        mem = KSubspaces(k=k, j=j, max_iter=args.dask_max_iter, random_state=0)
+        mem.fit(Xm)
         t_mem = time.perf_counter() - start
         print(
             f"  in memory, same rows: fit {t_mem:.1f} s, {mem.n_iter_} iterations, "
@@ -364,6 +367,10 @@ def main():
     )
     parser.add_argument("--plot", default=None, help="growth: save the plot here")
     parser.add_argument("--dask-n", type=int, default=10_000_000)
+    parser.add_argument("--dask-d", type=int, default=64)
+    parser.add_argument("--dask-k", type=int, default=8)
+    parser.add_argument("--dask-j", type=int, default=8)
+    parser.add_argument("--dask-max-iter", type=int, default=300)
     parser.add_argument(
         "--dask-in-memory",
         action="store_true",

@@ -494,7 +494,25 @@ def _lloyd(blocks, bases, means, comps, k, j, affine, est, tol, n_pos):
 # -- score: one pass; predict, transform, coordinates, project: lazy -------------
 
 
+def _check_finite(X):
+    """A chunk's rows are finite, or a ValueError (raised when it is computed)."""
+    bad = np.count_nonzero(~np.isfinite(X).all(axis=1))
+    if bad:
+        raise ValueError(f"Input X contains NaN or infinity ({bad} rows in a chunk).")
+    return X
+
+
+def _checked(fn):
+    """``fn`` of a chunk, after checking that its rows are finite."""
+
+    def block(X, *args):
+        return fn(_check_finite(X), *args)
+
+    return block
+
+
 def _score_task(X, w, b, packed, bases, means):
+    _check_finite(X)
     xsq = _row_norms_sq(X)
     labels, mind = _assign(X, xsq, packed)
     return (float(w @ _exact_mind(X, xsq, labels, mind, packed, bases, means)),)
@@ -509,7 +527,7 @@ def cost(X, sample_weight, packed, bases, means):
 
 def map_rows(X, fn, width, dtype):
     """``fn`` over the row chunks of X, each giving (rows, width), lazily."""
-    return X.map_blocks(fn, chunks=(X.chunks[0], (width,)), dtype=dtype)
+    return X.map_blocks(_checked(fn), chunks=(X.chunks[0], (width,)), dtype=dtype)
 
 
 def batches(X, sample_weight):
@@ -530,9 +548,11 @@ def _predict_block(X, packed):
 
 def predict(X, packed):
     """Labels of a dask array's rows, lazily."""
-    return X.map_blocks(_predict_block, packed, drop_axis=1, dtype=np.int32)
+    return X.map_blocks(_checked(_predict_block), packed, drop_axis=1, dtype=np.int32)
 
 
 def transform(X, transform_block, k):
     """Distances of a dask array's rows to every subspace, lazily."""
-    return X.map_blocks(transform_block, chunks=(X.chunks[0], (k,)), dtype=X.dtype)
+    return X.map_blocks(
+        _checked(transform_block), chunks=(X.chunks[0], (k,)), dtype=X.dtype
+    )

@@ -187,3 +187,17 @@ def test_partial_fit_on_a_dask_array_of_another_width_changes_nothing(client):
         est.partial_fit(da.zeros((100, D + 1), chunks=(50, D + 1)))
     assert_array_equal(est.bases_, before[0])
     assert est.n_iter_ == before[1]
+
+
+def test_non_finite_rows_are_reported_when_computed(client):
+    X = generated()
+    est = KSubspaces(k=K, j=J, random_state=0).fit(X.compute())
+    bad = da.where(da.arange(X.shape[0])[:, None] == 1500, np.nan, X)
+    match = r"contains NaN or infinity \(1 rows in a chunk\)"
+    with pytest.raises(ValueError, match=match):
+        est.score(bad)
+    lazy = [est.predict(bad), est.transform(bad), est.project(bad)]
+    lazy += list(est.coordinates(bad))
+    for out in lazy:  # building the graph is fine; computing it is not
+        with pytest.raises(ValueError, match=match):
+            out.compute()
