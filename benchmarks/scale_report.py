@@ -295,7 +295,8 @@ def dask_section(args):
 
     from kflats import KSubspaces
 
-    n, d, k, j, chunk = args.dask_n, args.dask_d, args.dask_k, args.dask_j, 250_000
+    n, d, k, j = args.dask_n, args.dask_d, args.dask_k, args.dask_j
+    chunk = args.dask_chunk
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
 
     def block(block_info=None):
@@ -368,6 +369,7 @@ def main():
     parser.add_argument("--plot", default=None, help="growth: save the plot here")
     parser.add_argument("--dask-n", type=int, default=10_000_000)
     parser.add_argument("--dask-d", type=int, default=64)
+    parser.add_argument("--dask-chunk", type=int, default=250_000)
     parser.add_argument("--dask-k", type=int, default=8)
     parser.add_argument("--dask-j", type=int, default=8)
     parser.add_argument("--dask-max-iter", type=int, default=300)
