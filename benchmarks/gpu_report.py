@@ -10,6 +10,8 @@ Sections (every ratio is measured in the same run, on the same device):
   statistics, eigendecompositions, exact residuals); then one Lloyd iteration
   (update, assignment, statistics of the rows that moved) against the float32
   GEMM that bounds it, ``X @ M^T`` with M the k * j stacked bases.
+- ``check``: fits on the device against the numpy backend's on the host
+  (labels, costs, subspaces), linear and affine, basis and complement forms.
 - ``eigh``: one d x d float64 eigendecomposition of the update, in float32,
   batched, through MAGMA where torch has it, and the Rayleigh-Ritz step that
   could replace it.
@@ -221,6 +223,38 @@ def fit(args, torch, device):
     )
 
 
+def check(args, torch, device):
+    """The device's fits against the numpy backend's, on the host."""
+    from kflats import KSubspaces
+
+    out = []
+    rng = np.random.default_rng(0)
+    for n, d, k, j, affine in [
+        (20_000, 256, 4, 32, False),
+        (20_000, 256, 4, 32, True),
+        (20_000, 256, 4, 200, False),  # complements
+        (20_000, 256, 4, 200, True),
+        (3_000, 512, 3, 40, False),  # neighbourhoods with fewer rows than d
+    ]:
+        X = _union(torch, device, n, d, k, j, seed=int(rng.integers(1000)))
+        X += np.float32(3.0) if affine else np.float32(0.0)
+        kw = dict(k=k, j=j, affine=affine, random_state=0)
+        ref = KSubspaces(**kw).fit(X)
+        est = KSubspaces(backend="torch", device=device, **kw).fit(X)
+        P = np.einsum("kjd,kje->kde", ref.bases_, ref.bases_)
+        Q = np.einsum("kjd,kje->kde", est.bases_, est.bases_)
+        row = {
+            "shape": [n, d, k, j, affine],
+            "labels_equal": bool(np.array_equal(est.labels_, ref.labels_)),
+            "cost_rel_diff": abs(est.inertia_ / ref.inertia_ - 1),
+            "projector_max_diff": float(np.abs(P - Q).max()),
+            "n_iter": [int(ref.n_iter_), int(est.n_iter_)],
+        }
+        out.append(row)
+        print(f"  check {row}")
+    RESULTS["check"] = out
+
+
 def eigh(args, torch, device):
     """The update's k eigendecompositions, and what could replace them."""
     d, k, j = args.d, args.k, args.j
@@ -341,7 +375,13 @@ def layers(args, torch, device):
     RESULTS["layers"] = out
 
 
-SECTIONS = {"ceilings": ceilings, "eigh": eigh, "fit": fit, "layers": layers}
+SECTIONS = {
+    "ceilings": ceilings,
+    "check": check,
+    "eigh": eigh,
+    "fit": fit,
+    "layers": layers,
+}
 
 
 def main():
