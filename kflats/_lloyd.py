@@ -103,11 +103,11 @@ def _pack(bases, means, affine, complements=None, dtype=None):
     else:
         groups = bases
     g = groups.shape[1]
-    if affine:
+    if np.any(means):
         means64 = means.astype(np.float64)
         offsets = np.einsum("kgd,kd->kg", groups.astype(np.float64), means64)
         musq = np.einsum("kd,kd->k", means64, means64)
-    else:  # linear subspaces: their means are zero
+    else:  # linear subspaces (zero means): no float64 copy of the groups
         offsets, musq = np.zeros((k, g)), np.zeros(k)
     xmu = bool(affine) and not complement
     M = groups.reshape(k * g, d)
