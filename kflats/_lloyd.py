@@ -24,6 +24,15 @@ _BLOCK_ELEMENTS = 1 << 21
 _controller = None
 
 
+def _blas_controller():
+    global _controller
+    if _controller is None:  # inspecting the loaded libraries takes a while
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
 def _one_lapack_thread():
     """Context in which BLAS/LAPACK run on one thread.
 
@@ -35,28 +44,40 @@ def _one_lapack_thread():
     and 300 ms on two while other processes use the cores; the MiniLM fit in
     benchmarks/scale_report.py spends most of its time there otherwise).
     """
-    global _controller
-    if _controller is None:  # inspecting the loaded libraries takes a while
-        from threadpoolctl import ThreadpoolController
+    return _blas_controller().limit(limits=1, user_api="blas")
 
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
+
+def _blas_threads():
+    """Threads BLAS may use here: the cores, or the limit a caller has set.
+
+    A limit set with threadpoolctl, or by joblib in its worker processes (so
+    that n_jobs fits share the cores), bounds the threads of ``_map_threads``
+    as it bounds BLAS.
+    """
+    counts = [
+        lib.num_threads
+        for lib in _blas_controller().lib_controllers
+        if lib.user_api == "blas"
+    ]
+    return max(counts) if counts else cpu_count()
 
 
 def _map_threads(fn, items, parallel=True):
-    """``[fn(x) for x in items]``, on one thread per core when ``parallel``.
+    """``[fn(x) for x in items]`` with LAPACK on one thread, side by side.
 
     For the independent d x d factorizations of the update and the seeding:
     each runs LAPACK on one thread (see ``_one_lapack_thread``), which releases
-    the GIL, so the cores share the k of them. The results are the same as in
-    sequence, in the same order.
+    the GIL, so with ``parallel`` as many of them run at once as BLAS may use
+    threads (``_blas_threads``). The results are the same as in sequence, in
+    the same order.
     """
     items = list(items)
-    n_threads = min(len(items), cpu_count()) if parallel else 1
-    if n_threads < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        return list(pool.map(fn, items))
+    n_threads = min(len(items), _blas_threads()) if parallel else 1
+    with _one_lapack_thread():
+        if n_threads < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            return list(pool.map(fn, items))
 
 
 @dataclass(frozen=True)
@@ -372,8 +393,7 @@ def _update(
 
     # The numpy statistics' k eigendecompositions run side by side; another
     # backend's (on a device) in sequence.
-    with _one_lapack_thread():
-        fitted = _map_threads(fit, range(k), parallel=isinstance(stats, _Stats))
+    fitted = _map_threads(fit, range(k), parallel=isinstance(stats, _Stats))
     for c, (basis, mean, comp) in enumerate(fitted):
         bases[c], means[c] = basis, mean
         if want_comp:

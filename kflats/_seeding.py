@@ -203,8 +203,7 @@ def _ksubspaces_plusplus(
         trial_comps = (
             np.empty((n_local_trials, d - j, d), dtype=X.dtype) if want_comp else None
         )
-        with _one_lapack_thread():
-            grown = _map_threads(grow, cand, parallel=parallel)
+        grown = _map_threads(grow, cand, parallel=parallel)
         for t, (basis, mean, comp) in enumerate(grown):
             trial_bases[t], trial_means[t] = basis, mean
             if want_comp:

@@ -136,20 +136,20 @@ def test_threads_do_not_change_the_fit(p):
     """The update's and the seeding's factorizations on 1 or 4 threads."""
     X, k, j = draw(p)
     fits = []
-    cpu_count = _lloyd.cpu_count
+    blas_threads = _lloyd._blas_threads
     try:
         for n_cores in (1, 4):
-            _lloyd.cpu_count = lambda n=n_cores: n
+            _lloyd._blas_threads = lambda n=n_cores: n
             fits.append(KSubspaces(k=k, j=j, random_state=p["seed"]).fit(X))
     finally:
-        _lloyd.cpu_count = cpu_count
+        _lloyd._blas_threads = blas_threads
     assert_array_equal(fits[0].labels_, fits[1].labels_)
     assert_array_equal(fits[0].bases_, fits[1].bases_)
     assert fits[0].inertia_ == fits[1].inertia_
 
 
 def test_map_threads_keeps_order_and_raises(monkeypatch):
-    monkeypatch.setattr(_lloyd, "cpu_count", lambda: 3)
+    monkeypatch.setattr(_lloyd, "_blas_threads", lambda: 3)
     assert _lloyd._map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
 
     def fail(x):
@@ -159,6 +159,22 @@ def test_map_threads_keeps_order_and_raises(monkeypatch):
 
     with pytest.raises(ValueError, match="row 4"):
         _lloyd._map_threads(fail, range(7))
+
+
+def test_threads_follow_the_blas_limit(monkeypatch):
+    """Under a BLAS limit of one thread (as in joblib's workers), no pool."""
+    from threadpoolctl import threadpool_limits
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a thread pool under a one-thread BLAS limit")
+
+    X = random_data(0, 300, 12, np.float64)
+    ref = KSubspaces(k=4, j=3, random_state=0).fit(X)
+    monkeypatch.setattr(_lloyd, "ThreadPoolExecutor", no_pool)
+    with threadpool_limits(limits=1, user_api="blas"):
+        est = KSubspaces(k=4, j=3, random_state=0).fit(X)
+    assert_array_equal(est.labels_, ref.labels_)
+    assert_array_equal(est.bases_, ref.bases_)
 
 
 # -- Lloyd's algorithm ---------------------------------------------------------
