@@ -76,15 +76,23 @@ def _grow(X, xsq, sample_weight, i, j, affine):
     complement : ndarray of shape (d - j, d) or None
         The basis' orthonormal complement when distances use it.
     """
-    score = _neighbour_score(X, xsq, X[i], affine)
-    score = np.where(sample_weight > 0, score, np.inf)
-    # The seed enters through the constraint below; its other copies (an
+    score = np.where(sample_weight > 0, _neighbour_score(X, xsq, X[i], affine), np.inf)
+    nb, wn = _neighbourhood(score, sample_weight, i, j)
+    return _grow_from(X[i], X[nb], wn, j, affine)
+
+
+def _neighbourhood(score, sample_weight, i, j):
+    """The rows ``_grow`` fits around row i, from their scores (lower is nearer).
+
+    ``score`` is modified in place. Returns the rows and their weights, as
+    ``_nearest_by_weight`` does.
+    """
+    # The seed enters through the constraint of _grow_from; its other copies (an
     # integer weight w stands for w rows) are its nearest neighbours.
     score[i] = -np.inf
     weights = sample_weight.copy()
     weights[i] = max(weights[i] - 1, 0)
-    nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
-    return _grow_from(X[i], X[nb], wn, j, affine)
+    return _nearest_by_weight(score, weights, _n_neighbors(j))
 
 
 def _neighbour_score(X, xsq, x, affine):

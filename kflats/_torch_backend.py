@@ -17,7 +17,7 @@ only here, and this module only when ``backend="torch"``.
 import numpy as np
 
 from ._lloyd import _BLOCK_ELEMENTS, _Stats, _use_complement
-from ._seeding import _n_neighbors, _nearest_by_weight
+from ._seeding import _neighbourhood
 
 
 def _torch():
@@ -144,11 +144,7 @@ class TorchOps:
         else:
             score = torch.where(xsqt > 0, -(dots * dots) / xsqt, 0.0)
         score = torch.where(self._tensor(sample_weight) > 0, score, torch.inf)
-        score = score.cpu().numpy()
-        score[i] = -np.inf
-        weights = sample_weight.copy()
-        weights[i] = max(weights[i] - 1, 0)
-        nb, wn = _nearest_by_weight(score, weights, _n_neighbors(j))
+        nb, wn = _neighbourhood(score.cpu().numpy(), sample_weight, i, j)
         rows = Xt[torch.from_numpy(nb).to(self.device)]
         return self._grow_from(x, rows, self._tensor(wn), j, affine, X.dtype)
 
