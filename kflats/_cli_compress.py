@@ -260,6 +260,20 @@ def _hushed():
             hf_logging.enable_progress_bar()
 
 
+def _with_portable_attention(build):
+    """``build(attn_implementation)`` with sdpa, or eager where it has no sdpa.
+
+    The attention implementation is always named here, never read from the
+    folder's config.json (which could name a kernel to fetch and run).
+    """
+    try:
+        return build("sdpa")
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise
+        return build("eager")
+
+
 def _load(path):
     """(model, tokenizer, kind): a SentenceTransformer or a transformers model."""
     try:
@@ -267,14 +281,30 @@ def _load(path):
             if (path / "modules.json").is_file():
                 from sentence_transformers import SentenceTransformer
 
-                model = SentenceTransformer(
-                    str(path), device="cpu", local_files_only=True
+                model = _with_portable_attention(
+                    lambda impl: SentenceTransformer(
+                        str(path),
+                        device="cpu",
+                        local_files_only=True,
+                        trust_remote_code=False,
+                        model_kwargs={"attn_implementation": impl},
+                    )
                 )
                 return model.eval(), None, "sentence-transformers"
             from transformers import AutoModel, AutoTokenizer
 
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            # nothing from the folder runs: no remote code, no hub kernel
+            model = _with_portable_attention(
+                lambda impl: AutoModel.from_pretrained(
+                    str(path),
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    attn_implementation=impl,
+                )
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False
+            )
             return model.eval(), tokenizer, "transformers"
     except ImportError:
         raise

@@ -5,6 +5,7 @@ small from a config (nothing downloaded), and the bundled all-MiniLM-L6-v2
 sentence-transformers model. Every round trip must give identical outputs.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -748,3 +749,42 @@ def test_sentence_transformers_bad_input(minilm, tmp_path):
     with pytest.raises(ValueError, match="outside its transformer"):
         save_compressed(model, tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("field", ["auto_map", "attn_implementation"])
+def test_transformers_load_runs_no_code_from_the_folder(tmp_path, monkeypatch, field):
+    # a config.json that points at code inside the folder, and a user who
+    # would answer "y" if asked whether to run it: nothing runs, nobody asks
+    path = tmp_path / "bert"
+    model = compressed_bert()
+    save_compressed(model, path)
+    marker = tmp_path / "ran"
+    (path / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import BertConfig\n"
+        "class EvilConfig(BertConfig):\n    pass\n"
+    )
+    config = json.loads((path / "config.json").read_text())
+    if field == "auto_map":  # a model type transformers does not know
+        config["model_type"] = "evil"
+        config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    else:  # kflats.json names no attention implementation, config.json a kernel
+        config["attn_implementation"] = "kernels-community/evil"
+        manifest = json.loads((path / "kflats.json").read_text())
+        manifest["root"]["attn_implementation"] = None
+        (path / "kflats.json").write_text(json.dumps(manifest))
+    (path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
+    if field == "auto_map":
+        with pytest.raises(ValueError, match="never runs code"):
+            load_compressed(path)
+        assert not marker.exists()
+        return
+    loaded = load_compressed(path)
+    assert not marker.exists()
+    assert loaded.config._attn_implementation == "eager"
+    # built with eager attention where the original ran sdpa: equal to rounding
+    torch.testing.assert_close(
+        loaded(input_ids=BERT_IDS).last_hidden_state,
+        model(input_ids=BERT_IDS).last_hidden_state,
+    )

@@ -43,6 +43,12 @@ _LAYERS = {
 _PORTABLE_ATTENTION = ("eager", "sdpa")
 
 
+def _portable_attention(root):
+    """The attention implementation to build with: the saved one if portable."""
+    impl = root.get("attn_implementation")
+    return impl if impl in _PORTABLE_ATTENTION else "eager"
+
+
 def _qualname(cls):
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -512,13 +518,22 @@ def _build_transformers(directory, root, where):
             from transformers.modeling_utils import no_init_weights
         except ImportError:
             no_init_weights = contextlib.nullcontext
-    options = {}
-    if root.get("attn_implementation") in _PORTABLE_ATTENTION:
-        options["attn_implementation"] = root["attn_implementation"]
+    # Nothing from the folder runs: no remote code (an ``auto_map`` in its
+    # config.json is refused), and an attention implementation chosen here
+    # rather than read from the folder (which could name a hub kernel).
+    options = {"attn_implementation": _portable_attention(root)}
     with _quiet():
-        config = transformers.AutoConfig.from_pretrained(
-            str(directory), local_files_only=True
-        )
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(directory), local_files_only=True, trust_remote_code=False
+            )
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            if "trust_remote_code" in str(exc):
+                raise ValueError(
+                    f"{where}: its config.json asks to run code from the folder "
+                    "(auto_map); kflats never runs code from a compressed folder"
+                ) from None
+            raise ValueError(f"{where}: unreadable config.json: {exc}") from None
         # Every parameter and persistent buffer is overwritten by the strict
         # load that follows, so their random init is skipped (it took 0.4 s of
         # the 0.5 s that building all-MiniLM-L6-v2 takes); the other buffers
@@ -529,7 +544,7 @@ def _build_transformers(directory, root, where):
         model.tie_weights()
         if model.can_generate() and (directory / "generation_config.json").is_file():
             model.generation_config = transformers.GenerationConfig.from_pretrained(
-                str(directory), local_files_only=True
+                str(directory), local_files_only=True, trust_remote_code=False
             )
     return model
 
@@ -543,8 +558,7 @@ def _build_sentence_transformer(directory, manifest, device, where):
         sentence_transformers.SentenceTransformer,
         where,
     )
-    impl = manifest["root"].get("attn_implementation")
-    model_kwargs = {"attn_implementation": impl} if impl in _PORTABLE_ATTENTION else {}
+    model_kwargs = {"attn_implementation": _portable_attention(manifest["root"])}
     # The transformer's weights file holds the factors where the library
     # expects dense weights: it reports them as unexpected, and initializes
     # the dense weights it does not find; both are replaced next.
@@ -553,6 +567,7 @@ def _build_sentence_transformer(directory, manifest, device, where):
             str(directory),
             device=device,
             local_files_only=True,
+            trust_remote_code=False,
             model_kwargs=model_kwargs,
         )
 
