@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ._spectra import _count, _residual, _spectra
+from ._spectra import _kept_numbers, _residual, _spectra
 
 # ranks="adaptive" stops refining when a round gains less than this fraction
 # of the error.
@@ -86,7 +86,7 @@ def _allocate(clusters, n, d, max_params, affine, start=None):
     sizes = [cl.rows.size for cl in clusters]
     costs = [s + d if s > 0 else 0 for s in sizes]
     gains = [cl.evals for cl in clusters]
-    fixed = _count(n, d, sizes, [0] * len(sizes), affine)
+    fixed = _kept_numbers(sizes, [0] * len(sizes), d, affine)
     best_ranks, best_kept = None, -1.0
     starts = [[0] * len(clusters)]
     if start is not None:
