@@ -172,6 +172,29 @@ def _fit_side(W, k, j, max_numbers, side, moment, w, options, what):
     return result
 
 
+def _check_row_weights(sample_weight, moment, side):
+    """sample_weight excludes an input moment, and needs one side."""
+    if sample_weight is None:
+        return
+    if moment is not None:
+        raise ValueError(
+            "sample_weight and input_moment exclude each other: the input "
+            "moment already weighs the error"
+        )
+    if side == "auto":
+        raise ValueError(
+            "sample_weight weighs the clustered rows, which differ between "
+            "sides: choose side='input' or side='output'"
+        )
+
+
+def _shared_seed(random_state):
+    """An int seed for both sides of "auto": one draw from a RandomState."""
+    if random_state is not None and not isinstance(random_state, numbers.Integral):
+        return check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    return random_state
+
+
 def _factorize_linear(W, k, j, max_numbers, side, moment, w, options, what):
     """The worker of :func:`factorize_linear`, its inputs checked; ``side``
     is ``"input"``, ``"output"`` or ``"auto"`` (both, the lower error kept)."""
@@ -299,23 +322,11 @@ def factorize_linear(
             "or choose side='input' or side='output' for a given k and j"
         )
     W = _check_matrix(W, "W")
-    if sample_weight is not None:
-        if input_moment is not None:
-            raise ValueError(
-                "sample_weight and input_moment exclude each other: the input "
-                "moment already weighs the error"
-            )
-        if side == "auto":
-            raise ValueError(
-                "sample_weight weighs the clustered rows, which differ between "
-                "sides: choose side='input' or side='output'"
-            )
+    _check_row_weights(sample_weight, input_moment, side)
     moment = None
     if input_moment is not None:
         moment = damped_moment(input_moment, W.shape[1], damping)
-    if random_state is not None and not isinstance(random_state, numbers.Integral):
-        # one draw, so that both sides of "auto" see the same seed
-        random_state = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    random_state = _shared_seed(random_state)
     options = _search_options(ranks, affine, random_state, n_refine, fit_params)
     max_numbers = None
     if budget is not None:
