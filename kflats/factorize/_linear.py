@@ -34,7 +34,7 @@ from sklearn.utils import check_random_state
 from .._size import budget_numbers
 from ._search import _factorize, _search_options
 from ._spectra import _ratio
-from ._validation import _check_budget, _check_matrix, _check_sample_weight
+from ._validation import _check_budget_fraction, _check_matrix, _check_sample_weight
 
 SIDES = ("auto", "input", "output")
 
@@ -330,7 +330,7 @@ def factorize_linear(
     options = _search_options(ranks, affine, random_state, n_refine, fit_params)
     max_numbers = None
     if budget is not None:
-        budget = _check_budget(budget)
+        budget = _check_budget_fraction(budget)
         max_numbers = budget_numbers(budget, *W.shape)
     what = f"budget={budget}"
     return _factorize_linear(

@@ -13,7 +13,7 @@ from ._allocation import _allocate, _refine
 from ._factors import Candidate
 from ._spectra import _build, _kept_numbers, _residual, _spectra, _total_energy
 from ._validation import (
-    _check_budget,
+    _check_budget_fraction,
     _check_int,
     _check_matrix,
     _check_ranks,
@@ -164,7 +164,7 @@ def factorize(
     options = _search_options(ranks, affine, random_state, n_refine, fit_params)
     max_numbers = None
     if budget is not None:
-        budget = _check_budget(budget)
+        budget = _check_budget_fraction(budget)
         max_numbers = budget_numbers(budget, n, d)
     return _factorize(A, w, k, j, max_numbers, options, f"budget={budget}")
 
@@ -326,7 +326,7 @@ def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
     if (rank is None) == (budget is None):
         raise ValueError("give exactly one of rank and budget")
     if budget is not None:
-        budget = _check_budget(budget)
+        budget = _check_budget_fraction(budget)
         max_params = budget_numbers(budget, n, d)
         rank = uniform_rank(n, d, 1, max_params, False)
         if rank < 1:

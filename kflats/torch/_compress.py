@@ -25,12 +25,10 @@ from ._report import CompressionReport, ModuleReport
 from ._sensitivity import _objectives, _rows_cols
 from ._targets import _select
 
-__all__ = ["CompressionConfig", "CompressionReport", "ModuleReport", "compress"]
+__all__ = ["compress"]
 
 # fits larger than this many numbers (in total) show a progress bar
 _PROGRESS_NUMBERS = 2_000_000
-# compress's keywords that are settings of the config, and their defaults
-_SETTINGS = ("targets", "allocation", "k", "ranks", "side", "smoothing", "damping")
 
 
 def compress(
@@ -199,6 +197,7 @@ def compress(
         _check_names(value, names, param)
     config.check_overrides_match(names)
     _check_sample_weight_use(sample_weight, names, calibration)
+    # what each module's fit minimises
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = calibrate(
             model, calibration, tokenizer=tokenizer, targets=names, progress=progress
@@ -241,7 +240,6 @@ def _as_config(budget, settings, factorize_params):
                 f"not both: got a config and {given}; set them in the config"
             )
         return budget, {}
-    _check("budget", budget, _CONSTRAINTS["budget"])
     fields = {n: v for n, v in settings.items() if v is not None}
     legacy, overrides = {}, {}
     for param in ("k", "side"):
@@ -250,7 +248,8 @@ def _as_config(budget, settings, factorize_params):
             legacy[param] = value
             del fields[param]
             for name, v in value.items():
-                overrides.setdefault(name, {})[param] = v
+                if v is not None:  # None: the default for that module
+                    overrides.setdefault(name, {})[param] = v
     fit_params = dict(factorize_params)
     for param in ("random_state", "affine", "n_refine"):
         if param in fit_params:
@@ -382,36 +381,22 @@ def _module_report(name, module, layer, seconds):
     bias = 0 if getattr(module, "bias", None) is None else module.bias.numel()
     before = dense_size(n, d).numbers + bias
     state_bytes = _state_bytes(module)
-    if layer is None:
-        return ModuleReport(
-            name=name,
-            kind=_kind_name(module),
-            shape=(n, d),
-            k=0,
-            ranks=(),
-            params_before=before,
-            params_after=before,
-            error=0.0,
-            seconds=0.0,
-            weight_error=0.0,
-            bytes_before=state_bytes,
-            bytes_after=state_bytes,
-            side=None,
-        )
+    if layer is None:  # as it was: no clusters, no error, no time
+        after = {"k": 0, "ranks": (), "params_after": before, "error": 0.0}
+        after.update(seconds=0.0, weight_error=0.0, bytes_after=state_bytes)
+        after["side"] = None
+    else:
+        after = {"k": layer.k, "ranks": layer.ranks}
+        after.update(params_after=layer.n_params + bias, seconds=seconds)
+        after.update(error=layer.factorization_error, weight_error=layer.weight_error)
+        after.update(bytes_after=_state_bytes(layer), side=getattr(layer, "side", None))
     return ModuleReport(
         name=name,
         kind=_kind_name(module),
         shape=(n, d),
-        k=layer.k,
-        ranks=layer.ranks,
         params_before=before,
-        params_after=layer.n_params + bias,
-        error=layer.factorization_error,
-        seconds=seconds,
-        weight_error=layer.weight_error,
         bytes_before=state_bytes,
-        bytes_after=_state_bytes(layer),
-        side=getattr(layer, "side", None),
+        **after,
     )
 
 
