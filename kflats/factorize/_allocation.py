@@ -15,17 +15,17 @@ def _greedy_fill(gains, costs, ranks, room, skip=None):
     Item c (a cluster of a matrix, or a module of a model) is at step
     ``ranks[c]``; its next steps gain ``gains[c][ranks[c]:]`` and cost
     ``costs[c]`` numbers each (one cost for every step, or an array of one
-    per step). An item's steps are taken in order, so a step is ranked by the
-    smallest gain per number of the steps up to it; when a step does not fit
-    the item takes no more. Steps with no gain are never taken; ties go to
-    the item listed first. Returns the new ranks, the gain they add and the
-    room left.
+    per step; a cost below 1 is ranked as 1). An item's steps are taken in
+    order, so a step is ranked by the smallest gain per number of the steps
+    up to it; when a step does not fit the item takes no more. Steps with no
+    gain are never taken; ties go to the item listed first. Returns the new
+    ranks, the gain they add and the room left.
     """
     ranks = list(ranks)
     items_c, items_r, ratios, step_costs = [], [], [], []
     for c, g in enumerate(gains):
         cost = np.broadcast_to(costs[c], g.shape)
-        if c == skip or not np.all(cost > 0):
+        if c == skip:
             continue
         r = np.arange(ranks[c], g.size)
         r = r[g[r] > 0]
@@ -33,7 +33,8 @@ def _greedy_fill(gains, costs, ranks, room, skip=None):
         items_r.append(r)
         # running minimum: an item's steps come in order (for spectra with
         # one cost, the ratios already do not increase)
-        ratios.append(np.minimum.accumulate(g[r] / cost[r]))
+        # (a step that costs nothing, or gives numbers back, counts as one)
+        ratios.append(np.minimum.accumulate(g[r] / np.maximum(cost[r], 1)))
         step_costs.append(cost[r])
     if not items_c:
         return ranks, 0.0, room
