@@ -11,10 +11,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy import linalg
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from .._size import saving_rank
+from .._threads import one_blas_thread
 from ..factorize import damped_moment
 from ..factorize._linear import _unwhiten, _whiten
 from ._calibration import _run
@@ -91,7 +91,7 @@ def _weight_spectrum(module, objective):
     G = A.T @ A
     # one thread: a small eigenproblem gains little from more, and threads
     # that wait on a busy machine cost a hundredfold
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         evals, V = linalg.eigh(G)
     evals, V = np.clip(evals[::-1], 0, None), V[:, ::-1]
     total = float(np.trace(G))
