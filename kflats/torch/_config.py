@@ -1,6 +1,7 @@
 """CompressionConfig: what :func:`compress` does, as data checked in one place."""
 
 import fnmatch
+import inspect
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -8,6 +9,8 @@ from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 
 import numpy as np
 from torch import nn
+
+from .._ksubspaces import KSubspaces
 
 __all__ = ["CompressionConfig"]
 
@@ -89,7 +92,11 @@ _NONE = _Is(None, "None")
 _K = _Interval(numbers.Integral, 1, None, "left", "an int >= 1")
 _SIDE = _Options("auto", "input", "output")
 #: Parameters of KSubspaces that a fit may set (the others are the fit's own).
-_FIT_PARAMS = ("init", "n_init", "max_iter", "tol", "verbose", "backend", "device")
+_FIT_PARAMS = tuple(
+    name
+    for name in inspect.signature(KSubspaces).parameters
+    if name not in ("k", "j", "affine", "random_state")
+)
 #: What an override may set for the modules its pattern matches.
 _OVERRIDE_KEYS = {"k": (_NONE, _K, _Ints()), "side": (_SIDE,)}
 
