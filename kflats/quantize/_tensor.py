@@ -92,7 +92,8 @@ def _packed_len(count, bits):
 
 def _round_up(scale, dtype):
     """``scale`` in ``dtype``, rounded up so that the grid still covers the range."""
-    stored = scale.astype(dtype)
+    with np.errstate(over="ignore"):
+        stored = scale.astype(dtype)
     if dtype is np.float16:
         if np.any(~np.isfinite(stored)):
             raise ValueError(
