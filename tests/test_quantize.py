@@ -454,3 +454,31 @@ def test_straight_through_gradient_is_identity():
     layer(x).sum().backward()
     latent = layer.parametrizations.weight.original
     torch.testing.assert_close(latent.grad, x.sum(0).expand(2, 8))
+
+
+@pytest.mark.parametrize("side", ["input", "output", "embedding"])
+def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypatch):
+    import kflats.quantize._modules as modules
+
+    rng = np.random.default_rng(8)
+    if side == "embedding":
+        emb = torch.nn.Embedding(200, 32)
+        ref = ProjectiveEmbedding.from_embedding(emb, k=2, j=16, random_state=0)
+        extra, L = {"token_weights": np.ones(200)}, np.eye(32)
+    else:
+        lin = torch.nn.Linear(64, 48)
+        ref = ProjectiveLinear.from_linear(lin, k=2, j=16, side=side, random_state=0)
+        C = _anisotropic_moment(rng, 64)
+        extra, L = {"moment": C}, np.linalg.cholesky(C)
+    target = _dense_weight(ref)
+
+    def error():
+        total = 0.0
+        for bits in (2, 3):
+            q = quantize_module_(copy.deepcopy(ref), bits, 8, **extra)
+            total += np.linalg.norm((_dense_weight(q) - target) @ L)
+        return total
+
+    with_refit = error()
+    monkeypatch.setattr(modules, "_lstsq_refit", lambda u, v, vh, L=None: u)
+    assert with_refit < error()
