@@ -482,3 +482,27 @@ def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypa
     with_refit = error()
     monkeypatch.setattr(modules, "_lstsq_refit", lambda u, v, vh, L=None: u)
     assert with_refit < error()
+
+
+@pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
+@pytest.mark.parametrize("bits", [None, 2, 6])
+def test_factors_nbytes_counts_like_the_built_layer(index, bits):
+    _, layer, _ = list(_layers(np.random.default_rng(index)))[index]
+    if not isinstance(layer, (ProjectiveEmbedding, ProjectiveLinear)):
+        return
+    from kflats.quantize import factors_nbytes
+
+    bias = getattr(layer, "bias", None)
+    predicted = factors_nbytes(
+        layer.sizes,
+        layer.ranks,
+        layer.bases.shape[1],
+        bits,
+        8,
+        affine=layer.affine,
+        bias=0 if bias is None else bias.numel(),
+    )
+    assert predicted == form_nbytes(layer, bits, 8)
+    if bits is not None:
+        quantize_module_(layer, bits, 8)
+        assert predicted == state_nbytes(quantized_state(layer))

@@ -16,7 +16,8 @@ outputs after a save and load that store only the codes.
   ``ProjectiveEmbedding`` in place (its float parameters hold the dequantized
   values); :func:`quantized_state` / :func:`dequantized_state` give the packed
   state for a save and back; :func:`form_nbytes` counts a form's bytes without
-  quantizing; :func:`register_straight_through_` and :func:`requantize_` train
+  quantizing (:func:`factors_nbytes`: before a layer is built);
+  :func:`register_straight_through_` and :func:`requantize_` train
   through the rounding.
 
 Why written here, not taken from a library
@@ -49,6 +50,7 @@ from ._tensor import SUPPORTED_BITS, QuantizedTensor, quantize, quantized_nbytes
 
 _TORCH_NAMES = (
     "dequantized_state",
+    "factors_nbytes",
     "form_nbytes",
     "quantize_module_",
     "quantized_state",

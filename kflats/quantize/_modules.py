@@ -38,6 +38,7 @@ from ._tensor import (
 
 __all__ = [
     "dequantized_state",
+    "factors_nbytes",
     "form_nbytes",
     "quantize_module_",
     "quantized_state",
@@ -561,6 +562,87 @@ def form_nbytes(
         "module must be a torch.nn.Linear, torch.nn.Embedding, ProjectiveLinear "
         f"or ProjectiveEmbedding, got {type(module).__name__}"
     )
+
+
+def factors_nbytes(
+    sizes,
+    ranks,
+    d,
+    bits=None,
+    group_size=128,
+    *,
+    affine=False,
+    bias=0,
+    symmetric=False,
+    scale_dtype="float16",
+    float_bytes=4,
+):
+    """Bytes of a projective layer's state before it is built, for an allocator.
+
+    Equal to :func:`form_nbytes` of the :class:`~kflats.torch.ProjectiveEmbedding`
+    or :class:`~kflats.torch.ProjectiveLinear` with these cluster sizes and
+    ranks (float32 parameters by default), so a search over ranks and bit
+    widths can count bytes without building a layer per candidate.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Rows (tokens, features or neurons) of each cluster.
+    ranks : sequence of int
+        Rank of each cluster, same length.
+    d : int
+        Length of a basis row (embedding_dim, or the other side of a Linear).
+    bits : {2, 3, 4, 6, 8} or None, default=None
+        ``None``: the float factors.
+    group_size : int or None, default=128
+        Must divide ``d`` and every non-zero rank.
+    affine : bool, default=False
+        Whether the layer stores means (k x d, kept as floats).
+    bias : int, default=0
+        Length of a Linear layer's bias (kept as floats).
+    symmetric : bool, default=False
+    scale_dtype : {"float16", "float32"}, default="float16"
+    float_bytes : int, default=4
+        Bytes of a float parameter.
+
+    Returns
+    -------
+    nbytes : int
+
+    Examples
+    --------
+    >>> from kflats.quantize import factors_nbytes
+    >>> factors_nbytes([100, 28], [32, 32], 64, bits=4, group_size=32)
+    5112
+    """
+    from ..torch._layers import _label_dtype
+
+    sizes, ranks = [int(s) for s in sizes], [int(r) for r in ranks]
+    if len(sizes) != len(ranks) or not ranks:
+        raise ValueError("sizes and ranks must have one entry per cluster")
+    k, n = len(ranks), sum(sizes)
+    labels = n * torch.empty((), dtype=_label_dtype(k)).element_size()
+    total = labels + (k * d if affine else 0) * float_bytes + int(bias) * float_bytes
+    meta = 8 * 5
+    if bits is not None:
+        _check_group_size(group_size, d, f"the bases' row length d={d}")
+        for c, r in enumerate(ranks):
+            if r:
+                _check_group_size(group_size, r, f"the rank {r} of cluster {c}")
+
+    def matrix(rows, cols):
+        if bits is None or rows * cols == 0:
+            return rows * cols * float_bytes
+        return meta + quantized_nbytes(
+            (rows, cols),
+            bits,
+            group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+        )
+
+    total += matrix(sum(ranks), d)
+    return int(total + sum(matrix(s, r) for s, r in zip(sizes, ranks, strict=True)))
 
 
 class _FakeQuantize(nn.Module):
