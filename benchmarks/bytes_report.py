@@ -2,7 +2,11 @@
 
 Run from the repository root (needs ``pip install kflats[nlp]``; the peers
 need ``pip install kflats[quant]``, and are skipped, with a note, when
-absent; nothing is downloaded)::
+absent; nothing is downloaded). Installed beside transformers, hqq and
+torchao are imported by every ``import transformers`` (its cache module
+loads hqq), so they can live in a folder of their own, put on the path only
+for this script (``pip install --no-deps --target DIR torchao hqq termcolor
+einops``, then ``PYTHONPATH=DIR``)::
 
     OMP_NUM_THREADS=1 python benchmarks/bytes_report.py
     python benchmarks/bytes_report.py --methods rtn,calibrated --out /tmp/bytes
@@ -203,7 +207,7 @@ def main(argv=None):
     for method, bits, g, ratio, nbytes, mean, worst, top5, seconds in rows:
         lines.append(
             f"| {method} | {bits} | {g} | {ratio:.3f}x | {nbytes / 1e6:.1f} | "
-            f"{mean:.4f} | {worst:.4f} | {top5:.3f} | {seconds:.1f} |"
+            f"{mean:.5f} | {worst:.5f} | {top5:.3f} | {seconds:.1f} |"
         )
     text = "\n".join(
         [
@@ -228,19 +232,30 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in dict.fromkeys(r[0] for r in rows):
         pts = sorted((r[3], r[5], r[1]) for r in rows if r[0] == method)
-        xs, ys, bits = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", label=method)
-        for x, y, b in pts:
-            ax.annotate(f"{b}", (x, y), textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("bytes on disk / float32 bytes")
-    ax.set_ylabel("mean cosine to the original (held-out)")
-    ax.set_ylim(max(0.0, min(r[5] for r in rows) - 0.02), 1.002)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("all-MiniLM-L6-v2: weight quantization, fidelity vs bytes")
+        xs, ys, _ = zip(*pts, strict=True)
+        for ax, values in zip(axes, (ys, [1 - y for y in ys]), strict=True):
+            (line,) = ax.plot(xs, values, marker="o", label=method)
+            for x, v, b in zip(xs, values, (p[2] for p in pts), strict=True):
+                ax.annotate(
+                    f"{b}",
+                    (x, v),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=7,
+                    color=line.get_color(),
+                )
+    axes[0].set_ylabel("mean cosine to the original (held-out)")
+    axes[0].set_ylim(max(0.0, min(r[5] for r in rows) - 0.02), 1.002)
+    axes[1].set_ylabel("1 - mean cosine (log)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("bytes on disk / float32 bytes (labels: bits)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("all-MiniLM-L6-v2: weight quantization, fidelity against bytes")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
