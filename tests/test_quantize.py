@@ -230,25 +230,30 @@ def test_from_state_rejects_bad_entries(state, match):
     seed=st.integers(0, 2**32 - 1),
     bits=st.sampled_from([2, 3, 4, 8]),
     axis=st.sampled_from([0, 1]),
+    act_order=st.booleans(),
 )
-def test_calibrated_beats_round_to_nearest(seed, bits, axis):
+def test_calibrated_beats_round_to_nearest(seed, bits, axis, act_order):
     rng = np.random.default_rng(seed)
     W = rng.normal(size=(24, 48))
     C = _anisotropic_moment(rng, 48)
     L = np.linalg.cholesky(C)
     rtn = quantize(W, bits, 8, axis=axis)
-    cal = quantize_calibrated(W, C, bits, 8, axis=axis, clip=False, damping=1e-3)
+    cal = quantize_calibrated(
+        W, C, bits, 8, axis=axis, clip=False, damping=1e-3, act_order=act_order
+    )
     assert np.linalg.norm((W - cal.dequantize()) @ L) < np.linalg.norm(
         (W - rtn.dequantize()) @ L
     )
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-def test_calibrated_with_identity_moment_is_round_to_nearest(axis, bits):
+def test_calibrated_with_diagonal_moment_is_round_to_nearest(axis, bits, act_order):
     # no correlation to feed errors along: GPTQ reduces to round-to-nearest
     W = np.random.default_rng(5).normal(size=(16, 32))
-    cal = quantize_calibrated(W, np.eye(32), bits, 8, axis=axis, clip=False)
+    C = np.diag(np.random.default_rng(6).uniform(0.5, 2.0, 32))
+    cal = quantize_calibrated(W, C, bits, 8, axis=axis, clip=False, act_order=act_order)
     rtn = quantize(W, bits, 8, axis=axis)
     np.testing.assert_array_equal(cal.codes, rtn.codes)
     np.testing.assert_array_equal(cal.scales, rtn.scales)

@@ -75,6 +75,7 @@ def quantize_calibrated(
     symmetric=False,
     clip=True,
     damping=0.01,
+    act_order=False,
     scale_dtype="float16",
 ):
     """GPTQ-style quantization: columns rounded in order, errors fed forward.
@@ -103,6 +104,11 @@ def quantize_calibrated(
         Search each group's clipping ratio for the lowest squared error.
     damping : float, default=0.01
         Added to the moment's diagonal, relative to its mean.
+    act_order : bool, default=False
+        Round the columns in decreasing order of their input energy (the
+        moment's diagonal) instead of their natural order, as GPTQ's
+        ``act_order``; with groups along the rows, each group's grid is then
+        fitted up front on ``W`` itself ("static groups").
     scale_dtype : {"float16", "float32"}, default="float16"
 
     Returns
@@ -140,34 +146,49 @@ def quantize_calibrated(
     damping = float(damping)
     if not damping >= 0 or not np.isfinite(damping):
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
-    U = _inverse_factor(_check_moment(moment, cols), damping)
+    H = _check_moment(moment, cols)
     ratios = _CLIP_RATIOS if clip else (1.0,)
-
-    W = W.copy()
-    codes = np.empty((rows, cols), dtype=np.uint8)
     n_scales = (rows, cols // g) if axis == 1 else (cols, rows // g)
     scales = np.empty(n_scales, dtype=dtype)
     zeros = np.empty(n_scales, dtype=np.uint8)
-    block = _BLOCK if axis == 0 else g * max(1, _BLOCK // g)
+    if act_order:
+        # the columns with the most input energy first; the grids of groups
+        # along a row are then fitted up front, on the weights as given
+        perm = np.argsort(-np.diag(H), kind="stable")
+        H = H[np.ix_(perm, perm)]
+        if axis == 1:
+            for k in range(cols // g):
+                s, z, _ = _fit_and_encode(
+                    W[:, k * g : (k + 1) * g], bits, symmetric, dtype, ratios
+                )
+                scales[:, k], zeros[:, k] = s, z
+    else:
+        perm = np.arange(cols)
+    U = _inverse_factor(H, damping)
+
+    W = W[:, perm]
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
     for b0 in range(0, cols, block):
         b1 = min(cols, b0 + block)
         err_block = np.empty((rows, b1 - b0))
         for j in range(b0, b1):
+            orig = perm[j]
             if axis == 1:
-                if (j - b0) % g == 0:
+                if not act_order and (j - b0) % g == 0:
                     s, z, _ = _fit_and_encode(
                         W[:, j : j + g], bits, symmetric, dtype, ratios
                     )
                     scales[:, j // g], zeros[:, j // g] = s, z
-                s, z = scales[:, j // g], zeros[:, j // g]
+                s, z = scales[:, orig // g], zeros[:, orig // g]
                 col = W[:, j : j + 1]
             else:
                 col = W[:, j].reshape(-1, g)
                 s, z, _ = _fit_and_encode(col, bits, symmetric, dtype, ratios)
-                scales[j], zeros[j] = s, z
+                scales[orig], zeros[orig] = s, z
             q = _encode(col, s, z, bits)
             deq = _decode(q, s, z).astype(np.float64).reshape(-1)
-            codes[:, j] = q.reshape(-1)
+            codes[:, orig] = q.reshape(-1)
             e = (W[:, j] - deq) / U[j, j]
             W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
             err_block[:, j - b0] = e
