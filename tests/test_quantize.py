@@ -30,6 +30,7 @@ from kflats.quantize import (  # noqa: E402
     requantize_,
     split_quantized_state,
     state_nbytes,
+    straight_through_parameters,
 )
 from kflats.torch import ProjectiveEmbedding, ProjectiveLinear  # noqa: E402
 
@@ -432,10 +433,12 @@ def test_straight_through_trains_latent_floats_then_requantizes(kind):
     grids = {n: qt.scales.copy() for n, qt in quantized_tensors(layer).items()}
     y0 = layer(x).detach()
     register_straight_through_(layer)
+    latent = straight_through_parameters(layer)
+    assert len(latent) == len(grids) and all(p.is_leaf for p in latent)
     # at the start, the latent floats lie on the grid: the same forward
     assert torch.equal(layer(x), y0)
     target = torch.randn_like(y0)
-    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    opt = torch.optim.Adam(latent, lr=0.05)
     for _ in range(20):
         opt.zero_grad()
         loss = ((layer(x) - target) ** 2).mean()
@@ -443,6 +446,7 @@ def test_straight_through_trains_latent_floats_then_requantizes(kind):
         opt.step()
     trained = layer(x).detach()
     requantize_(layer)
+    assert not straight_through_parameters(layer)
     assert not any("parametrizations" in n for n, _ in layer.named_parameters())
     # the rounded forward during training is the final layer's forward
     torch.testing.assert_close(layer(x), trained, rtol=0, atol=1e-6)
@@ -511,3 +515,12 @@ def test_factors_nbytes_counts_like_the_built_layer(index, bits):
     if bits is not None:
         quantize_module_(layer, bits, 8)
         assert predicted == state_nbytes(quantized_state(layer))
+
+
+def test_quantized_state_asks_to_requantize_after_training():
+    layer = quantize_module_(torch.nn.Linear(8, 2), 4, 8)
+    register_straight_through_(layer)
+    with pytest.raises(ValueError, match="call requantize_ first"):
+        quantized_state(layer)
+    requantize_(layer)
+    assert "weight.codes" in quantized_state(layer)

@@ -60,6 +60,7 @@ _TORCH_NAMES = (
     "requantize_",
     "split_quantized_state",
     "state_nbytes",
+    "straight_through_parameters",
 )
 
 __all__ = [

@@ -48,6 +48,7 @@ __all__ = [
     "requantize_",
     "split_quantized_state",
     "state_nbytes",
+    "straight_through_parameters",
 ]
 
 _RECORD = "_kflats_quantized"
@@ -435,7 +436,8 @@ def quantized_state(module):
     for full, qt in quantized_tensors(module).items():
         if full not in state:
             raise ValueError(
-                f"{full!r} is recorded as quantized but is not in the state"
+                f"{full!r} is recorded as quantized but is not in the state "
+                "dict (still parametrized for training? call requantize_ first)"
             )
         del state[full]
         for key, value in qt.to_state(full + ".").items():
@@ -663,8 +665,12 @@ class _FakeQuantize(nn.Module):
         zero = np.repeat(qt._zeros_or_mid().astype(np.float32), g, axis=1)
         if qt.axis == 0:
             scale, zero = scale.T, zero.T
-        self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(scale)))
-        self.register_buffer("zero", torch.from_numpy(np.ascontiguousarray(zero)))
+        self.register_buffer(
+            "scale", torch.from_numpy(np.ascontiguousarray(scale)), persistent=False
+        )
+        self.register_buffer(
+            "zero", torch.from_numpy(np.ascontiguousarray(zero)), persistent=False
+        )
         self.levels = float((1 << qt.bits) - 1)
 
     def forward(self, x):
@@ -716,6 +722,30 @@ def register_straight_through_(module):
                 owner, attr, _FakeQuantize(qt).to(sub.get_parameter(name).device)
             )
     return module
+
+
+def straight_through_parameters(module):
+    """The latent float parameters that :func:`register_straight_through_` made.
+
+    Give these to the optimizer: iterating a parametrized layer's
+    ``coefficients`` yields the rounded values, which are not leaves.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    params : list of torch.nn.Parameter
+        In module order; empty when nothing is parametrized.
+    """
+    params = []
+    for _, sub in module.named_modules():
+        for name in getattr(sub, _RECORD, {}):
+            owner, attr = _split(sub, name)
+            if parametrize.is_parametrized(owner, attr):
+                params.append(owner.parametrizations[attr].original)
+    return params
 
 
 def _split(sub, name):
