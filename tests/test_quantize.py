@@ -524,3 +524,17 @@ def test_quantized_state_asks_to_requantize_after_training():
         quantized_state(layer)
     requantize_(layer)
     assert "weight.codes" in quantized_state(layer)
+
+
+def test_numpy_core_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kflats.quantize as q; q.quantize([[1.0, 2.0]], 4, None); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
