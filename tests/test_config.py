@@ -261,8 +261,8 @@ def test_overrides_by_pattern_set_k_and_side():
         (lambda m, c: compress(m, c, k=2), r"not both: got a config and \['k'\]"),
         (lambda m, c: compress(m, c, random_state=1), r"\['random_state'\]"),
         (
-            lambda m, c: compress(m, CompressionConfig(0.5, TARGETS, unit="bytes")),
-            "bytes are not supported yet",
+            lambda m, c: compress(m, CompressionConfig(1e-4, TARGETS, unit="bytes")),
+            "cannot be met in bytes",
         ),
         (
             lambda m, c: compress(

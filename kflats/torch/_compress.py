@@ -17,6 +17,7 @@ from ..factorize import damped_moment
 from ..factorize._linear import _check_row_weights, _factorize_linear, _shared_seed
 from ..factorize._search import _factorize, _search_options
 from ..factorize._validation import _check_sample_weight
+from ._bytes import _check_bytes_config, _check_bytes_feasible, _compress_bytes
 from ._calibration import Calibration, calibrate
 from ._config import _CONSTRAINTS, CompressionConfig, _check
 from ._layers import ProjectiveEmbedding, ProjectiveLinear, _weight_as_numpy
@@ -46,6 +47,9 @@ def compress(
     damping=None,
     progress=None,
     sample_weight=None,
+    unit=None,
+    bits=None,
+    group_size=None,
     **factorize_params,
 ):
     """Replace Embedding and Linear modules of a model by projective layers.
@@ -184,15 +188,17 @@ def compress(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     settings = {"targets": targets, "allocation": allocation, "k": k, "ranks": ranks}
     settings.update(side=side, smoothing=smoothing, damping=damping)
+    settings.update(unit=unit, bits=bits, group_size=group_size)
     config, legacy = _as_config(budget, settings, factorize_params)
-    if config.unit != "numbers":
-        raise ValueError(
-            f"unit={config.unit!r}: budgets in bytes are not supported yet; give "
-            "the budget in numbers (unit='numbers')"
-        )
+    bytes_unit = config.unit == "bytes"
+    if bytes_unit:
+        _check_bytes_config(config, sample_weight)
     # 1. select
     names, named = _select(model, config.targets)
-    _check_feasible(config.budget, names, named, config.allocation)
+    if bytes_unit:
+        _check_bytes_feasible(config, names, named)
+    else:
+        _check_feasible(config.budget, names, named, config.allocation)
     for param, value in legacy.items():
         _check_names(value, names, param)
     config.check_overrides_match(names)
@@ -209,6 +215,10 @@ def compress(
         ranks = "uniform" if calibration is None else "adaptive"
         config = replace(config, ranks=ranks)
     config = replace(config, targets=tuple(names))
+    if bytes_unit:  # forms chosen, fitted and swapped in bytes
+        return _compress_bytes(
+            model, names, named, config, objectives, calibration, progress
+        )
     # 2. plan the budget
     probe = calibration.probe if calibration is not None else None
     numbers_of = _plan_numbers(
@@ -335,8 +345,13 @@ def _progress_bar(names, named, progress):
     return tqdm(total=len(names), desc="kflats compress", unit="module")
 
 
-def _fit_module(module, name, numbers, objective, k, side, options, sample_weight):
-    """The projective layer of one module, fitted to store ``numbers``."""
+def _fit_module(
+    module, name, numbers, objective, k, side, options, sample_weight, rank=None
+):
+    """The projective layer of one module, fitted to store ``numbers``.
+
+    ``rank``: fit at that rank instead (``numbers`` is then ``None``).
+    """
     what = f"the share of {name!r}"
     weight = module.weight
     W = _weight_as_numpy(weight)
@@ -348,7 +363,7 @@ def _fit_module(module, name, numbers, objective, k, side, options, sample_weigh
             )
         w = objective.row_weights if objective is not None else sample_weight
         w = _check_sample_weight(w, W.shape[0])
-        factors = _factorize(W, w, k, None, numbers, options, what)
+        factors = _factorize(W, w, k, rank, numbers, options, what)
         layer = ProjectiveEmbedding.from_factors(
             factors,
             padding_idx=module.padding_idx,
@@ -364,7 +379,7 @@ def _fit_module(module, name, numbers, objective, k, side, options, sample_weigh
         _check_row_weights(sample_weight, moment, side)
         options = options._replace(random_state=_shared_seed(options.random_state))
         factors = _factorize_linear(
-            W, k, None, numbers, side, moment, sample_weight, options, what
+            W, k, rank, numbers, side, moment, sample_weight, options, what
         )
         bias = None if module.bias is None else module.bias.detach()
         layer = ProjectiveLinear.from_factors(
@@ -384,12 +399,13 @@ def _module_report(name, module, layer, seconds):
     if layer is None:  # as it was: no clusters, no error, no time
         after = {"k": 0, "ranks": (), "params_after": before, "error": 0.0}
         after.update(seconds=0.0, weight_error=0.0, bytes_after=state_bytes)
-        after["side"] = None
+        after.update(side=None, form="dense")
     else:
         after = {"k": layer.k, "ranks": layer.ranks}
         after.update(params_after=layer.n_params + bias, seconds=seconds)
         after.update(error=layer.factorization_error, weight_error=layer.weight_error)
         after.update(bytes_after=_state_bytes(layer), side=getattr(layer, "side", None))
+        after["form"] = "projective"
     return ModuleReport(
         name=name,
         kind=_kind_name(module),

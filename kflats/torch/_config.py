@@ -97,6 +97,25 @@ _FIT_PARAMS = tuple(
     for name in inspect.signature(KSubspaces).parameters
     if name not in ("k", "j", "affine", "random_state")
 )
+#: Bit widths a budget in bytes may search (those of kflats.quantize).
+_BITS = (2, 3, 4, 6, 8)
+
+
+class _BitsSet:
+    """A non-empty sequence of distinct bit widths among ``_BITS``."""
+
+    text = f"a non-empty sequence of distinct ints among {_BITS}"
+
+    def accepts(self, value):
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+            return False
+        ok = all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v in _BITS
+            for v in value
+        )
+        return ok and len(set(value)) == len(value)
+
+
 #: What an override may set for the modules its pattern matches.
 _OVERRIDE_KEYS = {"k": (_NONE, _K, _Ints()), "side": (_SIDE,)}
 
@@ -120,7 +139,17 @@ _CONSTRAINTS = {
         _Is(np.random.RandomState, "a numpy RandomState"),
     ),
     "fit_params": (_Is(Mapping, f"a dict with keys among {_FIT_PARAMS}"),),
+    "bits": (_BitsSet(),),
+    "group_size": (
+        _NONE,
+        _Interval(numbers.Integral, 1, None, "left", "an int >= 1"),
+    ),
 }
+#: A budget in bytes may also be a byte count.
+_BYTES_BUDGET = (
+    _CONSTRAINTS["budget"][0],
+    _Interval(numbers.Integral, 2, None, "left", "an int >= 2 (a byte count)"),
+)
 
 
 def _describe(constraints):
@@ -191,14 +220,21 @@ class CompressionConfig:
 
     Parameters
     ----------
-    budget : float in (0, 1]
-        Fraction of the selected modules' weight numbers to keep (cluster ids
-        included, biases excluded): of all of them together with
-        ``allocation="global"``, of each with ``"uniform"``.
+    budget : float in (0, 1], or int >= 2 with ``unit="bytes"``
+        With ``unit="numbers"``: fraction of the selected modules' weight
+        numbers to keep (cluster ids included, biases excluded): of all of
+        them together with ``allocation="global"``, of each with
+        ``"uniform"``. With ``unit="bytes"``: a float in (0, 1] is a fraction
+        of the selected modules' float32 bytes (weights and biases, as their
+        state dicts store them); an int >= 2 is a size in bytes (``9_000_000``
+        for 9 MB).
     targets : str, type, list of them, or None, default=None
         Which modules to replace (see :func:`compress`).
     unit : {"numbers", "bytes"}, default="numbers"
-        What the budget counts. Only ``"numbers"`` is implemented.
+        What the budget counts. ``"bytes"``: each module takes the form that
+        the allocation chooses among float32, dense at each of ``bits``,
+        and k = 1 projective factors at a rank, stored in float32 or at each
+        of ``bits`` (see :func:`compress`).
     allocation : {"global", "uniform"}, default="global"
         How the budget is shared out across the modules (see :func:`compress`).
     k : int, sequence of int or None, default=None
@@ -231,6 +267,17 @@ class CompressionConfig:
         Further parameters of :class:`kflats.KSubspaces` (``init``,
         ``n_init``, ``max_iter``, ``tol``, ``verbose``, ``backend``,
         ``device``).
+    bits : sequence of int, default=(8, 6, 4, 3, 2)
+        Bit widths the forms of ``unit="bytes"`` may store their matrices
+        in (among 2, 3, 4, 6 and 8).
+    group_size : int or None, default=None
+        Entries per scale of a quantized matrix, with ``unit="bytes"``; it
+        must divide the row length of every selected module (its
+        ``in_features`` or ``embedding_dim``), and the ranks of projective
+        forms are then its multiples. ``None``: by bit width, 128 for 8
+        bits, 64 for 6, 32 below (32 at most for factors), halved until it
+        divides the row length (one group per row when none of 8 or more
+        does).
 
     Raises
     ------
@@ -268,10 +315,16 @@ class CompressionConfig:
     n_refine: int = 10
     random_state: object = None
     fit_params: dict = field(default_factory=dict)
+    bits: tuple = (8, 6, 4, 3, 2)
+    group_size: int | None = None
 
     def __post_init__(self):
+        _check("unit", self.unit, _CONSTRAINTS["unit"])
         for f in fields(self):
-            _check(f.name, getattr(self, f.name), _CONSTRAINTS[f.name])
+            constraints = _CONSTRAINTS[f.name]
+            if f.name == "budget" and self.unit == "bytes":
+                constraints = _BYTES_BUDGET
+            _check(f.name, getattr(self, f.name), constraints)
         _check_overrides(self.overrides)
         unknown = sorted(set(self.fit_params) - set(_FIT_PARAMS))
         if unknown:
@@ -280,7 +333,13 @@ class CompressionConfig:
                 f"parameters {_FIT_PARAMS}"
             )
         set_ = object.__setattr__
-        set_(self, "budget", float(self.budget))
+        if self.budget <= 1:
+            set_(self, "budget", float(self.budget))
+        else:  # a byte count
+            set_(self, "budget", int(self.budget))
+        set_(self, "bits", tuple(int(b) for b in self.bits))
+        if self.group_size is not None:
+            set_(self, "group_size", int(self.group_size))
         set_(self, "affine", bool(self.affine))
         if isinstance(self.targets, Sequence) and not isinstance(self.targets, str):
             set_(self, "targets", tuple(self.targets))
@@ -357,6 +416,7 @@ class CompressionConfig:
         out["targets"] = _target_to_json(targets)
         if isinstance(self.k, tuple):
             out["k"] = list(self.k)
+        out["bits"] = list(self.bits)
         for settings in out["overrides"].values():
             if isinstance(settings.get("k"), tuple):
                 settings["k"] = list(settings["k"])

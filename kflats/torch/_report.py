@@ -43,6 +43,15 @@ class ModuleReport(NamedTuple):
     side : str or None
         For a Linear: ``"input"`` or ``"output"``, the clustered side;
         ``None`` for an Embedding, or a module kept dense.
+    form : str or None
+        ``"projective"`` (factors) or ``"dense"`` (the weight as a matrix);
+        ``None`` in reports written before forms were recorded.
+    bits : int or None
+        Bits of each stored weight entry (or factor entry) when quantized,
+        ``None`` for float32.
+    group_size : int or None
+        Entries per scale of the quantized matrices (``None``: float32, or
+        one group per row when ``bits`` is set).
     """
 
     name: str
@@ -58,6 +67,9 @@ class ModuleReport(NamedTuple):
     bytes_before: int = 0
     bytes_after: int = 0
     side: str | None = None
+    form: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
 
 
 class CompressionReport(tuple):
