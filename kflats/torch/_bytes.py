@@ -115,8 +115,11 @@ def _forms(module, bits, group_size):
     for r in range(step, top + 1, step):
         size = factors_nbytes([n], [r], d, None, bias=bias)
         forms.append(_Form("projective", None, None, r, size))
+    # groups of factors: at most a quarter of the largest rank, so that small
+    # modules have several ranks to choose from
+    cap = min(_FACTOR_GROUP, max(_MIN_GROUP, 1 << max(top // 4, 1).bit_length() - 1))
     for b in bits:
-        g = _group(b, d, group_size, _FACTOR_GROUP)
+        g = _group(b, d, group_size, cap)
         step = g if g is not None else max(1, top // _FLOAT_STEPS)
         for r in range(step, top + 1, step):
             size = factors_nbytes([n], [r], d, b, g if g else None, bias=bias)

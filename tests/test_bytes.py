@@ -1,0 +1,330 @@
+"""Tests of compress with a budget in bytes: forms, the plan, the report."""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch", reason="kflats.torch needs torch")
+
+from torch import nn  # noqa: E402
+
+from kflats.quantize import (  # noqa: E402
+    factors_nbytes,
+    form_nbytes,
+    quantized_state,
+    quantized_tensors,
+    state_nbytes,
+)
+from kflats.torch import (  # noqa: E402
+    CompressionConfig,
+    ProjectiveLinear,
+    calibrate,
+    compress,
+)
+from kflats.torch._bytes import (  # noqa: E402
+    _Form,
+    _forms,
+    _measured_forms,
+    _plan_bytes,
+    _predicted,
+)
+from kflats.torch._sensitivity import _objectives, _weight_spectrum  # noqa: E402
+
+# --------------------------------------------------------------------------
+# a tiny encoder (input dicts in), rows of 32 so that groups of 32 divide them
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        return self.norm(h + self.down(torch.relu(self.up(h))))
+
+
+class Tiny(nn.Module):
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.layers = nn.ModuleList([Block(d), Block(d)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return {"last_hidden_state": h}
+
+
+def tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
+    ids = [[1 + sum(map(ord, w)) % 63 for w in t.split()] for t in texts]
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
+    return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
+
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park today",
+    "rain is expected over the hills tonight",
+    "she paid the bill with a card",
+    "the train to the city was late again",
+    "bread needs flour water salt and time",
+] * 3
+TARGETS = [nn.Embedding, nn.Linear]
+
+
+def tiny(seed=0, low_rank=False):
+    torch.manual_seed(seed)
+    model = Tiny().eval()
+    if low_rank:  # weights of rank 4: factors pay
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    n, d = m.weight.shape
+                    m.weight.copy_(torch.randn(n, 4) @ torch.randn(4, d) / 4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cal_model():
+    model = tiny(low_rank=True)
+    return model, calibrate(model, TEXTS, tokenizer=tokenizer, targets=TARGETS)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        n: type(m) for n, m in model.named_modules()
+    }
+
+
+def assert_unchanged(model, snap):
+    state, types = snapshot(model)
+    assert types == snap[1]
+    assert all(torch.equal(state[k], snap[0][k]) for k in snap[0])
+
+
+# -- the plan, on synthetic forms -------------------------------------------
+
+
+@st.composite
+def module_forms(draw):
+    """Forms of a few modules: float, dense at each bit width, factors."""
+    all_forms = []
+    for _ in range(draw(st.integers(1, 4))):
+        full = draw(st.integers(1000, 100_000))
+        forms = [_Form("float", None, None, None, full, 0.0)]
+        for b in (8, 6, 4, 3, 2):
+            err = draw(st.floats(0, 1, allow_nan=False))
+            forms.append(_Form("dense", b, 32, None, full * b // 32 + 40, err))
+        for r in range(draw(st.integers(0, 6))):
+            size = draw(st.integers(10, full))
+            err = draw(st.floats(0, 1, allow_nan=False))
+            forms.append(_Form("projective", 4, 32, r + 1, size, err))
+        all_forms.append(forms)
+    scales = draw(
+        st.lists(
+            st.floats(0, 10, allow_nan=False),
+            min_size=len(all_forms),
+            max_size=len(all_forms),
+        )
+    )
+    return all_forms, scales
+
+
+@settings(max_examples=200, deadline=None)
+@given(module_forms(), st.floats(0, 1.2))
+def test_the_plan_never_exceeds_the_budget(case, fraction):
+    all_forms, scales = case
+    least = sum(min(f.nbytes for f in forms) for forms in all_forms)
+    full = sum(forms[0].nbytes for forms in all_forms)
+    allowed = int(least + fraction * (full - least))
+    chosen = _plan_bytes(all_forms, scales, allowed, (8, 6, 4, 3, 2))
+    assert sum(f[i].nbytes for f, i in zip(all_forms, chosen, strict=True)) <= allowed
+
+
+@settings(max_examples=200, deadline=None)
+@given(module_forms(), st.sampled_from((8, 6, 4, 3, 2)), st.integers(0, 500))
+def test_uniform_quantization_is_a_point_of_the_search(case, bits, extra):
+    all_forms, scales = case
+    uniform = [
+        next(i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == bits)
+        for forms in all_forms
+    ]
+    size = sum(f[i].nbytes for f, i in zip(all_forms, uniform, strict=True))
+    chosen = _plan_bytes(all_forms, scales, size + extra, (8, 6, 4, 3, 2))
+    assert _predicted(all_forms, scales, chosen) <= _predicted(
+        all_forms, scales, uniform
+    )
+
+
+def test_uniform_quantization_wins_where_the_greedy_from_the_smallest_loses():
+    # hull (10, 1.0) -> (20, 0.6) -> (100, 0): at 100 bytes the greedy from
+    # the smallest forms stops at 2 x 0.6, uniform int4 holds 2 x 0.5
+    forms = [
+        _Form("float", None, None, None, 100, 0.0),
+        _Form("dense", 4, 32, None, 50, 0.5),
+        _Form("dense", 2, 32, None, 10, 1.0),
+        _Form("projective", 4, 32, 8, 20, 0.6),
+    ]
+    chosen = _plan_bytes([forms, forms], [1.0, 1.0], 100, (4, 2))
+    assert chosen == [1, 1]
+
+
+def test_uniform_inside_the_search_on_measured_forms(cal_model):
+    model, cal = cal_model
+    named = dict(model.named_modules())
+    names = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Embedding))]
+    objectives = _objectives(cal, names, named, 1.0, 1e-2)
+    from kflats.factorize._search import _search_options
+
+    options = _search_options("uniform", False, 0, 10, {})
+    all_forms = []
+    for name in names:
+        forms = _forms(named[name], (8, 6, 4, 3, 2), None)
+        spectrum = _weight_spectrum(named[name], objectives[name])
+        measured, _, _ = _measured_forms(
+            named[name], name, forms, objectives[name], spectrum, options
+        )
+        all_forms.append(measured)
+    scales = [1.0] * len(names)
+    for bits in (8, 4, 2):
+        uniform = [
+            next(i for i, f in enumerate(fs) if f.kind == "dense" and f.bits == bits)
+            for fs in all_forms
+        ]
+        size = sum(f[i].nbytes for f, i in zip(all_forms, uniform, strict=True))
+        chosen = _plan_bytes(all_forms, scales, size, (8, 6, 4, 3, 2))
+        best = _predicted(all_forms, scales, chosen)
+        assert best <= _predicted(all_forms, scales, uniform)
+        # low-rank weights: factors beat uniform quantization outright
+        assert best < 0.5 * _predicted(all_forms, scales, uniform)
+
+
+# -- compress in bytes -------------------------------------------------------
+
+
+def test_factors_nbytes_counts_the_forms_of_the_plan():
+    model = tiny()
+    forms = _forms(model.layers[0].up, (8, 4), None)
+    assert forms[0].nbytes == form_nbytes(model.layers[0].up)
+    r = next(f for f in forms if f.kind == "projective" and f.bits == 4)
+    assert r.group_size == 8 and r.rank == 8
+    assert r.nbytes == factors_nbytes([64], [8], 32, 4, 8, bias=64)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.12, 0.08])
+def test_compress_in_bytes_keeps_to_the_budget(cal_model, budget):
+    base, cal = cal_model
+    model = copy.deepcopy(base)
+    report = compress(
+        model, budget, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= budget * report.bytes_before
+    named = dict(model.named_modules())
+    on_disk = 0
+    for m in report:
+        layer = named[m.name]
+        # the report's bytes are those of the packed state a save writes
+        assert m.bytes_after == state_nbytes(quantized_state(layer))
+        on_disk += m.bytes_after
+        if m.bits is not None:
+            tensors = quantized_tensors(layer)
+            assert tensors and all(qt.bits == m.bits for qt in tensors.values())
+        assert m.form in ("dense", "projective")
+        if m.form == "projective":
+            # quantized layers equal their dense reconstruction
+            dense = layer.to_dense()
+            x = torch.randn(3, layer.in_features) if m.kind == "Linear" else None
+            if x is not None:
+                torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-5)
+    assert on_disk == report.bytes_after
+    # low-rank weights: the plan takes factors
+    assert any(m.form == "projective" for m in report)
+    batch = tokenizer(TEXTS[:3])
+    out = model(**batch)["last_hidden_state"]
+    assert torch.isfinite(out).all()
+
+
+def test_a_byte_count_and_the_report_config_round_trip(cal_model):
+    base, cal = cal_model
+    model = copy.deepcopy(base)
+    size = 12_000
+    report = compress(
+        model, size, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= size
+    config = report.config
+    assert config.unit == "bytes" and config.budget == size
+    assert CompressionConfig.from_dict(config.to_dict()) == config
+    entry = report.to_dict()["modules"][0]
+    assert {"form", "bits", "group_size", "bytes_before", "bytes_after"} <= set(entry)
+    again = copy.deepcopy(base)
+    report2 = compress(again, config, calibration=cal)
+    assert [m.bytes_after for m in report2] == [m.bytes_after for m in report]
+    assert [(m.form, m.bits, m.ranks) for m in report2] == [
+        (m.form, m.bits, m.ranks) for m in report
+    ]
+
+
+def test_without_calibration_and_a_projective_layer_is_quantized():
+    model = tiny(low_rank=True)
+    report = compress(model, 0.15, nn.Linear, unit="bytes", bits=(4,))
+    assert report.bytes_after <= 0.15 * report.bytes_before
+    named = dict(model.named_modules())
+    assert any(m.bits == 4 for m in report)
+    for m in report:
+        layer = named[m.name]
+        assert m.bits in (None, 4)
+        assert bool(quantized_tensors(layer)) == (m.bits == 4)
+        assert isinstance(layer, ProjectiveLinear) == (m.form == "projective")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bits": (5,)}, r"bits must be a non-empty sequence"),
+        ({"bits": ()}, r"bits must be"),
+        ({"group_size": 24}, r"group_size=24 does not divide"),
+        ({"group_size": 0}, r"group_size must be"),
+        ({"k": 4}, r"k=4: with unit='bytes'"),
+        ({"affine": True}, r"affine"),
+    ],
+)
+def test_bad_input_names_the_parameter_and_leaves_the_model(kwargs, match):
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compress(model, 0.2, TARGETS, unit="bytes", **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_a_budget_below_the_smallest_forms_says_the_minimum():
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"smallest forms need (\d+) bytes") as info:
+        compress(model, 0.001, TARGETS, unit="bytes")
+    need = int(re.search(r"need (\d+) bytes", str(info.value)).group(1))
+    assert_unchanged(model, snap)
+    # that minimum is met
+    compress(model, need, TARGETS, unit="bytes")
+
+
+def test_a_byte_count_needs_unit_bytes():
+    with pytest.raises(ValueError, match=r"budget must be a float in \(0, 1\]"):
+        CompressionConfig(5000)
+    assert CompressionConfig(5000, unit="bytes").budget == 5000
+    assert isinstance(CompressionConfig(1, unit="bytes").budget, float)
+
+
+def test_numbers_reports_name_their_forms():
+    model = tiny()
+    report = compress(model, 0.5, nn.Linear, k=1, random_state=0)
+    assert all(m.form in ("projective", "dense") and m.bits is None for m in report)
+    assert np.isfinite([m.error for m in report]).all()
