@@ -60,7 +60,9 @@ from kflats.torch import calibrate  # noqa: E402
 
 SETTINGS = {8: 128, 6: 64, 4: 32, 3: 32, 2: 32}
 PEER_BITS = (8, 4, 3)
-METHODS = ("rtn", "calibrated", "hqq", "torchao")
+METHODS = ("rtn", "calibrated", "hqq", "torchao", "kflats")
+#: sizes of the kflats rows, as fractions of the float32 model's bytes
+KFLATS_BUDGETS = (0.15, 0.10, 0.07)
 
 
 def load_model():
@@ -94,6 +96,36 @@ def kflats_quantized(base, calibration, method, bits, group_size):
             **extra,
         )
     return model, state_nbytes(quantized_state(model))
+
+
+def kflats_bytes(base, calibration, ratio, seed):
+    """kflats under one byte budget: ``ratio`` of the whole float32 model.
+
+    Every Embedding and Linear is a target; what they may take is the size
+    less the bytes of the rest of the state (LayerNorms, kept float32).
+    """
+    from kflats.torch import compress
+
+    model = copy.deepcopy(base)
+    targets = [torch.nn.Embedding, torch.nn.Linear]
+    fp32 = state_nbytes(model.state_dict())
+    selected = sum(
+        state_nbytes(layer.state_dict()) for _, layer in weight_layers(model)
+    )
+    size = int(ratio * fp32) - (fp32 - selected)
+    report = compress(
+        model,
+        size,
+        targets,
+        calibration=calibration,
+        unit="bytes",
+        random_state=seed,
+    )
+    forms = {}
+    for m in report:
+        key = f"{m.form[0]}{m.bits or 32}"
+        forms[key] = forms.get(key, 0) + 1
+    return model, state_nbytes(quantized_state(model)), forms
 
 
 def hqq_quantized(base, bits, group_size):
@@ -150,6 +182,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--bits", default="8,6,4,3,2")
+    parser.add_argument(
+        "--budgets",
+        default=",".join(map(str, KFLATS_BUDGETS)),
+        help="sizes of the kflats rows, fractions of the float32 bytes",
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the kflats rows")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--calibration-sentences", type=int, default=1920)
     args = parser.parse_args(argv)
@@ -172,6 +210,23 @@ def main(argv=None):
 
     rows, notes = [], []
     for method in methods:
+        if method == "kflats":
+            for ratio in (float(b) for b in args.budgets.split(",")):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    t = time.perf_counter()
+                    model, nbytes, forms = kflats_bytes(base, calibration, ratio, seed)
+                    seconds = time.perf_counter() - t
+                    mean, worst, top5 = fidelity(reference, encode(model, evaluation))
+                    label = " ".join(f"{k}:{v}" for k, v in sorted(forms.items()))
+                    row = (f"kflats s{seed}", "mix", "-", nbytes / fp32, nbytes)
+                    rows.append((*row, mean, worst, top5, seconds))
+                    print(
+                        f"kflats {ratio} seed {seed}: {nbytes / fp32:.3f}x mean "
+                        f"{mean:.4f} worst {worst:.4f} top5 {top5:.3f} "
+                        f"({seconds:.1f} s) forms {label}",
+                        flush=True,
+                    )
+            continue
         for bits in bit_list:
             group_size = SETTINGS[bits]
             if method in ("hqq", "torchao") and bits not in PEER_BITS:
@@ -233,6 +288,18 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # the kflats rows of every seed: one line of their means
+    seeds = [r for r in rows if str(r[0]).startswith("kflats")]
+    if seeds:
+        by_size = {}
+        for r in seeds:
+            by_size.setdefault(round(r[3], 2), []).append(r)
+        means = []
+        for group in by_size.values():
+            mean = sum(r[5] for r in group) / len(group)
+            ratio = sum(r[3] for r in group) / len(group)
+            means.append(("kflats", "k", "-", ratio, 0, mean))
+        rows = [r for r in rows if r not in seeds] + means
     for method in dict.fromkeys(r[0] for r in rows):
         pts = sorted((r[3], r[5], r[1]) for r in rows if r[0] == method)
         xs, ys, _ = zip(*pts, strict=True)

@@ -68,14 +68,15 @@ def compress(
     ----------
     model : torch.nn.Module
         Modified in place.
-    budget : float in (0, 1], or CompressionConfig
-        Fraction of the weight numbers to keep (cluster ids included, biases
-        excluded): of all the selected modules together with
-        ``allocation="global"``, of each module with ``"uniform"``. Or a
+    budget : float in (0, 1], int, or CompressionConfig
+        With ``unit="numbers"``: fraction of the weight numbers to keep
+        (cluster ids included, biases excluded): of all the selected
+        modules together with ``allocation="global"``, of each module with
+        ``"uniform"``. Or a
         :class:`CompressionConfig` that holds the budget and every setting
         below but ``calibration``, ``tokenizer``, ``progress`` and
         ``sample_weight`` (the data of the run), which are then not given
-        again.
+        again. With ``unit="bytes"``, see ``unit``.
     targets : str, type, or list of them, default=None
         Which modules to replace. A string is a pattern on qualified module
         names (:mod:`fnmatch` syntax, so ``"encoder.layer.*.output.dense"``);
@@ -134,6 +135,30 @@ def compress(
     sample_weight : array-like of shape (num_embeddings,), default=None
         Row weights of a single Embedding target without calibration (see
         :func:`kflats.factorize.factorize`).
+    unit : {"numbers", "bytes"}, default="numbers"
+        What ``budget`` counts. ``"bytes"``: a float in (0, 1] is a fraction
+        of the selected modules' float32 bytes (weights and biases), an int
+        >= 2 a size in bytes. Each module then takes the form the global
+        allocation chooses, by calibrated error gained per byte, among:
+        kept float32; dense at one of ``bits`` (group-wise, calibrated
+        rounding: GPTQ-style error feedback along a Linear's input moment,
+        token weights for an embedding); k = 1 projective factors (the
+        truncated SVD of the calibrated weight, the output side of a Linear)
+        at a rank, in float32 or at one of ``bits``. Dense quantization at
+        each bit width is measured; the error of quantized factors is
+        modelled as relative noise on what the factors keep, measured once
+        per module and bit width at one rank (the report gives the measured
+        error of the chosen form). Uniform quantization of every module at
+        any of ``bits`` that fits is a point of the search, so the plan's
+        predicted error is never above it. A quantized module holds the
+        dequantized values in its float parameters
+        (:func:`kflats.quantize.quantize_module_`); ``k``, ``ranks`` and
+        ``side`` do not apply.
+    bits : sequence of int, default=(8, 6, 4, 3, 2)
+        Bit widths of the forms of ``unit="bytes"``.
+    group_size : int or None, default=None
+        Entries per scale with ``unit="bytes"`` (see
+        :class:`CompressionConfig`).
     **factorize_params
         Further parameters of :func:`kflats.factorize.factorize`
         (``affine``, ``random_state``, ``n_refine``, and KSubspaces' ``init``,
@@ -174,6 +199,18 @@ def compress(
     ...                   random_state=0)
     >>> type(model[0]).__name__, report[0].name, report[0].params_after <= 4800
     ('ProjectiveEmbedding', '0', True)
+
+    A budget in bytes: a tenth of the float32 bytes of both modules, each
+    stored dense at a few bits or as quantized factors:
+
+    >>> small = torch.nn.Sequential(torch.nn.Embedding(300, 32),
+    ...                             torch.nn.Linear(32, 64))
+    >>> in_bytes = compress(small, 0.1, [torch.nn.Embedding, torch.nn.Linear],
+    ...                     unit="bytes")
+    >>> in_bytes.bytes_after <= 0.1 * in_bytes.bytes_before
+    True
+    >>> sorted({m.form for m in in_bytes} - {"dense", "projective"})
+    []
 
     The run's settings come back as a :class:`CompressionConfig`, which runs
     it again:

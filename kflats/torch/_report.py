@@ -176,6 +176,11 @@ class CompressionReport(tuple):
             "error",
             "seconds",
         )
+        in_bytes = any(m.bits is not None for m in self) or (
+            self.config is not None and self.config.unit == "bytes"
+        )
+        if in_bytes:
+            header += ("form", "bits", "group", "bytes before", "bytes after")
         rows = [header]
         for m in self:
             ranks = m.ranks if len(m.ranks) <= 6 else (*m.ranks[:6], "...")
@@ -193,6 +198,14 @@ class CompressionReport(tuple):
                     f"{m.seconds:.1f}",
                 )
             )
+            if in_bytes:
+                rows[-1] += (
+                    str(m.form),
+                    "32" if m.bits is None else str(m.bits),
+                    "-" if m.group_size is None else str(m.group_size),
+                    str(m.bytes_before),
+                    str(m.bytes_after),
+                )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         return "\n".join(
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
