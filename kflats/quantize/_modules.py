@@ -105,12 +105,12 @@ def _projective_params(module):
 
 def _check_projective_groups(module, group_size):
     d = module.bases.shape[1]
-    _check_group_size(group_size, d, f"the bases' row length d={d}")
+    _check_group_size(group_size, d, "the bases' row length d={}")
     if group_size is None:
         return
     for c, r in enumerate(module.ranks):
         if r:
-            _check_group_size(group_size, r, f"the rank {r} of cluster {c}")
+            _check_group_size(group_size, r, f"the rank {{}} of cluster {c}")
 
 
 def _stack_rows(parts, bits, group_size, symmetric, shape):
@@ -301,7 +301,7 @@ def quantize_module_(
         if token_weights is not None:
             raise ValueError("token_weights are for embeddings; got a Linear")
         W = _np(module.weight)
-        _check_group_size(group_size, W.shape[1], f"in_features={W.shape[1]}")
+        _check_group_size(group_size, W.shape[1], "in_features={}")
         if calibrated and moment is not None:
             qt = quantize_calibrated(W, moment, bits, group_size, **kw)
         else:
@@ -312,7 +312,7 @@ def quantize_module_(
             raise ValueError("moment is for Linear layers; got an embedding")
         _check_weights(token_weights, module.num_embeddings)
         W = _np(module.weight)
-        _check_group_size(group_size, W.shape[1], f"embedding_dim={W.shape[1]}")
+        _check_group_size(group_size, W.shape[1], "embedding_dim={}")
         tensors = {
             "weight": quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))
         }
@@ -634,10 +634,10 @@ def factors_nbytes(
     total = labels + (k * d if affine else 0) * float_bytes + int(bias) * float_bytes
     meta = 8 * 5
     if bits is not None:
-        _check_group_size(group_size, d, f"the bases' row length d={d}")
+        _check_group_size(group_size, d, "the bases' row length d={}")
         for c, r in enumerate(ranks):
             if r:
-                _check_group_size(group_size, r, f"the rank {r} of cluster {c}")
+                _check_group_size(group_size, r, f"the rank {{}} of cluster {c}")
 
     def matrix(rows, cols):
         if bits is None or rows * cols == 0:
