@@ -55,6 +55,7 @@ _TORCH_NAMES = (
     "quantize_module_",
     "quantized_state",
     "quantized_tensors",
+    "rank_group_size",
     "record_quantized_",
     "register_straight_through_",
     "requantize_",

@@ -16,8 +16,9 @@ output-side Linear); then the coefficients are refitted to the rounded
 bases by least squares (so the float reconstruction is matched as closely as
 ``V_hat`` allows) and rounded with error feedback along the moment of their
 own input (``V_hat V_hat^T``, ``V_hat C V_hat^T``, or ``C_cc``). Groups run
-along the long dimension of a basis (``d``) and along the rank of a
-coefficient row, so ``group_size`` must divide ``d`` and every non-zero rank.
+along the long dimension of a basis (``d``, which ``group_size`` must
+divide) and along the rank of a coefficient row (each cluster's rank takes
+its divisor nearest ``group_size``: :func:`rank_group_size`).
 """
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "quantized_tensors",
     "record_quantized_",
     "register_straight_through_",
+    "rank_group_size",
     "requantize_",
     "split_quantized_state",
     "state_nbytes",
@@ -106,11 +108,37 @@ def _projective_params(module):
 def _check_projective_groups(module, group_size):
     d = module.bases.shape[1]
     _check_group_size(group_size, d, "the bases' row length d={}")
-    if group_size is None:
-        return
-    for c, r in enumerate(module.ranks):
-        if r:
-            _check_group_size(group_size, r, f"the rank {{}} of cluster {c}")
+
+
+def rank_group_size(rank, group_size):
+    """Group size of a coefficient row of length ``rank``: its divisor nearest.
+
+    Ranks follow the clusters (a cluster of 45 features has rank at most
+    45), so ``group_size`` need not divide them: a cluster's coefficients
+    take the divisor of its rank closest to ``group_size`` on a log scale
+    (the larger one on a tie; ``rank`` itself when ``group_size`` is None).
+
+    Parameters
+    ----------
+    rank : int
+        Positive.
+    group_size : int or None
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from kflats.quantize import rank_group_size
+    >>> [rank_group_size(r, 32) for r in (64, 96, 45, 50, 173, 8)]
+    [32, 32, 45, 25, 173, 8]
+    """
+    rank = int(rank)
+    if group_size is None or rank % group_size == 0:
+        return rank if group_size is None else int(group_size)
+    divisors = [q for q in range(1, rank + 1) if rank % q == 0]
+    return min(divisors, key=lambda q: (abs(np.log(q / group_size)), -q))
 
 
 def _stack_rows(parts, bits, group_size, symmetric, shape):
@@ -145,6 +173,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
     out_v, out_u = [], {}
     for c, (u, v, idx) in enumerate(zip(U, V, rows, strict=True)):
         r = v.shape[0]
+        gu = rank_group_size(r, g) if r else None
         if r == 0 or u.shape[0] == 0:
             if r:  # an empty cluster still stores its bases
                 out_v.append(quantize(v, bits, g, **_rtn_kw(kw)))
@@ -152,7 +181,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
         if not calibrated:
             vq = quantize(v, bits, g, **_rtn_kw(kw))
             out_v.append(vq)
-            out_u[c] = quantize(u, bits, g, **_rtn_kw(kw))
+            out_u[c] = quantize(u, bits, rank_group_size(r, g), **_rtn_kw(kw))
             continue
         if side == "output":
             Cm = np.eye(v.shape[1]) if moment is None else C
@@ -160,7 +189,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
             vq = quantize_calibrated(v, Cm, bits, g, axis=1, **kw)
             vh = vq.dequantize().astype(np.float64)
             u2 = _lstsq_refit(u, v, vh, Lm)
-            uq = quantize_calibrated(u2, vh @ Cm @ vh.T, bits, g, axis=1, **kw)
+            uq = quantize_calibrated(u2, vh @ Cm @ vh.T, bits, gu, axis=1, **kw)
         else:
             if side == "input":
                 Ccc = np.eye(len(idx)) if moment is None else C[np.ix_(idx, idx)]
@@ -172,9 +201,9 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
             vh = vq.dequantize().astype(np.float64)
             u2 = _lstsq_refit(u, v, vh)
             if side == "input":
-                uq = quantize_calibrated(u2.T, Ccc, bits, g, axis=0, **kw).T
+                uq = quantize_calibrated(u2.T, Ccc, bits, gu, axis=0, **kw).T
             else:
-                uq = quantize_calibrated(u2, vh @ vh.T, bits, g, axis=1, **kw)
+                uq = quantize_calibrated(u2, vh @ vh.T, bits, gu, axis=1, **kw)
         out_v.append(vq)
         out_u[c] = uq
     tensors = {}
@@ -544,12 +573,11 @@ def form_nbytes(
         return total
     meta = 8 * 5  # the int64 meta entry of each packed tensor
 
-    def packed(shape, axis=1):
+    def packed(shape, g=group_size):
         return meta + quantized_nbytes(
             shape,
             bits,
-            group_size,
-            axis=axis,
+            g,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
@@ -563,7 +591,8 @@ def form_nbytes(
             total += packed(tuple(module.bases.shape)) - plain(module.bases)
         for u in module.coefficients:
             if u.numel():
-                total += packed(tuple(u.shape)) - plain(u)
+                gu = rank_group_size(u.shape[1], group_size)
+                total += packed(tuple(u.shape), gu) - plain(u)
         return total
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return total + packed(tuple(module.weight.shape)) - plain(module.weight)
@@ -635,23 +664,22 @@ def factors_nbytes(
     meta = 8 * 5
     if bits is not None:
         _check_group_size(group_size, d, "the bases' row length d={}")
-        for c, r in enumerate(ranks):
-            if r:
-                _check_group_size(group_size, r, f"the rank {{}} of cluster {c}")
 
-    def matrix(rows, cols):
+    def matrix(rows, cols, g=group_size):
         if bits is None or rows * cols == 0:
             return rows * cols * float_bytes
         return meta + quantized_nbytes(
             (rows, cols),
             bits,
-            group_size,
+            g,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
 
     total += matrix(sum(ranks), d)
-    return int(total + sum(matrix(s, r) for s, r in zip(sizes, ranks, strict=True)))
+    for s, r in zip(sizes, ranks, strict=True):
+        total += matrix(s, r, rank_group_size(r, group_size) if r else None)
+    return int(total)
 
 
 class _FakeQuantize(nn.Module):

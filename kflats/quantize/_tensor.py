@@ -26,9 +26,12 @@ def _check_axis(axis):
 
 
 def _check_group_size(group_size, length, what):
-    """The group size along a dimension of ``length``; ``None`` is the whole row."""
+    """The group size along a dimension of ``length``; ``None`` is the whole row.
+
+    ``length=None`` checks only that ``group_size`` is a positive int or None.
+    """
     if group_size is None:
-        return max(int(length), 1)
+        return None if length is None else max(int(length), 1)
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(
             f"group_size must be a positive int or None, got {group_size!r}"
@@ -36,7 +39,7 @@ def _check_group_size(group_size, length, what):
     group_size = int(group_size)
     if group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size}")
-    if length % group_size:
+    if length is not None and length % group_size:
         raise ValueError(
             f"group_size={group_size} does not divide {what.format(length)}; choose a "
             "divisor of it, or group_size=None for one group per row"
