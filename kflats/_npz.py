@@ -27,11 +27,16 @@ _MAX_HEADER = 10_000
 
 
 class Header(NamedTuple):
-    """What an ``.npy`` header declares, read before the data."""
+    """What an ``.npy`` header declares, read before the data.
+
+    ``dtype`` is in native byte order (the data is read in the declared
+    order, ``declared``, and converted).
+    """
 
     shape: tuple
     dtype: np.dtype
     fortran_order: bool
+    declared: np.dtype
 
     @property
     def nbytes(self):
@@ -69,13 +74,14 @@ def _read_header(fp, where):
         )
     if any(not isinstance(s, int) or s < 0 for s in shape):
         raise ValueError(f"{where}: invalid shape {shape}")
-    return Header(tuple(shape), dtype, bool(fortran))
+    native = dtype.newbyteorder("=") if dtype.byteorder not in "=|" else dtype
+    return Header(tuple(shape), native, bool(fortran), dtype)
 
 
 def _read_data(fp, header, where):
     """The array the header announced, read from ``fp`` (after the header)."""
     count = int(np.prod(header.shape, dtype=np.int64))
-    array = np.empty(count, dtype=header.dtype)
+    array = np.empty(count, dtype=header.declared)
     view = memoryview(array.view(np.uint8).reshape(-1))
     got = 0
     while got < header.nbytes:

@@ -125,7 +125,10 @@ def test_module_round_trip(tmp_path, dtype, silent):
     save_compressed(model, path)
     assert files_of(path) == ["kflats.json", "model.safetensors"]
     manifest = json.loads((path / "kflats.json").read_text())
-    assert manifest["format"] == "kflats.compressed" and manifest["version"] == 2
+    assert manifest["format"] == "kflats.compressed" and manifest["version"] == 3
+    # each Linear records three numbers it computes, checked when it loads
+    checks = {name: manifest["modules"][name].pop("check") for name in ("1", "3")}
+    assert all(len(c) == 3 and c[2] > 0 for c in checks.values())
     assert manifest["kind"] == "module"
     assert manifest["architecture"] == "torch.nn.modules.container.Sequential"
     assert manifest["modules"] == {
@@ -334,8 +337,8 @@ def test_load_rejects_another_manifest(saved, text, match):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"version": 1}, "format version 1; this kflats reads version 2"),
-        ({"version": 3}, "format version 3"),
+        ({"version": 1}, "format version 1; this kflats reads versions 2 and 3"),
+        ({"version": 4}, "format version 4"),
         ({"kind": "onnx"}, "incomplete"),
         ({"modules": {}}, "incomplete"),
     ],
@@ -347,6 +350,39 @@ def test_load_rejects_other_versions_and_incomplete_manifests(saved, changes, ma
     with pytest.raises(ValueError, match=match):
         load_compressed(saved, fresh)
     assert_unchanged(fresh, before)
+
+
+def test_load_reads_format_version_2(saved):
+    # version 2 wrote no check of the Linear layers; it loads all the same
+    manifest = json.loads((saved / "kflats.json").read_text())
+    for entry in manifest["modules"].values():
+        entry.pop("check", None)
+    edit_manifest(saved, version=2, modules=manifest["modules"])
+    assert torch.equal(load_compressed(saved, build(seed=1))(IDS), compressed()(IDS))
+    edit_manifest(saved, version=3)  # version 3 requires the check
+    with pytest.raises(ValueError, match="its entry must be an object of the keys"):
+        load_compressed(saved, build(seed=1))
+
+
+def test_load_refuses_a_square_linear_of_the_other_side(tmp_path):
+    # the tensors of a square layer have the same shapes on both sides: only
+    # the check recorded in kflats.json tells that the side was changed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12))
+    compress(model, 0.5, targets="0", k=2, side="output", random_state=0)
+    save_compressed(model, tmp_path / "a")
+    fresh = nn.Sequential(nn.Linear(12, 12))
+    before = snapshot(fresh)
+    manifest = json.loads((tmp_path / "a" / "kflats.json").read_text())
+    manifest["modules"]["0"]["side"] = "input"
+    (tmp_path / "a" / "kflats.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="tensors of '0' do not compute what"):
+        load_compressed(tmp_path / "a", fresh)
+    assert_unchanged(fresh, before)
+    manifest["modules"]["0"]["side"] = "output"
+    (tmp_path / "a" / "kflats.json").write_text(json.dumps(manifest))
+    x = torch.randn(3, 12)
+    assert torch.equal(load_compressed(tmp_path / "a", fresh)(x), model(x))
 
 
 def test_load_of_a_plain_module_needs_the_model(saved):

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,9 @@ from ._layers import ProjectiveEmbedding, ProjectiveLinear
 __all__ = ["load_compressed", "save_compressed"]
 
 _FORMAT = "kflats.compressed"
-_VERSION = 2
+_VERSION = 3
+# version 2 lacks the "check" of each ProjectiveLinear entry; it reads as well
+_READABLE_VERSIONS = (2, 3)
 _MANIFEST = "kflats.json"
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -73,6 +76,24 @@ def _projective(module):
     }
 
 
+def _probe(layer):
+    """Three numbers that a ProjectiveLinear computes: a check of its tensors.
+
+    The layer's output ``y`` on a fixed input: its sum, its sum with fixed
+    weights, its norm (the scale of the other two). Read back with the wrong
+    side (the tensors of a square layer have the same shapes on both sides),
+    the layer computes with the transpose and the sums move by about the
+    norm; rounding moves them by far less.
+    """
+    weight = layer.bases
+    with torch.no_grad():
+        n = torch.arange(1, layer.in_features + 1, dtype=torch.float64)
+        x = torch.sin(n).to(weight.device, weight.dtype)
+        y = layer(x[None])[0].to(torch.float64).cpu()
+        w = torch.cos(torch.arange(1, layer.out_features + 1, dtype=torch.float64))
+        return [float(y.sum()), float((y * w).sum()), float(y.norm())]
+
+
 def _describe(layer):
     """The kflats.json entry of a layer: what its constructor needs but labels."""
     if isinstance(layer, ProjectiveEmbedding):
@@ -81,6 +102,7 @@ def _describe(layer):
     else:
         shape = [layer.in_features, layer.out_features]
         extra = {"bias": layer.bias is not None, "side": layer.side}
+        extra["check"] = _probe(layer)
     return {
         "type": type(layer).__name__,
         "shape": shape,
@@ -148,6 +170,8 @@ def _quiet():
 # that no symbolic link leads out of it), tensor headers against the
 # manifest and the model before any tensor is read.
 _MAX_JSON = 32 * 2**20  # bytes of one JSON file
+_MAX_JSON_VALUES = 2**20  # values in one JSON file
+_MAX_JSON_CONTAINERS = 2**18  # lists and objects in one JSON file
 _MAX_ENTRIES = 100_000  # files and folders inside a compressed folder
 _MAX_MODULES = 65_536  # projective layers one kflats.json may list
 _MAX_DIM = 2**31 - 1
@@ -232,7 +256,18 @@ def _read_json(path, where, what=None):
                 f"{where}: {what} is {size} bytes, larger than any kflats writes "
                 f"({_MAX_JSON} at most)"
             )
-        return json.loads(path.read_bytes())
+        text = path.read_bytes()
+        # a bound on the values before they are parsed: commas separate them,
+        # brackets open the containers (each costs tens of bytes once parsed)
+        if text.count(b",") > _MAX_JSON_VALUES or (
+            text.count(b"[") + text.count(b"{") > _MAX_JSON_CONTAINERS
+        ):
+            raise ValueError(
+                f"{where}: {what} holds more values than any kflats writes "
+                f"({_MAX_JSON_VALUES} at most, {_MAX_JSON_CONTAINERS} lists "
+                "and objects)"
+            )
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         if str(exc).startswith(where):
             raise
@@ -595,13 +630,14 @@ def _read_manifest(directory):
     version = manifest.get("version")
     if type(version) is not int:
         raise ValueError(
-            f"{str(path)!r}: 'version' must be the integer format version "
-            f"{_VERSION}, got {version!r} ({type(version).__name__})"
+            f"{str(path)!r}: 'version' must be an integer format version (this "
+            f"kflats reads {' and '.join(map(str, _READABLE_VERSIONS))}), got "
+            f"{version!r} ({type(version).__name__})"
         )
-    if version != _VERSION:
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
-            f"{where} has format version {version}; this kflats reads version "
-            f"{_VERSION}"
+            f"{where} has format version {version}; this kflats reads versions "
+            f"{' and '.join(map(str, _READABLE_VERSIONS))}"
         )
     _check_schema(manifest, where)
     return manifest
@@ -662,11 +698,13 @@ def _check_schema(manifest, where):
             raise bad("a layer name", "a dotted module name", name)
         field = f"{name}|"
         layer = entry.get("type") if isinstance(entry, dict) else None
-        if layer not in _LAYERS:
+        if not isinstance(layer, str) or layer not in _LAYERS:
             raise ValueError(
                 f"{where}: unknown layer entry for {name!r}: {entry!r}"[:300]
             )
         keys = _ENTRY_KEYS[layer]
+        if layer == "ProjectiveLinear" and manifest["version"] >= 3:
+            keys = keys | {"check"}
         if set(entry) != keys:
             raise bad(
                 f"{field}its entry",
@@ -688,6 +726,13 @@ def _check_schema(manifest, where):
             if padding is not None:
                 integer(f"{field}padding_idx", padding, -n, n - 1)
         boolean(f"{field}affine", entry["affine"])
+        check = entry.get("check", [0.0] * 3)
+        if (
+            not isinstance(check, list)
+            or len(check) != 3
+            or not all(type(v) in (int, float) and math.isfinite(v) for v in check)
+        ):
+            raise bad(f"{field}check", "a list of 3 finite numbers", check)
         ranks = entry["ranks"]
         # one cluster holds at least one of the n rows: at most n ranks
         if not isinstance(ranks, list) or not 1 <= len(ranks) <= n:
@@ -793,8 +838,18 @@ _CONFIG_SIZES = (
 )
 
 
-def _check_config(folder, cls, where):
-    """config.json: no code to run, sizes that are integers, the saved class."""
+# counts of layers among them
+_CONFIG_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _check_config(folder, cls, stored, where):
+    """config.json: no code to run, sizes that are integers, the saved class.
+
+    Sizes are bounded by the stored tensors, which the model must match
+    anyway: a count of layers by the number of tensors (each layer holds
+    one at least), any other size by the largest tensor (or 2**20), so that
+    even the meta-device build that checks the shapes stays quick.
+    """
     config = _read_json(_inside(folder, "config.json", where, "config.json"), where)
     if not isinstance(config, dict):
         raise ValueError(f"{where}: config.json is not a JSON object")
@@ -803,16 +858,19 @@ def _check_config(folder, cls, where):
             f"{where}: its config.json asks to run code from the folder (auto_map); "
             "kflats never runs code from a compressed folder"
         )
+    largest = max((math.prod(shape) for shape, _ in stored.values()), default=0)
     for key in _CONFIG_SIZES:
         value = config.get(key)
-        if (
-            key in config
-            and value is not None
-            and (type(value) is not int or not 0 <= value <= _MAX_DIM)
-        ):
+        if key not in config or value is None:
+            continue
+        if key in _CONFIG_COUNTS:
+            high = len(stored)
+        else:
+            high = min(max(largest, 2**20), _MAX_DIM)
+        if type(value) is not int or not 0 <= value <= high:
             raise ValueError(
                 f"{where}: config.json has {key} = {value!r}; an integer in "
-                f"0..{_MAX_DIM} expected"
+                f"0..{high} expected (the folder's tensors bound it)"
             )
     expected = getattr(cls.config_class, "model_type", None)
     if expected and config.get("model_type") != expected:
@@ -906,9 +964,10 @@ def _build_transformers(cls, directory, root, where, dtype, meta=False):
         try:
             with no_init_weights(), torch.device("meta" if meta else "cpu"):
                 model = cls._from_config(config, **options)
-        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        except Exception as exc:  # whatever the class's constructor raises
             raise ValueError(
-                f"{where}: config.json does not build a {cls.__name__}: {exc}"
+                f"{where}: config.json does not build a {cls.__name__}: "
+                f"{type(exc).__name__}: {exc}"
             ) from None
         # no_init_weights also skips the tying of weights that post_init does
         model.tie_weights()
@@ -1084,6 +1143,33 @@ def _fit(hf, modules, files, stored, where):
     return plans, ties
 
 
+def _verify(plans, modules, state, where):
+    """Each ProjectiveLinear, given its tensors, computes what kflats.json says.
+
+    The layers are still apart from the model: a mismatch leaves it as it
+    was. Folders of format version 2 carry no check.
+    """
+    for name, layer in plans.items():
+        check = modules[name].get("check")
+        if check is None:
+            continue
+        prefix = name + "."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if layer.bases.device.type == "meta":
+            continue
+        layer.load_state_dict(own, strict=True)
+        got = _probe(layer)
+        # float32 rounds at 1e-7, float16 at 1e-3 (relative to each output)
+        tol = (1e-2 if layer.bases.dtype.itemsize <= 2 else 1e-4) * check[2] + 1e-6
+        if any(abs(a - b) > tol for a, b in zip(got, check, strict=True)):
+            side = modules[name]["side"]
+            raise ValueError(
+                f"{where}: the tensors of {name!r} do not compute what {_MANIFEST} "
+                f"records for it (a ProjectiveLinear of side {side!r}: was the "
+                "side or a tensor changed?)"
+            )
+
+
 def load_compressed(directory, model=None, *, device=None):
     """Load a model from a folder written by :func:`save_compressed`.
 
@@ -1203,10 +1289,11 @@ def load_compressed(directory, model=None, *, device=None):
         cls = _import_class(
             root["architecture"], "transformers", transformers.PreTrainedModel, where
         )
-        _check_config(folder, cls, where)
-        _check_tokenizer(folder, kind, where)
     files, weight_map = _weight_files(folder, where)
     stored = _stored(files, where, weight_map)
+    if cls is not None:
+        _check_config(folder, cls, stored, where)
+        _check_tokenizer(folder, kind, where)
     _check_layers(modules, stored, where)
     dtype = _stored_dtype(modules, stored, where)
     if model is None:
@@ -1241,6 +1328,7 @@ def load_compressed(directory, model=None, *, device=None):
     plans, ties = _fit(hf, modules, files, stored, where)
     state = _read_tensors(files, set(stored), where)
     state.update({key: state[source] for key, source in ties.items()})
+    _verify(plans, modules, state, where)
     # checked: from here on nothing can fail on the user's input
     for name, layer in plans.items():
         parent, _, child = name.rpartition(".")
