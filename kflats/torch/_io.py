@@ -170,7 +170,7 @@ def _quiet():
 # that no symbolic link leads out of it), tensor headers against the
 # manifest and the model before any tensor is read.
 _MAX_JSON = 32 * 2**20  # bytes of one JSON file
-_MAX_JSON_VALUES = 2**20  # values in one JSON file
+_MAX_JSON_VALUES = 2**19  # values in one JSON file
 _MAX_JSON_CONTAINERS = 2**18  # lists and objects in one JSON file
 _MAX_ENTRIES = 100_000  # files and folders inside a compressed folder
 _MAX_MODULES = 65_536  # projective layers one kflats.json may list
