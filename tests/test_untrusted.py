@@ -550,6 +550,8 @@ TENSORS = [
     ("extra_tensor", {"evil": torch.zeros(1)}, r"unexpected \(evil\)"),
     ("coefficients_rank", {"1__coefficients__0": torch.zeros(8, 9)}, "stored with"),
     ("bases_shape", {"1__bases": torch.zeros(3, 24)}, "1.bases is stored with"),
+    ("coefficients_0d", {"1__coefficients__0": torch.tensor(1.0)}, "stored with"),
+    ("means_1d", {"1__means": torch.zeros(24)}, "1.means is stored with shape"),
 ]
 for _name, _changes, _match in TENSORS:
 
@@ -807,6 +809,19 @@ def test_a_valid_folder_loads_exactly(folders, tmp_path, stdin_says_yes):
         with torch.no_grad():
             assert torch.equal(world.outputs(world.load()), world.expected[kind])
     assert not any((tmp_path / k / "marker").exists() for k in ("module", "bert", "st"))
+
+
+def test_a_half_precision_folder_loads_in_its_dtype(folders, tmp_path):
+    # nothing is cast: the model is built in the dtype the tensors hold
+    world = World(tmp_path, folders, "bert")
+    state = world.tensors()
+    world.write_tensors(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    )
+    model = world.load()
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key].half() if key in state else value)
 
 
 def test_huge_manifest_fails_fast_and_small(folders, tmp_path):

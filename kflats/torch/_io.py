@@ -917,6 +917,14 @@ def _import_class(path, package, base, where):
     )
 
 
+def _dtype_keyword():
+    """How transformers names the dtype to build in (``torch_dtype`` before 5)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return "dtype" if major >= 5 else "torch_dtype"
+
+
 def _build_transformers(cls, directory, root, where, dtype, meta=False):
     """The transformers model of the folder, built from its config.json.
 
@@ -938,7 +946,7 @@ def _build_transformers(cls, directory, root, where, dtype, meta=False):
     # rather than read from the folder (which could name a hub kernel).
     options = {"attn_implementation": _portable_attention(root)}
     if dtype != torch.float32:
-        options["dtype"] = dtype
+        options[_dtype_keyword()] = dtype
     with _quiet():
         try:
             config = transformers.AutoConfig.from_pretrained(
@@ -993,7 +1001,7 @@ def _build_sentence_transformer(directory, manifest, device, where, dtype):
     )
     model_kwargs = {"attn_implementation": _portable_attention(manifest["root"])}
     if dtype != torch.float32:
-        model_kwargs["dtype"] = dtype
+        model_kwargs[_dtype_keyword()] = dtype
     # The transformer's weights file holds the factors where the library
     # expects dense weights: it reports them as unexpected, and initializes
     # the dense weights it does not find; both are replaced next.
@@ -1028,10 +1036,11 @@ def _check_layers(modules, stored, where):
             expected[f"{name}.means"] = (len(ranks), d)
         rows = 0
         for c, r in enumerate(ranks):
-            coefficients = stored.get(f"{name}.coefficients.{c}")
-            if coefficients is not None:
-                rows += coefficients[0][0] if coefficients[0] else 0
-                expected[f"{name}.coefficients.{c}"] = (coefficients[0][0], r)
+            key = f"{name}.coefficients.{c}"
+            shape = stored[key][0] if key in stored else None
+            if shape is not None:
+                rows += shape[0] if len(shape) == 2 else 0
+                expected[key] = (shape[0] if len(shape) == 2 else "n_c", r)
         for key, shape in expected.items():
             if key in stored and stored[key][0] != shape:
                 side = f", side {entry['side']!r}" if "side" in entry else ""
