@@ -733,6 +733,31 @@ for _name, _change, _match in MODULES:
     case("sentence-transformers", "st", _match)(_spoil)
 
 
+def _dense(w, **config):
+    dense = w.path("2_Dense")
+    dense.mkdir()
+    base = {"in_features": 32, "out_features": 8, "bias": True}
+    (dense / "config.json").write_text(json.dumps({**base, **config}))
+    kind = "sentence_transformers.base.modules.dense.Dense"
+    entry = {"idx": 2, "name": "2", "path": "2_Dense", "type": kind}
+    _modules(w, lambda e: e + [entry])
+
+
+@case("sentence-transformers", "st", "2_Dense/config.json has out_features = 10995")
+def dense_out_huge(w):
+    _dense(w, out_features=2**40)
+
+
+@case("sentence-transformers", "st", "2_Dense/config.json has in_features = '32'")
+def dense_in_str(w):
+    _dense(w, in_features="32")
+
+
+@case("sentence-transformers", "st", r"announces a layer of 60000 x 60000")
+def dense_too_big(w):
+    _dense(w, in_features=60_000, out_features=60_000)
+
+
 @case("sentence-transformers", "st", "modules.json cannot be read")
 def modules_json_missing(w):
     w.path("modules.json").unlink()

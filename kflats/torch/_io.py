@@ -801,6 +801,8 @@ def _check_modules_json(directory, root, where):
         with warnings.catch_warnings():  # deprecated aliases are still accepted
             warnings.simplefilter("ignore")
             _import_class(kind, "sentence_transformers", nn.Module, where)
+        if entry["name"] != root["module"]:
+            _check_module_config(folder, entry["path"], where)
     module = root["module"]
     if module not in names:
         raise ValueError(
@@ -812,6 +814,36 @@ def _check_modules_json(directory, root, where):
         raise ValueError(
             f"{where}: {_MANIFEST} places module {module!r} in {root['path']!r}, "
             f"modules.json in {path!r}"
+        )
+
+
+# the sizes in the config.json of a sentence-transformers module (Dense, ...)
+_MODULE_SIZES = ("in_features", "out_features", "word_embedding_dimension")
+
+
+def _check_module_config(folder, path, where):
+    """A module's sizes, bounded by its stored tensors, before it is built."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        return
+    config = _read_json(config_path, where, f"{path}/config.json".lstrip("/"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: {path}/config.json is not a JSON object")
+    weights = folder / _WEIGHTS
+    stored = _stored([weights], where) if weights.is_file() else {}
+    high = max([2**16] + [math.prod(shape) for shape, _ in stored.values()])
+    sizes = {key: config[key] for key in _MODULE_SIZES if key in config}
+    for key, value in sizes.items():
+        if type(value) is not int or not 0 <= value <= high:
+            raise ValueError(
+                f"{where}: {path}/config.json has {key} = {value!r}; an integer in "
+                f"0..{high} expected (the module's tensors bound it)"
+            )
+    if math.prod(sizes.get(k, 1) for k in ("in_features", "out_features")) > high:
+        raise ValueError(
+            f"{where}: {path}/config.json announces a layer of "
+            f"{sizes['in_features']} x {sizes['out_features']}, more numbers than "
+            "the module stores"
         )
 
 
