@@ -383,9 +383,11 @@ def test_layer_bad_input_leaves_it_unchanged():
     layer = ProjectiveEmbedding(30, 16, ranks=(6, 4))
     before = copy.deepcopy(layer.state_dict())
     with pytest.raises(
-        ValueError, match="group_size=4 does not divide the rank 6 of cluster 0"
+        ValueError, match="group_size=3 does not divide the bases' row length d=16"
     ):
-        quantize_module_(layer, 4, 4)
+        quantize_module_(layer, 4, 3)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        quantize_module_(layer, 4, 0)
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_module_(layer, 5, 2)
     with pytest.raises(ValueError, match="token_weights must be 30"):

@@ -42,7 +42,12 @@ Measured with torch 2.13 (CPU): torchao 0.18.0, optimum-quanto 0.2.7, hqq
 None packs 3- and 6-bit codes tightly into plain tensors, and none offers
 calibrated (GPTQ) rounding on CPU, so both are written here in numpy (the
 core stays numpy/scipy); torchao and HQQ serve as the peers of
-``benchmarks/bytes_report.py``.
+``benchmarks/bytes_report.py``. There, on all-MiniLM-L6-v2 (every weight
+matrix, embeddings included; mean cosine of held-out sentence embeddings,
+bytes on disk over float32 bytes): int4 g32 at 0.150x gives 0.9747
+round-to-nearest, 0.9918 calibrated, 0.9749 HQQ (0.157x), 0.9593 torchao
+(0.290x, one code per byte); int3 g32 at 0.118x gives 0.8964, 0.9641, and
+0.8927 HQQ (0.132x).
 """
 
 from ._gptq import quantize_calibrated
@@ -55,6 +60,7 @@ _TORCH_NAMES = (
     "quantize_module_",
     "quantized_state",
     "quantized_tensors",
+    "rank_group_size",
     "record_quantized_",
     "register_straight_through_",
     "requantize_",

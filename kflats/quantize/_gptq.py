@@ -140,9 +140,9 @@ def quantize_calibrated(
     W = _as_matrix(W)
     rows, cols = W.shape
     if axis == 1:
-        g = _check_group_size(group_size, cols, "the row length")
+        g = _check_group_size(group_size, cols, "the row length ({})")
     else:
-        g = _check_group_size(group_size, rows, "the column length")
+        g = _check_group_size(group_size, rows, "the column length ({})")
     damping = float(damping)
     if not damping >= 0 or not np.isfinite(damping):
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")

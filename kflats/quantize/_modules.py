@@ -16,8 +16,18 @@ output-side Linear); then the coefficients are refitted to the rounded
 bases by least squares (so the float reconstruction is matched as closely as
 ``V_hat`` allows) and rounded with error feedback along the moment of their
 own input (``V_hat V_hat^T``, ``V_hat C V_hat^T``, or ``C_cc``). Groups run
-along the long dimension of a basis (``d``) and along the rank of a
-coefficient row, so ``group_size`` must divide ``d`` and every non-zero rank.
+along the long dimension of a basis (``d``, which ``group_size`` must
+divide) and along the rank of a coefficient row (each cluster's rank takes
+its divisor nearest ``group_size``: :func:`rank_group_size`).
+
+Measured on all-MiniLM-L6-v2 (factors with k=2, j=64 of three Linear
+layers, both sides, calibrated on 512 sentences, the output error on the
+held-out sentences' moment, relative to the weight's): quantizing the
+factors at int4 g32 adds 0.0008-0.0123 calibrated against 0.0027-0.0141
+round-to-nearest, at int3 0.0026-0.0466 against 0.0084-0.0574 (the input
+side gains most, 3x); the word embedding's factors (k=4, j=64) 0.0098
+against 0.0112 at int4. The least-squares refit of the coefficients alone
+lowers the error by 2-10 % on random layers (a test keeps it).
 """
 
 import numpy as np
@@ -45,6 +55,7 @@ __all__ = [
     "quantized_tensors",
     "record_quantized_",
     "register_straight_through_",
+    "rank_group_size",
     "requantize_",
     "split_quantized_state",
     "state_nbytes",
@@ -105,12 +116,38 @@ def _projective_params(module):
 
 def _check_projective_groups(module, group_size):
     d = module.bases.shape[1]
-    _check_group_size(group_size, d, f"the bases' row length d={d}")
-    if group_size is None:
-        return
-    for c, r in enumerate(module.ranks):
-        if r:
-            _check_group_size(group_size, r, f"the rank {r} of cluster {c}")
+    _check_group_size(group_size, d, "the bases' row length d={}")
+
+
+def rank_group_size(rank, group_size):
+    """Group size of a coefficient row of length ``rank``: its divisor nearest.
+
+    Ranks follow the clusters (a cluster of 45 features has rank at most
+    45), so ``group_size`` need not divide them: a cluster's coefficients
+    take the divisor of its rank closest to ``group_size`` on a log scale
+    (the larger one on a tie; ``rank`` itself when ``group_size`` is None).
+
+    Parameters
+    ----------
+    rank : int
+        Positive.
+    group_size : int or None
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from kflats.quantize import rank_group_size
+    >>> [rank_group_size(r, 32) for r in (64, 96, 45, 50, 173, 8)]
+    [32, 32, 45, 25, 173, 8]
+    """
+    rank = int(rank)
+    if group_size is None or rank % group_size == 0:
+        return rank if group_size is None else int(group_size)
+    divisors = [q for q in range(1, rank + 1) if rank % q == 0]
+    return min(divisors, key=lambda q: (abs(np.log(q / group_size)), -q))
 
 
 def _stack_rows(parts, bits, group_size, symmetric, shape):
@@ -145,6 +182,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
     out_v, out_u = [], {}
     for c, (u, v, idx) in enumerate(zip(U, V, rows, strict=True)):
         r = v.shape[0]
+        gu = rank_group_size(r, g) if r else None
         if r == 0 or u.shape[0] == 0:
             if r:  # an empty cluster still stores its bases
                 out_v.append(quantize(v, bits, g, **_rtn_kw(kw)))
@@ -152,7 +190,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
         if not calibrated:
             vq = quantize(v, bits, g, **_rtn_kw(kw))
             out_v.append(vq)
-            out_u[c] = quantize(u, bits, g, **_rtn_kw(kw))
+            out_u[c] = quantize(u, bits, rank_group_size(r, g), **_rtn_kw(kw))
             continue
         if side == "output":
             Cm = np.eye(v.shape[1]) if moment is None else C
@@ -160,7 +198,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
             vq = quantize_calibrated(v, Cm, bits, g, axis=1, **kw)
             vh = vq.dequantize().astype(np.float64)
             u2 = _lstsq_refit(u, v, vh, Lm)
-            uq = quantize_calibrated(u2, vh @ Cm @ vh.T, bits, g, axis=1, **kw)
+            uq = quantize_calibrated(u2, vh @ Cm @ vh.T, bits, gu, axis=1, **kw)
         else:
             if side == "input":
                 Ccc = np.eye(len(idx)) if moment is None else C[np.ix_(idx, idx)]
@@ -172,9 +210,9 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
             vh = vq.dequantize().astype(np.float64)
             u2 = _lstsq_refit(u, v, vh)
             if side == "input":
-                uq = quantize_calibrated(u2.T, Ccc, bits, g, axis=0, **kw).T
+                uq = quantize_calibrated(u2.T, Ccc, bits, gu, axis=0, **kw).T
             else:
-                uq = quantize_calibrated(u2, vh @ vh.T, bits, g, axis=1, **kw)
+                uq = quantize_calibrated(u2, vh @ vh.T, bits, gu, axis=1, **kw)
         out_v.append(vq)
         out_u[c] = uq
     tensors = {}
@@ -301,7 +339,7 @@ def quantize_module_(
         if token_weights is not None:
             raise ValueError("token_weights are for embeddings; got a Linear")
         W = _np(module.weight)
-        _check_group_size(group_size, W.shape[1], f"in_features={W.shape[1]}")
+        _check_group_size(group_size, W.shape[1], "in_features={}")
         if calibrated and moment is not None:
             qt = quantize_calibrated(W, moment, bits, group_size, **kw)
         else:
@@ -312,7 +350,7 @@ def quantize_module_(
             raise ValueError("moment is for Linear layers; got an embedding")
         _check_weights(token_weights, module.num_embeddings)
         W = _np(module.weight)
-        _check_group_size(group_size, W.shape[1], f"embedding_dim={W.shape[1]}")
+        _check_group_size(group_size, W.shape[1], "embedding_dim={}")
         tensors = {
             "weight": quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))
         }
@@ -544,12 +582,11 @@ def form_nbytes(
         return total
     meta = 8 * 5  # the int64 meta entry of each packed tensor
 
-    def packed(shape, axis=1):
+    def packed(shape, g=group_size):
         return meta + quantized_nbytes(
             shape,
             bits,
-            group_size,
-            axis=axis,
+            g,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
@@ -563,7 +600,8 @@ def form_nbytes(
             total += packed(tuple(module.bases.shape)) - plain(module.bases)
         for u in module.coefficients:
             if u.numel():
-                total += packed(tuple(u.shape)) - plain(u)
+                gu = rank_group_size(u.shape[1], group_size)
+                total += packed(tuple(u.shape), gu) - plain(u)
         return total
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return total + packed(tuple(module.weight.shape)) - plain(module.weight)
@@ -634,24 +672,23 @@ def factors_nbytes(
     total = labels + (k * d if affine else 0) * float_bytes + int(bias) * float_bytes
     meta = 8 * 5
     if bits is not None:
-        _check_group_size(group_size, d, f"the bases' row length d={d}")
-        for c, r in enumerate(ranks):
-            if r:
-                _check_group_size(group_size, r, f"the rank {r} of cluster {c}")
+        _check_group_size(group_size, d, "the bases' row length d={}")
 
-    def matrix(rows, cols):
+    def matrix(rows, cols, g=group_size):
         if bits is None or rows * cols == 0:
             return rows * cols * float_bytes
         return meta + quantized_nbytes(
             (rows, cols),
             bits,
-            group_size,
+            g,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
 
     total += matrix(sum(ranks), d)
-    return int(total + sum(matrix(s, r) for s, r in zip(sizes, ranks, strict=True)))
+    for s, r in zip(sizes, ranks, strict=True):
+        total += matrix(s, r, rank_group_size(r, group_size) if r else None)
+    return int(total)
 
 
 class _FakeQuantize(nn.Module):

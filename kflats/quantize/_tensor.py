@@ -26,9 +26,12 @@ def _check_axis(axis):
 
 
 def _check_group_size(group_size, length, what):
-    """The group size along a dimension of ``length``; ``None`` is the whole row."""
+    """The group size along a dimension of ``length``; ``None`` is the whole row.
+
+    ``length=None`` checks only that ``group_size`` is a positive int or None.
+    """
     if group_size is None:
-        return max(int(length), 1)
+        return None if length is None else max(int(length), 1)
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(
             f"group_size must be a positive int or None, got {group_size!r}"
@@ -36,9 +39,9 @@ def _check_group_size(group_size, length, what):
     group_size = int(group_size)
     if group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size}")
-    if length % group_size:
+    if length is not None and length % group_size:
         raise ValueError(
-            f"group_size={group_size} does not divide {what} ({length}); choose a "
+            f"group_size={group_size} does not divide {what.format(length)}; choose a "
             "divisor of it, or group_size=None for one group per row"
         )
     return group_size
@@ -230,7 +233,7 @@ class QuantizedTensor:
             raise ValueError(f"shape must be two positive ints, got {shape}")
         self.shape = shape
         lines, length = shape if self.axis == 1 else shape[::-1]
-        what = "the row length" if self.axis == 1 else "the column length"
+        what = "the row length ({})" if self.axis == 1 else "the column length ({})"
         self.group_size = _check_group_size(group_size, length, what)
         groups = (lines, length // self.group_size)
         codes, scales = np.asarray(codes), np.asarray(scales)
@@ -471,7 +474,7 @@ def quantized_nbytes(
     bits = _check_bits(bits)
     axis = _check_axis(axis)
     lines, length = (int(shape[0]), int(shape[1]))[:: 1 if axis == 1 else -1]
-    g = _check_group_size(group_size, length, "the line length")
+    g = _check_group_size(group_size, length, "the line length ({})")
     n_groups = lines * (length // g)
     per_group = np.dtype(_check_scale_dtype(scale_dtype)).itemsize + (not symmetric)
     return _packed_len(lines * length, bits) + n_groups * per_group
@@ -560,7 +563,7 @@ def quantize(
     W = _as_matrix(W)
     M = W if axis == 1 else W.T
     lines, length = M.shape
-    what = "the row length" if axis == 1 else "the column length"
+    what = "the row length ({})" if axis == 1 else "the column length ({})"
     g = _check_group_size(group_size, length, what)
     groups = M.reshape(-1, g)
     ratios = _CLIP_RATIOS if clip else (1.0,)
