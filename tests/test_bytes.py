@@ -328,3 +328,110 @@ def test_numbers_reports_name_their_forms():
     report = compress(model, 0.5, nn.Linear, k=1, random_state=0)
     assert all(m.form in ("projective", "dense") and m.bits is None for m in report)
     assert np.isfinite([m.error for m in report]).all()
+
+
+# -- save and load: packed codes on disk, the same outputs -------------------
+
+
+def sequential(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Embedding(96, 32),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+    )
+    with torch.no_grad():  # rank 4: some modules take factors
+        model[1].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 32) / 4)
+    return model.eval()
+
+
+def folder_bytes(path):
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("budget", [0.12, 0.3])
+def test_save_load_is_bit_identical_and_stores_the_codes(tmp_path, budget):
+    from safetensors import safe_open
+
+    from kflats.torch import load_compressed, save_compressed
+
+    model = sequential()
+    report = compress(
+        model, budget, [nn.Embedding, nn.Linear], unit="bytes", random_state=0
+    )
+    assert {m.form for m in report} == {"dense", "projective"} or budget == 0.3
+    path = tmp_path / "m"
+    save_compressed(model, path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    for key in quantized_tensors(model):
+        assert key not in keys and {f"{key}.codes", f"{key}.meta"} <= keys
+    # bytes on disk: the report's, and safetensors' header
+    assert 0 <= folder_bytes(path) - report.bytes_after < 4096
+    loaded = load_compressed(path, sequential(seed=1))
+    ids = torch.randint(0, 96, (4, 9))
+    assert torch.equal(loaded(ids), model(ids))
+    # the loaded model knows its codes: a second save writes the same tensors
+    again = tmp_path / "again"
+    save_compressed(loaded, again)
+    assert folder_bytes(again) == folder_bytes(path)
+
+
+def test_load_rejects_a_packed_tensor_that_disagrees_with_kflats_json(tmp_path):
+    import json
+
+    from kflats.torch import load_compressed, save_compressed
+
+    model = sequential()
+    compress(model, 0.12, [nn.Embedding, nn.Linear], unit="bytes", bits=(4,))
+    path = tmp_path / "m"
+    save_compressed(model, path)
+    manifest = json.loads((path / "kflats.json").read_text())
+    key = next(iter(manifest["quantized"]))
+    for field, value, match in [
+        ("bits", 5, "bits must be one of"),
+        ("bits", 8, "entry in kflats.json says"),
+        ("group_size", 7, "group_size must be a divisor"),
+        ("shape", [1], "shape must be a list of 2"),
+    ]:
+        bad = json.loads(json.dumps(manifest))
+        bad["quantized"][key][field] = value
+        (path / "kflats.json").write_text(json.dumps(bad))
+        target = sequential(seed=1)
+        snap = snapshot(target)
+        with pytest.raises(ValueError, match=match):
+            load_compressed(path, target)
+        assert_unchanged(target, snap)
+
+
+def test_tiny_bert_round_trip_in_bytes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kflats.torch import load_compressed, save_compressed
+
+    config = transformers.BertConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    report = compress(
+        model, 0.15, [nn.Embedding, nn.Linear], unit="bytes", random_state=0
+    )
+    path = tmp_path / "bert"
+    save_compressed(model, path)
+    ids = torch.randint(5, 300, (2, 11))
+    loaded = load_compressed(path)
+    assert torch.equal(
+        loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+    )
+    other = sum(
+        v.numel() * v.element_size()
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(m.name + ".") for m in report)
+    )
+    assert 0 <= folder_bytes(path) - report.bytes_after - other < 16384

@@ -76,6 +76,113 @@ def _projective(module):
     }
 
 
+def _quantized(module):
+    """The QuantizedTensor of each quantized parameter, by state-dict key."""
+    if not any(hasattr(m, "_kflats_quantized") for m in module.modules()):
+        return {}  # kflats.quantize (and numpy's core of it) not needed
+    from ..quantize import quantized_tensors
+
+    return quantized_tensors(module)
+
+
+def _quantized_entry(qt):
+    """The kflats.json entry of a quantized tensor."""
+    return {
+        "bits": qt.bits,
+        "group_size": qt.group_size,
+        "axis": qt.axis,
+        "shape": list(qt.shape),
+        "symmetric": qt.symmetric,
+    }
+
+
+def _packed(key, qt):
+    """The safetensors entries of a quantized tensor: codes, scales, zeros, meta."""
+    return {
+        name: torch.from_numpy(value.copy())
+        for name, value in qt.to_state(key + ".").items()
+    }
+
+
+def _pack_files(folder, quantized, where):
+    """Store each quantized parameter of the folder's weights as its packed form.
+
+    Rewrites the safetensors file(s) that hold those parameters (and the
+    index of a sharded save).
+    """
+    from safetensors.torch import load_file, save_file
+
+    files, weight_map = _weight_files(folder, where)
+    for file in files:
+        state = load_file(str(file))
+        keys = [k for k in state if k in quantized]
+        if not keys:
+            continue
+        for key in keys:
+            del state[key]
+            packed = _packed(key, quantized[key])
+            state.update(packed)
+            if weight_map is not None:
+                del weight_map[key]
+                weight_map.update(dict.fromkeys(packed, file.name))
+        save_file(state, str(file), metadata={"format": "pt"})
+    if weight_map is not None:
+        index = folder / _INDEX
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _check_quantized(quantized, stored, where):
+    """Packed tensors against their kflats.json entries, and ``stored`` unpacked.
+
+    Returns the packed keys of each quantized parameter, and ``stored`` with
+    those keys replaced by the parameter's (shape, float32).
+    """
+    stored = dict(stored)
+    packed = {}
+    for key, entry in quantized.items():
+        parts = {p: f"{key}.{p}" for p in ("codes", "scales", "meta")}
+        if not entry["symmetric"]:
+            parts["zeros"] = f"{key}.zeros"
+        missing = [k for k in parts.values() if k not in stored]
+        if missing or key in stored or f"{key}.zeros" in stored and entry["symmetric"]:
+            raise ValueError(
+                f"{where}: the packed tensors of {key!r} do not match its entry in "
+                f"{_MANIFEST} (missing {missing}, or stored both packed and as floats)"
+            )
+        for name in parts.values():
+            del stored[name]
+        stored[key] = (tuple(entry["shape"]), torch.float32)
+        packed[key] = parts
+    return packed, stored
+
+
+def _unpack(files, quantized, packed, where):
+    """Each quantized parameter as a QuantizedTensor, checked against its entry."""
+    from ..quantize import QuantizedTensor
+
+    raw = _read_tensors(
+        files, {name for parts in packed.values() for name in parts.values()}, where
+    )
+    out = {}
+    for key, parts in packed.items():
+        entry = quantized[key]
+        try:
+            qt = QuantizedTensor.from_state(
+                {p: raw[name] for p, name in parts.items()}, ""
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: corrupt packed tensor {key!r}: {exc}") from None
+        if _quantized_entry(qt) != entry:
+            raise ValueError(
+                f"{where}: the packed tensor {key!r} is {_quantized_entry(qt)}; its "
+                f"entry in {_MANIFEST} says {entry}"
+            )
+        out[key] = qt
+    return out
+
+
 def _probe(layer):
     """Three numbers that a ProjectiveLinear computes: a check of its tensors.
 
@@ -422,7 +529,12 @@ def save_compressed(model, directory, *, tokenizer=None):
       same class).
 
     A ``kflats.json`` records the kind of model, its class and, for each
-    projective layer, its type, shape and ranks.
+    projective layer, its type, shape and ranks. A parameter quantized by
+    :func:`kflats.quantize.quantize_module_` (as ``compress(...,
+    unit="bytes")`` leaves them) is stored packed, its codes, scales and zero
+    points (:func:`kflats.quantize.quantized_state`), and ``kflats.json``
+    records its bits, group size, axis and shape; :func:`load_compressed`
+    dequantizes them to the very floats the saved layer held.
 
     Parameters
     ----------
@@ -444,7 +556,8 @@ def save_compressed(model, directory, *, tokenizer=None):
     FileExistsError
         If ``directory`` exists and is not an empty folder.
     ValueError
-        If the model holds no projective layer (or, in a sentence-transformers
+        If the model holds no projective layer and no quantized parameter
+        (or, in a sentence-transformers
         model, one outside its transformer), if a ``tokenizer`` comes with
         another kind of model, or if the library's own save renamed or
         dropped tensors that the folder must hold. Nothing is left behind
@@ -501,7 +614,7 @@ def save_compressed(model, directory, *, tokenizer=None):
                 name
                 for name, child in model.named_children()
                 if isinstance(getattr(child, "auto_model", None), nn.Module)
-                and _projective(child.auto_model)
+                and (_projective(child.auto_model) or _quantized(child.auto_model))
             ),
             "",
         )
@@ -514,7 +627,8 @@ def save_compressed(model, directory, *, tokenizer=None):
                 "stores those of the transformer only"
             )
     layers = _projective(hf) if hf is not None else {}
-    if not layers:
+    quantized = _quantized(hf) if hf is not None else {}
+    if not layers and not quantized:
         raise ValueError(
             f"model ({type(model).__name__}) holds no ProjectiveEmbedding or "
             "ProjectiveLinear module"
@@ -569,8 +683,14 @@ def save_compressed(model, directory, *, tokenizer=None):
         )
         if pickled:
             raise ValueError(f"the model's save wrote pickle files: {pickled}")
+        expected = hf.state_dict(keep_vars=True)
+        if quantized:
+            _pack_files(folder, quantized, str(directory))
+            for key, qt in quantized.items():
+                expected.pop(key, None)
+                expected.update(_packed(key, qt))
         _match(
-            hf.state_dict(keep_vars=True),
+            expected,
             _stored(_weight_files(folder, str(directory))[0], str(directory)),
             f"the save of this {type(hf).__name__} does not store its tensors under "
             "their state-dict names, which load_compressed needs",
@@ -585,6 +705,9 @@ def save_compressed(model, directory, *, tokenizer=None):
             "architecture": _qualname(type(model)),
             "root": root,
             "modules": {name: _describe(layer) for name, layer in layers.items()},
+            "quantized": {
+                key: _quantized_entry(qt) for key, qt in sorted(quantized.items())
+            },
             "kflats_version": __version__,
             "torch_version": torch.__version__,
         }
@@ -690,9 +813,17 @@ def _check_schema(manifest, where):
     for key in ("kflats_version", "torch_version"):
         if key in manifest and not isinstance(manifest[key], str):
             raise bad(key, "a string", manifest[key])
+    quantized = manifest.get("quantized", {})
+    if not isinstance(quantized, dict) or len(quantized) > _MAX_MODULES:
+        raise bad("quantized", f"an object of 0..{_MAX_MODULES} tensors", quantized)
+    for key, entry in quantized.items():
+        _check_quantized_entry(key, entry, bad, integer, boolean)
     modules = manifest.get("modules")
-    if not isinstance(modules, dict) or not 1 <= len(modules) <= _MAX_MODULES:
-        raise bad("modules", f"an object of 1..{_MAX_MODULES} layers", type(modules))
+    least = 0 if quantized else 1
+    if not isinstance(modules, dict) or not least <= len(modules) <= _MAX_MODULES:
+        raise bad(
+            "modules", f"an object of {least}..{_MAX_MODULES} layers", type(modules)
+        )
     for name, entry in modules.items():
         if not _NAME.fullmatch(name) or len(name) > 1000:
             raise bad("a layer name", "a dotted module name", name)
@@ -749,6 +880,35 @@ def _check_schema(manifest, where):
                 f"integers in 0..{d}",
                 next(r for r in ranks if type(r) is not int or not 0 <= r <= d),
             )
+
+
+def _check_quantized_entry(key, entry, bad, integer, boolean):
+    """One entry of kflats.json's "quantized": a parameter stored packed."""
+    from ..quantize import SUPPORTED_BITS
+
+    if not isinstance(key, str) or len(key) > 1000 or not _NAME.fullmatch(key):
+        raise bad("a quantized tensor's name", "a dotted parameter name", key)
+    field = f"{key}|"
+    keys = {"bits", "group_size", "axis", "shape", "symmetric"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise bad(
+            f"{field}its entry",
+            f"an object of the keys {sorted(keys)}",
+            sorted(entry) if isinstance(entry, dict) else entry,
+        )
+    if type(entry["bits"]) is not int or entry["bits"] not in SUPPORTED_BITS:
+        raise bad(f"{field}bits", f"one of {SUPPORTED_BITS}", entry["bits"])
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise bad(f"{field}shape", "a list of 2 integers", shape)
+    for s in shape:
+        integer(f"{field}shape", s, 1)
+    axis = integer(f"{field}axis", entry["axis"], 0, 1)
+    length = shape[1] if axis == 1 else shape[0]
+    group = integer(f"{field}group_size", entry["group_size"], 1, length)
+    if length % group:
+        raise bad(f"{field}group_size", f"a divisor of {length}", group)
+    boolean(f"{field}symmetric", entry["symmetric"])
 
 
 # the fields of a layer's entry in kflats.json
@@ -1332,6 +1492,8 @@ def load_compressed(directory, model=None, *, device=None):
         )
     files, weight_map = _weight_files(folder, where)
     stored = _stored(files, where, weight_map)
+    quantized = manifest.get("quantized", {})
+    packed, stored = _check_quantized(quantized, stored, where)
     if cls is not None:
         _check_config(folder, cls, stored, where)
         _check_tokenizer(folder, kind, where)
@@ -1367,7 +1529,12 @@ def load_compressed(directory, model=None, *, device=None):
             f"{type(hf).__name__}"
         )
     plans, ties = _fit(hf, modules, files, stored, where)
-    state = _read_tensors(files, set(stored), where)
+    state = _read_tensors(files, set(stored) - set(packed), where)
+    tensors = _unpack(files, quantized, packed, where)
+    # the floats a quantized layer held: one multiply per entry, bit-identical
+    state.update(
+        {key: torch.from_numpy(qt.dequantize()) for key, qt in tensors.items()}
+    )
     state.update({key: state[source] for key, source in ties.items()})
     _verify(plans, modules, state, where)
     # checked: from here on nothing can fail on the user's input
@@ -1375,6 +1542,10 @@ def load_compressed(directory, model=None, *, device=None):
         parent, _, child = name.rpartition(".")
         setattr(hf.get_submodule(parent), child, layer)
     hf.load_state_dict(state, strict=True)
+    if tensors:
+        from ..quantize import record_quantized_
+
+        record_quantized_(hf, tensors)  # a save writes the same codes again
     model.eval()
     if device is not None:
         model.to(device)
