@@ -10,7 +10,7 @@ owns ``sizes[c]`` rows and rank ``ranks[c]``; its coefficients are
 ``o_c = sum(ranks[:c])``.
 
 Embedding forward: the token ids are mapped to their position in the
-cluster-ordered table and deduplicated with one sort (:func:`torch.unique`);
+cluster-ordered table and deduplicated with one sort (:func:`torch.sort`);
 each cluster then runs one GEMM on its distinct tokens, and the result is
 gathered back to the batch. Measured against one dense GEMM with every
 coefficient row placed in its cluster's block of the stacked bases (the
@@ -93,8 +93,14 @@ def projective_embedding(
     """
     flat = input.reshape(-1)
     rows = positions.index_select(0, flat)
-    # one sort groups the batch by cluster and removes repeated tokens
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    # one sort groups the batch by cluster and removes repeated tokens (a
+    # plain sort: torch.unique's CPU kernel took 0.6 ms for 16 tokens)
+    ordered, order = torch.sort(rows)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    unique = ordered[first]
+    inverse = torch.empty_like(rows)
+    inverse[order] = torch.cumsum(first, 0) - 1
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + size)
