@@ -435,3 +435,10 @@ def test_tiny_bert_round_trip_in_bytes(tmp_path):
         if not any(k.startswith(m.name + ".") for m in report)
     )
     assert 0 <= folder_bytes(path) - report.bytes_after - other < 16384
+
+
+def test_uniform_allocation_keeps_each_module_to_its_share():
+    model = tiny(low_rank=True)
+    report = compress(model, 0.2, TARGETS, unit="bytes", allocation="uniform")
+    for m in report:
+        assert m.bytes_after <= 0.2 * m.bytes_before
