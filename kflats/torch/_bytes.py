@@ -398,10 +398,21 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
     )
     spectra = {n: _weight_spectrum(named[n], objectives[n]) for n in names}
     measured, dense_q, measures = {}, {}, {}
-    for name in names:
-        measured[name], dense_q[name], measures[name] = _measured_forms(
-            named[name], name, forms[name], objectives[name], spectra[name], options
-        )
+    from ._compress import _progress_bar
+
+    bar = _progress_bar(names, named, progress)
+    try:
+        for name in names:
+            if bar is not None:
+                bar.set_postfix_str(name)
+            measured[name], dense_q[name], measures[name] = _measured_forms(
+                named[name], name, forms[name], objectives[name], spectra[name], options
+            )
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     probe = calibration.probe if calibration is not None else None
     scale = {}
     if probe and len(names) > 1 and config.allocation == "global":
