@@ -98,7 +98,7 @@ def kflats_quantized(base, calibration, method, bits, group_size):
     return model, state_nbytes(quantized_state(model))
 
 
-def kflats_bytes(base, calibration, ratio, seed):
+def kflats_bytes(base, calibration, ratio, seed, out=None):
     """kflats under one byte budget: ``ratio`` of the whole float32 model.
 
     Every Embedding and Linear is a target; what they may take is the size
@@ -121,6 +121,8 @@ def kflats_bytes(base, calibration, ratio, seed):
         unit="bytes",
         random_state=seed,
     )
+    if out is not None:  # the modules' forms, for the record
+        (out / f"kflats_{ratio}_{seed}.txt").write_text(str(report) + "\n")
     forms = {}
     for m in report:
         key = f"{m.form[0]}{m.bits or 32}"
@@ -214,7 +216,9 @@ def main(argv=None):
             for ratio in (float(b) for b in args.budgets.split(",")):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     t = time.perf_counter()
-                    model, nbytes, forms = kflats_bytes(base, calibration, ratio, seed)
+                    model, nbytes, forms = kflats_bytes(
+                        base, calibration, ratio, seed, out
+                    )
                     seconds = time.perf_counter() - t
                     mean, worst, top5 = fidelity(reference, encode(model, evaluation))
                     label = " ".join(f"{k}:{v}" for k, v in sorted(forms.items()))
