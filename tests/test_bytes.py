@@ -442,3 +442,41 @@ def test_uniform_allocation_keeps_each_module_to_its_share():
     report = compress(model, 0.2, TARGETS, unit="bytes", allocation="uniform")
     for m in report:
         assert m.bytes_after <= 0.2 * m.bytes_before
+
+
+def probe_distortion(model, base, cal):
+    from kflats.torch._sensitivity import _final_outputs, _output_distortion
+
+    batches = [{k: torch.as_tensor(v) for k, v in b.items()} for b in cal.probe]
+    return _output_distortion(
+        _final_outputs(model, batches), _final_outputs(base, batches)
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_never_worse_than_uniform_quantization_on_the_probe(cal_model, bits):
+    from kflats.quantize import quantize_module_
+    from kflats.torch._bytes import _quantize_kw
+
+    base, cal = cal_model
+    named = dict(base.named_modules())
+    names = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Embedding))]
+    objectives = _objectives(cal, names, named, 1.0, 1e-2)
+    uniform = copy.deepcopy(base)
+    for name, module in uniform.named_modules():
+        if name in names:
+            group = 32 if bits <= 4 else 64
+            quantize_module_(
+                module, bits, group, **_quantize_kw(module, objectives[name])
+            )
+    size = state_nbytes(quantized_state(uniform)) - sum(
+        v.numel() * v.element_size()
+        for k, v in base.state_dict().items()
+        if not any(k.startswith(n + ".") for n in names)
+    )
+    model = copy.deepcopy(base)
+    report = compress(
+        model, size, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= size
+    assert probe_distortion(model, base, cal) <= probe_distortion(uniform, base, cal)

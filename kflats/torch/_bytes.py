@@ -34,6 +34,7 @@ same budget.
 """
 
 import copy
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -338,26 +339,49 @@ def _predicted(all_forms, scales, chosen):
     )
 
 
+def _uniform(all_forms, bits):
+    """Each module's form at ``bits``, dense."""
+    return [
+        next(i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == bits)
+        for forms in all_forms
+    ]
+
+
+def _plan_candidates(all_forms, scales, allowed, bits):
+    """Plans under ``allowed`` bytes, the lowest predicted error first.
+
+    The greedy from the smallest forms; from uniform quantization at each bit
+    width that fits, the greedy filling the bytes left; and uniform
+    quantization itself at the widest bits that fit.
+    """
+    candidates = []
+    chosen = _fill(all_forms, scales, [_hull(f) for f in all_forms], allowed)
+    if chosen is not None:
+        candidates.append(chosen)
+    fitting = []
+    for b in bits:
+        starts = _uniform(all_forms, b)
+        hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
+        chosen = _fill(all_forms, scales, hulls, allowed)
+        if chosen is not None:
+            candidates.append(chosen)
+            fitting.append(b)
+    if fitting:
+        candidates.append(_uniform(all_forms, max(fitting)))
+    unique = []
+    for c in candidates:
+        if c not in unique:
+            unique.append(c)
+    return sorted(unique, key=lambda c: _predicted(all_forms, scales, c))
+
+
 def _plan_bytes(all_forms, scales, allowed, bits):
     """The chosen form index of each module, under ``allowed`` bytes.
 
     Greedy from the smallest forms, and from uniform quantization at each bit
     width that fits; the lowest predicted error wins.
     """
-    candidates = []
-    chosen = _fill(all_forms, scales, [_hull(f) for f in all_forms], allowed)
-    if chosen is not None:
-        candidates.append(chosen)
-    for b in bits:
-        starts = [
-            next(i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == b)
-            for forms in all_forms
-        ]
-        hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
-        chosen = _fill(all_forms, scales, hulls, allowed)
-        if chosen is not None:
-            candidates.append(chosen)
-    return min(candidates, key=lambda c: _predicted(all_forms, scales, c))
+    return _plan_candidates(all_forms, scales, allowed, bits)[0]
 
 
 def _plan_uniform(forms, allowed_share):
@@ -367,6 +391,75 @@ def _plan_uniform(forms, allowed_share):
 
 
 # ---------------------------------------------------------------- compress
+
+
+def _fitted_form(name, form, named, objectives, options, cache=None):
+    """The projective layer of a module's form: fitted, then quantized."""
+    from ..quantize import quantize_module_
+
+    key = (name, form.rank, form.bits, form.group_size)
+    if cache is not None and key in cache:
+        return cache[key]
+    module = named[name]
+    layer = _fit_factors(module, name, objectives[name], form.rank, options)
+    if form.bits is not None:
+        quantize_module_(
+            layer, form.bits, form.group_size, **_quantize_kw(module, objectives[name])
+        )
+    if cache is not None:
+        cache[key] = layer
+    return layer
+
+
+def _best_on_probe(model, named, plans, dense_q, fit, fitted, probe):
+    """Index of the plan whose model moves least from the original on the probe.
+
+    Each plan is put in place in turn (dense forms as their dequantized
+    weights, projective forms as their layers), the calibration's probe
+    batches run, and the model is always restored.
+    """
+    from ._sensitivity import _final_outputs, _output_distortion
+
+    device = next(model.parameters()).device
+    batches = [
+        {
+            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
+            for k, v in batch.items()
+        }
+        for batch in probe
+    ]
+    was_training = model.training
+    model.eval()
+    saved = {n: named[n].weight.detach().clone() for n in plans[0]}
+    scores = []
+    try:
+        reference = _final_outputs(model, batches)
+        for plan in plans:
+            swapped = {}
+            try:
+                with torch.no_grad():
+                    for name, form in plan.items():
+                        if form.kind == "dense":
+                            qt = dense_q[name][form.bits]
+                            w = torch.from_numpy(qt.dequantize())
+                            named[name].weight.copy_(w.to(saved[name].dtype))
+                        elif form.kind == "projective":
+                            layer = fit(name, form, cache=fitted)
+                            parent, _, child = name.rpartition(".")
+                            owner = model.get_submodule(parent)
+                            swapped[name] = (owner, child, getattr(owner, child))
+                            setattr(owner, child, layer)
+                outputs = _final_outputs(model, batches)
+                scores.append(_output_distortion(outputs, reference))
+            finally:
+                for owner, child, original in swapped.values():
+                    setattr(owner, child, original)
+                with torch.no_grad():
+                    for name, weight in saved.items():
+                        named[name].weight.copy_(weight)
+    finally:
+        model.train(was_training)
+    return int(np.argmin(scores))
 
 
 def _check_bytes_config(config, sample_weight):
@@ -386,7 +479,7 @@ def _check_bytes_config(config, sample_weight):
 
 def _compress_bytes(model, names, named, config, objectives, calibration, progress):
     """compress with a budget in bytes: plan the forms, fit them, swap them in."""
-    from ..quantize import form_nbytes, quantize_module_
+    from ..quantize import form_nbytes
 
     forms, allowed, total = _check_bytes_feasible(config, names, named)
     options = _search_options(
@@ -420,8 +513,20 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
     order = sorted(names)  # ties do not depend on the order of the targets
     all_forms = [measured[n] for n in order]
     scales = [scale.get(n, 1.0) for n in order]
+    fitted = {}  # projective forms fitted: (name, rank, bits) -> layer
     if config.allocation == "global":
-        picks = _plan_bytes(all_forms, scales, allowed, config.bits)
+        candidates = _plan_candidates(all_forms, scales, allowed, config.bits)
+        picks = candidates[0]
+        if probe and len(candidates) > 1:
+            plans = [
+                {n: measured[n][i] for n, i in zip(order, c, strict=True)}
+                for c in candidates
+            ]
+            fit = functools.partial(
+                _fitted_form, named=named, objectives=objectives, options=options
+            )
+            best = _best_on_probe(model, named, plans, dense_q, fit, fitted, probe)
+            picks = candidates[best]
     else:
         picks = [_plan_uniform(f, allowed * f[0].nbytes / total) for f in all_forms]
     choice = {n: measured[n][i] for n, i in zip(order, picks, strict=True)}
@@ -445,14 +550,7 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
             entry.update(error=form.error, weight_error=measure.plain(w))
             entry["bytes_after"] = form_nbytes(module, form.bits, form.group_size)
         else:
-            layer = _fit_factors(module, name, objectives[name], form.rank, options)
-            if form.bits is not None:
-                quantize_module_(
-                    layer,
-                    form.bits,
-                    form.group_size,
-                    **_quantize_kw(module, objectives[name]),
-                )
+            layer = _fitted_form(name, form, named, objectives, options, fitted)
             layers[name] = layer
             w = _dense_weight(layer)
             entry.update(
