@@ -34,7 +34,12 @@ from ._calibration import Calibration, calibrate, token_frequencies
 from ._compress import CompressionReport, ModuleReport, compress
 from ._heal import heal
 from ._io import load_compressed, save_compressed
-from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._layers import (
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    ProjectiveTiedHead,
+    WeightSpec,
+)
 
 __all__ = [
     "Calibration",
@@ -42,6 +47,8 @@ __all__ = [
     "ModuleReport",
     "ProjectiveEmbedding",
     "ProjectiveLinear",
+    "ProjectiveTiedHead",
+    "WeightSpec",
     "calibrate",
     "compress",
     "functional",

@@ -14,9 +14,9 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ..factorize import damped_moment
-from ._calibration import Calibration, _run, calibrate
-from ._heal import _final, _relative_mse
-from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._calibration import Calibration, calibrate
+from ._layers import ProjectiveEmbedding, ProjectiveLinear, _dense_weight, _features
+from ._models import adapter_for, swap
 from ._targets import _select
 
 __all__ = ["CompressionReport", "ModuleReport", "compress"]
@@ -219,7 +219,7 @@ def _check_budget(budget, names, named, allocation):
 def _rows_cols(module):
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    return module.out_features, module.in_features
+    return _features(module)[::-1]
 
 
 def _state_bytes(module):
@@ -227,7 +227,7 @@ def _state_bytes(module):
 
 
 def _weight64(module):
-    return module.weight.detach().to("cpu", torch.float64).numpy()
+    return _dense_weight(module).detach().to("cpu", torch.float64).numpy()
 
 
 class _Spectrum(NamedTuple):
@@ -277,20 +277,15 @@ def _truncated(module, spectrum, rank):
 
 def _distortion(model, probe, reference=None):
     """How far the model's final outputs on the probe are from ``reference``."""
-    outs = []
+    adapter = adapter_for(model)
     with torch.no_grad():
-        for batch in probe:
-            out, kind = _final(_run(model, batch))
-            outs.append((out, kind, batch.get("attention_mask")))
-    if reference is None:
-        return outs
-    total = 0.0
-    for (out, kind, mask), (ref, _, _) in zip(outs, reference, strict=True):
-        if kind == "cosine":
-            cos = nn.functional.cosine_similarity(out, ref, dim=-1)
-            total += float((1 - cos).mean())
-        else:
-            total += float(_relative_mse(out, ref, mask))
+        outs = [adapter.final(adapter.run(batch)) for batch in probe]
+        if reference is None:
+            return outs
+        total = sum(
+            float(adapter.distortion(out, ref, batch))
+            for out, ref, batch in zip(outs, reference, probe, strict=True)
+        )
     return total / len(outs)
 
 
@@ -332,7 +327,7 @@ def _sensitivities(model, names, named, spectra, probe):
             if rel <= 0:
                 out[name] = 0.0
                 continue
-            weight = module.weight
+            weight = _dense_weight(module)
             saved = weight.detach().clone()
             try:
                 with torch.no_grad():
@@ -700,7 +695,5 @@ def compress(
     finally:
         if bar is not None:
             bar.close()
-    for name, layer in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+    swap(model, replacements)
     return CompressionReport(reports)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._layers import ProjectiveEmbedding, ProjectiveLinear, _features, _is_conv1d
+from ._models import describe_ties, plan_ties
 
 __all__ = ["load_compressed", "save_compressed"]
 
@@ -416,6 +417,7 @@ def save_compressed(model, directory, *, tokenizer=None):
             "architecture": _qualname(type(model)),
             "root": root,
             "modules": {name: _describe(layer) for name, layer in layers.items()},
+            "ties": describe_ties(hf),
             "kflats_version": __version__,
             "torch_version": torch.__version__,
         }
@@ -601,9 +603,10 @@ def _plan(hf, modules, files, where):
             found = (old.num_embeddings, old.embedding_dim) if ok else None
             weight = old.weight if isinstance(old, nn.Embedding) else None
         else:
-            ok = isinstance(old, (nn.Linear, ProjectiveLinear))
-            found = (old.in_features, old.out_features) if ok else None
-            weight = old.weight if isinstance(old, nn.Linear) else None
+            dense = isinstance(old, nn.Linear) or _is_conv1d(old)
+            ok = dense or isinstance(old, ProjectiveLinear)
+            found = _features(old) if ok else None
+            weight = old.weight if dense else None
         if found != shape:
             raise ValueError(
                 f"{where} was saved from another architecture: module {name!r} is "
@@ -749,6 +752,7 @@ def load_compressed(directory, model=None, *, device=None):
             f"{type(hf).__name__}"
         )
     plans = _plan(hf, manifest["modules"], files, where)
+    plans.update(plan_ties(hf, plans, manifest.get("ties", {}), where))
     expected = {
         key: value
         for key, value in hf.state_dict(keep_vars=True).items()

@@ -1,0 +1,254 @@
+"""Every transformers family: compressed with all targets, it keeps its class,
+its heads and its ties, stays finite and no larger, saves and loads back, and
+heals. One parametrised suite over tiny random-weight configs."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from kflats.torch import (  # noqa: E402
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    ProjectiveTiedHead,
+    calibrate,
+    compress,
+    heal,
+    load_compressed,
+    save_compressed,
+)
+from kflats.torch._models import adapter_for  # noqa: E402
+
+VOCAB, HIDDEN, LAYERS = 300, 32, 2
+BERT = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+T5 = dict(
+    vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=64, num_layers=LAYERS, num_heads=2
+)
+
+
+def _families():
+    t = transformers
+    return {
+        # name: (class, config, output kind, tied)
+        "bert": (t.BertModel, t.BertConfig(**BERT), "hidden", False),
+        "bert-classifier": (
+            t.BertForSequenceClassification,
+            t.BertConfig(**BERT, num_labels=3),
+            "classifier",
+            False,
+        ),
+        "bert-mlm": (t.BertForMaskedLM, t.BertConfig(**BERT), "masked_lm", True),
+        "distilbert": (
+            t.DistilBertModel,
+            t.DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=HIDDEN,
+                n_layers=LAYERS,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=64,
+            ),
+            "hidden",
+            False,
+        ),
+        "roberta": (t.RobertaModel, t.RobertaConfig(**BERT), "hidden", False),
+        "mpnet": (t.MPNetModel, t.MPNetConfig(**BERT), "hidden", False),
+        "xlm-roberta": (
+            t.XLMRobertaModel,
+            t.XLMRobertaConfig(**BERT),
+            "hidden",
+            False,
+        ),
+        "gpt2": (
+            t.GPT2LMHeadModel,
+            t.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=HIDDEN,
+                n_layer=LAYERS,
+                n_head=2,
+                n_positions=64,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            "causal_lm",
+            True,
+        ),
+        "llama-tied": (
+            t.LlamaForCausalLM,
+            t.LlamaConfig(**DECODER, tie_word_embeddings=True),
+            "causal_lm",
+            True,
+        ),
+        "llama-untied": (
+            t.LlamaForCausalLM,
+            t.LlamaConfig(**DECODER, tie_word_embeddings=False),
+            "causal_lm",
+            False,
+        ),
+        "qwen2": (
+            t.Qwen2ForCausalLM,
+            t.Qwen2Config(**DECODER, tie_word_embeddings=True),
+            "causal_lm",
+            True,
+        ),
+        "t5-encoder": (t.T5EncoderModel, t.T5Config(**T5), "hidden", False),
+        "t5": (t.T5ForConditionalGeneration, t.T5Config(**T5), "seq2seq", True),
+    }
+
+
+FAMILIES = list(_families())
+
+
+def build(name, seed=0):
+    cls, config, _, _ = _families()[name]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(config).eval()
+
+
+def batches(n=3, size=4, length=12, seed=0):
+    """Random token batches, the last sequence of each padded at its end."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (size, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, length // 2 :] = 0
+        ids[-1, length // 2 :] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def word_tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
+    """One id per word (a hash into 3..VOCAB-1), padded with 0."""
+    ids = [[3 + sum(map(ord, w)) % (VOCAB - 3) for w in t.split()] for t in texts]
+    if max_length is not None:
+        ids = [seq[:max_length] for seq in ids]
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+word_tokenizer.pad_token = "<pad>"
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park today",
+    "rain is expected over the hills tonight",
+    "she paid the bill with a card",
+]
+
+
+def size(model):
+    """(numbers, bytes) a model stores, each shared tensor counted once."""
+    seen, numbers, nbytes = set(), 0, 0
+    for t in model.state_dict(keep_vars=True).values():
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        numbers += t.numel() if t.is_floating_point() else 0
+        nbytes += t.numel() * t.element_size()
+    return numbers, nbytes
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        return adapter_for(model).final(adapter_for(model).run(batch))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compresses_with_all_targets(family, tmp_path):
+    cls, _, kind, tied = _families()[family]
+    original = build(family)
+    model = build(family)
+    adapter = adapter_for(model)
+    assert adapter.output_kind == kind
+    targets = adapter.all_targets()
+    n_layers = sum(
+        type(m) is nn.Linear or type(m).__name__ == "Conv1D"
+        for s in adapter.block_stacks()
+        for m in model.get_submodule(s).modules()
+    )
+    assert len(targets) == 1 + n_layers > 1
+    data = batches()
+    cal = calibrate(model, data)
+    before = size(model)
+    report = compress(model, 0.3, targets, calibration=cal, k=(1, 2), random_state=0)
+
+    # the class, its head and its ties are kept
+    assert type(model) is cls
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, ProjectiveEmbedding)
+    head = model.get_output_embeddings() if hasattr(model, "lm_head") or tied else None
+    if tied:
+        head = model.get_output_embeddings()
+        assert isinstance(head, ProjectiveTiedHead) and head.embedding is emb
+    elif kind == "causal_lm":  # an untied head stays as it was
+        assert type(model.get_output_embeddings()) is nn.Linear
+    if family.startswith("t5"):
+        assert model.encoder.embed_tokens.embedding is model.shared is emb
+    replaced = [n for n, m in model.named_modules() if isinstance(m, ProjectiveLinear)]
+    kept = [m for m in report if m.k == 0]
+    assert len(replaced) + len(kept) == n_layers
+
+    # numbers and bytes not above the original
+    after = size(model)
+    assert after[0] <= before[0] and after[1] <= before[1]
+    assert report.params_after <= report.params_before
+    assert sum(p.numel() for p in model.parameters()) <= sum(
+        p.numel() for p in original.parameters()
+    )
+
+    # finite outputs, near the original's
+    for batch in data[:1]:
+        out = outputs(model, batch)
+        assert torch.isfinite(out).all()
+        assert out.shape == outputs(original, batch).shape
+
+    # save and load give the same outputs, ties and all
+    save_compressed(model, tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m")
+    assert type(loaded) is cls
+    if tied:
+        assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
+    for batch in data:
+        assert torch.equal(outputs(loaded, batch), outputs(model, batch))
+
+    # heal runs with the family's objective, and trains the shared factors
+    losses = heal(
+        model,
+        original,
+        TEXTS,
+        steps=2,
+        batch_size=2,
+        lr=1e-3,
+        tokenizer=word_tokenizer,
+        progress=False,
+    )
+    assert len(losses) == 2 and all(map(torch.isfinite, torch.tensor(losses)))
+    if tied:
+        assert model.get_output_embeddings().embedding is model.get_input_embeddings()
