@@ -4,6 +4,7 @@ heals. One parametrised suite over tiny random-weight configs."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -252,3 +253,165 @@ def test_every_family_compresses_with_all_targets(family, tmp_path):
     assert len(losses) == 2 and all(map(torch.isfinite, torch.tensor(losses)))
     if tied:
         assert model.get_output_embeddings().embedding is model.get_input_embeddings()
+
+
+# --------------------------------------------------------------------------
+# the adapters' answers
+
+
+@pytest.mark.parametrize(
+    "family, keys",
+    [
+        ("gpt2", {"perplexity", "perplexity_original", "kl", "top1_agreement"}),
+        ("llama-tied", {"perplexity", "perplexity_ratio", "kl", "top1_agreement"}),
+        ("bert-classifier", {"label_agreement", "kl"}),
+        ("bert-mlm", {"kl", "top1_agreement"}),
+        ("t5", {"kl", "top1_agreement"}),
+        ("bert", {"mean_cosine", "worst_cosine", "top5_overlap"}),
+    ],
+)
+def test_evaluate_reports_what_the_output_kind_means(family, keys):
+    original = build(family)
+    adapter = adapter_for(original)
+    texts = TEXTS * 2
+    same = adapter.evaluate(original, build(family), texts, word_tokenizer)
+    assert keys <= set(same) and same["n_texts"] == len(texts)
+    for key, value in same.items():
+        if "agreement" in key or "cosine" in key or "overlap" in key:
+            assert value == pytest.approx(1.0, abs=1e-5), key
+        elif key == "kl":
+            assert value == pytest.approx(0.0, abs=1e-6)
+        elif key == "perplexity_ratio":
+            assert value == pytest.approx(1.0)
+    model = build(family)
+    compress(model, 0.3, adapter.embedding(), k=1, random_state=0)
+    moved = adapter.evaluate(original, model, texts, word_tokenizer)
+    assert all(np.isfinite(v) for v in moved.values())
+    if "kl" in moved:
+        assert moved["kl"] > 1e-6
+    else:
+        assert moved["mean_cosine"] < 1 - 1e-6
+    if "perplexity" in moved:
+        # the perplexity of the original, recomputed by hand
+        batch = word_tokenizer(texts)
+        with torch.no_grad():
+            logits = original(**batch).logits[:, :-1]
+        ids, real = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+        nll = nn.functional.cross_entropy(logits[real], ids[real])
+        assert moved["perplexity_original"] == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_causal_lm_distortion_is_the_kl_of_next_tokens_over_real_positions():
+    model = build("gpt2")
+    adapter = adapter_for(model)
+    batch = batches(n=1)[0]
+    teacher = adapter.final(adapter.run(batch))
+    student = teacher + 0.1 * torch.randn_like(teacher)
+    value = adapter.distortion(student, teacher, batch)
+    # logits at padding positions do not count
+    padded = student.clone()
+    padded[~batch["attention_mask"].bool()] = 1e3
+    assert torch.allclose(adapter.distortion(padded, teacher, batch), value)
+    mask = batch["attention_mask"].bool()
+    t = torch.log_softmax(teacher, -1)[mask]
+    s = torch.log_softmax(student, -1)[mask]
+    expected = nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    assert torch.allclose(value, expected, atol=1e-6)
+    assert float(adapter.distortion(teacher, teacher, batch)) == pytest.approx(0)
+
+
+def test_classifier_and_sentence_distortions():
+    model = build("bert-classifier")
+    adapter = adapter_for(model)
+    batch = batches(n=1)[0]
+    t = torch.randn(4, 3)
+    s = torch.randn(4, 3)
+    expected = nn.functional.kl_div(
+        torch.log_softmax(s, -1),
+        torch.log_softmax(t, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    assert torch.allclose(adapter.distortion(s, t, batch), expected, atol=1e-6)
+    hidden = adapter_for(build("bert"))
+    t = torch.randn(4, 12, HIDDEN)
+    assert float(hidden.distortion(2 * t, t, batch)) == pytest.approx(1.0)
+
+
+def test_compress_selects_the_embedding_for_a_tied_head():
+    model = build("gpt2")
+    report = compress(model, 0.5, "lm_head", k=1, random_state=0)
+    assert [m.name for m in report] == ["transformer.wte"]
+    assert isinstance(model.lm_head, ProjectiveTiedHead)
+    # by type too: the tied head stands for its table
+    model = build("gpt2")
+    report = compress(model, 0.5, nn.Linear, k=1, random_state=0)
+    assert [m.name for m in report] == ["transformer.wte"]
+
+
+def test_t5_default_target_is_the_table_its_encoder_reads():
+    original = build("t5-encoder")
+    model = build("t5-encoder")
+    report = compress(model, 0.3, k=1, random_state=0)
+    assert [m.name for m in report] == ["shared"]
+    assert model.encoder.embed_tokens.embedding is model.shared
+    batch = batches(n=1)[0]
+    ids = batch["input_ids"]
+    assert torch.equal(model.encoder.embed_tokens(ids), model.shared(ids))
+    assert not torch.equal(outputs(model, batch), outputs(original, batch))
+
+
+def test_calibrate_counts_lookups_of_every_place_of_a_shared_table():
+    model = build("t5")
+    data = batches()
+    cal = calibrate(model, data, targets="shared")
+    counts = cal.token_counts("shared")
+    # the encoder reads every real token, the decoder the same shifted right
+    real = sum(int(b["attention_mask"].sum()) for b in data)
+    assert counts.sum() == 2 * real
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_says_so():
+    class Tokenizer:
+        pad_token = None
+        eos_token = "</s>"
+
+        def __call__(self, texts, **kwargs):
+            assert self.pad_token == "</s>"
+            return word_tokenizer(texts, **kwargs)
+
+    tokenizer = Tokenizer()
+    model = build("llama-tied")
+    with pytest.warns(UserWarning, match="no pad token.*eos"):
+        cal = calibrate(model, TEXTS, tokenizer=tokenizer)
+    assert tokenizer.pad_token == "</s>" and cal.n_sequences == len(TEXTS)
+    tokenizer.eos_token = tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no pad token and no eos"):
+        adapter_for(model).check_tokenizer(tokenizer)
+
+
+def test_heal_errors_name_heal():
+    model = build("gpt2")
+    with pytest.raises(ValueError, match="^heal: .*tokenizer="):
+        heal(model, build("gpt2"), TEXTS, steps=1)
+    with pytest.raises(ValueError, match="^heal: .*compress it first"):
+        heal(model, build("gpt2"), TEXTS, steps=1, tokenizer=word_tokenizer)
+    with pytest.raises(ValueError, match="^heal: steps"):
+        heal(model, build("gpt2"), TEXTS, steps=0, tokenizer=word_tokenizer)
+
+
+def test_a_registered_family_is_asked_first():
+    from kflats.torch import _models
+
+    class Custom(_models.TransformersAdapter):
+        family = "custom"
+        model_types = ("gpt2",)
+        stacks = ()
+
+    try:
+        _models.register_adapter(Custom)
+        assert adapter_for(build("gpt2")).family == "custom"
+        assert adapter_for(build("bert")).family == "bert-like"
+    finally:
+        _models._REGISTRY.remove(Custom)
+    assert adapter_for(build("gpt2")).family == "gpt2"

@@ -517,9 +517,11 @@ def calibrate(
     """Record what the calibrated objectives need, in one pass over data.
 
     Forward hooks, attached for the pass and always removed, record for each
-    target :class:`torch.nn.Embedding` how often each token id is looked up,
-    and for each target :class:`torch.nn.Linear` the second moment of its
-    input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
+    target :class:`torch.nn.Embedding` how often each token id is looked up
+    (in any module that shares its table: T5's encoder and decoder read
+    ``shared`` through their own ``embed_tokens``), and for each target
+    :class:`torch.nn.Linear` (or transformers ``Conv1D``) the second moment
+    of its input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
     activation is kept, padding positions are left out, and no gradient is
     computed. Records are keyed by qualified module name, so a calibration
     of one copy of a model serves any copy of the same architecture, and
@@ -535,15 +537,19 @@ def calibrate(
         Calibration text (one sentence or document per string; it needs a
         tokenizer: the model's own for a sentence-transformers model, else
         ``tokenizer=``), or model-input dicts (``input_ids``,
-        ``attention_mask``, ...), passed to the model as they are
-        (``model(batch)`` for a sentence-transformers model,
-        ``model(**batch)`` otherwise). Keep it disjoint from any text you
-        evaluate on.
+        ``attention_mask``, ...), passed to the model as its adapter runs
+        it (``model(batch)`` for a sentence-transformers model,
+        ``model(**batch)`` otherwise, with decoder inputs added for an
+        encoder-decoder). A tokenizer without a pad token pads with its eos
+        token, with a warning. Keep it disjoint from any text you evaluate
+        on.
     tokenizer : callable, default=None
         A Hugging Face tokenizer for texts.
     targets : str, type, or list of them, default=None
         Modules to record (patterns, types, names, as in :func:`compress`);
-        ``None``: every Embedding and Linear module.
+        ``None``: every Embedding, Linear and Conv1D module (a module that
+        shares another's weight, such as a tied output head, stands for its
+        source).
     batch_size : int, default=32
         Texts per forward pass.
     max_length : int, default=None

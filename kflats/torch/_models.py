@@ -792,15 +792,15 @@ _REGISTRY = [
 
 
 def register_adapter(adapter, *, before=None):
-    """Add a model family: its adapter is tried before the generic ones.
+    """Add a model family: its adapter is asked before those registered earlier.
 
     Parameters
     ----------
     adapter : type
         A subclass of :class:`ModelAdapter` with a ``matches`` classmethod.
     before : type, default=None
-        Try it just before this registered adapter; ``None``: before every
-        generic one (:class:`TransformersAdapter` and the base).
+        Ask it just before this registered adapter; ``None``: before every
+        other (the newest registration is the most specific).
 
     Returns
     -------
@@ -809,12 +809,11 @@ def register_adapter(adapter, *, before=None):
     """
     if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
         raise TypeError(f"adapter must be a ModelAdapter subclass, got {adapter!r}")
+    if before is not None and (before not in _REGISTRY or before is adapter):
+        raise ValueError(f"before must be another registered adapter, got {before!r}")
     if adapter in _REGISTRY:
         _REGISTRY.remove(adapter)
-    anchor = TransformersAdapter if before is None else before
-    if anchor not in _REGISTRY:
-        raise ValueError(f"before must be a registered adapter, got {before!r}")
-    _REGISTRY.insert(_REGISTRY.index(anchor), adapter)
+    _REGISTRY.insert(0 if before is None else _REGISTRY.index(before), adapter)
     return adapter
 
 
