@@ -415,3 +415,50 @@ def test_a_registered_family_is_asked_first():
     finally:
         _models._REGISTRY.remove(Custom)
     assert adapter_for(build("gpt2")).family == "gpt2"
+
+
+# --------------------------------------------------------------------------
+# loading a folder as what it is, or refusing it
+
+
+def _folder_with_tokenizer(model, path):
+    import shutil
+
+    from kflats.datasets import minilm_model_dir
+
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(minilm_model_dir() / name, path / name)
+    return path
+
+
+def test_load_pretrained_keeps_the_class_and_its_tied_head(tmp_path):
+    from kflats.torch._models import load_pretrained
+
+    folder = _folder_with_tokenizer(build("gpt2"), tmp_path / "gpt2")
+    model, tokenizer = load_pretrained(folder)
+    assert type(model) is transformers.GPT2LMHeadModel and not model.training
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert tokenizer(["a cat"])["input_ids"][0][1:-1] == [1037, 4937]
+    folder = _folder_with_tokenizer(build("bert-classifier"), tmp_path / "cls")
+    assert (
+        type(load_pretrained(folder)[0]) is transformers.BertForSequenceClassification
+    )
+
+
+def test_load_pretrained_refuses_a_folder_it_cannot_read_faithfully(tmp_path):
+    import json
+
+    from kflats.torch._models import load_pretrained
+
+    build("bert").save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        load_pretrained(tmp_path / "bare")
+    folder = _folder_with_tokenizer(build("bert"), tmp_path / "grown")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # a layer the weights do not hold
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match its config: .* missing"):
+        load_pretrained(folder)
+    with pytest.raises(ValueError, match="not a model folder"):
+        load_pretrained(tmp_path / "nowhere")

@@ -23,6 +23,7 @@ import contextlib
 import math
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "OUTPUT_KINDS",
     "ModelAdapter",
     "adapter_for",
+    "load_pretrained",
     "register_adapter",
 ]
 
@@ -987,3 +989,116 @@ def plan_ties(model, plans, ties, where):
             )
         out[name] = new
     return out
+
+
+# -- loading --------------------------------------------------------------------
+
+# files from which transformers builds a real tokenizer (without any, it
+# builds a tokenizer of a handful of special tokens and reads every text as
+# unknown tokens)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def quiet():
+    """A context that silences transformers and sentence-transformers' logs."""
+    from ._io import _quiet
+
+    return _quiet()
+
+
+def load_pretrained(path, *, gguf_file=None):
+    """A transformers model of the class its config names, and its tokenizer.
+
+    The model comes back as what it is (``LlamaForCausalLM`` with its LM
+    head, ``BertForSequenceClassification`` with its classifier; the first
+    class of ``config.architectures``), from local files only, running no
+    code from the folder. A folder the model cannot be read from faithfully
+    is refused instead of papered over.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A model folder, a ``.gguf`` file, or a folder holding one (and no
+        ``config.json``).
+    gguf_file : str, default=None
+        The GGUF file's name inside the folder (dequantized to float32).
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode.
+    tokenizer : transformers tokenizer
+
+    Raises
+    ------
+    ValueError
+        If the folder holds no tokenizer files, if its weights do not match
+        its config (missing, unexpected or mismatched tensors, which
+        transformers would fill at random), or if it cannot be read.
+
+    Examples
+    --------
+    >>> from kflats.datasets import minilm_model_dir
+    >>> from kflats.torch._models import load_pretrained
+    >>> model, tokenizer = load_pretrained(minilm_model_dir())
+    >>> type(model).__name__, tokenizer("a cat")["input_ids"]
+    ('BertModel', [101, 1037, 4937, 102])
+    """
+    import transformers
+
+    folder = Path(path)
+    if gguf_file is None and folder.is_file() and folder.suffix == ".gguf":
+        folder, gguf_file = folder.parent, folder.name
+    if gguf_file is None and folder.is_dir() and not (folder / "config.json").exists():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        if len(found) == 1:
+            gguf_file = found[0]
+    where = repr(str(path))
+    if not folder.is_dir():
+        raise ValueError(f"{where} is not a model folder or a .gguf file")
+    if gguf_file is None and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{where} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}): "
+            "without them every text would read as unknown tokens"
+        )
+    options = {"local_files_only": True, "trust_remote_code": False}
+    if gguf_file is not None:
+        options["gguf_file"] = gguf_file
+    try:
+        with quiet():
+            config = transformers.AutoConfig.from_pretrained(folder, **options)
+            names = getattr(config, "architectures", None) or []
+            cls = getattr(transformers, names[0], None) if names else None
+            if not (
+                isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            ):
+                cls = transformers.AutoModel
+            model, info = cls.from_pretrained(
+                folder, config=config, output_loading_info=True, **options
+            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load {where}: {exc}") from None
+    problems = [
+        f"{len(info[key])} {what} ({', '.join(map(str, list(info[key])[:3]))}"
+        f"{', ...' if len(info[key]) > 3 else ''})"
+        for key, what in (
+            ("missing_keys", "missing"),
+            ("unexpected_keys", "unexpected"),
+            ("mismatched_keys", "of another shape"),
+        )
+        if info.get(key)
+    ]
+    if problems:
+        raise ValueError(
+            f"the weights of {where} do not match its config: "
+            f"{'; '.join(problems)} tensors; transformers would fill them at random"
+        )
+    return model.eval(), tokenizer
