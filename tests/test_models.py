@@ -462,3 +462,9 @@ def test_load_pretrained_refuses_a_folder_it_cannot_read_faithfully(tmp_path):
         load_pretrained(folder)
     with pytest.raises(ValueError, match="not a model folder"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def test_evaluate_leaves_gradients_on():
+    model = build("gpt2")
+    adapter_for(model).evaluate(model, build("gpt2"), TEXTS, word_tokenizer)
+    assert torch.is_grad_enabled()

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._size import factors_size
+
 _FORMAT = "kflats.ProjectiveFactors"
 _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -216,12 +218,9 @@ class ProjectiveFactors:
     @property
     def n_params(self):
         """Every stored number, cluster ids included when ``k > 1``."""
-        total = sum(u.size + v.size for u, v in zip(self.U, self.V, strict=True))
-        if self.means is not None:
-            total += self.means.size
-        if self.k > 1:
-            total += self.labels.size
-        return int(total)
+        sizes = [u.shape[0] for u in self.U]
+        d = self.shape[1]
+        return factors_size(sizes, self.ranks, d, self.means is not None).numbers
 
     @property
     def compression(self):

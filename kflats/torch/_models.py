@@ -405,16 +405,18 @@ class ModelAdapter:
         """(final output, mask) of ``model`` on ``texts``, batch by batch."""
         device = self._device(model)
         adapter = type(self)(model)
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = self.tokenize(
-                    texts[start : start + batch_size], tokenizer, max_length
-                )
-                batch = {
-                    k: v.to(device) if torch.is_tensor(v) else v
-                    for k, v in batch.items()
-                }
-                yield adapter.final(adapter.run(batch)), self.mask(batch), batch
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(
+                texts[start : start + batch_size], tokenizer, max_length
+            )
+            batch = {
+                k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
+            # never yield inside no_grad: a suspended generator would leave
+            # gradients off for its caller
+            with torch.no_grad():
+                out = adapter.final(adapter.run(batch))
+            yield out, self.mask(batch), batch
 
     # -- evaluation -------------------------------------------------------
 
