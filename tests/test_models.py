@@ -468,3 +468,25 @@ def test_evaluate_leaves_gradients_on():
     model = build("gpt2")
     adapter_for(model).evaluate(model, build("gpt2"), TEXTS, word_tokenizer)
     assert torch.is_grad_enabled()
+
+
+def test_a_tied_table_is_fitted_for_the_logits_it_computes():
+    from kflats.factorize import damped_moment
+
+    model = build("gpt2")
+    cal = calibrate(model, batches(), targets="transformer.wte")
+    assert set(cal.names) == {"transformer.wte", "lm_head"}
+    C, _ = damped_moment(cal.input_moment("lm_head"), HIDDEN, 1e-2)
+    w = cal.token_weights("transformer.wte")
+    E = model.transformer.wte.weight.detach().double().numpy()
+
+    def logit_error(compressed):
+        D = E - compressed.transformer.wte.to_dense().weight.detach().double().numpy()
+        return float(np.einsum("t,ti,ij,tj->", w, D, C, D))
+
+    tied = build("gpt2")
+    compress(tied, 0.3, "transformer.wte", calibration=cal, k=1)
+    rows_only = build("gpt2")
+    compress(rows_only, 0.3, "transformer.wte", sample_weight=w, k=1)
+    # the truncated SVD of the whitened table is optimal for this error
+    assert logit_error(tied) < 0.99 * logit_error(rows_only)

@@ -519,7 +519,9 @@ def calibrate(
     Forward hooks, attached for the pass and always removed, record for each
     target :class:`torch.nn.Embedding` how often each token id is looked up
     (in any module that shares its table: T5's encoder and decoder read
-    ``shared`` through their own ``embed_tokens``), and for each target
+    ``shared`` through their own ``embed_tokens``; an output head tied to
+    the table has its input moment recorded under its own name, for the
+    table's fit), and for each target
     :class:`torch.nn.Linear` (or transformers ``Conv1D``) the second moment
     of its input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
     activation is kept, padding positions are left out, and no gradient is
@@ -613,6 +615,13 @@ def calibrate(
 
     state = {"mask": None, "moments": {}}
     observers = {name: _Observer(named[name], state) for name in names}
+    ties = adapter.ties()
+    # an output head tied to a recorded table: its input moment is recorded
+    # too (under the head's name), for the table's fit to weigh the logits
+    for follower, source in ties.items():
+        head = named.get(follower)
+        if source in observers and isinstance(head, nn.Linear):
+            observers[follower] = _Observer(head, state)
     show = (
         (n_batches is None or n_batches > _PROGRESS_BATCHES)
         if progress is None
@@ -635,7 +644,7 @@ def calibrate(
             handles.append(named[name].register_forward_pre_hook(obs))
         # an Embedding holding the same table (T5's encoder and decoder
         # embed_tokens, for shared) counts its lookups for its source
-        for follower, source in adapter.ties().items():
+        for follower, source in ties.items():
             if source in observers and type(named.get(follower)) is nn.Embedding:
                 hook = observers[source]
                 handles.append(named[follower].register_forward_pre_hook(hook))

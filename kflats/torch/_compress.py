@@ -10,11 +10,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 
+import numpy as np
 from torch import nn
 
 from .._size import dense_size
 from ..factorize import damped_moment
-from ..factorize._linear import _check_row_weights, _factorize_linear, _shared_seed
+from ..factorize._linear import (
+    _check_row_weights,
+    _factorize_linear,
+    _shared_seed,
+    _unwhiten,
+    _whiten,
+)
 from ..factorize._search import _factorize, _search_options
 from ..factorize._validation import _check_sample_weight
 from ._calibration import Calibration, calibrate
@@ -352,7 +359,10 @@ def _fit_module(module, name, numbers, objective, k, side, options, sample_weigh
             )
         w = objective.row_weights if objective is not None else sample_weight
         w = _check_sample_weight(w, W.shape[0])
-        factors = _factorize(W, w, k, None, numbers, options, what)
+        if objective is not None and objective.input_moment is not None:
+            factors = _fit_tied_table(W, w, objective, k, numbers, options, what)
+        else:
+            factors = _factorize(W, w, k, None, numbers, options, what)
         layer = ProjectiveEmbedding.from_factors(
             factors,
             padding_idx=module.padding_idx,
@@ -377,6 +387,23 @@ def _fit_module(module, name, numbers, objective, k, side, options, sample_weigh
     layer.factorization_error = factors.error
     layer.weight_error = factors.weight_error
     return layer
+
+
+def _fit_tied_table(W, w, objective, k, numbers, options, what):
+    """Factors of a table that is also an output head: rows weighted, columns
+    whitened by the head's input moment, then brought back."""
+    _, L = damped_moment(objective.input_moment, W.shape[1], objective.damping)
+    whitened = _factorize(
+        _whiten(W, L).astype(W.dtype), w, k, None, numbers, options, what
+    )
+    factors = replace(
+        whitened,
+        V=tuple(_unwhiten(v, L, W.dtype) for v in whitened.V),
+        means=None if whitened.means is None else _unwhiten(whitened.means, L, W.dtype),
+    )
+    W64 = W.astype(np.float64)
+    weight_error = float(np.sum((W64 - factors.reconstruct()) ** 2) / np.sum(W64**2))
+    return replace(factors, weight_error=weight_error)
 
 
 def _module_report(name, module, layer, seconds):
