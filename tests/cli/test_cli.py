@@ -11,7 +11,8 @@ import pytest
 import kflats
 from kflats import KSubspaces
 from kflats.__main__ import main
-from kflats.cli import _arrays, _common, fit
+from kflats.cli import _arrays, fit
+from kflats.cli._common import write_file_atomically
 
 
 @pytest.fixture
@@ -342,14 +343,14 @@ def test_write_atomically_leaves_the_target_whole(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="cannot write .* No space left on device"):
-        _common.write_file_atomically(str(target), half_then_fail, overwrite=True)
+        write_file_atomically(str(target), half_then_fail, overwrite=True)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.npz"]
-    _common.write_file_atomically(str(target), lambda f: f.write(b"new"), overwrite=True)
+    write_file_atomically(str(target), lambda f: f.write(b"new"), overwrite=True)
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["x.npz"]
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        _common.write_file_atomically(str(target), lambda f: f.write(b"x"), overwrite=False)
+        write_file_atomically(str(target), lambda f: f.write(b"x"), overwrite=False)
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["x.npz"]
 
