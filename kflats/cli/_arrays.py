@@ -242,13 +242,14 @@ def check_matrix(A, source):
 def _check_scale(A, source):
     """Refuse values whose squares overflow the dtype's arithmetic.
 
-    Fitting sums squares and products of the values (norms, Gram matrices):
-    the sum of all squares must be finite, with room for a factor of the
-    matrix's larger side.
+    Fitting multiplies squared norms and squared inner products of rows
+    (cosines, Gram matrices): the square of the sum of all squares must stay
+    finite, so that sum must stay below the square root of the dtype's
+    largest number.
     """
     largest = np.abs(A).max(axis=0)
     dtype = np.result_type(A.dtype, np.float32)
-    limit = float(np.finfo(dtype).max) / max(A.shape)
+    limit = float(np.sqrt(np.finfo(dtype).max))
     # scaled by the largest value, the sums cannot overflow
     top = float(largest.max())
     if top == 0:
