@@ -178,7 +178,7 @@ def test_a_gguf_file_without_the_gguf_package(tmp_path, capsys, monkeypatch):
     )
 
 
-# --- the report: a loud warning, a probe on the user's labels ---------------------------
+# --- the report: a loud warning, a probe on the user's labels -----------------
 
 
 @pytest.fixture(scope="module")
