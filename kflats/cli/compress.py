@@ -12,7 +12,6 @@ is checked to give the outputs just evaluated.
 
 import argparse
 import copy
-import csv
 import os
 import shlex
 import sys
@@ -147,75 +146,19 @@ def run(args):
 
 def _check(args):
     from ._model import model_source
+    from ._texts import read_labels, read_texts
 
     out = output_folder(args.out, args.overwrite)
     if args.calibration is not None:
-        texts, text_source = _read_texts(args.calibration), str(args.calibration)
+        texts, text_source = read_texts(args.calibration), str(args.calibration)
     else:
         from kflats.datasets import load_sentences
 
         texts = load_sentences("calibration")
         text_source = "kflats.datasets.load_sentences('calibration')"
-    labelled = None if args.eval_labels is None else _read_labels(args.eval_labels)
+    labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
     source = model_source(args.model_dir)
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
-
-
-def _read_text_file(path, option):
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise ValueError(f"{option} {str(path)!r} is a folder, not a file") from None
-    except OSError as exc:
-        raise ValueError(
-            f"cannot read {option} {str(path)!r}: {exc.strerror}"
-        ) from None
-    try:
-        if b"\x00" in data:
-            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(
-            f"{option} {str(path)!r} is not UTF-8 text (a binary file?)"
-        ) from None
-
-
-def _read_texts(path):
-    text = _read_text_file(path, "--calibration")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"--calibration {str(path)!r} holds no text")
-    return lines
-
-
-_FOLDS = 5
-
-
-def _read_labels(path):
-    """(texts, labels) of ``--eval-labels``: CSV rows text,label."""
-    rows = list(csv.reader(_read_text_file(path, "--eval-labels").splitlines()))
-    where = f"--eval-labels {str(path)!r}"
-    if rows and [c.strip().lower() for c in rows[0]] == ["text", "label"]:
-        rows = rows[1:]
-    texts, labels = [], []
-    for number, row in enumerate(rows, start=1):
-        if not any(c.strip() for c in row):
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(
-                f"{where} row {number}: expected two fields, text,label, got "
-                f"{len(row)}" + (" (one empty)" if len(row) == 2 else "")
-            )
-        texts.append(row[0].strip())
-        labels.append(row[1].strip())
-    counts = {label: labels.count(label) for label in dict.fromkeys(labels)}
-    if len(counts) < 2 or min(counts.values()) < _FOLDS:
-        raise ValueError(
-            f"{where}: a {_FOLDS}-fold probe needs at least two labels with at "
-            f"least {_FOLDS} texts each, got {counts}"
-        )
-    return texts, labels
 
 
 # --- 2. load, and check the targets and budget ------------------------------------
@@ -432,16 +375,17 @@ def _probe(job):
     from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
 
     from ._model import hushed
+    from ._texts import FOLDS
 
     texts, labels = job.labelled
     scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
     scores["labels"] = len(set(labels))
-    scores["folds"] = _FOLDS
+    scores["folds"] = FOLDS
     with hushed(), job.steps("probe", "probing the labels"):
         for key, model in (("original", job.base), ("kflats", job.model)):
             X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
             scores[key] = probe_accuracy(
-                X, labels, folds=_FOLDS, random_state=job.args.seed
+                X, labels, folds=FOLDS, random_state=job.args.seed
             )
     return scores
 
