@@ -259,7 +259,10 @@ def write_folder_atomically(out, fill, *, overwrite, shown=None):
             out.parent.mkdir(parents=True, exist_ok=True)
             result = fill(tmp)
         except OSError as exc:
-            raise OSError(f"cannot write --out {shown!r}: {_reason(exc)}") from None
+            reason = _reason(exc).replace(str(tmp), shown)
+            raise OSError(f"cannot write --out {shown!r}: {reason}") from None
+        except ValueError as exc:  # a message that names the hidden folder
+            raise ValueError(str(exc).replace(str(tmp), shown)) from None
         with _uninterrupted():
             _replace(tmp, out, overwrite, shown)
         return result

@@ -262,3 +262,20 @@ def test_sigterm_during_save_leaves_nothing_behind(tmp_path):
     assert stderr.splitlines()[-1] == "kflats: terminated"
     assert "Traceback" not in stderr
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [ValueError, OSError])
+def test_a_failed_write_names_out_not_the_hidden_folder(error, tmp_path):
+    from kflats.cli._common import output_folder, write_folder_atomically
+
+    out = output_folder(tmp_path / "out", False)
+
+    def fill(folder):
+        folder.mkdir()
+        (folder / "half").write_text("half")
+        raise error(f"cannot load {str(folder)!r}: bad")
+
+    with pytest.raises(error) as caught:
+        write_folder_atomically(out, fill, overwrite=False, shown="out")
+    assert ".kflats" not in str(caught.value) and "'out'" in str(caught.value)
+    assert os.listdir(tmp_path) == []
