@@ -16,6 +16,7 @@
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -179,20 +180,50 @@ class Loaded(NamedTuple):
     saved_tokenizer: object
 
 
-def load_model(source):
-    """Load a :class:`Source`; a bad folder is a ValueError naming MODEL_DIR."""
-    what = f"MODEL_DIR {source.shown!r}"
+@contextlib.contextmanager
+def _named_errors(what):
+    """The libraries' errors on a bad folder, as a ValueError naming MODEL_DIR."""
     try:
         with hushed():
-            if source.kind == SENTENCE_TRANSFORMERS:
-                return _load_sentence_transformer(source.folder)
-            return _load_transformers(source, what)
+            yield
     except (ImportError, ValueError) as exc:
         if isinstance(exc, ImportError) or str(exc).startswith(what):
             raise
         raise ValueError(f"cannot load {what}: {exc}") from None
     except Exception as exc:  # the libraries raise many kinds on a bad folder
         raise ValueError(f"cannot load {what}: {exc}") from None
+
+
+def skeleton(source):
+    """A Hugging Face model's modules without its weights, or None.
+
+    Built on the meta device from the config alone (nothing allocated, no
+    weight read), so that ``--targets`` and ``--budget`` are checked before
+    the model is loaded. None for a sentence-transformers model, which is
+    checked once loaded (its loading is quick).
+    """
+    if source.kind == SENTENCE_TRANSFORMERS:
+        return None
+    import torch
+    import transformers
+
+    what = f"MODEL_DIR {source.shown!r}"
+    with _named_errors(what):
+        config = copy.deepcopy(_config(source))
+        cls = model_class(config, gguf=source.gguf_file is not None, what=what)
+        concrete = issubclass(cls, transformers.PreTrainedModel)
+        build = cls._from_config if concrete else cls.from_config
+        with torch.device("meta"):
+            return build(config, attn_implementation="eager")
+
+
+def load_model(source):
+    """Load a :class:`Source`; a bad folder is a ValueError naming MODEL_DIR."""
+    what = f"MODEL_DIR {source.shown!r}"
+    with _named_errors(what):
+        if source.kind == SENTENCE_TRANSFORMERS:
+            return _load_sentence_transformer(source.folder)
+        return _load_transformers(source, what)
 
 
 def _load_sentence_transformer(folder):
@@ -210,14 +241,29 @@ def _load_sentence_transformer(folder):
     return Loaded(model.eval(), None, SENTENCE_TRANSFORMERS, None)
 
 
-def _load_transformers(source, what):
-    import transformers
-
+def _options(source):
     options = {"local_files_only": True, "trust_remote_code": False}
     if source.gguf_file:
         options["gguf_file"] = source.gguf_file
+    return options
+
+
+@functools.lru_cache(maxsize=4)
+def _config(source):
+    """The source's config, read once (a GGUF file's takes seconds)."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(
+        str(source.folder), **_options(source)
+    )
+
+
+def _load_transformers(source, what):
+    import transformers
+
+    options = _options(source)
     folder = str(source.folder)
-    config = transformers.AutoConfig.from_pretrained(folder, **options)
+    config = copy.deepcopy(_config(source))
     cls = model_class(config, gguf=source.gguf_file is not None, what=what)
     model, info = _with_portable_attention(
         lambda impl: cls.from_pretrained(

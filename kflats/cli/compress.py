@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _model
 from . import report as _report
 from ._common import (
     budget_type,
@@ -145,7 +146,6 @@ def run(args):
 
 
 def _check(args):
-    from ._model import model_source
     from ._texts import read_labels, read_texts
 
     out = output_folder(args.out, args.overwrite)
@@ -157,7 +157,10 @@ def _check(args):
         texts = load_sentences("calibration")
         text_source = "kflats.datasets.load_sentences('calibration')"
     labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
-    source = model_source(args.model_dir)
+    source = _model.model_source(args.model_dir)
+    skeleton = _model.skeleton(source)
+    if skeleton is not None:  # checked before the weights are loaded
+        _checked_targets(skeleton, args.targets, args.budget, args.allocation)
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
 
 
@@ -165,10 +168,9 @@ def _check(args):
 
 
 def _load(job):
-    from ._model import load_model
 
     with job.steps("load", "loading model"):
-        loaded = load_model(job.source)
+        loaded = _model.load_model(job.source)
     job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
     job.saved_tokenizer = loaded.saved_tokenizer
     args = job.args
@@ -218,9 +220,7 @@ def _checked_targets(model, specs, budget, allocation):
 def _calibrate(job):
     from kflats.torch import calibrate
 
-    from ._model import hushed
-
-    with hushed(), job.steps("calibrate", "calibrating", bar=False):
+    with _model.hushed(), job.steps("calibrate", "calibrating", bar=False):
         job.calibration = calibrate(
             job.base,
             job.texts,
@@ -233,11 +233,9 @@ def _calibrate(job):
 def _compress(job):
     from kflats.torch import compress
 
-    from ._model import hushed
-
     args = job.args
     job.model = copy.deepcopy(job.base)
-    with hushed(), job.steps("compress", "compressing", bar=False):
+    with _model.hushed(), job.steps("compress", "compressing", bar=False):
         job.report = compress(
             job.model,
             args.budget,
@@ -261,11 +259,9 @@ def _heal(job):
     from kflats.torch import heal
     from kflats.torch._evaluation import evaluator
 
-    from ._model import hushed
-
     job.heldout = load_sentences("heldout")
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
-    with hushed(), job.steps("evaluate", "evaluating the original"):
+    with _model.hushed(), job.steps("evaluate", "evaluating the original"):
         job.reference = job.evaluator.outputs(job.base)
         if job.args.heal_steps:
             unhealed = job.evaluator.outputs(job.model)
@@ -274,7 +270,7 @@ def _heal(job):
             )
     if job.args.heal_steps:
         torch.manual_seed(job.args.seed)
-        with hushed(), job.steps("heal", "healing", bar=False):
+        with _model.hushed(), job.steps("heal", "healing", bar=False):
             heal(
                 job.model,
                 job.base,
@@ -290,13 +286,12 @@ def _heal(job):
 
 
 def _evaluate(job):
-    from ._model import hushed
 
     ev = job.evaluator
-    with hushed(), job.steps("evaluate", "evaluating the compressed model"):
+    with _model.hushed(), job.steps("evaluate", "evaluating the compressed model"):
         job.compressed = ev.outputs(job.model)
         job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
-    with hushed(), job.steps("svd", "SVD at the same size"):
+    with _model.hushed(), job.steps("svd", "SVD at the same size"):
         job.fidelity["svd"] = ev.compare(
             job.reference, _svd_outputs(job, job.args.budget)
         )
@@ -337,8 +332,6 @@ def _curve_points(job):
     """kflats and SVD at the other budgets, each module's k and side reused."""
     from kflats.torch import compress
 
-    from ._model import hushed
-
     args, ev = job.args, job.evaluator
     unhealed = job.fidelity.get("kflats_before_heal", job.fidelity["kflats"])
     curve = [{"budget": args.budget, "kflats": unhealed, "svd": job.fidelity["svd"]}]
@@ -349,7 +342,7 @@ def _curve_points(job):
         from tqdm.auto import tqdm
 
         around = tqdm(around, desc="kflats and SVD at other budgets", unit="budget")
-    with hushed(), job.steps("curve", "", bar=False):
+    with _model.hushed(), job.steps("curve", "", bar=False):
         for budget in around:
             other = copy.deepcopy(job.base)
             try:
@@ -374,14 +367,13 @@ def _probe(job):
     """Probe accuracy on the labelled texts, original and compressed."""
     from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
 
-    from ._model import hushed
     from ._texts import FOLDS
 
     texts, labels = job.labelled
     scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
     scores["labels"] = len(set(labels))
     scores["folds"] = FOLDS
-    with hushed(), job.steps("probe", "probing the labels"):
+    with _model.hushed(), job.steps("probe", "probing the labels"):
         for key, model in (("original", job.base), ("kflats", job.model)):
             X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
             scores[key] = probe_accuracy(
@@ -406,9 +398,7 @@ def _write(job):
     def fill(folder):
         from kflats.torch import load_compressed, save_compressed
 
-        from ._model import hushed
-
-        with hushed(), job.steps("save", "writing"):
+        with _model.hushed(), job.steps("save", "writing"):
             save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
             reloaded = load_compressed(folder)
             identical = bool(

@@ -269,3 +269,19 @@ def test_bad_eval_labels_are_refused_first(
     _one_line(code, stderr, f"--eval-labels '{labels}'")
     assert match in stderr
     assert os.listdir(tmp_path) == ["labels.csv"]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--targets", "*.nothing"), "--targets: target '*.nothing' matches no module"),
+        (("--targets", "*.LayerNorm"), "torch.nn.Embedding and torch.nn.Linear"),
+        (("--budget", "0.0001"), "cannot be met"),
+    ],
+)
+def test_targets_and_budget_are_checked_before_loading(
+    bert, extra, match, tmp_path, capsys, no_model_load
+):
+    code, _, stderr = _run(capsys, bert, "--out", tmp_path / "o", "--quiet", *extra)
+    _one_line(code, stderr, match)
+    assert os.listdir(tmp_path) == []
