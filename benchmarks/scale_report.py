@@ -102,7 +102,7 @@ def minilm(args):
     """Fit time against numpy's float64 SVD; one Lloyd iteration against GEMM."""
     import contextlib
 
-    from kflats import KSubspaces, _lloyd
+    from kflats import KSubspaces, _threads
     from kflats._lloyd import _assign, _pack, _row_norms_sq, _Stats, _update
     from kflats._seeding import _grow
     from kflats.datasets import load_minilm_embeddings
@@ -124,16 +124,16 @@ def minilm(args):
 
     # Interleaved, so that both see the same load on a shared machine.
     svd_t, fit_t, nothread_t = [], [], []
-    one_thread = _lloyd._one_lapack_thread
+    one_thread = _threads.one_blas_thread
     for seed in range(args.repeat):
         svd_t.append(_best(svd, 1))
         fit_t.append(_best(lambda seed=seed: fit(seed), 1))
         if args.compare_threads:  # the same fit with LAPACK on every thread
-            _lloyd._one_lapack_thread = contextlib.nullcontext
+            _threads.one_blas_thread = contextlib.nullcontext
             try:
                 nothread_t.append(_best(lambda seed=seed: fit(seed), 1))
             finally:
-                _lloyd._one_lapack_thread = one_thread
+                _threads.one_blas_thread = one_thread
     cost = np.median([f.inertia_ / total for f in fits.values()])
     fit_m, svd_m = np.median(fit_t), np.median(svd_t)
     print(

@@ -349,14 +349,15 @@ def _seed(blocks, k, j, affine, mean, rng, dtype):
         raise ValueError(
             f"The rows have fewer than k={k} distinct directions to seed from."
         )
+    from ._backend import NumpyOps
     from ._lloyd import _ksubspaces_single
-    from ._seeding import _grow
 
     xsq = _row_norms_sq(C)
     wc = weights.astype(dtype)
+    ops = NumpyOps()
 
     def grow(i):
-        return _grow(C, xsq, wc, i, j, affine)
+        return ops.grow(C, xsq, wc, i, j, affine)
 
     best = None
     for _ in range(_LOCAL_STARTS):  # cheap: a few thousand candidates at most
@@ -364,7 +365,18 @@ def _seed(blocks, k, j, affine, mean, rng, dtype):
             C, xsq, wc, k, j, affine, rng, 2 + int(np.log(k))
         )
         run = _ksubspaces_single(
-            C, xsq, wc, bases, means, comps, affine, 30, 0.0, grow, init_dist=dist
+            C,
+            xsq,
+            wc,
+            bases,
+            means,
+            comps,
+            affine,
+            30,
+            0.0,
+            grow,
+            init_dist=dist,
+            ops=ops,
         )
         if best is None or run[1] < best[1]:
             best = run
@@ -381,36 +393,20 @@ def fit(est, X, sample_weight, rng):
     X = check_array(X)
     n, d = X.shape
     k, j, affine = est.k, est.j, est.affine
-    if k > n:
-        raise ValueError(f"k={k} must be <= n_samples={n}.")
-    if j >= d:
-        raise ValueError(
-            f"j={j} must be smaller than n_features={d}: a subspace of "
-            "dimension n_features fits every row exactly."
-        )
+    est._check_sizes(n, d, None)  # what the shape alone tells, before a pass
     sample_weight = _check_weight(sample_weight, X)
     blocks = _blocks(X, sample_weight)
     W, s, empty_cost, n_pos, bad = _map_reduce(blocks, _potential_task, _add, None)
     if bad:
         raise ValueError(f"Input X contains NaN or infinity ({bad} rows).")
-    if n_pos == 0:
-        raise ValueError("sample_weight must have at least one positive entry.")
-    if k > n_pos:
-        raise ValueError(
-            f"k={k} must be <= the number of rows with positive sample_weight "
-            f"({n_pos})."
-        )
+    est._check_sizes(n, d, n_pos)
     mean = s / W if affine else None
     if affine:  # the potential to the mean needs the mean: one more pass
         empty_cost = _map_reduce(blocks, _potential_task, _add, mean)[2]
     tol = est.tol * empty_cost
     is_array = not isinstance(est.init, str)
-    if est.n_init == "auto":
-        n_init = 10 if (not is_array and est.init == "random") else 1
-    else:
-        n_init = 1 if is_array else est.n_init
     best = None
-    for _ in range(n_init):
+    for _ in range(est._n_init):
         if is_array:
             bases = np.array(est.init, dtype=X.dtype, copy=True)
             means = np.zeros((k, d), dtype=X.dtype)

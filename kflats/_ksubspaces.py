@@ -22,6 +22,7 @@ from sklearn.utils.validation import (
 )
 
 from . import _dask
+from ._backend import NumpyOps, backend_ops
 from ._lloyd import (
     _assign,
     _exact_mind,
@@ -33,7 +34,7 @@ from ._lloyd import (
     _Stats,
     _update,
 )
-from ._seeding import _grow, _initial_potential, _ksubspaces_plusplus, _random_partition
+from ._seeding import _initial_potential, _ksubspaces_plusplus, _random_partition
 
 
 class KSubspaces(
@@ -194,7 +195,14 @@ class KSubspaces(
         self.device = device
 
     def _check_params_vs_input(self, X, sample_weight):
-        n, d = X.shape
+        n_pos = int(np.count_nonzero(sample_weight > 0))
+        self._check_sizes(*X.shape, n_pos)
+        if not isinstance(self.init, str):
+            self._check_init(X.shape[1])
+        self._resolve_n_init(stacklevel=4)
+
+    def _check_sizes(self, n, d, n_pos):
+        """k and j against the data, for every backend (dask: after one pass)."""
         if self.k > n:
             raise ValueError(f"k={self.k} must be <= n_samples={n}.")
         if self.j >= d:
@@ -202,7 +210,8 @@ class KSubspaces(
                 f"j={self.j} must be smaller than n_features={d}: a subspace of "
                 "dimension n_features fits every row exactly."
             )
-        n_pos = int(np.count_nonzero(sample_weight > 0))
+        if n_pos is None:
+            return
         if n_pos == 0:
             raise ValueError("sample_weight must have at least one positive entry.")
         if self.k > n_pos:
@@ -210,9 +219,10 @@ class KSubspaces(
                 f"k={self.k} must be <= the number of rows with positive "
                 f"sample_weight ({n_pos})."
             )
+
+    def _resolve_n_init(self, stacklevel):
+        """``self._n_init``: restarts that n_init and init ask for."""
         is_array = not isinstance(self.init, str)
-        if is_array:
-            self._check_init(d)
         if self.n_init == "auto":
             self._n_init = 10 if (not is_array and self.init == "random") else 1
         else:
@@ -222,7 +232,7 @@ class KSubspaces(
                 f"Explicit initial bases passed: performing only one init in "
                 f"{type(self).__name__} instead of n_init={self._n_init}.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             self._n_init = 1
 
@@ -243,7 +253,7 @@ class KSubspaces(
                 "(orthonormalize them, e.g. with numpy.linalg.qr)."
             )
 
-    def _init_subspaces(self, X, xsq, sample_weight, rng, grow, ops=None):
+    def _init_subspaces(self, X, xsq, sample_weight, rng, grow, ops):
         k, j = self.k, self.j
         if isinstance(self.init, str) and self.init == "k-subspaces++":
             bases, means, comps, _, dist = _ksubspaces_plusplus(
@@ -255,9 +265,9 @@ class KSubspaces(
                 self.affine,
                 rng,
                 2 + int(np.log(k)),
-                _assign if ops is None else ops.assign,
+                ops.assign,
                 grow,
-                parallel=ops is None,
+                parallel=ops.parallel,
             )
             return bases, means, comps, dist
         elif isinstance(self.init, str) and self.init == "random":
@@ -302,18 +312,6 @@ class KSubspaces(
             self.__dict__.update(state)
             raise
 
-    def _ops(self, X, xsq):
-        """The backend's assignment and statistics (None: numpy's)."""
-        if self.backend == "numpy":
-            if self.device is not None:
-                raise ValueError(
-                    f"device={self.device!r} is only used with backend='torch'."
-                )
-            return None
-        from ._torch_backend import TorchOps  # imports torch
-
-        return TorchOps(X, xsq, self.device)
-
     def _fit(self, X, sample_weight):
         if _dask.is_dask_array(X):
             if self.backend != "numpy":
@@ -331,9 +329,9 @@ class KSubspaces(
         self._check_params_vs_input(X, sample_weight)
         rng = check_random_state(self.random_state)
         xsq = _row_norms_sq(X)
-        ops = self._ops(X, xsq)
+        ops = backend_ops(self.backend, X, xsq, self.device)
         grow = partial(
-            _grow if ops is None else ops.grow,
+            ops.grow,
             X,
             xsq,
             sample_weight,
@@ -466,11 +464,12 @@ class KSubspaces(
         )
         k, j, affine = self.k, self.j, self.affine
         xsq = _row_norms_sq(X)
-        grow = partial(_grow, X, xsq, sample_weight, j=j, affine=affine)
+        ops = NumpyOps()
+        grow = partial(ops.grow, X, xsq, sample_weight, j=j, affine=affine)
         if first:
             self._check_params_vs_input(X, sample_weight)
             bases, means, comps, _ = self._init_subspaces(
-                X, xsq, sample_weight, check_random_state(self.random_state), grow
+                X, xsq, sample_weight, check_random_state(self.random_state), grow, ops
             )
             stats, n_batches = _Stats.empty(k, X.shape[1]), 0
         else:
@@ -516,6 +515,7 @@ class KSubspaces(
         X = _dask.check_array(X)
         if not isinstance(self.init, str):
             self._check_init(X.shape[1])
+        self._resolve_n_init(stacklevel=4)
         rng = check_random_state(self.random_state)
         bases, means, comps, inertia, n_iter = _dask.fit(self, X, sample_weight, rng)
         self.__dict__.pop("feature_names_in_", None)
@@ -529,7 +529,10 @@ class KSubspaces(
         return self
 
     def _check_test_data(self, X):
+        """X checked against the fit: a dask array stays lazy (checked per chunk)."""
         check_is_fitted(self)
+        if _dask.is_dask_array(X):
+            return _dask.check_array(X, self.n_features_in_)
         return validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", reset=False
         )
@@ -553,11 +556,9 @@ class KSubspaces(
         labels : ndarray of shape (n_samples,)
             Index of the nearest subspace (the lowest index on ties).
         """
-        if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            check_is_fitted(self)
-            X = _dask.check_array(X, self.n_features_in_)
-            return _dask.predict(X, self._packed(X.dtype))
         X = self._check_test_data(X)
+        if _dask.is_dask_array(X):  # lazy, chunk by chunk
+            return _dask.predict(X, self._packed(X.dtype))
         return self._assign(X)[0]
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -601,10 +602,10 @@ class KSubspaces(
             complements=self._complements,
             affine=self.affine,
         )
+        X = self._check_test_data(X)
         if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            X = _dask.check_array(X, self.n_features_in_)
             return _dask.transform(X, distances, self.k)
-        return distances(self._check_test_data(X))
+        return distances(X)
 
     def fit_transform(self, X, y=None, sample_weight=None):
         """Fit, then return the distances of every row to every subspace.
@@ -643,13 +644,11 @@ class KSubspaces(
         score : float
             ``-sum_i w_i min_c dist(x_i, S_c)^2``; higher is better.
         """
+        X = self._check_test_data(X)
         if _dask.is_dask_array(X):  # one pass over the chunks
-            check_is_fitted(self)
-            X = _dask.check_array(X, self.n_features_in_)
             bases = self.bases_.astype(X.dtype, copy=False)
             means = self.means_.astype(X.dtype, copy=False)
             return -_dask.cost(X, sample_weight, self._packed(X.dtype), bases, means)
-        X = self._check_test_data(X)
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=X.dtype, ensure_non_negative=True
         )
@@ -673,12 +672,11 @@ class KSubspaces(
             ``B_c (x - mu_c)`` for the nearest subspace c, so that the
             projection of x is ``mu_c + coords @ B_c``.
         """
+        X = self._check_test_data(X)
         if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            check_is_fitted(self)
-            X = _dask.check_array(X, self.n_features_in_)
             labels = _dask.predict(X, self._packed(X.dtype))
             return labels, _dask.map_rows(X, self._coords, self.j, X.dtype)
-        return self._coordinates(self._check_test_data(X))
+        return self._coordinates(X)
 
     def _coords(self, X):
         return self._coordinates(X)[1]
@@ -711,11 +709,10 @@ class KSubspaces(
             ``mu_c + B_c^T B_c (x - mu_c)`` for the nearest subspace c of each
             row, in the dtype of X.
         """
+        X = self._check_test_data(X)
         if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            check_is_fitted(self)
-            X = _dask.check_array(X, self.n_features_in_)
             return _dask.map_rows(X, self._project, X.shape[1], X.dtype)
-        return self._project(self._check_test_data(X))
+        return self._project(X)
 
     def _project(self, X):
         labels, coords = self._coordinates(X)

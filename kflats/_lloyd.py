@@ -10,74 +10,15 @@ processed in blocks, so memory stays O(block * k * j) whatever the number of row
 These functions assume validated input; ``KSubspaces`` validates.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from joblib import cpu_count
 
 from ._kernels import _distances_labels
+from ._threads import map_threads
 
 # Target number of elements of one block of projections (X_block @ M.T).
 _BLOCK_ELEMENTS = 1 << 21
-
-_controller = None
-
-
-def _blas_controller():
-    global _controller
-    if _controller is None:  # inspecting the loaded libraries takes a while
-        from threadpoolctl import ThreadpoolController
-
-        _controller = ThreadpoolController()
-    return _controller
-
-
-def _one_lapack_thread():
-    """Context in which BLAS/LAPACK run on one thread.
-
-    The d x d eigendecompositions of the update and of the seeding (d in the
-    hundreds) are faster on one thread than on several: tridiagonalization is
-    bound by memory traffic, and the threads only add synchronization, which
-    costs dearly when other processes share the cores (``np.linalg.eigh`` of a
-    384 x 384 scatter on a 2-core machine: 22 ms on one thread, 35 ms on two,
-    and 300 ms on two while other processes use the cores; the MiniLM fit in
-    benchmarks/scale_report.py spends most of its time there otherwise).
-    """
-    return _blas_controller().limit(limits=1, user_api="blas")
-
-
-def _blas_threads():
-    """Threads BLAS may use here: the cores, or the limit a caller has set.
-
-    A limit set with threadpoolctl, or by joblib in its worker processes (so
-    that n_jobs fits share the cores), bounds the threads of ``_map_threads``
-    as it bounds BLAS.
-    """
-    counts = [
-        lib.num_threads
-        for lib in _blas_controller().lib_controllers
-        if lib.user_api == "blas"
-    ]
-    return max(counts) if counts else cpu_count()
-
-
-def _map_threads(fn, items, parallel=True):
-    """``[fn(x) for x in items]`` with LAPACK on one thread, side by side.
-
-    For the independent d x d factorizations of the update and the seeding:
-    each runs LAPACK on one thread (see ``_one_lapack_thread``), which releases
-    the GIL, so with ``parallel`` as many of them run at once as BLAS may use
-    threads (``_blas_threads``). The results are the same as in sequence, in
-    the same order.
-    """
-    items = list(items)
-    n_threads = min(len(items), _blas_threads()) if parallel else 1
-    with _one_lapack_thread():
-        if n_threads < 2:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            return list(pool.map(fn, items))
 
 
 @dataclass(frozen=True)
@@ -393,7 +334,7 @@ def _update(
 
     # The numpy statistics' k eigendecompositions run side by side; another
     # backend's (on a device) in sequence.
-    fitted = _map_threads(fit, range(k), parallel=isinstance(stats, _Stats))
+    fitted = map_threads(fit, range(k), parallel=isinstance(stats, _Stats))
     for c, (basis, mean, comp) in enumerate(fitted):
         bases[c], means[c] = basis, mean
         if want_comp:
@@ -414,7 +355,8 @@ def _ksubspaces_single(
     grow,
     verbose=0,
     init_dist=None,
-    ops=None,
+    *,
+    ops,
 ):
     """One run of Lloyd's algorithm for k subspaces from given initial subspaces.
 
@@ -433,15 +375,11 @@ def _ksubspaces_single(
     n_iter : int
 
     ``init_dist`` (n, k), when given, holds the rows' squared distances to the
-    initial subspaces, which spares the first assignment. ``ops``, when given,
-    replaces the assignment, the statistics and the exact residuals by another
-    backend's (``kflats._torch_backend.TorchOps``).
+    initial subspaces, which spares the first assignment. ``ops`` is the
+    backend (``kflats._backend``): the assignment, the statistics and the
+    exact residuals.
     """
-    assign, Stats, exact_mind = (
-        (_assign, _Stats, _exact_mind)
-        if ops is None
-        else (ops.assign, ops.stats, ops.exact_mind)
-    )
+    assign, exact_mind = ops.assign, ops.exact_mind
     k, j, _ = bases.shape
     packed = _pack(bases, means, affine, comps)
     if init_dist is None:
@@ -455,7 +393,7 @@ def _ksubspaces_single(
     # only while it pays: once a re-seeding step does not lower the cost, the run
     # goes on as plain Lloyd (which then always terminates).
     relocate = np.count_nonzero(sample_weight > 0) >= k * j
-    stats = Stats(X, labels, sample_weight, k)
+    stats = ops.stats(X, labels, sample_weight, k)
     for n_iter in range(1, max_iter + 1):
         bases, means, comps, n_relocated = _update(
             X,

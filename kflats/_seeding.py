@@ -10,15 +10,13 @@ from sklearn.utils.validation import _check_sample_weight, check_array
 from ._lloyd import (
     _assign,
     _complements,
-    _map_threads,
-    _one_lapack_thread,
     _pack,
     _row_norms_sq,
     _row_step,
-    _Stats,
     _update,
     _use_complement,
 )
+from ._threads import map_threads, one_blas_thread
 
 
 def _n_neighbors(j):
@@ -109,7 +107,7 @@ def _grow_from(seed, neighbours, wn, j, affine):
 
     ``neighbours`` are rows, ``wn`` their weights (see ``_nearest_by_weight``).
     """
-    with _one_lapack_thread():  # small dense factorizations: see there
+    with one_blas_thread():  # small dense factorizations: see there
         return _grow_from_impl(seed, neighbours, wn, j, affine)
 
 
@@ -211,7 +209,7 @@ def _ksubspaces_plusplus(
         trial_comps = (
             np.empty((n_local_trials, d - j, d), dtype=X.dtype) if want_comp else None
         )
-        grown = _map_threads(grow, cand, parallel=parallel)
+        grown = map_threads(grow, cand, parallel=parallel)
         for t, (basis, mean, comp) in enumerate(grown):
             trial_bases[t], trial_means[t] = basis, mean
             if want_comp:
@@ -229,20 +227,16 @@ def _ksubspaces_plusplus(
     return bases, means, comps, indices, chosen_dist
 
 
-def _random_partition(X, xsq, sample_weight, k, j, affine, rng, grow, ops=None):
+def _random_partition(X, xsq, sample_weight, k, j, affine, rng, grow, ops):
     """Subspaces fitted to a uniformly random partition of the rows.
 
-    ``ops``, when given, is another backend's statistics and assignment
-    (``kflats._torch_backend.TorchOps``).
+    ``ops`` is the backend's statistics and assignment (``kflats._backend``).
     """
     labels = rng.randint(k, size=X.shape[0]).astype(np.int32)
     pot = _initial_potential(X, xsq, sample_weight, affine)
-    if ops is None:
-        stats, assign = _Stats(X, labels, sample_weight, k), _assign
-    else:
-        stats, assign = ops.stats(X, labels, sample_weight, k), ops.assign
+    stats = ops.stats(X, labels, sample_weight, k)
     bases, means, comps, _ = _update(
-        X, labels, stats, pot, sample_weight, j, affine, grow, assign=assign
+        X, labels, stats, pot, sample_weight, j, affine, grow, assign=ops.assign
     )
     return bases, means, comps
 

@@ -60,7 +60,12 @@ def check_device(device):
 
 
 class TorchOps:
-    """Assignment, statistics and residuals of one X on a torch device."""
+    """Assignment, statistics and residuals of one X on a torch device.
+
+    The torch backend of the protocol in ``kflats._backend``.
+    """
+
+    parallel = False  # a device's work is queued in sequence
 
     def __init__(self, X, xsq, device):
         torch = self.torch = _torch()

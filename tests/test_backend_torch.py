@@ -121,13 +121,13 @@ def test_sklearn_compatible_with_the_torch_backend(estimator, check):
 
 def test_the_seeding_grows_its_subspaces_on_the_backend(monkeypatch):
     """backend='torch' grows the seeding's subspaces with torch, not numpy."""
-    import kflats._ksubspaces
+    import kflats._backend
     import kflats._seeding
 
     def numpy_grow(*args, **kwargs):
         raise AssertionError("the numpy _grow ran under backend='torch'")
 
-    for module in (kflats._seeding, kflats._ksubspaces):
+    for module in (kflats._seeding, kflats._backend):
         monkeypatch.setattr(module, "_grow", numpy_grow)
     X = np.random.RandomState(0).randn(300, 40)
     est = KSubspaces(k=3, j=5, random_state=0, backend="torch").fit(X)

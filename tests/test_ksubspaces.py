@@ -16,7 +16,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kflats import KSubspaces, _lloyd, ksubspaces_plusplus
+from kflats import KSubspaces, _lloyd, _threads, ksubspaces_plusplus
 from kflats._lloyd import _assign, _pack, _row_norms_sq, _Stats, _update
 from kflats._seeding import _grow
 
@@ -136,21 +136,21 @@ def test_threads_do_not_change_the_fit(p):
     """The update's and the seeding's factorizations on 1 or 4 threads."""
     X, k, j = draw(p)
     fits = []
-    blas_threads = _lloyd._blas_threads
+    blas_threads = _threads.blas_threads
     try:
         for n_cores in (1, 4):
-            _lloyd._blas_threads = lambda n=n_cores: n
+            _threads.blas_threads = lambda n=n_cores: n
             fits.append(KSubspaces(k=k, j=j, random_state=p["seed"]).fit(X))
     finally:
-        _lloyd._blas_threads = blas_threads
+        _threads.blas_threads = blas_threads
     assert_array_equal(fits[0].labels_, fits[1].labels_)
     assert_array_equal(fits[0].bases_, fits[1].bases_)
     assert fits[0].inertia_ == fits[1].inertia_
 
 
 def test_map_threads_keeps_order_and_raises(monkeypatch):
-    monkeypatch.setattr(_lloyd, "_blas_threads", lambda: 3)
-    assert _lloyd._map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
+    monkeypatch.setattr(_threads, "blas_threads", lambda: 3)
+    assert _threads.map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
 
     def fail(x):
         if x == 4:
@@ -158,7 +158,7 @@ def test_map_threads_keeps_order_and_raises(monkeypatch):
         return x
 
     with pytest.raises(ValueError, match="row 4"):
-        _lloyd._map_threads(fail, range(7))
+        _threads.map_threads(fail, range(7))
 
 
 def test_threads_follow_the_blas_limit(monkeypatch):
@@ -170,7 +170,7 @@ def test_threads_follow_the_blas_limit(monkeypatch):
 
     X = random_data(0, 300, 12, np.float64)
     ref = KSubspaces(k=4, j=3, random_state=0).fit(X)
-    monkeypatch.setattr(_lloyd, "ThreadPoolExecutor", no_pool)
+    monkeypatch.setattr(_threads, "ThreadPoolExecutor", no_pool)
     with threadpool_limits(limits=1, user_api="blas"):
         est = KSubspaces(k=4, j=3, random_state=0).fit(X)
     assert_array_equal(est.labels_, ref.labels_)

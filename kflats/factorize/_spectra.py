@@ -5,8 +5,8 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
-from threadpoolctl import threadpool_limits
 
+from .._threads import one_blas_thread
 from ._factors import ProjectiveFactors
 
 
@@ -37,14 +37,13 @@ def _spectrum(A, rows, w, affine):
     if n_c >= d:
         # d x d scatter: cheaper than an SVD of the n_c x d block.
         G = (X.T * wc) @ X if wc is not None else X.T @ X
-        # small LAPACK problems: one thread is faster, and immune to threads
-        # left spinning by the parallel kernels of the fit
-        with threadpool_limits(1, user_api="blas"):
+        # small LAPACK problems: see kflats._threads
+        with one_blas_thread():
             evals, evecs = linalg.eigh(G)
         evals, evecs = evals[::-1], evecs[:, ::-1]
     else:
         Xw = X * np.sqrt(wc)[:, None] if wc is not None else X
-        with threadpool_limits(1, user_api="blas"):
+        with one_blas_thread():
             _, s, Vt = linalg.svd(Xw, full_matrices=False, lapack_driver="gesdd")
         evals, evecs = s**2, Vt.T
     return _Cluster(rows, mean, np.maximum(evals, 0.0), evecs)
