@@ -262,6 +262,10 @@ def _load_transformers(source, what):
     import transformers
 
     options = _options(source)
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if source.gguf_file and gguf_config is not None:
+        # dense float weights, never packed GGUF blocks: kflats fits them
+        options["quantization_config"] = gguf_config(dequantize=True)
     folder = str(source.folder)
     config = copy.deepcopy(_config(source))
     cls = model_class(config, gguf=source.gguf_file is not None, what=what)
@@ -275,8 +279,31 @@ def _load_transformers(source, what):
         )
     )
     _check_loading_info(info, what, cls)
+    if source.gguf_file:
+        _forget_gguf(model, what)
+    options.pop("quantization_config", None)
     saved = transformers.AutoTokenizer.from_pretrained(folder, **options)
     return Loaded(model.eval(), _with_pad_token(saved), TRANSFORMERS, saved)
+
+
+def _forget_gguf(model, what):
+    """A GGUF model loaded dequantized is a plain float model: say so, so it saves.
+
+    transformers keeps the GGUF quantizer on the model, and refuses to save a
+    model that has one.
+    """
+    packed = [
+        n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")
+    ]
+    if packed:
+        raise ValueError(
+            f"{what}: transformers kept {len(packed)} layers in packed GGUF blocks "
+            f"({packed[0]}, ...); kflats compresses dequantized weights"
+        )
+    model.hf_quantizer = None
+    for holder in (model.config, model):
+        if "quantization_config" in vars(holder):
+            delattr(holder, "quantization_config")
 
 
 def model_class(config, *, gguf=False, what="MODEL_DIR"):

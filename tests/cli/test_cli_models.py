@@ -285,3 +285,29 @@ def test_targets_and_budget_are_checked_before_loading(
     code, _, stderr = _run(capsys, bert, "--out", tmp_path / "o", "--quiet", *extra)
     _one_line(code, stderr, match)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_dequantized_gguf_model_forgets_its_quantizer(tmp_path):
+    import torch
+    import transformers
+
+    from kflats.cli._model import _forget_gguf
+
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    model.hf_quantizer = object()  # what transformers leaves after a GGUF load
+    model.config.quantization_config = {"quant_method": "gguf"}
+    _forget_gguf(model, "MODEL_DIR 'm.gguf'")
+    assert model.hf_quantizer is None
+    assert "quantization_config" not in model.config.to_dict()
+    model.save_pretrained(tmp_path / "saved")
+
+    class GgufLinear(torch.nn.Linear):
+        pass
+
+    model.model.layers[0].mlp.up_proj = GgufLinear(8, 16)
+    with pytest.raises(ValueError, match="kept 1 layers in packed GGUF blocks "):
+        _forget_gguf(model, "MODEL_DIR 'm.gguf'")
