@@ -386,10 +386,15 @@ def _probe(job):
 
 
 def _model_numbers(model):
-    """(parameters, bytes) of a model's state dict, buffers included."""
-    state = model.state_dict()
+    """(parameters, bytes) of a model's state dict, buffers included.
+
+    A tensor shared by two modules (tied weights) is counted once.
+    """
+    unique = {}
+    for t in model.state_dict().values():
+        unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t)
     params = sum(p.numel() for p in model.parameters())
-    return params, sum(t.numel() * t.element_size() for t in state.values())
+    return params, sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _write(job):

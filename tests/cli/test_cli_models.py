@@ -77,6 +77,11 @@ def test_a_causal_lm_keeps_its_head_and_pads_with_eos(tmp_path, capsys):
         "with its end-of-sequence token '</s>' (the saved tokenizer is unchanged)\n"
     )
     assert type(load_compressed(out)) is transformers.LlamaForCausalLM
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    # the tied embedding and head counted once, in numbers and in bytes
+    original = transformers.LlamaForCausalLM.from_pretrained(str(folder))
+    n = sum(p.numel() for p in original.parameters())
+    assert (totals["params_before"], totals["bytes_before"]) == (n, 4 * n)
     saved = transformers.AutoTokenizer.from_pretrained(str(out))
     assert saved.pad_token is None and saved.eos_token == "</s>"
 
