@@ -364,7 +364,7 @@ def test_load_rejects_foreign_and_corrupt_files(tmp_path):
         ProjectiveFactors.load(foreign)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is no zip archive")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="garbage.npz.*not a zip archive"):
         ProjectiveFactors.load(garbage)
     f = svd_factors(np.eye(4), rank=2)
     good = tmp_path / "good.npz"
@@ -591,3 +591,60 @@ def test_property_save_load(A, data):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     assert g.error == f.error and g.n_params == f.n_params
+
+
+# --------------------------------------------------------------------------
+# one size formula
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    d=st.integers(2, 12),
+    k=st.integers(1, 5),
+    affine=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_size_formula_counts_what_factors_store(n, d, k, affine, seed):
+    from kflats._size import factors_size
+
+    rng = np.random.default_rng(seed)
+    k = min(k, n)
+    labels = rng.permutation(np.arange(n) % k)
+    ranks = [int(r) for r in rng.integers(0, d + 1, size=k)]
+    U = tuple(np.zeros((int(np.sum(labels == c)), r)) for c, r in enumerate(ranks))
+    V = tuple(np.zeros((r, d)) for r in ranks)
+    means = np.zeros((k, d)) if affine else None
+    f = ProjectiveFactors(labels, U, V, means)
+    stored = sum(a.size for a in U + V) + (k * d if affine else 0)
+    stored += n if k > 1 else 0
+    sizes = [u.shape[0] for u in U]
+    assert factors_size(sizes, ranks, d, affine).numbers == f.n_params == stored
+
+
+@given(
+    n=st.integers(1, 60),
+    d=st.integers(1, 20),
+    k=st.integers(1, 6),
+    budget=st.integers(0, 2000),
+    affine=st.booleans(),
+)
+def test_uniform_rank_is_the_largest_that_fits(n, d, k, budget, affine):
+    from kflats._size import factors_size, uniform_rank
+
+    def size(j):  # k clusters of equal rank j, n rows in all
+        return factors_size([n] + [0] * (k - 1), [j] * k, d, affine).numbers
+
+    j = uniform_rank(n, d, k, budget, affine)
+    assert j < 1 or size(j) <= budget
+    assert size(max(j, 0) + 1) > budget
+
+
+def test_bytes_count_values_at_their_width_and_the_smallest_id_type():
+    from kflats._size import factors_size, id_bits
+
+    assert [id_bits(k) for k in (1, 256, 257, 2**15, 2**15 + 1)] == [8, 8, 16, 16, 32]
+    size = factors_size([3, 5], [2, 1], 4)
+    assert size.numbers == 2 * 7 + 1 * 9 + 8
+    assert size.bytes(32) == 4 * 23 + 8
+    assert size.bytes(4) == math.ceil(23 * 4 / 8) + 8

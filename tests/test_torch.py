@@ -471,7 +471,7 @@ def test_compress_failing_fit_leaves_model_unchanged(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("fit failed")
 
-    monkeypatch.setattr(ProjectiveLinear, "from_linear", broken)
+    monkeypatch.setattr(ProjectiveLinear, "from_factors", broken)
     with pytest.raises(RuntimeError, match="fit failed"):
         compress(
             model,
@@ -516,3 +516,18 @@ def test_token_frequencies_rejects_bad_input(texts, kwargs, error, match):
     kwargs.setdefault("vocab_size", 10)
     with pytest.raises(error, match=match):
         token_frequencies(_word_length_tokenizer, texts, **kwargs)
+
+
+@pytest.mark.parametrize("ranks", [(3,), (2, 0, 4), tuple(range(1, 6)) * 60])
+@pytest.mark.parametrize("affine", [False, True])
+def test_size_formula_counts_what_a_layer_stores(ranks, affine):
+    from kflats._size import factors_size
+
+    n, d = 600, 8
+    ranks = tuple(min(r, d) for r in ranks)
+    layer = ProjectiveEmbedding(n, d, ranks, affine=affine)
+    size = factors_size(layer.sizes, layer.ranks, d, affine)
+    assert size.numbers == layer.n_params
+    # a checkpoint keeps one cluster id per row even for one cluster
+    state = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert size.bytes(32, rows=n) == state

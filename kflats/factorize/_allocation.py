@@ -1,8 +1,8 @@
-"""Rank allocation across clusters under a parameter budget ("adaptive" ranks)."""
+"""Numbers shared out by gain per number: ranks of clusters, numbers of modules."""
 
 import numpy as np
 
-from ._spectra import _count, _residual, _spectra
+from ._spectra import _kept_numbers, _residual, _spectra
 
 # ranks="adaptive" stops refining when a round gains less than this fraction
 # of the error.
@@ -10,29 +10,39 @@ _REFINE_TOL = 1e-3
 
 
 def _greedy_fill(gains, costs, ranks, room, skip=None):
-    """Add rank steps by decreasing gain per parameter while they fit.
+    """Add steps by decreasing gain per number while they fit: the one allocator.
 
-    ``gains[c]`` are cluster c's weighted squared singular values (descending),
-    each step of cluster c costs ``costs[c]`` numbers. Steps with no gain are
-    never taken. Returns the new ranks, the energy they add and the room left.
+    Item c (a cluster of a matrix, or a module of a model) is at step
+    ``ranks[c]``; its next steps gain ``gains[c][ranks[c]:]`` and cost
+    ``costs[c]`` numbers each (one cost for every step, or an array of one
+    per step; a cost below 1 is ranked as 1). An item's steps are taken in
+    order, so a step is ranked by the smallest gain per number of the steps
+    up to it; when a step does not fit the item takes no more. Steps with no
+    gain are never taken; ties go to the item listed first. Returns the new
+    ranks, the gain they add and the room left.
     """
     ranks = list(ranks)
-    items_c, items_r, ratios = [], [], []
+    items_c, items_r, ratios, step_costs = [], [], [], []
     for c, g in enumerate(gains):
-        if c == skip or costs[c] <= 0:
+        cost = np.broadcast_to(costs[c], g.shape)
+        if c == skip:
             continue
         r = np.arange(ranks[c], g.size)
         r = r[g[r] > 0]
         items_c.append(np.full(r.size, c))
         items_r.append(r)
-        ratios.append(g[r] / costs[c])
+        # running minimum: an item's steps come in order (for spectra with
+        # one cost, the ratios already do not increase)
+        # (a step that costs nothing, or gives numbers back, counts as one)
+        ratios.append(np.minimum.accumulate(g[r] / np.maximum(cost[r], 1)))
+        step_costs.append(cost[r])
     if not items_c:
         return ranks, 0.0, room
     items_c = np.concatenate(items_c)
     items_r = np.concatenate(items_r)
     ratios = np.concatenate(ratios)
-    # by ratio, descending; within a cluster the ratios do not increase, and
-    # ties keep the rank order, so each cluster's steps come in order.
+    step_costs = np.concatenate(step_costs)
+    # by ratio, descending; ties keep the item order, then the step order
     order = np.lexsort((items_r, items_c, -ratios))
     closed = np.zeros(len(gains), dtype=bool)
     added = 0.0
@@ -40,12 +50,13 @@ def _greedy_fill(gains, costs, ranks, room, skip=None):
         c = items_c[idx]
         if closed[c]:
             continue
-        if costs[c] <= room:
-            room -= costs[c]
+        cost = int(step_costs[idx])
+        if cost <= room:
+            room -= cost
             added += gains[c][items_r[idx]]
             ranks[c] += 1
         else:
-            closed[c] = True  # later steps of c cost as much: none fits
+            closed[c] = True  # its steps come in order: none fits after this
             if closed.all():
                 break
     return ranks, added, room
@@ -86,7 +97,7 @@ def _allocate(clusters, n, d, max_params, affine, start=None):
     sizes = [cl.rows.size for cl in clusters]
     costs = [s + d if s > 0 else 0 for s in sizes]
     gains = [cl.evals for cl in clusters]
-    fixed = _count(n, d, sizes, [0] * len(sizes), affine)
+    fixed = _kept_numbers(sizes, [0] * len(sizes), d, affine)
     best_ranks, best_kept = None, -1.0
     starts = [[0] * len(clusters)]
     if start is not None:

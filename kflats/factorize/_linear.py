@@ -31,9 +31,10 @@ import numpy as np
 from scipy import linalg
 from sklearn.utils import check_random_state
 
-from ._search import factorize
+from .._size import budget_numbers
+from ._search import _factorize, _search_options
 from ._spectra import _ratio
-from ._validation import _check_matrix
+from ._validation import _check_budget_fraction, _check_matrix, _check_sample_weight
 
 SIDES = ("auto", "input", "output")
 
@@ -126,28 +127,42 @@ def _weight_of(factors):
     return A.T if factors.transposed else A
 
 
-def _fit_side(W, k, j, side, L, C, kwargs):
+def _whiten(W, L):
+    """``W L`` in float64: the weight in the coordinates where C is the identity."""
+    return np.asarray(W, dtype=np.float64) @ L
+
+
+def _unwhiten(M, L, dtype=np.float64):
+    """``M L^-1``, by a triangular solve: back from whitened coordinates."""
+    M = np.asarray(M, dtype=np.float64)
+    out = linalg.solve_triangular(L, M.T, lower=True, trans="T").T
+    return np.ascontiguousarray(out, dtype=dtype)
+
+
+def _fit_side(W, k, j, max_numbers, side, moment, w, options, what):
+    """Factors of one side of W; ``moment`` is the damped ``(C, L)`` or None."""
     dtype = W.dtype
+    C, L = moment if moment is not None else (None, None)
     if side == "input":
         if C is not None:
-            kwargs = {**kwargs, "sample_weight": np.diag(C).copy()}
-        result = factorize(W.T, k, j, **kwargs)
+            w = _check_sample_weight(np.diag(C).copy(), W.shape[1])
+        elif w is not None:
+            w = _check_sample_weight(w, W.shape[1])
+        result = _factorize(W.T, w, k, j, max_numbers, options, what)
         result = replace(result, transposed=True)
     elif L is None:
-        result = factorize(W, k, j, **kwargs)
+        w = None if w is None else _check_sample_weight(w, W.shape[0])
+        result = _factorize(W, w, k, j, max_numbers, options, what)
     else:
-        WL = W.astype(np.float64) @ L
-        whitened = factorize(WL.astype(dtype), k, j, **kwargs)
-
-        def unwhiten(M):  # M L^-1, by a triangular solve
-            M = np.asarray(M, dtype=np.float64)
-            out = linalg.solve_triangular(L, M.T, lower=True, trans="T").T
-            return np.ascontiguousarray(out, dtype=dtype)
-
+        whitened = _factorize(
+            _whiten(W, L).astype(dtype), None, k, j, max_numbers, options, what
+        )
         result = replace(
             whitened,
-            V=tuple(unwhiten(v) for v in whitened.V),
-            means=None if whitened.means is None else unwhiten(whitened.means),
+            V=tuple(_unwhiten(v, L, dtype) for v in whitened.V),
+            means=None
+            if whitened.means is None
+            else _unwhiten(whitened.means, L, dtype),
         )
     if L is not None:
         error, weight_error = _calibrated(W.astype(np.float64), _weight_of(result), L)
@@ -157,16 +172,56 @@ def _fit_side(W, k, j, side, L, C, kwargs):
     return result
 
 
+def _check_row_weights(sample_weight, moment, side):
+    """sample_weight excludes an input moment, and needs one side."""
+    if sample_weight is None:
+        return
+    if moment is not None:
+        raise ValueError(
+            "sample_weight and input_moment exclude each other: the input "
+            "moment already weighs the error"
+        )
+    if side == "auto":
+        raise ValueError(
+            "sample_weight weighs the clustered rows, which differ between "
+            "sides: choose side='input' or side='output'"
+        )
+
+
+def _shared_seed(random_state):
+    """An int seed for both sides of "auto": one draw from a RandomState."""
+    if random_state is not None and not isinstance(random_state, numbers.Integral):
+        return check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    return random_state
+
+
+def _factorize_linear(W, k, j, max_numbers, side, moment, w, options, what):
+    """The worker of :func:`factorize_linear`, its inputs checked; ``side``
+    is ``"input"``, ``"output"`` or ``"auto"`` (both, the lower error kept)."""
+    if side != "auto":
+        return _fit_side(W, k, j, max_numbers, side, moment, w, options, what)
+    fits = [
+        _fit_side(W, k, j, max_numbers, s, moment, w, options, what)
+        for s in ("input", "output")
+    ]
+    return min(fits, key=lambda f: f.error)
+
+
 def factorize_linear(
     W,
     k=None,
     j=None,
     *,
+    budget=None,
     side=None,
     input_moment=None,
     damping=1e-2,
+    ranks="uniform",
+    affine=False,
+    sample_weight=None,
     random_state=None,
-    **kwargs,
+    n_refine=10,
+    **fit_params,
 ):
     """Factor pairs of a Linear layer's weight, clustering one of its sides.
 
@@ -176,6 +231,8 @@ def factorize_linear(
         The weight of ``y = W x + b``.
     k, j : int, default=None
         As in :func:`factorize`.
+    budget : float in (0, 1], default=None
+        As in :func:`factorize`: the fraction of the weight's numbers kept.
     side : {"auto", "input", "output"} or None, default=None
         ``"input"``: cluster the input features, i.e. factorize ``W.T``
         (in x out); the result is marked ``transposed=True`` and
@@ -197,14 +254,17 @@ def factorize_linear(
     damping : float, default=1e-2
         With ``input_moment``: ``damping * mean(diag(C))`` is added to the
         diagonal of ``C`` (see :func:`damped_moment`).
+    ranks, affine, n_refine :
+        As in :func:`factorize`.
+    sample_weight : array-like, default=None
+        One weight per clustered row, as in :func:`factorize`; not with
+        ``input_moment``, nor with ``side="auto"``.
     random_state : int, RandomState instance or None, default=None
         Seeds the clustering; with ``side="auto"`` both sides get the same
         seed.
-    **kwargs
-        Passed to :func:`factorize` (``budget``, ``ranks``, ``affine``,
-        ``sample_weight`` (one weight per clustered row; not with
-        ``input_moment``, nor with ``side="auto"``), and KSubspaces
-        parameters).
+    **fit_params
+        Further parameters of :class:`kflats.KSubspaces` (``init``,
+        ``n_init``, ``max_iter``, ``tol``, ``verbose``).
 
     Returns
     -------
@@ -253,34 +313,26 @@ def factorize_linear(
     True
     """
     if side is None:
-        side = "auto" if kwargs.get("budget") is not None else "input"
+        side = "auto" if budget is not None else "input"
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES} or None, got {side!r}")
-    if side == "auto" and kwargs.get("budget") is None:
+    if side == "auto" and budget is None:
         raise ValueError(
             "side='auto' compares the two sides under one budget: give budget=, "
             "or choose side='input' or side='output' for a given k and j"
         )
     W = _check_matrix(W, "W")
-    if "sample_weight" in kwargs and kwargs["sample_weight"] is not None:
-        if input_moment is not None:
-            raise ValueError(
-                "sample_weight and input_moment exclude each other: the input "
-                "moment already weighs the error"
-            )
-        if side == "auto":
-            raise ValueError(
-                "sample_weight weighs the clustered rows, which differ between "
-                "sides: choose side='input' or side='output'"
-            )
-    C = L = None
+    _check_row_weights(sample_weight, input_moment, side)
+    moment = None
     if input_moment is not None:
-        C, L = damped_moment(input_moment, W.shape[1], damping)
-    if random_state is not None and not isinstance(random_state, numbers.Integral):
-        # one draw, so that both sides of "auto" see the same seed
-        random_state = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-    kwargs = {**kwargs, "random_state": random_state}
-    if side != "auto":
-        return _fit_side(W, k, j, side, L, C, kwargs)
-    fits = [_fit_side(W, k, j, s, L, C, kwargs) for s in ("input", "output")]
-    return min(fits, key=lambda f: f.error)
+        moment = damped_moment(input_moment, W.shape[1], damping)
+    random_state = _shared_seed(random_state)
+    options = _search_options(ranks, affine, random_state, n_refine, fit_params)
+    max_numbers = None
+    if budget is not None:
+        budget = _check_budget_fraction(budget)
+        max_numbers = budget_numbers(budget, *W.shape)
+    what = f"budget={budget}"
+    return _factorize_linear(
+        W, k, j, max_numbers, side, moment, sample_weight, options, what
+    )

@@ -1,18 +1,19 @@
 """factorize and svd_factors: the partition, the search over k, the SVD baseline."""
 
-import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
+from .._size import budget_numbers, factors_size, uniform_rank
 from ._allocation import _allocate, _refine
 from ._factors import Candidate
-from ._spectra import _build, _count, _residual, _spectra, _total_energy
+from ._spectra import _build, _kept_numbers, _residual, _spectra, _total_energy
 from ._validation import (
-    _check_budget,
+    _check_budget_fraction,
     _check_int,
     _check_matrix,
     _check_ranks,
@@ -21,12 +22,6 @@ from ._validation import (
 
 #: Numbers of clusters that a budget search tries when ``k`` is not given.
 K_GRID = (1, 2, 4, 6, 8, 12, 16)
-
-
-def _uniform_rank(n, d, k, max_params, affine):
-    """Largest uniform rank of k clusters within ``max_params`` (may be < 1)."""
-    fixed = (n if k > 1 else 0) + (k * d if affine else 0)
-    return (max_params - fixed) // (n + k * d)
 
 
 def _partition(A, k, j, affine, w, seed, fit_params, quiet):
@@ -166,75 +161,112 @@ def factorize(
     A = _check_matrix(A, "A")
     n, d = A.shape
     w = _check_sample_weight(sample_weight, n)
-    ranks = _check_ranks(ranks)
-    affine = bool(affine)
-    n_refine = _check_int(n_refine, "n_refine", 0, np.iinfo(np.int32).max)
-    rng = check_random_state(random_state)
+    options = _search_options(ranks, affine, random_state, n_refine, fit_params)
+    max_numbers = None
+    if budget is not None:
+        budget = _check_budget_fraction(budget)
+        max_numbers = budget_numbers(budget, n, d)
+    return _factorize(A, w, k, j, max_numbers, options, f"budget={budget}")
 
-    if budget is None:
-        if k is None or j is None:
-            raise ValueError("give k and j, or a budget (k then optional)")
-        k = _check_int(k, "k", 1, n)
-        j = _check_int(j, "j", 1, d)
-        if k > 1 and d == 1:
-            raise ValueError(
-                f"k={k} needs A with at least 2 columns; a single column is "
-                "fitted exactly by k=1, j=1"
-            )
-        candidates = [(k, j)]
-        # what uniform ranks j store: adaptive ranks redistribute as much
-        max_params = (n if k > 1 else 0) + (k * d if affine else 0) + j * (n + k * d)
+
+class _SearchOptions(NamedTuple):
+    """How :func:`factorize` fits, checked once and passed down whole."""
+
+    ranks: str = "uniform"
+    affine: bool = False
+    random_state: object = None
+    n_refine: int = 10
+    fit_params: dict | None = None  # parameters of KSubspaces
+
+
+def _search_options(ranks, affine, random_state, n_refine, fit_params):
+    """The checked :class:`_SearchOptions` of :func:`factorize`'s parameters."""
+    return _SearchOptions(
+        ranks=_check_ranks(ranks),
+        affine=bool(affine),
+        random_state=random_state,
+        n_refine=_check_int(n_refine, "n_refine", 0, np.iinfo(np.int32).max),
+        fit_params=dict(fit_params or {}),
+    )
+
+
+def _fixed_candidates(n, d, k, j, affine):
+    """The one (k, j) given without a budget, and the numbers it stores."""
+    if k is None or j is None:
+        raise ValueError("give k and j, or a budget (k then optional)")
+    k = _check_int(k, "k", 1, n)
+    j = _check_int(j, "j", 1, d)
+    if k > 1 and d == 1:
+        raise ValueError(
+            f"k={k} needs A with at least 2 columns; a single column is "
+            "fitted exactly by k=1, j=1"
+        )
+    # what uniform ranks j store: adaptive ranks redistribute as much
+    return [(k, j)], factors_size([n] + [0] * (k - 1), [j] * k, d, affine).numbers
+
+
+def _budget_candidates(n, d, k, j, w, max_numbers, affine, what):
+    """Each k to search, with the largest uniform rank ``max_numbers`` allows."""
+    if j is not None:
+        raise ValueError(
+            "j and budget exclude each other: with a budget, j is the "
+            "largest rank the budget allows"
+        )
+    if k is None:
+        ks = K_GRID
+    elif isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        ks = (k,)
     else:
-        budget = _check_budget(budget)
-        if j is not None:
-            raise ValueError(
-                "j and budget exclude each other: with a budget, j is the "
-                "largest rank the budget allows"
-            )
-        if k is None:
-            ks = K_GRID
-        elif isinstance(k, numbers.Integral) and not isinstance(k, bool):
-            ks = (k,)
-        else:
-            ks = tuple(k)
-            if not ks:
-                raise ValueError("k must be an int or a non-empty sequence of int")
-        if k is None:
-            # clusters need rows of positive weight and a flat smaller than d
-            n_pos = n if w is None else int(np.count_nonzero(w))
-            ks = [kk for kk in ks if kk <= n_pos and (kk == 1 or d > 1)]
-        ks = [_check_int(kk, "k", 1, n) for kk in ks]
-        max_params = math.floor(budget * (n * d))
-        candidates = []
-        for kk in dict.fromkeys(ks):
-            jj = min(_uniform_rank(n, d, kk, max_params, affine), d)
-            if jj >= 1:
-                candidates.append((kk, jj))
-        if not candidates:
-            need = min(
-                (n if kk > 1 else 0) + kk * (d if affine else 0) + n + kk * d
-                for kk in ks
-            )
-            raise ValueError(
-                f"budget={budget} is too small: it allows {max_params} numbers, "
-                f"and rank 1 needs at least {need} (budget >= {need / (n * d):.4g})"
-            )
+        ks = tuple(k)
+        if not ks:
+            raise ValueError("k must be an int or a non-empty sequence of int")
+    if k is None:
+        # clusters need rows of positive weight and a flat smaller than d
+        n_pos = n if w is None else int(np.count_nonzero(w))
+        ks = [kk for kk in ks if kk <= n_pos and (kk == 1 or d > 1)]
+    ks = [_check_int(kk, "k", 1, n) for kk in ks]
+    candidates = []
+    for kk in dict.fromkeys(ks):
+        jj = min(uniform_rank(n, d, kk, max_numbers, affine), d)
+        if jj >= 1:
+            candidates.append((kk, jj))
+    if not candidates:
+        need = min(
+            factors_size([n] + [0] * (kk - 1), [1] * kk, d, affine).numbers for kk in ks
+        )
+        raise ValueError(
+            f"{what} is too small: it allows {max_numbers} numbers, "
+            f"and rank 1 needs at least {need} (budget >= {need / (n * d):.4g})"
+        )
+    return candidates
 
+
+def _factorize(A, w, k, j, max_numbers, options, what):
+    """The worker of :func:`factorize`: ``A`` and ``w`` checked, the budget in
+    numbers (``None`` for a given k and j), ``what`` names it in errors."""
+    n, d = A.shape
+    affine, ranks = options.affine, options.ranks
+    rng = check_random_state(options.random_state)
+    searched = max_numbers is not None
+    if searched:
+        candidates = _budget_candidates(n, d, k, j, w, max_numbers, affine, what)
+    else:
+        candidates, max_numbers = _fixed_candidates(n, d, k, j, affine)
     denom = _total_energy(A, w)
     seeds = rng.randint(np.iinfo(np.int32).max, size=len(candidates))
     records, best = [], None
     for (kk, jj), seed in zip(candidates, seeds, strict=True):
-        labels = _partition(A, kk, jj, affine, w, seed, fit_params, k is None)
+        labels = _partition(A, kk, jj, affine, w, seed, options.fit_params, k is None)
         clusters = _spectra(A, labels, kk, w, affine)
         sizes = [cl.rows.size for cl in clusters]
         alloc = [min(jj, s) for s in sizes]
         if ranks == "adaptive":
-            alloc = _allocate(clusters, n, d, max_params, affine, start=alloc)
+            alloc = _allocate(clusters, n, d, max_numbers, affine, start=alloc)
         res = _residual(clusters, alloc)
         err = res / denom if denom > 0 else 0.0
         kept_ranks = tuple(r for r, s in zip(alloc, sizes, strict=True) if s > 0)
         records.append(
-            Candidate(kk, jj, kept_ranks, _count(n, d, sizes, alloc, affine), err)
+            Candidate(kk, jj, kept_ranks, _kept_numbers(sizes, alloc, d, affine), err)
         )
         if best is None or res < best[0]:
             best = (res, labels, clusters, alloc)
@@ -245,17 +277,10 @@ def factorize(
     _, labels, clusters, alloc = best
     if ranks == "adaptive" and len(clusters) > 1:
         clusters, alloc = _refine(
-            A, w, labels, clusters, alloc, max_params, affine, n_refine
+            A, w, labels, clusters, alloc, max_numbers, affine, options.n_refine
         )
-    return _build(
-        A,
-        w,
-        clusters,
-        alloc,
-        affine,
-        denom,
-        search=tuple(records) if budget is not None else (),
-    )
+    search = tuple(records) if searched else ()
+    return _build(A, w, clusters, alloc, affine, denom, search=search)
 
 
 def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
@@ -301,9 +326,9 @@ def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
     if (rank is None) == (budget is None):
         raise ValueError("give exactly one of rank and budget")
     if budget is not None:
-        budget = _check_budget(budget)
-        max_params = math.floor(budget * (n * d))
-        rank = _uniform_rank(n, d, 1, max_params, False)
+        budget = _check_budget_fraction(budget)
+        max_params = budget_numbers(budget, n, d)
+        rank = uniform_rank(n, d, 1, max_params, False)
         if rank < 1:
             raise ValueError(
                 f"budget={budget} is too small: it allows {max_params} numbers "

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import linalg
 
+from .._size import factors_size
 from .._threads import one_blas_thread
 from ._factors import ProjectiveFactors
 
@@ -60,15 +61,12 @@ def _residual(clusters, ranks):
     return float(sum(cl.evals[r:].sum() for cl, r in zip(clusters, ranks, strict=True)))
 
 
-def _count(n, d, sizes, ranks, affine):
-    """n_params of factors with these cluster sizes and ranks (empty ones dropped)."""
+def _kept_numbers(sizes, ranks, d, affine):
+    """Numbers of factors with these clusters, the empty ones dropped."""
     kept = [c for c, size in enumerate(sizes) if size > 0]
-    total = sum(ranks[c] * (sizes[c] + d) for c in kept)
-    if affine:
-        total += len(kept) * d
-    if len(kept) > 1:
-        total += n
-    return int(total)
+    return factors_size(
+        [sizes[c] for c in kept], [ranks[c] for c in kept], d, affine
+    ).numbers
 
 
 def _build(A, w, clusters, ranks, affine, denom, **meta):

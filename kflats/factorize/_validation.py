@@ -36,7 +36,7 @@ def _check_int(value, name, low, high):
     return int(value)
 
 
-def _check_budget(budget):
+def _check_budget_fraction(budget):
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be a float in (0, 1], got {budget!r}")
     budget = float(budget)

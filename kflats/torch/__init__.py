@@ -6,7 +6,9 @@ imports torch.
 - :class:`ProjectiveEmbedding` and :class:`ProjectiveLinear` replace an
   :class:`torch.nn.Embedding` or :class:`torch.nn.Linear` by one low-rank
   factor pair per cluster of rows (tokens, or input features).
-- :func:`compress` replaces chosen modules of a model in place.
+- :func:`compress` replaces chosen modules of a model in place, under a
+  :class:`CompressionConfig` (or its settings as keywords); its
+  :class:`CompressionReport` says what it did, and holds the config.
 - :func:`save_compressed` writes a compressed model to a self-contained
   folder (safetensors and JSON, no pickle; a transformers or
   sentence-transformers model with its config and tokenizer);
@@ -31,13 +33,16 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from . import functional
 from ._calibration import Calibration, calibrate, token_frequencies
-from ._compress import CompressionReport, ModuleReport, compress
+from ._compress import compress
+from ._config import CompressionConfig
 from ._heal import heal
 from ._io import load_compressed, save_compressed
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._report import CompressionReport, ModuleReport
 
 __all__ = [
     "Calibration",
+    "CompressionConfig",
     "CompressionReport",
     "ModuleReport",
     "ProjectiveEmbedding",

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._size import factors_size
 from ..factorize import ProjectiveFactors, factorize, factorize_linear
 from . import functional as F
 
@@ -61,15 +62,6 @@ def _label_dtype(k):
     return torch.int64  # pragma: no cover - more than 2**31 clusters
 
 
-def _count(sizes, ranks, d, affine):
-    total = sum(r * (s + d) for s, r in zip(sizes, ranks, strict=True))
-    if affine:
-        total += len(ranks) * d
-    if len(ranks) > 1:
-        total += sum(sizes)
-    return total
-
-
 def _weight_as_numpy(weight):
     w = weight.detach().to("cpu")
     if w.dtype not in (torch.float32, torch.float64):
@@ -119,7 +111,8 @@ class _Projective(nn.Module):
         Counted like :attr:`kflats.factorize.ProjectiveFactors.n_params` (the
         cluster ids count when k > 1); a Linear layer's bias is not included.
         """
-        return _count(self.sizes, self.ranks, self.bases.shape[1], self.affine)
+        d = self.bases.shape[1]
+        return factors_size(self.sizes, self.ranks, d, self.affine).numbers
 
     def _bases_of(self, c):
         start = sum(self.ranks[:c])

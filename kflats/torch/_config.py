@@ -1,0 +1,402 @@
+"""CompressionConfig: what :func:`compress` does, as data checked in one place."""
+
+import fnmatch
+import inspect
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
+
+import numpy as np
+from torch import nn
+
+from .._ksubspaces import KSubspaces
+
+__all__ = ["CompressionConfig"]
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A parameter out of its constraints (a ValueError and a TypeError)."""
+
+
+class _Interval:
+    """Real (or integral) numbers between two bounds, ``None`` for unbounded."""
+
+    def __init__(self, kind, low, high, closed, text):
+        self.kind, self.low, self.high, self.closed, self.text = (
+            kind,
+            low,
+            high,
+            closed,
+            text,
+        )
+
+    def accepts(self, value):
+        if isinstance(value, bool) or not isinstance(value, self.kind):
+            return False
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            return False
+        left = self.closed in ("left", "both")
+        right = self.closed in ("right", "both")
+        if self.low is not None and not (
+            value >= self.low if left else value > self.low
+        ):
+            return False
+        return self.high is None or (value <= self.high if right else value < self.high)
+
+
+class _Options:
+    """One of a few strings."""
+
+    def __init__(self, *options):
+        self.options = options
+        self.text = ", ".join(repr(o) for o in options[:-1]) + f" or {options[-1]!r}"
+
+    def accepts(self, value):
+        return isinstance(value, str) and value in self.options
+
+
+class _Is:
+    """One value (``None``), or an instance of some types."""
+
+    def __init__(self, types, text):
+        self.types, self.text = types, text
+
+    def accepts(self, value):
+        if self.types is None:
+            return value is None
+        return isinstance(value, self.types) and not isinstance(value, bool)
+
+
+class _Bool:
+    """True or False."""
+
+    text = "a bool"
+
+    def accepts(self, value):
+        return isinstance(value, (bool, np.bool_))
+
+
+class _Ints:
+    """A non-empty sequence of ints >= 1 (the k to search)."""
+
+    text = "a non-empty sequence of int >= 1"
+
+    def accepts(self, value):
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+            return False
+        return all(_K.accepts(v) for v in value)
+
+
+_NONE = _Is(None, "None")
+_K = _Interval(numbers.Integral, 1, None, "left", "an int >= 1")
+_SIDE = _Options("auto", "input", "output")
+#: Parameters of KSubspaces that a fit may set (the others are the fit's own).
+_FIT_PARAMS = tuple(
+    name
+    for name in inspect.signature(KSubspaces).parameters
+    if name not in ("k", "j", "affine", "random_state")
+)
+#: What an override may set for the modules its pattern matches.
+_OVERRIDE_KEYS = {"k": (_NONE, _K, _Ints()), "side": (_SIDE,)}
+
+# scikit-learn's _parameter_constraints: every field, the values it accepts
+_CONSTRAINTS = {
+    "budget": (_Interval(numbers.Real, 0, 1, "right", "a float in (0, 1]"),),
+    "unit": (_Options("numbers", "bytes"),),
+    "targets": (_NONE, _Is((str, type, Sequence), "a name pattern, a type or a list")),
+    "allocation": (_Options("global", "uniform"),),
+    "k": (_NONE, _K, _Ints()),
+    "ranks": (_NONE, _Options("adaptive", "uniform")),
+    "side": (_SIDE,),
+    "overrides": (_Is(Mapping, "a dict {pattern: {'k': ..., 'side': ...}}"),),
+    "smoothing": (_Interval(numbers.Real, 0, None, "left", "a float >= 0"),),
+    "damping": (_Interval(numbers.Real, 0, None, "left", "a float >= 0"),),
+    "affine": (_Bool(),),
+    "n_refine": (_Interval(numbers.Integral, 0, None, "left", "an int >= 0"),),
+    "random_state": (
+        _NONE,
+        _Interval(numbers.Integral, 0, 2**32 - 1, "both", "an int in [0, 2**32 - 1]"),
+        _Is(np.random.RandomState, "a numpy RandomState"),
+    ),
+    "fit_params": (_Is(Mapping, f"a dict with keys among {_FIT_PARAMS}"),),
+}
+
+
+def _describe(constraints):
+    texts = [c.text for c in constraints]
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " or " + texts[-1]
+
+
+def _check(name, value, constraints, where=""):
+    """Raise InvalidParameterError unless one of the constraints accepts value."""
+    if not any(c.accepts(value) for c in constraints):
+        raise InvalidParameterError(
+            f"{name} must be {_describe(constraints)}, got {value!r}{where}"
+        )
+
+
+def _check_overrides(overrides):
+    for pattern, settings in overrides.items():
+        where = f" (in overrides[{pattern!r}])"
+        if not isinstance(pattern, str):
+            raise InvalidParameterError(
+                f"overrides must map name patterns (str) to settings, got key "
+                f"{pattern!r}"
+            )
+        if not isinstance(settings, Mapping):
+            raise InvalidParameterError(
+                f"overrides[{pattern!r}] must be a dict of settings among "
+                f"{sorted(_OVERRIDE_KEYS)}, got {settings!r}"
+            )
+        unknown = sorted(set(settings) - set(_OVERRIDE_KEYS))
+        if unknown:
+            raise InvalidParameterError(
+                f"overrides[{pattern!r}] sets {unknown}; an override may set "
+                f"{sorted(_OVERRIDE_KEYS)}"
+            )
+        for key, value in settings.items():
+            _check(key, value, _OVERRIDE_KEYS[key], where)
+
+
+def _target_to_json(target):
+    if isinstance(target, type):
+        return {"type": f"torch.nn.{target.__name__}"}
+    return target
+
+
+def _target_from_json(target):
+    if not isinstance(target, Mapping):
+        return target
+    path = target.get("type") if set(target) == {"type"} else None
+    module_type = None
+    if isinstance(path, str) and path.startswith("torch.nn."):
+        module_type = getattr(nn, path.removeprefix("torch.nn."), None)
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise InvalidParameterError(
+            f"targets: {target!r} is not a module type of torch.nn; a config "
+            "names other modules by pattern"
+        )
+    return module_type
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What :func:`compress` does: the budget, the modules, how each is fitted.
+
+    Every field is checked when the config is made, in one place (like
+    scikit-learn's parameter constraints); :meth:`to_dict` and
+    :meth:`from_dict` write it to and read it from plain JSON-ready data, so a
+    run can be repeated from its report (``report.config``).
+
+    Parameters
+    ----------
+    budget : float in (0, 1]
+        Fraction of the selected modules' weight numbers to keep (cluster ids
+        included, biases excluded): of all of them together with
+        ``allocation="global"``, of each with ``"uniform"``.
+    targets : str, type, list of them, or None, default=None
+        Which modules to replace (see :func:`compress`).
+    unit : {"numbers", "bytes"}, default="numbers"
+        What the budget counts. Only ``"numbers"`` is implemented.
+    allocation : {"global", "uniform"}, default="global"
+        How the budget is shared out across the modules (see :func:`compress`).
+    k : int, sequence of int or None, default=None
+        Numbers of clusters to search for every module; ``None``: the grid
+        :data:`kflats.factorize.K_GRID`.
+    ranks : {"adaptive", "uniform"} or None, default=None
+        Rank allocation across the clusters of a module; ``None``:
+        ``"adaptive"`` with a calibration, ``"uniform"`` without.
+    side : {"auto", "input", "output"}, default="auto"
+        Which side of a Linear weight to cluster.
+    overrides : dict, default={}
+        Per-module settings by name pattern (:mod:`fnmatch` syntax), like
+        peft's ``rank_pattern``: ``{"*.intermediate.dense": {"k": 1, "side":
+        "output"}}``. An override may set ``"k"`` and ``"side"``; the patterns
+        apply in order, a later one winning for the settings it names. Each
+        pattern must match a selected module.
+    smoothing : float >= 0, default=1.0
+        Added to every token count of a calibrated Embedding's objective.
+    damping : float >= 0, default=1e-2
+        Added to the diagonal of a calibrated Linear's input moment, relative
+        to its mean.
+    affine : bool, default=False
+        Fit affine flats (each cluster stores its mean).
+    n_refine : int >= 0, default=10
+        Rounds of row reassignment with adaptive ranks (see
+        :func:`kflats.factorize.factorize`).
+    random_state : int, RandomState instance or None, default=None
+        Seeds every fit; an int makes the run reproducible.
+    fit_params : dict, default={}
+        Further parameters of :class:`kflats.KSubspaces` (``init``,
+        ``n_init``, ``max_iter``, ``tol``, ``verbose``, ``backend``,
+        ``device``).
+
+    Raises
+    ------
+    ValueError
+        If a field is out of its range or of the wrong type (the error is
+        also a TypeError), naming the field and what it accepts.
+
+    Examples
+    --------
+    >>> from kflats.torch import CompressionConfig
+    >>> config = CompressionConfig(0.5, targets="*.dense",
+    ...                            overrides={"out.dense": {"k": 1}})
+    >>> config.module_settings("out.dense"), config.module_settings("a.dense")
+    ((1, 'auto'), (None, 'auto'))
+    >>> CompressionConfig.from_dict(config.to_dict()) == config
+    True
+    >>> CompressionConfig(1.5)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ...
+    InvalidParameterError: budget must be a float in (0, 1], got 1.5
+    """
+
+    budget: float
+    targets: object = None
+    _: KW_ONLY
+    unit: str = "numbers"
+    allocation: str = "global"
+    k: object = None
+    ranks: str | None = None
+    side: str = "auto"
+    overrides: dict = field(default_factory=dict)
+    smoothing: float = 1.0
+    damping: float = 1e-2
+    affine: bool = False
+    n_refine: int = 10
+    random_state: object = None
+    fit_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name), _CONSTRAINTS[f.name])
+        _check_overrides(self.overrides)
+        unknown = sorted(set(self.fit_params) - set(_FIT_PARAMS))
+        if unknown:
+            raise InvalidParameterError(
+                f"fit_params sets {unknown}; it may set the KSubspaces "
+                f"parameters {_FIT_PARAMS}"
+            )
+        set_ = object.__setattr__
+        set_(self, "budget", float(self.budget))
+        set_(self, "affine", bool(self.affine))
+        if isinstance(self.targets, Sequence) and not isinstance(self.targets, str):
+            set_(self, "targets", tuple(self.targets))
+        if self.k is not None and not isinstance(self.k, numbers.Integral):
+            set_(self, "k", tuple(int(v) for v in self.k))
+        overrides = {}
+        for pattern, settings in self.overrides.items():
+            settings = dict(settings)
+            if isinstance(settings.get("k"), Sequence):
+                settings["k"] = tuple(int(v) for v in settings["k"])
+            overrides[pattern] = settings
+        set_(self, "overrides", overrides)
+        set_(self, "fit_params", dict(self.fit_params))
+
+    def module_settings(self, name):
+        """``(k, side)`` for the module of this qualified name, overrides applied.
+
+        Parameters
+        ----------
+        name : str
+            Qualified module name.
+
+        Returns
+        -------
+        k : int, tuple of int or None
+        side : str
+        """
+        settings = {"k": self.k, "side": self.side}
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                settings.update(override)
+        return settings["k"], settings["side"]
+
+    def check_overrides_match(self, names):
+        """Raise ValueError if an override pattern matches none of ``names``."""
+        for pattern in self.overrides:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(
+                    f"overrides[{pattern!r}] matches none of the selected modules "
+                    f"{list(names)}"
+                )
+
+    def to_dict(self):
+        """The config as plain JSON-ready data (lists, dicts, str, numbers).
+
+        Returns
+        -------
+        config : dict
+            One entry per field; a module type among the targets is written
+            ``{"type": "torch.nn.Linear"}``.
+
+        Raises
+        ------
+        ValueError
+            If ``random_state`` is a RandomState instance, or a target type is
+            not one of :mod:`torch.nn`: no file can hold them.
+        """
+        if isinstance(self.random_state, np.random.RandomState):
+            raise InvalidParameterError(
+                "random_state is a RandomState instance, which no file can "
+                "hold: give an int to write the config"
+            )
+        out = asdict(replace(self, targets=None))
+        targets = self.targets
+        if isinstance(targets, (tuple, type)):
+            for t in targets if isinstance(targets, tuple) else (targets,):
+                if isinstance(t, type) and getattr(nn, t.__name__, None) is not t:
+                    raise InvalidParameterError(
+                        f"targets holds {t.__module__}.{t.__qualname__}, not a "
+                        "type of torch.nn: name those modules by pattern"
+                    )
+        if isinstance(targets, tuple):
+            targets = [_target_to_json(t) for t in targets]
+        out["targets"] = _target_to_json(targets)
+        if isinstance(self.k, tuple):
+            out["k"] = list(self.k)
+        for settings in out["overrides"].values():
+            if isinstance(settings.get("k"), tuple):
+                settings["k"] = list(settings["k"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data):
+        """The config that :meth:`to_dict` wrote.
+
+        Parameters
+        ----------
+        data : dict
+            As :meth:`to_dict` returns it (``budget`` required).
+
+        Returns
+        -------
+        config : CompressionConfig
+
+        Raises
+        ------
+        ValueError
+            If ``data`` is not a dict, names a field that does not exist, or
+            holds a value a field does not accept.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidParameterError(
+                f"a CompressionConfig is read from a dict, got {type(data).__name__}"
+            )
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown CompressionConfig fields {unknown}; the fields are {names}"
+            )
+        if "budget" not in data:
+            raise InvalidParameterError("a CompressionConfig needs a budget")
+        data = dict(data)
+        targets = data.get("targets")
+        if isinstance(targets, list):
+            data["targets"] = [_target_from_json(t) for t in targets]
+        else:
+            data["targets"] = _target_from_json(targets)
+        return cls(**data)

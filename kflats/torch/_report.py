@@ -1,0 +1,194 @@
+"""What compress did: one ModuleReport per module, and the CompressionReport."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["CompressionReport", "ModuleReport"]
+
+
+class ModuleReport(NamedTuple):
+    """What :func:`compress` did to one module.
+
+    Attributes
+    ----------
+    name : str
+        Qualified name of the module in the model.
+    kind : str
+        ``"Embedding"`` or ``"Linear"``.
+    shape : tuple of int
+        ``(num_embeddings, embedding_dim)`` or ``(out_features, in_features)``.
+    k : int
+        Number of clusters of the fit.
+    ranks : tuple of int
+        Rank of each cluster.
+    params_before : int
+        Numbers the original module stored (weight and bias).
+    params_after : int
+        Numbers the compressed module stores (factors, cluster ids when k > 1,
+        and the bias).
+    error : float
+        Relative error of the fit under its objective: calibrated (token
+        frequencies for an Embedding, the expected output error for a
+        Linear) when :func:`compress` had a calibration, else the relative
+        squared Frobenius error of the weight.
+    seconds : float
+        Time the fit took.
+    weight_error : float or None
+        Relative squared Frobenius error of the weight, beside ``error``.
+    bytes_before, bytes_after : int
+        Bytes of the module's state dict (what a checkpoint stores) before
+        and after: weight and bias, then factors, cluster ids (in the
+        smallest integer type that holds k) and bias.
+    side : str or None
+        For a Linear: ``"input"`` or ``"output"``, the clustered side;
+        ``None`` for an Embedding, or a module kept dense.
+    """
+
+    name: str
+    kind: str
+    shape: tuple
+    k: int
+    ranks: tuple
+    params_before: int
+    params_after: int
+    error: float
+    seconds: float
+    weight_error: float | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+    side: str | None = None
+
+
+class CompressionReport(tuple):
+    """The :class:`ModuleReport` of every module :func:`compress` replaced.
+
+    A tuple of :class:`ModuleReport`, in model order; ``str(report)`` is a
+    table.
+
+    Parameters
+    ----------
+    modules : iterable of ModuleReport
+    config : CompressionConfig, default=None
+        The configuration of the run, with its targets resolved to the
+        selected module names: ``compress(model, report.config)`` repeats it.
+
+    Attributes
+    ----------
+    config : CompressionConfig or None
+        As given.
+    params_before, params_after : int
+        Totals over the replaced modules.
+    bytes_before, bytes_after : int
+        Totals of the modules' state-dict bytes.
+
+    Examples
+    --------
+    >>> from kflats.torch import CompressionReport, ModuleReport
+    >>> r = CompressionReport([ModuleReport("emb", "Embedding", (100, 8), 2,
+    ...                                      (3, 3), 800, 478, 0.25, 0.01)])
+    >>> r.params_after
+    478
+    >>> print(r)  # doctest: +NORMALIZE_WHITESPACE
+    module  kind       shape     k  ranks   params before  params after  ratio
+    error   seconds
+    emb     Embedding  100 x 8   2  (3, 3)  800            478           0.598
+    0.2500  0.0
+    """
+
+    def __new__(cls, modules=(), config=None):
+        report = super().__new__(cls, modules)
+        report.config = config
+        return report
+
+    def __getnewargs__(self):
+        return (tuple(self), self.config)
+
+    @property
+    def params_before(self):
+        return sum(m.params_before for m in self)
+
+    @property
+    def params_after(self):
+        return sum(m.params_after for m in self)
+
+    @property
+    def bytes_before(self):
+        return sum(m.bytes_before for m in self)
+
+    @property
+    def bytes_after(self):
+        return sum(m.bytes_after for m in self)
+
+    def to_dict(self):
+        """The report as plain JSON-ready data: one dict per module, and totals.
+
+        Returns
+        -------
+        report : dict
+            ``{"modules": [...], "params_before": ..., "params_after": ...,
+            "bytes_before": ..., "bytes_after": ..., "config": ...}``;
+            ``"config"`` is :meth:`CompressionConfig.to_dict` of the run's
+            config (``None`` when there is none, or when its ``random_state``
+            is a RandomState instance, which no file can hold).
+        """
+        modules = []
+        for m in self:
+            entry = m._asdict()
+            entry["shape"] = list(m.shape)
+            entry["ranks"] = list(m.ranks)
+            entry["share"] = m.params_after / max(self.params_after, 1)
+            modules.append(entry)
+        return {
+            "modules": modules,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "config": _config_dict(self.config),
+        }
+
+    def __repr__(self):
+        return f"CompressionReport({list(self)!r})"
+
+    def __str__(self):
+        header = (
+            "module",
+            "kind",
+            "shape",
+            "k",
+            "ranks",
+            "params before",
+            "params after",
+            "ratio",
+            "error",
+            "seconds",
+        )
+        rows = [header]
+        for m in self:
+            ranks = m.ranks if len(m.ranks) <= 6 else (*m.ranks[:6], "...")
+            rows.append(
+                (
+                    m.name,
+                    m.kind,
+                    f"{m.shape[0]} x {m.shape[1]}",
+                    str(m.k),
+                    str(tuple(ranks)).replace("'...'", "..."),
+                    str(m.params_before),
+                    str(m.params_after),
+                    f"{m.params_after / m.params_before:.3f}",
+                    f"{m.error:.4f}",
+                    f"{m.seconds:.1f}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        )
+
+
+def _config_dict(config):
+    if config is None or isinstance(config.random_state, np.random.RandomState):
+        return None
+    return config.to_dict()

@@ -1,0 +1,186 @@
+"""How much each module matters: its k = 1 spectrum, and how far the output moves.
+
+The global allocation of a budget (:mod:`kflats.torch._plan`) weighs each
+module's errors by rank (the spectrum of its calibrated weight) by its
+sensitivity: how far the model's final output moves, on the calibration's
+probe batches, per unit of the module's relative error.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import nn
+
+from .._size import saving_rank
+from .._threads import one_blas_thread
+from ..factorize import damped_moment
+from ..factorize._linear import _unwhiten, _whiten
+from ._calibration import _run
+from ._heal import _final, _relative_mse
+
+# each module's sensitivity is measured with its k = 1 factors at the rank
+# whose calibrated relative error is about this
+_PROBE_ERROR = 0.05
+
+
+class _Objective(NamedTuple):
+    """What a module's fit minimises under a calibration.
+
+    An Embedding: its rows weighted by ``row_weights`` (smoothed token
+    counts). A Linear: the expected output error under its input second
+    moment, damped by ``damping`` (see :func:`kflats.factorize.damped_moment`).
+    """
+
+    row_weights: np.ndarray | None = None
+    input_moment: np.ndarray | None = None
+    damping: float = 0.0
+
+
+def _objectives(calibration, names, named, smoothing, damping):
+    """Each module's :class:`_Objective`, or ``None`` without a calibration."""
+    if calibration is None:
+        return dict.fromkeys(names)
+    calibration._check_covers(named[""], names)
+    out = {}
+    for name in names:
+        if isinstance(named[name], nn.Embedding):
+            out[name] = _Objective(
+                row_weights=calibration.token_weights(name, smoothing)
+            )
+        else:
+            moment = calibration.input_moment(name)
+            out[name] = _Objective(input_moment=moment, damping=damping)
+    return out
+
+
+def _rows_cols(module):
+    """``(num_embeddings, embedding_dim)`` or ``(out_features, in_features)``."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
+
+
+def _weight64(module):
+    return module.weight.detach().to("cpu", torch.float64).numpy()
+
+
+class _Spectrum(NamedTuple):
+    """A module's (calibrated) weight by its k = 1 truncated SVD."""
+
+    gains: np.ndarray  # squared singular values / total: 1 - cumsum = error
+    V: np.ndarray  # (d, m) right singular vectors of the (whitened) weight
+    L: np.ndarray | None  # Cholesky factor of a Linear's damped input moment
+
+
+def _weight_spectrum(module, objective):
+    """The truncated SVD that the module's objective makes exact, k = 1.
+
+    The SVD of the row-weighted table (an Embedding's objective), of the
+    whitened weight ``W L`` (a Linear's), or of the weight (no objective).
+    """
+    A = _weight64(module)
+    L = None
+    if objective is not None and objective.row_weights is not None:
+        A = A * np.sqrt(objective.row_weights)[:, None]
+    elif objective is not None:
+        _, L = damped_moment(objective.input_moment, A.shape[1], objective.damping)
+        A = _whiten(A, L)
+    # the d x d Gram matrix: cheaper than an SVD for tall tables
+    G = A.T @ A
+    # one thread: a small eigenproblem gains little from more, and threads
+    # that wait on a busy machine cost a hundredfold
+    with one_blas_thread():
+        evals, V = linalg.eigh(G)
+    evals, V = np.clip(evals[::-1], 0, None), V[:, ::-1]
+    total = float(np.trace(G))
+    gains = evals / total if total > 0 else evals
+    return _Spectrum(gains, V, L)
+
+
+def _truncated(module, spectrum, rank):
+    """The module's weight replaced by its k = 1 factors of this rank."""
+    W = _weight64(module)
+    V = spectrum.V[:, :rank]
+    if spectrum.L is None:
+        return W @ V @ V.T
+    return _unwhiten((W @ spectrum.L @ V) @ V.T, spectrum.L)
+
+
+def _final_outputs(model, probe):
+    """The model's final outputs on the probe batches, with their kind and mask."""
+    outs = []
+    with torch.no_grad():
+        for batch in probe:
+            out, kind = _final(_run(model, batch))
+            outs.append((out, kind, batch.get("attention_mask")))
+    return outs
+
+
+def _output_distortion(outputs, reference):
+    """How far final outputs are from the reference's, averaged over batches.
+
+    ``1 - cosine`` of sentence embeddings, or the relative squared error of
+    the last hidden state over its unmasked tokens. The one measure of the
+    probe: a model family with other outputs changes it here.
+    """
+    total = 0.0
+    for (out, kind, mask), (ref, _, _) in zip(outputs, reference, strict=True):
+        if kind == "cosine":
+            cos = nn.functional.cosine_similarity(out, ref, dim=-1)
+            total += float((1 - cos).mean())
+        else:
+            total += float(_relative_mse(out, ref, mask))
+    return total / len(outputs)
+
+
+def _probe_rank(spectrum, n, d):
+    """The rank whose relative error is about ``_PROBE_ERROR``, and that error."""
+    error = 1 - np.cumsum(spectrum.gains)
+    rank = int(np.searchsorted(-error, -_PROBE_ERROR)) + 1
+    rank = min(rank, saving_rank(n, d), spectrum.gains.size)
+    return rank, (float(error[rank - 1]) if rank >= 1 else 1.0)
+
+
+def _sensitivities(model, names, named, spectra, probe):
+    """Output distortion per unit of relative error, for each module.
+
+    Each module in turn has its weight replaced by its (calibrated) k = 1
+    factors at the rank where their relative error is about 5%, the probe
+    batches of the calibration run through the model, and the distortion of
+    its final output (:func:`_output_distortion`) divided by that error. The
+    weight is always put back.
+    """
+    device = next(model.parameters()).device
+    probe = [
+        {
+            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
+            for k, v in batch.items()
+        }
+        for batch in probe
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _final_outputs(model, probe)
+        out = {}
+        for name in names:
+            module, spectrum = named[name], spectra[name]
+            rank, rel = _probe_rank(spectrum, *_rows_cols(module))
+            if rel <= 0:
+                out[name] = 0.0
+                continue
+            weight = module.weight
+            saved = weight.detach().clone()
+            try:
+                with torch.no_grad():
+                    weight.copy_(torch.as_tensor(_truncated(module, spectrum, rank)))
+                outputs = _final_outputs(model, probe)
+                out[name] = _output_distortion(outputs, reference) / rel
+            finally:
+                with torch.no_grad():
+                    weight.copy_(saved)
+    finally:
+        model.train(was_training)
+    return out
