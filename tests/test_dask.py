@@ -21,6 +21,18 @@ K, J, D = 4, 3, 16
 
 @pytest.fixture(scope="module")
 def client():
+    # distributed's nanny sets OMP_NUM_THREADS and friends to 1 in this
+    # process's environment and leaves them; later subprocesses of the suite
+    # would run torch on one thread. Restore the environment afterwards.
+    environ = dict(os.environ)
+    try:
+        yield from _cluster_client()
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _cluster_client():
     with (
         distributed.LocalCluster(
             n_workers=2,

@@ -2,7 +2,6 @@
 
 import json
 import numbers
-import zipfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -226,6 +225,11 @@ class ProjectiveFactors:
     def compression(self):
         """``n_params / (n * d)``: the fraction of the matrix's numbers kept."""
         n, d = self.shape
+        if n * d == 0:
+            raise ValueError(
+                f"the compression of factors of an empty matrix (shape {(n, d)}) "
+                "is undefined"
+            )
         return self.n_params / (n * d)
 
     def rows(self, c):
@@ -356,54 +360,151 @@ class ProjectiveFactors:
         ...
         ValueError: ... is not a kflats ProjectiveFactors file ...
         """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        from .._npz import NpzArchive
+
+        with NpzArchive(path, what="a kflats ProjectiveFactors file") as npz:
+            return cls._read(npz)
+
+    @classmethod
+    def _read(cls, npz):
+        """The factors in an open archive, every header checked before its data."""
+        where = npz.where
+        if "format" not in npz or npz.string("format") != _FORMAT:
             raise ValueError(
-                f"{path!r} is not a readable kflats ProjectiveFactors file "
-                f"(.npz archive): {exc}"
-            ) from exc
-        if not isinstance(arrays, dict) or arrays.get("format") != np.array(_FORMAT):
-            raise ValueError(
-                f"{path!r} is not a kflats ProjectiveFactors file (no "
-                f"'format' entry equal to {_FORMAT!r})"
+                f"{where} is not a kflats ProjectiveFactors file (no 'format' "
+                f"entry equal to {_FORMAT!r})"
             )
-        version = arrays.get("version")
+        if "version" not in npz:
+            raise ValueError(f"{where} has no format version")
+        version = npz.read("version", kinds="biufcU")
         if (
-            version is None
-            or version.shape != ()
+            version.shape != ()
+            or version.dtype.kind not in "iu"
             or int(version) not in _READABLE_VERSIONS
         ):
+            shown = version.tolist() if version.size < 5 else f"shape {version.shape}"
             raise ValueError(
-                f"{path!r} has format version {version!r}; this kflats reads "
-                f"versions {_READABLE_VERSIONS}"
+                f"{where} has format version {shown!r} ({version.dtype}); this "
+                f"kflats reads the integer versions {_READABLE_VERSIONS}"
+            )
+        fixed = ["format", "version", "labels", "k", "error", "has_error"]
+        fixed += ["transposed", "search"]
+        optional = ["means"] + (["objective", "weight_error"] if version >= 2 else [])
+        missing = [name for name in fixed if name not in npz]
+        if missing:
+            raise ValueError(
+                f"{where} is a corrupt kflats ProjectiveFactors file: member(s) "
+                f"{missing} missing"
+            )
+        # k is bounded by the members the archive holds: U_c and V_c for each c
+        k = npz.integer("k", low=1, high=len(npz.names))
+        factors = [f"{m}_{c}" for c in range(k) for m in "UV"]
+        npz.only(set(fixed + optional + factors))
+        missing = [name for name in factors if name not in npz]
+        if missing:
+            raise ValueError(
+                f"{where} is a corrupt kflats ProjectiveFactors file: member(s) "
+                f"{missing[:4]} missing"
+            )
+        # shapes from the headers: sizes that add up before anything is read
+        labels = npz.header("labels")
+        if len(labels.shape) != 1 or labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"{where}, member 'labels': a 1-D integer array expected, got "
+                f"shape {labels.shape}, dtype {labels.dtype}"
+            )
+        heads = {name: npz.header(name) for name in factors}
+        V0 = heads["V_0"]
+        if V0.dtype not in (np.float32, np.float64) or len(V0.shape) != 2:
+            raise ValueError(
+                f"{where}, member 'V_0': a 2-D float32 or float64 array expected, "
+                f"got shape {V0.shape}, dtype {V0.dtype}"
+            )
+        d = V0.shape[1]
+        rows = 0
+        for c in range(k):
+            U, V = heads[f"U_{c}"], heads[f"V_{c}"]
+            for name, h in ((f"V_{c}", V), (f"U_{c}", U)):
+                if h.dtype != V0.dtype or len(h.shape) != 2:
+                    raise ValueError(
+                        f"{where}, member {name!r}: a 2-D {V0.dtype} array "
+                        f"expected, got shape {h.shape}, dtype {h.dtype}"
+                    )
+            if V.shape[1] != d or U.shape[1] != V.shape[0]:
+                raise ValueError(
+                    f"{where} is a corrupt kflats ProjectiveFactors file: U_{c} "
+                    f"has shape {U.shape} and V_{c} {V.shape} (expected (n_c, j) "
+                    f"and (j, {d}))"
+                )
+            rows += U.shape[0]
+        if rows != labels.shape[0]:
+            raise ValueError(
+                f"{where} is a corrupt kflats ProjectiveFactors file: the U_c hold "
+                f"{rows} rows, the labels {labels.shape[0]}"
             )
         try:
-            k = int(arrays["k"])
-            U = tuple(arrays[f"U_{c}"] for c in range(k))
-            V = tuple(arrays[f"V_{c}"] for c in range(k))
-            search = tuple(
-                Candidate(
-                    int(a), int(b), tuple(int(r) for r in ranks), int(p), float(e)
-                )
-                for a, b, ranks, p, e in json.loads(str(arrays["search"]))
-            )
-            return cls(
-                labels=arrays["labels"],
-                U=U,
-                V=V,
-                means=arrays.get("means"),
-                error=float(arrays["error"]) if bool(arrays["has_error"]) else None,
-                transposed=bool(arrays["transposed"]),
-                search=search,
-                objective=str(arrays.get("objective", "frobenius")),
-                weight_error=_optional_float(arrays.get("weight_error")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            search = _read_search(npz.string("search"))
+        except (TypeError, ValueError) as exc:
             raise ValueError(
-                f"{path!r} is a corrupt kflats ProjectiveFactors file: {exc}"
-            ) from exc
+                f"{where}, member 'search': not a list of (k, j, ranks, n_params, "
+                f"error) candidates: {exc}"
+            ) from None
+        means = None
+        if "means" in npz:
+            means = npz.read("means", kinds="f", shape=(k, d))
+        objective = "frobenius"
+        if "objective" in npz:
+            objective = npz.string("objective")
+        has_error = npz.boolean("has_error")
+        error = npz.real("error")
+        weight_error = npz.real("weight_error") if "weight_error" in npz else None
+        try:
+            return cls(
+                labels=npz.read("labels", kinds="iu"),
+                U=tuple(npz.read(f"U_{c}", kinds="f") for c in range(k)),
+                V=tuple(npz.read(f"V_{c}", kinds="f") for c in range(k)),
+                means=means,
+                error=error if has_error else None,
+                transposed=npz.boolean("transposed"),
+                search=search,
+                objective=objective,
+                weight_error=_optional_float(weight_error),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{where} is a corrupt kflats ProjectiveFactors file: {exc}"
+            ) from None
+
+
+def _read_search(text):
+    """The candidates of a saved search, read strictly from their JSON."""
+    import math
+
+    def integer(x):
+        if type(x) is not int or x < 0:
+            raise ValueError(f"{x!r} is not a non-negative integer")
+        return x
+
+    def real(x):
+        if type(x) not in (int, float) or math.isnan(x):
+            raise ValueError(f"{x!r} is not a number")
+        return float(x)
+
+    items = json.loads(text)
+    if not isinstance(items, list):
+        raise ValueError("not a list")
+    search = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 5:
+            raise ValueError(f"{item!r} is not a list of 5 values")
+        k, j, ranks, n_params, error = item
+        if not isinstance(ranks, list):
+            raise ValueError(f"ranks {ranks!r} is not a list")
+        ranks = tuple(integer(r) for r in ranks)
+        search.append(
+            Candidate(integer(k), integer(j), ranks, integer(n_params), real(error))
+        )
+    return tuple(search)
 
 
 def _optional_float(value):

@@ -10,7 +10,6 @@ Linears), in the spirit of PyTorch's post-training-quantization observers;
 import json
 import numbers
 import weakref
-import zipfile
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -338,52 +337,102 @@ class Calibration:
         ValueError
             If the file is not a kflats calibration, or is corrupt.
         """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(
-                f"{path!r} is not a readable kflats calibration file: {exc}"
-            ) from exc
-        if arrays.get("format") != np.array(_FORMAT):
-            raise ValueError(
-                f"{path!r} is not a kflats calibration file (written by "
-                "Calibration.save)"
-            )
-        if int(arrays.get("version", -1)) != _VERSION:
-            raise ValueError(
-                f"{path!r} has format version {arrays.get('version')!r}; this "
-                f"kflats reads version {_VERSION}"
-            )
-        try:
-            meta = json.loads(str(arrays["meta"]))
-            records = {}
-            for i, m in enumerate(meta["modules"]):
-                if m["kind"] == "Embedding":
-                    records[m["name"]] = {
-                        "kind": "Embedding",
-                        "counts": arrays[f"counts_{i}"],
-                    }
-                else:
-                    records[m["name"]] = {
-                        "kind": "Linear",
-                        "moment_sum": arrays[f"moment_sum_{i}"],
-                        "n_rows": m["n_rows"],
-                    }
-            probe = [
-                {key: arrays[f"probe_{b}_{i}"] for i, key in enumerate(keys)}
-                for b, keys in enumerate(meta.get("probe", []))
-            ]
-            return cls(
-                records,
-                n_sequences=meta["n_sequences"],
-                architecture=meta["architecture"],
-                probe=probe,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{path!r} is a corrupt kflats calibration file: {exc}"
-            ) from exc
+        from .._npz import NpzArchive
+
+        with NpzArchive(path, what="a kflats calibration file") as npz:
+            return cls(**_read_calibration(npz))
+
+
+def _read_calibration(npz):
+    """The arguments of :class:`Calibration` held in an open archive, checked."""
+    where = npz.where
+    if "format" not in npz or npz.string("format") != _FORMAT:
+        raise ValueError(
+            f"{where} is not a kflats calibration file (written by Calibration.save)"
+        )
+    version = npz.read("version", kinds="biufcU") if "version" in npz else None
+    if (
+        version is None
+        or version.shape != ()
+        or version.dtype.kind not in "iu"
+        or int(version) != _VERSION
+    ):
+        shown = None if version is None else version.tolist()
+        if version is not None and version.size > 4:
+            shown = f"an array of shape {version.shape}"
+        raise ValueError(
+            f"{where} has format version {shown!r}; this kflats reads the integer "
+            f"version {_VERSION}"
+        )
+    try:
+        meta = json.loads(npz.string("meta"))
+    except ValueError as exc:
+        raise ValueError(f"{where}, member 'meta': not valid JSON: {exc}") from None
+
+    def corrupt(problem):
+        return ValueError(f"{where} is a corrupt kflats calibration file: {problem}")
+
+    def count(value, what):
+        if type(value) is not int or value < 0:
+            raise corrupt(f"{what} must be an integer >= 0, got {value!r}")
+        return value
+
+    if not isinstance(meta, dict):
+        raise corrupt("its 'meta' is not a JSON object")
+    modules, probe_keys = meta.get("modules"), meta.get("probe", [])
+    if not isinstance(modules, list) or not isinstance(probe_keys, list):
+        raise corrupt("'meta' needs a list of modules (and of probe keys)")
+    if not isinstance(meta.get("architecture"), str):
+        raise corrupt(f"architecture {meta.get('architecture')!r} is not a string")
+    expected, records = {"format", "version", "meta"}, {}
+    for i, m in enumerate(modules):
+        if not isinstance(m, dict) or m.get("kind") not in ("Embedding", "Linear"):
+            raise corrupt(f"module entry {i} is not an Embedding or Linear record")
+        name = m.get("name")
+        if not isinstance(name, str):
+            raise corrupt(f"module entry {i} has name {name!r}, not a string")
+        if name in records:
+            raise corrupt(f"module {name!r} is recorded twice")
+        records[name] = m
+        expected.add(f"{'counts' if m['kind'] == 'Embedding' else 'moment_sum'}_{i}")
+    for b, keys in enumerate(probe_keys):
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise corrupt(f"probe batch {b} is not a list of input names")
+        if len(set(keys)) != len(keys):
+            raise corrupt(f"probe batch {b} names an input twice")
+        expected.update(f"probe_{b}_{i}" for i in range(len(keys)))
+    npz.only(expected)
+    missing = sorted(expected.difference(npz.names))
+    if missing:
+        raise corrupt(f"member(s) {missing[:4]} missing")
+    checked = {}
+    for i, (name, m) in enumerate(records.items()):
+        if m["kind"] == "Embedding":
+            counts = npz.read(f"counts_{i}", kinds="iu", ndim=1)
+            if counts.size and counts.min() < 0:
+                raise corrupt(f"the token counts of {name!r} hold negative values")
+            checked[name] = {"kind": "Embedding", "counts": counts}
+            continue
+        n_rows = count(m.get("n_rows"), f"the row count of {name!r}")
+        header = npz.header(f"moment_sum_{i}")
+        if len(header.shape) != 2 or header.shape[0] != header.shape[1]:
+            raise corrupt(f"the moment of {name!r} is not square: {header.shape}")
+        if header.dtype.kind == "c":
+            raise corrupt(f"the moment of {name!r} is complex ({header.dtype})")
+        S = npz.read(f"moment_sum_{i}", kinds="f", ndim=2)
+        if not np.isfinite(S).all():
+            raise corrupt(f"the moment of {name!r} holds non-finite values")
+        checked[name] = {"kind": "Linear", "moment_sum": S, "n_rows": n_rows}
+    probe = [
+        {key: npz.read(f"probe_{b}_{i}", kinds="biu") for i, key in enumerate(keys)}
+        for b, keys in enumerate(probe_keys)
+    ]
+    return {
+        "records": checked,
+        "n_sequences": count(meta.get("n_sequences"), "n_sequences"),
+        "architecture": meta["architecture"],
+        "probe": probe,
+    }
 
 
 class _Observer:

