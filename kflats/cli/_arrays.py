@@ -13,8 +13,6 @@ message names the file.
 
 import os
 import warnings
-import zipfile
-import zlib
 
 import numpy as np
 
@@ -24,9 +22,6 @@ MATRIX_HELP = (
     "pick one) or FILE.csv (comma-separated numbers, one row a line; a first "
     "line with no number in it is a header and is skipped)"
 )
-
-# What numpy raises for a file it cannot read as an array.
-_DAMAGED = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def load_matrix(source):
@@ -57,80 +52,42 @@ def load_matrix(source):
 # --- .npy and .npz -------------------------------------------------------------
 
 
+# every plain dtype: check_matrix then says what a matrix must hold
+_ANY = "biufcSU"
+
+
 def _read_numpy(path, key):
+    """An array of an .npy or .npz file, read with kflats' checked reader.
+
+    Headers come before data (``kflats._npz``): a file that declares more
+    data than it holds, or Python objects, is refused before any memory is
+    taken for it.
+    """
+    from kflats._npz import NpzArchive, read_npy
+
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
         raise ValueError(f"--matrix {path!r} is not a NumPy .npy or .npz file")
-    if magic == b"\x93NUMPY":
-        if key is not None:
-            raise ValueError(
-                f"--matrix {path!r} holds a single array, not arrays by name: "
-                f"drop ':{key}'"
-            )
-        with open(path, "rb") as f:
-            _check_header(f, os.fstat(f.fileno()).st_size, path)
-        try:
-            return np.load(path, allow_pickle=False)
-        except _DAMAGED as exc:
-            raise _unreadable(path, exc) from exc
     try:
-        archive = zipfile.ZipFile(path)
-    except _DAMAGED as exc:
-        raise _unreadable(path, exc) from exc
-    with archive:
-        members = {
-            info.filename[:-4]: info
-            for info in archive.infolist()
-            if info.filename.endswith(".npy")
-        }
-        key = _pick_key(list(members), key, path)
-        label, info = f"{path}:{key}", members[key]
-        try:
-            member = archive.open(info)
-        except _DAMAGED as exc:
-            raise _unreadable(label, exc) from exc
-        with member:
-            _check_header(member, info.file_size, label)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return data[key]
-    except _DAMAGED as exc:
-        raise _unreadable(label, exc) from exc
-
-
-def _check_header(f, size, label):
-    """Read a .npy header from ``f`` (``size`` bytes in all) and check it.
-
-    The data must be numbers (no Python objects) and fit in what the file
-    holds after the header; checked before any data is read.
-    """
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"format version {version[0]}.{version[1]} is not read")
-    except _DAMAGED as exc:
-        raise ValueError(f"cannot read --matrix {label!r}: {exc}") from None
-    if dtype.hasobject:
-        raise ValueError(f"--matrix {label!r} holds Python objects, not numbers")
-    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    held = size - f.tell()
-    if declared > held:
-        raise ValueError(
-            f"cannot read --matrix {label!r}: Failed to read all data: its header "
-            f"declares shape {shape} of {dtype} ({declared:,} bytes) and it holds "
-            f"{max(held, 0):,}"
-        )
-
-
-def _unreadable(label, exc):
-    if "allow_pickle" in str(exc):  # numpy's words for an object array
-        return ValueError(f"--matrix {label!r} holds Python objects, not numbers")
-    return ValueError(f"cannot read --matrix {label!r}: {exc}")
+        if magic == b"\x93NUMPY":
+            if key is not None:
+                raise ValueError(
+                    f"--matrix {path!r} holds a single array, not arrays by name: "
+                    f"drop ':{key}'"
+                )
+            return read_npy(path, kinds=_ANY)
+        with NpzArchive(path) as archive:
+            key = _pick_key(list(archive.names), key, path)
+            return archive.read(key, kinds=_ANY)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("--matrix"):
+            raise
+        # "'FILE' is not an .npz archive: ..." or "'FILE': what went wrong"
+        is_not = message.split(": ", 1)[0].endswith(("is not an .npz archive",))
+        prefix = "--matrix" if is_not else "cannot read --matrix"
+        raise ValueError(f"{prefix} {message}") from None
 
 
 def _pick_key(names, key, path):

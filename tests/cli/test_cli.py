@@ -214,8 +214,8 @@ BAD_MATRICES = [
     ("folder.npy", os.mkdir, "cannot read --matrix '{path}': Is a directory"),
     ("A.npy", _text("1,2\n"), "--matrix '{path}' is not a NumPy .npy or .npz "
      "file"),
-    ("A.npy", _truncated, "cannot read --matrix '{path}': Failed to read all "
-     "data"),
+    ("A.npy", _truncated, "cannot read --matrix '{path}': its header announces "
+     "shape (100, 100)"),
     ("A.npy", _npy(np.ones(3)), "--matrix '{path}' must be a 2-D array, got "
      "shape (3,)"),
     ("A.npy", _npy(np.ones((2, 3, 4))), "--matrix '{path}' must be a 2-D array, "
@@ -225,8 +225,8 @@ BAD_MATRICES = [
      "numbers, got dtype <U1"),
     ("A.npy", _npy(np.ones((2, 2), complex)), "--matrix '{path}' must hold real "
      "numbers, got complex numbers"),
-    ("A.npy", _npy(np.array([[1, None]], dtype=object)), "--matrix '{path}' holds "
-     "Python objects, not numbers"),
+    ("A.npy", _npy(np.array([[1, None]], dtype=object)), "cannot read --matrix "
+     "'{path}': dtype object is not accepted"),
     ("A.npy", _npy(np.array([[np.nan, 1, np.inf], [np.nan, -np.inf, 0]])),
      "--matrix '{path}' holds 2 NaN and 2 infinite values (of 2 x 3): remove or "
      "replace them first"),
@@ -235,8 +235,8 @@ BAD_MATRICES = [
      "{path}:KEY"),
     ("A.npz:b", lambda path: np.savez(path, a=np.ones((2, 2))),
      "--matrix '{path}' has no array 'b'; it holds a"),
-    ("A.npz", _text("PK\x03\x04 not really"), "cannot read --matrix '{path}': "
-     "File is not a zip file"),
+    ("A.npz", _text("PK\x03\x04 not really"), "--matrix '{path}' is not an .npz "
+     "archive: not a readable zip archive (File is not a zip file)"),
     ("A.npy:a", _npy(np.ones((2, 2))), "--matrix '{path}:a': only a .npz file has "
      "arrays by name"),
     ("A.csv", _text(""), "--matrix '{path}' is empty: shape (0, 1)"),

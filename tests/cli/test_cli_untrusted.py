@@ -41,8 +41,8 @@ def test_npy_declaring_a_huge_shape_fails_fast(command, shape, tmp_path, capsys)
     assert main([command, "--matrix", str(path)]) == 2
     assert time.perf_counter() - start < 1
     err = one_line(capsys.readouterr().err)
-    assert err.startswith(f"kflats: cannot read --matrix '{path}': Failed to read")
-    assert f"declares shape {shape}" in err
+    assert err.startswith(f"kflats: cannot read --matrix '{path}': its header")
+    assert f"announces shape {shape}" in err
 
 
 def test_npz_member_declaring_a_huge_shape_fails_fast(tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_npz_member_declaring_a_huge_shape_fails_fast(tmp_path, capsys):
         archive.write(member, "w.npy")
     assert main(["fit", "--matrix", str(path)]) == 2
     err = one_line(capsys.readouterr().err)
-    assert f"--matrix '{path}:w': Failed to read all data" in err
+    assert f"--matrix '{path}', member 'w': its header announces" in err
 
 
 def test_object_npy_is_refused_from_its_header(tmp_path, capsys):
@@ -63,7 +63,8 @@ def test_object_npy_is_refused_from_its_header(tmp_path, capsys):
     _npy_declaring(path, (2, 2), data=b"not a pickle", descr="|O")
     assert main(["fit", "--matrix", str(path)]) == 2
     assert one_line(capsys.readouterr().err) == (
-        f"kflats: --matrix '{path}' holds Python objects, not numbers"
+        f"kflats: cannot read --matrix '{path}': dtype object is not accepted (only "
+        "plain boolean, number and string arrays; never pickled objects)"
     )
 
 
