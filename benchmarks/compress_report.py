@@ -42,10 +42,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch_report import encode, fidelity  # noqa: E402  (same measures)
 
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 from kflats.torch import calibrate, compress, heal  # noqa: E402
+from kflats.torch._evaluation import fidelity  # noqa: E402
+from kflats.torch._evaluation import sentence_embeddings as encode  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "sentences.txt"
 EMBEDDING = "*word_embeddings"
@@ -149,13 +150,13 @@ def main():
                 )
                 for seed in (seeds[:1] if once else seeds)
             ]
-            means = [r[0][0] for r in results]
+            means = [r[0]["mean_cosine"] for r in results]
             print(
                 f"| {setting} | {method} | {np.mean(means):.4f} ("
                 + " / ".join(f"{m:.4f}" for m in means)
                 + f") | {max(means) - min(means):.4f} "
-                f"| {min(r[0][1] for r in results):.3f} "
-                f"| {np.mean([r[0][2] for r in results]):.3f} "
+                f"| {min(r[0]['worst_cosine'] for r in results):.3f} "
+                f"| {np.mean([r[0]['top5_overlap'] for r in results]):.3f} "
                 f"| {results[0][1]:.3f} "
                 f"| {np.median([r[2]['compress'] for r in results]):.1f} "
                 f"| {np.median([r[2].get('heal', 0.0) for r in results]):.0f} |",

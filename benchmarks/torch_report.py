@@ -43,6 +43,8 @@ from kflats.torch import (  # noqa: E402
     ProjectiveLinear,
     token_frequencies,
 )
+from kflats.torch._evaluation import fidelity  # noqa: E402
+from kflats.torch._evaluation import sentence_embeddings as encode  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "sentences.txt"
 
@@ -57,27 +59,6 @@ def load_model():
 
 def word_embeddings_owner(model):
     return model[0].auto_model.embeddings
-
-
-def encode(model, sentences):
-    return model.encode(
-        sentences, batch_size=32, normalize_embeddings=True, convert_to_numpy=True
-    )
-
-
-def fidelity(reference, compressed, n_neighbours=5):
-    cos = np.sum(reference * compressed, axis=1)
-
-    def neighbours(E):
-        sim = E @ E.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argsort(-sim, axis=1)[:, :n_neighbours]
-
-    a, b = neighbours(reference), neighbours(compressed)
-    overlap = np.mean(
-        [len(set(x) & set(y)) / n_neighbours for x, y in zip(a, b, strict=True)]
-    )
-    return cos.mean(), cos.min(), overlap
 
 
 def calibration_weights(tokenizer, n):
@@ -182,7 +163,9 @@ def main():
             owner.word_embeddings = ProjectiveEmbedding.from_factors(
                 f, padding_idx=original.padding_idx
             )
-            mean, worst, overlap = fidelity(reference, encode(model, sentences))
+            scores = fidelity(reference, encode(model, sentences))
+            mean, worst = scores["mean_cosine"], scores["worst_cosine"]
+            overlap = scores["top5_overlap"]
             owner.word_embeddings = original
             print(
                 f"{budget:>6.2f}  {name:<13} {f.k:>2}  {f.n_params:>9}  "

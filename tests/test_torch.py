@@ -518,6 +518,102 @@ def test_token_frequencies_rejects_bad_input(texts, kwargs, error, match):
         token_frequencies(_word_length_tokenizer, texts, **kwargs)
 
 
+# --------------------------------------------------------------------------
+# the tied head, the shared embedding, Conv1D, the weight spec
+
+
+def test_tied_head_computes_the_dense_logits_through_the_shared_factors():
+    from kflats.torch import ProjectiveTiedHead
+    from kflats.torch.functional import projective_tied_logits
+
+    torch.manual_seed(0)
+    for affine in (False, True):
+        emb = ProjectiveEmbedding(60, 8, ranks=(3, 1, 2), affine=affine)
+        with torch.no_grad():
+            if affine:
+                emb.means.normal_()
+        dense = nn.Linear(8, 60)
+        head = ProjectiveTiedHead.tie(emb, dense)
+        assert head.bias is dense.bias  # the same parameter, not a copy
+        h = torch.randn(2, 5, 8)
+        table = emb.to_dense().weight
+        expected = h @ table.T + dense.bias
+        assert torch.allclose(head(h), expected, atol=1e-5)
+        args = (emb._place, list(emb.coefficients), emb.bases, dense.bias)
+        assert torch.equal(projective_tied_logits(h, *args, emb.means), head(h))
+    # the head owns no factor: they are the embedding's, trained through both
+    assert [n for n, _ in head.named_parameters()] == ["bias"]
+    assert head.n_params == 60 and head.embedding is emb
+    head(torch.randn(3, 8)).sum().backward()
+    assert emb.bases.grad is not None and emb.bases.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="tied head must be"):
+        ProjectiveTiedHead.tie(emb, nn.Linear(8, 59))
+    with pytest.raises(TypeError, match="ProjectiveEmbedding"):
+        ProjectiveTiedHead(nn.Embedding(60, 8))
+
+
+def test_tied_head_follows_the_embedding_through_copies_and_moves():
+    import copy
+
+    from kflats.torch import ProjectiveTiedHead
+
+    model = nn.Module()
+    model.emb = ProjectiveEmbedding(30, 4, ranks=(2, 2))
+    model.head = ProjectiveTiedHead(model.emb)
+    twin = copy.deepcopy(model)
+    assert twin.head.embedding is twin.emb and twin.emb is not model.emb
+    twin.double()
+    assert twin.head(torch.randn(1, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_shared_embedding_looks_up_through_its_source():
+    from kflats.torch._layers import SharedEmbedding
+
+    emb = ProjectiveEmbedding(30, 4, ranks=(2, 2), padding_idx=0)
+    alias = SharedEmbedding(emb)
+    ids = torch.tensor([[0, 5, 29]])
+    assert torch.equal(alias(ids), emb(ids))
+    assert (alias.num_embeddings, alias.embedding_dim, alias.padding_idx) == (30, 4, 0)
+    assert not list(alias.parameters()) and not alias.state_dict()
+
+
+def test_projective_layers_expose_the_weight_dtype_and_device():
+    from kflats.torch import WeightSpec
+
+    linear = ProjectiveLinear(8, 4, ranks=(2, 2), dtype=torch.float64)
+    emb = ProjectiveEmbedding(10, 3, ranks=(1,))
+    assert isinstance(linear.weight, WeightSpec)
+    assert not torch.is_tensor(linear.weight)
+    assert linear.weight.shape == (4, 8) and linear.weight.dtype == torch.float64
+    assert linear.weight.device == torch.device("cpu")
+    assert emb.weight.shape == (10, 3) and emb.weight.size(1) == 3
+    linear.float()
+    assert linear.weight.dtype == torch.float32  # read live, never stored
+
+
+def test_from_linear_takes_a_gpt2_conv1d():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(12, 20)  # 20 inputs, 12 outputs, weight stored 20 x 12
+    with torch.no_grad():
+        conv.bias.normal_()
+    layer = ProjectiveLinear.from_linear(conv, k=1, j=12, random_state=0)
+    x = torch.randn(3, 20)
+    assert (layer.in_features, layer.out_features) == (20, 12)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)  # full rank: exact
+    small = ProjectiveLinear.from_linear(conv, budget=0.5, k=2, random_state=0)
+    linear = nn.Linear(20, 12)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    same = ProjectiveLinear.from_linear(linear, budget=0.5, k=2, random_state=0)
+    assert torch.allclose(small(x), same(x), atol=1e-5)
+    with pytest.raises(TypeError, match="Conv1D"):
+        ProjectiveLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
 @pytest.mark.parametrize("ranks", [(3,), (2, 0, 4), tuple(range(1, 6)) * 60])
 @pytest.mark.parametrize("affine", [False, True])
 def test_size_formula_counts_what_a_layer_stores(ranks, affine):

@@ -37,7 +37,12 @@ from ._compress import compress
 from ._config import CompressionConfig
 from ._heal import heal
 from ._io import load_compressed, save_compressed
-from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._layers import (
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    ProjectiveTiedHead,
+    WeightSpec,
+)
 from ._report import CompressionReport, ModuleReport
 
 __all__ = [
@@ -47,6 +52,8 @@ __all__ = [
     "ModuleReport",
     "ProjectiveEmbedding",
     "ProjectiveLinear",
+    "ProjectiveTiedHead",
+    "WeightSpec",
     "calibrate",
     "compress",
     "functional",

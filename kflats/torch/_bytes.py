@@ -581,7 +581,7 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(qt.dequantize()))
         record_quantized_(module, {"weight": qt})
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+    from ._models import swap
+
+    swap(model, layers.items())  # ties the new layers break stay tied
     return CompressionReport(reports, config=config)

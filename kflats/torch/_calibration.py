@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._layers import _features
+from ._models import adapter_for
+
 
 def token_frequencies(tokenizer, texts, *, vocab_size=None, smoothing=1.0):
     """How often each token id occurs in ``texts``, to weigh embedding rows.
@@ -265,7 +268,7 @@ class Calibration:
             if kind == "Embedding":
                 found, want = rec["counts"].shape[0], module.num_embeddings
             else:
-                found, want = rec["moment_sum"].shape[0], module.in_features
+                found, want = rec["moment_sum"].shape[0], _features(module)[0]
             if found != want:
                 raise ValueError(
                     f"the calibration of {name!r} has size {found}, the module "
@@ -441,9 +444,8 @@ class _Observer:
         if self.kind == "Embedding":
             self.counts = torch.zeros(module.num_embeddings, dtype=torch.int64)
         else:
-            self.moment_sum = torch.zeros(
-                module.in_features, module.in_features, dtype=torch.float64
-            )
+            n_in = _features(module)[0]
+            self.moment_sum = torch.zeros(n_in, n_in, dtype=torch.float64)
             self.n_rows = 0
 
     def _rows(self, x):
@@ -500,34 +502,23 @@ def _check_count(value, name):
 
 
 def _is_sentence_transformer(model):
-    return callable(getattr(model, "tokenize", None)) and callable(
-        getattr(model, "encode", None)
-    )
+    """Whether the model is a sentence-transformers model (its adapter says)."""
+    from ._models import SentenceTransformerAdapter
+
+    return isinstance(adapter_for(model), SentenceTransformerAdapter)
 
 
 def _tokenize(model, tokenizer, texts, max_length):
     """Model inputs for a list of texts, by ``tokenizer`` or the model's own."""
-    if tokenizer is None and max_length is None:
-        # sentence-transformers >= 5.2 names it preprocess
-        prepare = getattr(model, "preprocess", None) or model.tokenize
-        return dict(prepare(texts))
-    return dict(
-        (tokenizer or model.tokenizer)(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-    )
+    return adapter_for(model).tokenize(texts, tokenizer, max_length)
 
 
 def _run(model, batch):
     """One forward pass on an input dict, as the model takes it."""
-    return model(batch) if _is_sentence_transformer(model) else model(**batch)
+    return adapter_for(model).run(batch)
 
 
-def _batches(model, data, tokenizer, batch_size, max_length):
+def _batches(adapter, data, tokenizer, batch_size, max_length):
     """Model-input dicts, and how many there will be (None when unknown)."""
     if isinstance(data, str):
         raise TypeError(
@@ -540,15 +531,17 @@ def _batches(model, data, tokenizer, batch_size, max_length):
         and all(isinstance(t, str) for t in data)
     ):
         texts = list(data)
-        if tokenizer is None and not _is_sentence_transformer(model):
+        if tokenizer is None and not adapter.has_tokenizer():
             raise ValueError(
                 "data holds texts, and the model has no tokenizer of its own (it "
                 "is not a sentence-transformers model): pass tokenizer="
             )
+        if tokenizer is not None:
+            adapter.check_tokenizer(tokenizer)
 
         n = -(-len(texts) // batch_size)
         chunks = (texts[i : i + batch_size] for i in range(0, len(texts), batch_size))
-        return (_tokenize(model, tokenizer, c, max_length) for c in chunks), n
+        return (adapter.tokenize(c, tokenizer, max_length) for c in chunks), n
     if isinstance(data, (list, tuple)) and not data:
         raise ValueError("data is empty: calibration needs at least one sentence")
     if not isinstance(data, Iterable):
@@ -573,9 +566,13 @@ def calibrate(
     """Record what the calibrated objectives need, in one pass over data.
 
     Forward hooks, attached for the pass and always removed, record for each
-    target :class:`torch.nn.Embedding` how often each token id is looked up,
-    and for each target :class:`torch.nn.Linear` the second moment of its
-    input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
+    target :class:`torch.nn.Embedding` how often each token id is looked up
+    (in any module that shares its table: T5's encoder and decoder read
+    ``shared`` through their own ``embed_tokens``; an output head tied to
+    the table has its input moment recorded under its own name, for the
+    table's fit), and for each target
+    :class:`torch.nn.Linear` (or transformers ``Conv1D``) the second moment
+    of its input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
     activation is kept, padding positions are left out, and no gradient is
     computed. Records are keyed by qualified module name, so a calibration
     of one copy of a model serves any copy of the same architecture, and
@@ -591,15 +588,19 @@ def calibrate(
         Calibration text (one sentence or document per string; it needs a
         tokenizer: the model's own for a sentence-transformers model, else
         ``tokenizer=``), or model-input dicts (``input_ids``,
-        ``attention_mask``, ...), passed to the model as they are
-        (``model(batch)`` for a sentence-transformers model,
-        ``model(**batch)`` otherwise). Keep it disjoint from any text you
-        evaluate on.
+        ``attention_mask``, ...), passed to the model as its adapter runs
+        it (``model(batch)`` for a sentence-transformers model,
+        ``model(**batch)`` otherwise, with decoder inputs added for an
+        encoder-decoder). A tokenizer without a pad token pads with its eos
+        token, with a warning. Keep it disjoint from any text you evaluate
+        on.
     tokenizer : callable, default=None
         A Hugging Face tokenizer for texts.
     targets : str, type, or list of them, default=None
         Modules to record (patterns, types, names, as in :func:`compress`);
-        ``None``: every Embedding and Linear module.
+        ``None``: every Embedding, Linear and Conv1D module (a module that
+        shares another's weight, such as a tied output head, stands for its
+        source).
     batch_size : int, default=32
         Texts per forward pass.
     max_length : int, default=None
@@ -651,10 +652,11 @@ def calibrate(
     _check_count(batch_size, "batch_size")
     if max_length is not None:
         _check_count(max_length, "max_length")
+    adapter = adapter_for(model)
     names, named = _select(model, targets, default=_every_layer)
     if not names:
         raise ValueError(f"{type(model).__name__} has no Embedding or Linear module")
-    batches, n_batches = _batches(model, data, tokenizer, int(batch_size), max_length)
+    batches, n_batches = _batches(adapter, data, tokenizer, int(batch_size), max_length)
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -662,6 +664,13 @@ def calibrate(
 
     state = {"mask": None, "moments": {}}
     observers = {name: _Observer(named[name], state) for name in names}
+    ties = adapter.ties()
+    # an output head tied to a recorded table: its input moment is recorded
+    # too (under the head's name), for the table's fit to weigh the logits
+    for follower, source in ties.items():
+        head = named.get(follower)
+        if source in observers and isinstance(head, nn.Linear):
+            observers[follower] = _Observer(head, state)
     show = (
         (n_batches is None or n_batches > _PROGRESS_BATCHES)
         if progress is None
@@ -682,6 +691,12 @@ def calibrate(
     try:
         for name, obs in observers.items():
             handles.append(named[name].register_forward_pre_hook(obs))
+        # an Embedding holding the same table (T5's encoder and decoder
+        # embed_tokens, for shared) counts its lookups for its source
+        for follower, source in ties.items():
+            if source in observers and type(named.get(follower)) is nn.Embedding:
+                hook = observers[source]
+                handles.append(named[follower].register_forward_pre_hook(hook))
         model.eval()
         with torch.no_grad():
             for batch in batches:
@@ -697,7 +712,7 @@ def calibrate(
                 mask = batch.get("attention_mask")
                 state["mask"] = None if mask is None else mask.bool()
                 state["moments"] = {}
-                _run(model, batch)
+                adapter.run(batch)
                 if probe_rows < _PROBE_SEQUENCES and all(
                     torch.is_tensor(v) or isinstance(v, str) for v in batch.values()
                 ):

@@ -10,17 +10,30 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 
+import numpy as np
 from torch import nn
 
 from .._size import dense_size
 from ..factorize import damped_moment
-from ..factorize._linear import _check_row_weights, _factorize_linear, _shared_seed
+from ..factorize._linear import (
+    _check_row_weights,
+    _factorize_linear,
+    _shared_seed,
+    _unwhiten,
+    _whiten,
+)
 from ..factorize._search import _factorize, _search_options
 from ..factorize._validation import _check_sample_weight
 from ._bytes import _check_bytes_config, _check_bytes_feasible, _compress_bytes
 from ._calibration import Calibration, calibrate
 from ._config import _CONSTRAINTS, CompressionConfig, _check
-from ._layers import ProjectiveEmbedding, ProjectiveLinear, _weight_as_numpy
+from ._layers import (
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    _dense_weight,
+    _weight_as_numpy,
+)
+from ._models import swap
 from ._plan import _check_feasible, _plan_numbers
 from ._report import CompressionReport, ModuleReport
 from ._sensitivity import _objectives, _rows_cols
@@ -265,10 +278,8 @@ def compress(
     reports, layers = _fit_all(
         names, named, numbers_of, objectives, config, sample_weight, progress
     )
-    # 4. swap
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+    # 4. swap (the modules that share a replaced table follow it)
+    swap(model, layers.items())
     return CompressionReport(reports, config=config)
 
 
@@ -390,7 +401,7 @@ def _fit_module(
     ``rank``: fit at that rank instead (``numbers`` is then ``None``).
     """
     what = f"the share of {name!r}"
-    weight = module.weight
+    weight = _dense_weight(module)  # (out, in), a Conv1D's transposed
     W = _weight_as_numpy(weight)
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
@@ -400,7 +411,12 @@ def _fit_module(
             )
         w = objective.row_weights if objective is not None else sample_weight
         w = _check_sample_weight(w, W.shape[0])
-        factors = _factorize(W, w, k, rank, numbers, options, what)
+        if objective is not None and objective.input_moment is not None:
+            if rank is not None:  # a tied table's fit takes its size in numbers
+                numbers = rank * sum(W.shape)
+            factors = _fit_tied_table(W, w, objective, k, numbers, options, what)
+        else:
+            factors = _factorize(W, w, k, rank, numbers, options, what)
         layer = ProjectiveEmbedding.from_factors(
             factors,
             padding_idx=module.padding_idx,
@@ -425,6 +441,23 @@ def _fit_module(
     layer.factorization_error = factors.error
     layer.weight_error = factors.weight_error
     return layer
+
+
+def _fit_tied_table(W, w, objective, k, numbers, options, what):
+    """Factors of a table that is also an output head: rows weighted, columns
+    whitened by the head's input moment, then brought back."""
+    _, L = damped_moment(objective.input_moment, W.shape[1], objective.damping)
+    whitened = _factorize(
+        _whiten(W, L).astype(W.dtype), w, k, None, numbers, options, what
+    )
+    factors = replace(
+        whitened,
+        V=tuple(_unwhiten(v, L, W.dtype) for v in whitened.V),
+        means=None if whitened.means is None else _unwhiten(whitened.means, L, W.dtype),
+    )
+    W64 = W.astype(np.float64)
+    weight_error = float(np.sum((W64 - factors.reconstruct()) ** 2) / np.sum(W64**2))
+    return replace(factors, weight_error=weight_error)
 
 
 def _module_report(name, module, layer, seconds):

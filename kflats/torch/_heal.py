@@ -6,8 +6,9 @@ import numbers
 import torch
 from torch import nn
 
-from ._calibration import _check_count, _is_sentence_transformer, _run, _tokenize
+from ._calibration import _check_count
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._models import adapter_for, relative_mse
 
 __all__ = ["heal"]
 
@@ -16,23 +17,18 @@ _PROGRESS_STEPS = 20
 
 
 def _layer_stack(model):
-    """Name of the model's longest ModuleList of identical blocks (its layers)."""
-    best, size = None, 1
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > size:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1:
-                best, size = name, len(module)
-    return best
+    """Name of the model's (first) stack of blocks, as its adapter names it."""
+    stacks = adapter_for(model).block_stacks()
+    return stacks[0] if stacks else None
 
 
 class _Recorder:
     """Forward hooks that keep the outputs of a model's blocks for one step."""
 
-    def __init__(self, model, stack):
+    def __init__(self, model, stacks):
         self.outputs = []
         self.handles = []
-        if stack is not None:
+        for stack in stacks:
             for block in model.get_submodule(stack):
                 self.handles.append(block.register_forward_hook(self._keep))
 
@@ -49,33 +45,21 @@ class _Recorder:
 
 
 def _final(out):
-    """The tensor a heal matches at the end: sentence embedding or last state."""
-    if isinstance(out, dict) and "sentence_embedding" in out:
-        return out["sentence_embedding"], "cosine"
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None and isinstance(out, dict):
-        hidden = out.get("last_hidden_state")
-    if hidden is None and isinstance(out, (tuple, list)):
-        hidden = out[0]
-    if hidden is None and torch.is_tensor(out):
-        hidden = out
-    if hidden is None:
-        raise TypeError(
-            "heal needs a sentence-transformers model (sentence_embedding), a "
-            "Hugging Face model (last_hidden_state) or a module that returns a "
-            f"tensor; the model returned {type(out).__name__}"
-        )
-    return hidden, "mse"
+    """The tensor a heal matches at the end: sentence embedding or last state.
+
+    Returns ``(tensor, "cosine")`` for a sentence embedding, ``(tensor,
+    "mse")`` for a last hidden state, logits or plain tensor.
+    """
+    from ._models import _tensor_output
+
+    try:
+        tensor, kind = _tensor_output(out)
+    except TypeError as exc:
+        raise TypeError(f"heal: {exc}") from None
+    return tensor, "cosine" if kind == "sentence_embedding" else "mse"
 
 
-def _relative_mse(student, teacher, mask):
-    """||s - t||^2 / ||t||^2 over the real (not padding) positions."""
-    diff = (student - teacher) ** 2
-    ref = teacher**2
-    if mask is not None and diff.dim() >= 3 and diff.shape[:2] == mask.shape:
-        m = mask.unsqueeze(-1).to(diff.dtype)
-        diff, ref = diff * m, ref * m
-    return diff.sum() / ref.sum().clamp_min(1e-12)
+_relative_mse = relative_mse
 
 
 def _trainable(model, which):
@@ -90,7 +74,7 @@ def _trainable(model, which):
                 params.append(module.means)
     if not params:
         raise ValueError(
-            "trainable='projective' but the model holds no ProjectiveEmbedding "
+            "heal: trainable='projective' but the model holds no ProjectiveEmbedding "
             "or ProjectiveLinear layer: compress it first, or pass "
             "trainable='all'"
         )
@@ -117,11 +101,16 @@ def heal(
     (``teacher``, without gradients) and the compressed one, and takes one
     Adam step on the compressed model's factors. The loss is
 
-    - on the output: ``1 - cosine`` between the sentence embeddings for a
-      sentence-transformers model, the relative squared error of the last
-      hidden state for any other model;
+    - on the output, the distortion of the model's adapter for its output
+      kind: ``1 - cosine`` between the sentence embeddings of a
+      sentence-transformers model; the KL divergence of the original's
+      token distributions from the compressed model's for the logits of a
+      causal LM (next tokens), a masked LM or an encoder-decoder (over real
+      positions), and of the class distributions of a classifier; the
+      relative squared error of the last hidden state for any other model;
     - plus ``layer_weight`` times the mean relative squared error of the
-      hidden states after each block of the model's layer stack (its longest
+      hidden states after each block of the model's block stacks (as its
+      adapter names them; for an unknown model, its longest
       :class:`torch.nn.ModuleList` of identical blocks), padding left out:
       matching the states layer by layer tells every factor where its error
       comes from, which the final output alone does not.
@@ -203,33 +192,45 @@ def heal(
     >>> len(losses), losses[-1] < losses[0], model.training
     (30, True, False)
     """
-    _check_count(steps, "steps")
-    _check_count(batch_size, "batch_size")
-    if max_length is not None:
-        _check_count(max_length, "max_length")
+    try:
+        _check_count(steps, "steps")
+        _check_count(batch_size, "batch_size")
+        if max_length is not None:
+            _check_count(max_length, "max_length")
+    except ValueError as exc:
+        raise ValueError(f"heal: {exc}") from None
     if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
-        raise ValueError(f"lr must be a positive float, got {lr!r}")
+        raise ValueError(f"heal: lr must be a positive float, got {lr!r}")
     if not (isinstance(layer_weight, numbers.Real) and 0 <= layer_weight < math.inf):
-        raise ValueError(f"layer_weight must be a float >= 0, got {layer_weight!r}")
+        raise ValueError(
+            f"heal: layer_weight must be a float >= 0, got {layer_weight!r}"
+        )
     if trainable not in ("projective", "all"):
-        raise ValueError(f"trainable must be 'projective' or 'all', got {trainable!r}")
+        raise ValueError(
+            f"heal: trainable must be 'projective' or 'all', got {trainable!r}"
+        )
     for name, value in (("model", model), ("teacher", teacher)):
         if not isinstance(value, nn.Module):
             raise TypeError(
-                f"{name} must be a torch.nn.Module, got {type(value).__name__}"
+                f"heal: {name} must be a torch.nn.Module, got {type(value).__name__}"
             )
     if isinstance(data, str) or not isinstance(data, (list, tuple)):
-        raise TypeError(f"data must be a list of strings, got {type(data).__name__}")
+        raise TypeError(
+            f"heal: data must be a list of strings, got {type(data).__name__}"
+        )
     texts = list(data)
     if not texts:
-        raise ValueError("data is empty: heal needs calibration texts")
+        raise ValueError("heal: data is empty: heal needs calibration texts")
     if not all(isinstance(t, str) for t in texts):
-        raise TypeError("data must be a list of strings")
-    if tokenizer is None and not _is_sentence_transformer(model):
+        raise TypeError("heal: data must be a list of strings")
+    adapter, teacher_adapter = adapter_for(model), adapter_for(teacher)
+    if tokenizer is None and not adapter.has_tokenizer():
         raise ValueError(
-            "data holds texts, and the model has no tokenizer of its own (it is "
-            "not a sentence-transformers model): pass tokenizer="
+            "heal: data holds texts, and the model has no tokenizer of its own (it "
+            "is not a sentence-transformers model): pass tokenizer="
         )
+    if tokenizer is not None:
+        adapter.check_tokenizer(tokenizer)
     params = _trainable(model, trainable)
     try:
         device = next(model.parameters()).device
@@ -237,21 +238,21 @@ def heal(
         device = torch.device("cpu")
 
     def batch_of(indices):
-        batch = _tokenize(model, tokenizer, [texts[i] for i in indices], max_length)
+        batch = adapter.tokenize([texts[i] for i in indices], tokenizer, max_length)
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    stack = _layer_stack(teacher) if layer_weight > 0 else None
-    if stack is not None:
-        try:
+    stacks = teacher_adapter.block_stacks() if layer_weight > 0 else []
+    try:
+        for stack in stacks:
             model.get_submodule(stack)
-        except AttributeError:
-            stack = None  # another architecture: the shape check below says so
+    except AttributeError:
+        stacks = []  # another architecture: the shape check below says so
 
     teacher_training, model_training = teacher.training, model.training
     started = False
     teacher.eval()
     model.eval()
-    student_rec, teacher_rec = _Recorder(model, stack), _Recorder(teacher, stack)
+    student_rec, teacher_rec = _Recorder(model, stacks), _Recorder(teacher, stacks)
     bar = None
     show = steps >= _PROGRESS_STEPS if progress is None else bool(progress)
     if show:
@@ -267,15 +268,16 @@ def heal(
         # the shapes are checked on a first batch before anything changes
         first = batch_of(range(min(batch_size, len(texts))))
         with torch.no_grad():
-            t_final, kind = _final(_run(teacher, first))
-            s_final, _ = _final(_run(model, first))
+            t_final = teacher_adapter.final(teacher_adapter.run(first))
+            s_final = adapter.final(adapter.run(first))
             t_layers, s_layers = teacher_rec.take(), student_rec.take()
         if t_final.shape != s_final.shape or [t.shape for t in t_layers] != [
             s.shape for s in s_layers
         ]:
             raise ValueError(
-                f"the teacher's outputs have shape {tuple(t_final.shape)} and the "
-                f"model's {tuple(s_final.shape)} (or their layers differ): heal "
+                "heal: the teacher's outputs have shape "
+                f"{tuple(t_final.shape)} and the model's {tuple(s_final.shape)} "
+                "(or their layers differ): heal "
                 "distils a compressed model towards its own original"
             )
         started = True
@@ -299,19 +301,14 @@ def heal(
             batch = batch_of(indices)
             mask = batch.get("attention_mask")
             with torch.no_grad():
-                target, _ = _final(_run(teacher, batch))
+                target = teacher_adapter.final(teacher_adapter.run(batch))
                 target_layers = teacher_rec.take()
-            output, _ = _final(_run(model, batch))
+            output = adapter.final(adapter.run(batch))
             layers = student_rec.take()
-            if kind == "cosine":
-                loss = (
-                    1 - nn.functional.cosine_similarity(output, target, dim=-1)
-                ).mean()
-            else:
-                loss = _relative_mse(output, target, mask)
+            loss = adapter.distortion(output, target, batch)
             if layers and layer_weight > 0:
                 layer_loss = sum(
-                    _relative_mse(s, t, mask)
+                    relative_mse(s, t, mask)
                     for s, t in zip(layers, target_layers, strict=True)
                 ) / len(layers)
                 loss = loss + layer_weight * layer_loss

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ._layers import ProjectiveEmbedding, ProjectiveLinear
+from ._layers import ProjectiveEmbedding, ProjectiveLinear, _features, _is_conv1d
+from ._models import describe_ties, plan_ties
 
 __all__ = ["load_compressed", "save_compressed"]
 
@@ -708,6 +709,7 @@ def save_compressed(model, directory, *, tokenizer=None):
             "quantized": {
                 key: _quantized_entry(qt) for key, qt in sorted(quantized.items())
             },
+            "ties": describe_ties(hf),
             "kflats_version": __version__,
             "torch_version": torch.__version__,
         }
@@ -1287,9 +1289,10 @@ def _plan(hf, modules, files, where):
             weight = old.weight if isinstance(old, nn.Embedding) else None
         else:
             config = {"bias": entry["bias"], "side": entry["side"]}
-            ok = isinstance(old, (nn.Linear, ProjectiveLinear))
-            found = (old.in_features, old.out_features) if ok else None
-            weight = old.weight if isinstance(old, nn.Linear) else None
+            dense = isinstance(old, nn.Linear) or _is_conv1d(old)
+            ok = dense or isinstance(old, ProjectiveLinear)
+            found = _features(old) if ok else None
+            weight = old.weight if dense else None
         if found != shape:
             raise ValueError(
                 f"{where} was saved from another architecture: module {name!r} is "
@@ -1324,14 +1327,16 @@ def _plan(hf, modules, files, where):
     return layers
 
 
-def _fit(hf, modules, files, stored, where):
+def _fit(hf, modules, files, stored, where, tied=None):
     """The layers to place in ``hf`` and the tensors they and ``hf`` take.
 
     Everything the folder holds is checked against the model here: module
     types and shapes, and every stored tensor's shape and dtype. Returns the
-    layers by name and the tied keys (see :func:`_match`).
+    layers by name (with the modules that share a layer's factors, ``tied``
+    as kflats.json records them) and the tied keys (see :func:`_match`).
     """
     plans = _plan(hf, modules, files, where)
+    plans.update(plan_ties(hf, plans, tied or {}, where))
     expected = {
         key: value
         for key, value in hf.state_dict(keep_vars=True).items()
@@ -1351,7 +1356,7 @@ def _verify(plans, modules, state, where):
     was. Folders of format version 2 carry no check.
     """
     for name, layer in plans.items():
-        check = modules[name].get("check")
+        check = modules.get(name, {}).get("check")  # a tied module has none
         if check is None:
             continue
         prefix = name + "."
@@ -1508,6 +1513,7 @@ def load_compressed(directory, model=None, *, device=None):
             files,
             stored,
             where,
+            manifest.get("ties", {}),
         )
         if kind == "transformers":
             model = _build_transformers(cls, directory, root, where, dtype)
@@ -1528,7 +1534,7 @@ def load_compressed(directory, model=None, *, device=None):
             f"{root['architecture']} in module {root['module']!r}, found "
             f"{type(hf).__name__}"
         )
-    plans, ties = _fit(hf, modules, files, stored, where)
+    plans, ties = _fit(hf, modules, files, stored, where, manifest.get("ties", {}))
     state = _read_tensors(files, set(stored) - set(packed), where)
     tensors = _unpack(files, quantized, packed, where)
     # the floats a quantized layer held: one multiply per entry, bit-identical

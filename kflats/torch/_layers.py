@@ -1,6 +1,12 @@
-"""ProjectiveEmbedding and ProjectiveLinear: layers stored as per-cluster factors."""
+"""ProjectiveEmbedding and ProjectiveLinear: layers stored as per-cluster factors.
+
+:class:`ProjectiveTiedHead` is the output head that shares a
+:class:`ProjectiveEmbedding`'s factors (a language model whose head is tied to
+its word embedding).
+"""
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -10,7 +16,105 @@ from .._size import factors_size
 from ..factorize import ProjectiveFactors, factorize, factorize_linear
 from . import functional as F
 
-__all__ = ["ProjectiveEmbedding", "ProjectiveLinear"]
+__all__ = ["ProjectiveEmbedding", "ProjectiveLinear", "ProjectiveTiedHead"]
+
+
+def _conv1d_type():
+    """transformers' ``Conv1D`` (GPT-2), if transformers is imported, else None.
+
+    Looked up, never imported: a model holding one has imported it.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+def _is_conv1d(module):
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _is_linear(module):
+    """A dense layer computing ``x W^T + b``: a Linear, or a Conv1D (``x W + b``)."""
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def _dense_weight(module):
+    """The (out_features, in_features) weight of a Linear or Conv1D, as a view.
+
+    A Conv1D stores ``W^T``: its transposed view is returned, so that writing
+    into the result writes into the module.
+    """
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def _features(module):
+    """``(in_features, out_features)`` of a Linear or Conv1D."""
+    if _is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+class WeightSpec:
+    """What a projective layer's ``weight`` tells: shape, dtype and device.
+
+    Code written for dense layers reads ``layer.weight.dtype`` or
+    ``.device`` (T5's feed-forward casts its input to ``wo.weight.dtype``);
+    a projective layer has no dense weight, and answers with this small
+    read-only record instead of making the matrix. It is not a tensor.
+
+    Attributes
+    ----------
+    shape : torch.Size
+        The dense weight's shape.
+    dtype : torch.dtype
+    device : torch.device
+    requires_grad : bool
+
+    Examples
+    --------
+    >>> from kflats.torch import ProjectiveLinear
+    >>> layer = ProjectiveLinear(8, 4, ranks=(2, 2))
+    >>> layer.weight
+    WeightSpec(shape=(4, 8), dtype=torch.float32, device=cpu)
+    """
+
+    __slots__ = ("_layer", "_shape")
+
+    def __init__(self, layer, shape):
+        self._layer = layer
+        self._shape = torch.Size(shape)
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self._layer.bases.dtype
+
+    @property
+    def device(self):
+        return self._layer.bases.device
+
+    @property
+    def requires_grad(self):
+        return self._layer.bases.requires_grad
+
+    @property
+    def ndim(self):
+        return len(self._shape)
+
+    def size(self, dim=None):
+        return self._shape if dim is None else self._shape[dim]
+
+    def dim(self):
+        return len(self._shape)
+
+    def __repr__(self):
+        return (
+            f"WeightSpec(shape={tuple(self._shape)}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
 
 
 def _check_ranks_labels(n, d, ranks, labels, name_n):
@@ -336,6 +440,14 @@ class ProjectiveEmbedding(_Projective):
         """``n_params / (num_embeddings * embedding_dim)``."""
         return self.n_params / (self.num_embeddings * self.embedding_dim)
 
+    @property
+    def weight(self):
+        """Shape, dtype and device of the table, for code written for Embedding.
+
+        A :class:`WeightSpec`, not a tensor: the dense table is never made.
+        """
+        return WeightSpec(self, (self.num_embeddings, self.embedding_dim))
+
     @classmethod
     def from_factors(cls, factors, *, padding_idx=None, device=None, dtype=None):
         """Build the layer from the factors of an embedding table.
@@ -627,6 +739,15 @@ class ProjectiveLinear(_Projective):
         """``n_params / (in_features * out_features)``."""
         return self.n_params / (self.in_features * self.out_features)
 
+    @property
+    def weight(self):
+        """Shape, dtype and device of the weight, for code written for Linear.
+
+        A :class:`WeightSpec` of shape (out_features, in_features), not a
+        tensor: the dense weight is never made.
+        """
+        return WeightSpec(self, (self.out_features, self.in_features))
+
     @classmethod
     def from_factors(cls, factors, bias=None, *, device=None, dtype=None):
         """Build the layer from the factors of a weight, of either side.
@@ -707,8 +828,10 @@ class ProjectiveLinear(_Projective):
 
         Parameters
         ----------
-        linear : torch.nn.Linear
-            The layer to compress; its device, dtype and bias are kept.
+        linear : torch.nn.Linear or transformers Conv1D
+            The layer to compress; its device, dtype and bias are kept. A
+            GPT-2 ``Conv1D`` (weight stored in x out, ``y = x W + b``) is a
+            Linear in all but name: its weight is read transposed.
         k, j, budget :
             As in :func:`kflats.factorize.factorize_linear`.
         **factorize_params
@@ -734,11 +857,12 @@ class ProjectiveLinear(_Projective):
         >>> layer.compression <= 0.5
         True
         """
-        if not isinstance(linear, nn.Linear):
+        if not (isinstance(linear, nn.Linear) or _is_conv1d(linear)):
             raise TypeError(
-                f"linear must be a torch.nn.Linear, got {type(linear).__name__}"
+                "linear must be a torch.nn.Linear (or a transformers Conv1D), got "
+                f"{type(linear).__name__}"
             )
-        weight = linear.weight
+        weight = _dense_weight(linear)
         factors = factorize_linear(
             _weight_as_numpy(weight), k, j, budget=budget, **factorize_params
         )
@@ -811,4 +935,216 @@ class ProjectiveLinear(_Projective):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"{self._factor_repr()}{side}, bias={self.bias is not None}"
+        )
+
+
+class ProjectiveTiedHead(nn.Module):
+    """An output head tied to a :class:`ProjectiveEmbedding`: its factors, shared.
+
+    A language model whose output head reuses its word-embedding table
+    (GPT-2, Llama with ``tie_word_embeddings``, BERT's masked-LM decoder)
+    computes ``logits = h E^T + b``. Once the table is a
+    :class:`ProjectiveEmbedding`, this head computes the same product through
+    the embedding's own factors, cluster by cluster: for the tokens of
+    cluster ``c``, ``(h V_c^T) U_c^T`` (plus ``h . mu_c`` for affine flats),
+    never making the dense table. It holds a reference to the embedding, not
+    a copy: training or loading the embedding changes the head, and the
+    factors are stored and counted once.
+
+    The embedding is not a submodule of the head (the model holds it where
+    it was): the head's own parameters are its bias alone.
+
+    Parameters
+    ----------
+    embedding : ProjectiveEmbedding
+        The tied input embedding.
+    bias : bool, default=False
+        Whether the head adds a bias of shape (num_embeddings,).
+    device, dtype : optional
+        Of the bias; default: the embedding's.
+
+    Attributes
+    ----------
+    embedding : ProjectiveEmbedding
+    bias : torch.nn.Parameter of shape (num_embeddings,) or None
+    in_features, out_features : int
+        ``embedding_dim`` and ``num_embeddings``.
+    n_params : int
+        0 without bias, else ``num_embeddings``: the factors count with the
+        embedding.
+
+    See Also
+    --------
+    kflats.torch.functional.projective_tied_logits : The forward function.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch import ProjectiveEmbedding, ProjectiveTiedHead
+    >>> emb = ProjectiveEmbedding(50, 8, ranks=(3, 2))
+    >>> head = ProjectiveTiedHead(emb)
+    >>> h = torch.randn(2, 8)
+    >>> dense = emb.to_dense().weight
+    >>> torch.allclose(head(h), h @ dense.T, atol=1e-5)
+    True
+    >>> head.embedding is emb, sum(p.numel() for p in head.parameters())
+    (True, 0)
+    """
+
+    def __init__(self, embedding, *, bias=False, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(embedding, ProjectiveEmbedding):
+            raise TypeError(
+                "embedding must be a ProjectiveEmbedding, got "
+                f"{type(embedding).__name__}"
+            )
+        # a plain attribute, not a submodule: the model holds the embedding
+        # where it was, and its factors are stored and counted there once
+        object.__setattr__(self, "_embedding", embedding)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(
+                    embedding.num_embeddings,
+                    device=device or embedding.bases.device,
+                    dtype=dtype or embedding.bases.dtype,
+                )
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def embedding(self):
+        """The tied :class:`ProjectiveEmbedding`."""
+        return self._embedding
+
+    @property
+    def in_features(self):
+        return self._embedding.embedding_dim
+
+    @property
+    def out_features(self):
+        return self._embedding.num_embeddings
+
+    @property
+    def n_params(self):
+        """Numbers the head stores itself: its bias (the factors are shared)."""
+        return 0 if self.bias is None else self.bias.numel()
+
+    @property
+    def weight(self):
+        """Shape, dtype and device of the tied table (a :class:`WeightSpec`)."""
+        return self._embedding.weight
+
+    @classmethod
+    def tie(cls, embedding, head):
+        """The tied head that replaces ``head`` (a Linear sharing the table).
+
+        Parameters
+        ----------
+        embedding : ProjectiveEmbedding
+            The compressed table.
+        head : torch.nn.Linear
+            The dense head whose weight was the table; its bias parameter
+            becomes the new head's (shared, not copied).
+
+        Returns
+        -------
+        head : ProjectiveTiedHead
+        """
+        shape = (embedding.num_embeddings, embedding.embedding_dim)
+        if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != shape:
+            raise ValueError(
+                f"a tied head must be a torch.nn.Linear with a weight of shape "
+                f"{shape}, got {head!r}"
+            )
+        layer = cls(embedding)
+        if head.bias is not None:
+            # the head's own bias parameter, not a copy: a bias tied elsewhere
+            # (BERT's prediction head) stays tied
+            layer.bias = head.bias
+        return layer.train(head.training)
+
+    def forward(self, input):
+        emb = self._embedding
+        return F.projective_tied_logits(
+            input,
+            emb._place,
+            list(emb.coefficients),
+            emb.bases,
+            self.bias,
+            emb.means,
+        )
+
+    def extra_repr(self):
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"tied to ProjectiveEmbedding(k={self._embedding.k}), "
+            f"bias={self.bias is not None}"
+        )
+
+
+class SharedEmbedding(nn.Module):
+    """Another place of a :class:`ProjectiveEmbedding` in the same model.
+
+    A model may hold its word-embedding table in several modules that share
+    one weight (T5: ``shared``, ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``). Once the table is compressed, the other
+    places become this module: it looks tokens up through the embedding it
+    refers to (a reference, not a submodule, so the factors are stored and
+    counted once).
+
+    Parameters
+    ----------
+    embedding : ProjectiveEmbedding
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch import ProjectiveEmbedding
+    >>> from kflats.torch._layers import SharedEmbedding
+    >>> emb = ProjectiveEmbedding(20, 4, ranks=(2, 2))
+    >>> alias = SharedEmbedding(emb)
+    >>> ids = torch.tensor([1, 7])
+    >>> torch.equal(alias(ids), emb(ids)), list(alias.parameters())
+    (True, [])
+    """
+
+    def __init__(self, embedding):
+        super().__init__()
+        if not isinstance(embedding, ProjectiveEmbedding):
+            raise TypeError(
+                "embedding must be a ProjectiveEmbedding, got "
+                f"{type(embedding).__name__}"
+            )
+        object.__setattr__(self, "_embedding", embedding)
+
+    @property
+    def embedding(self):
+        """The :class:`ProjectiveEmbedding` this module looks tokens up in."""
+        return self._embedding
+
+    @property
+    def num_embeddings(self):
+        return self._embedding.num_embeddings
+
+    @property
+    def embedding_dim(self):
+        return self._embedding.embedding_dim
+
+    @property
+    def padding_idx(self):
+        return self._embedding.padding_idx
+
+    @property
+    def weight(self):
+        """Shape, dtype and device of the shared table (a :class:`WeightSpec`)."""
+        return self._embedding.weight
+
+    def forward(self, input):
+        return self._embedding(input)
+
+    def extra_repr(self):
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, shares "
+            f"ProjectiveEmbedding(k={self._embedding.k})"
         )

@@ -17,8 +17,8 @@ from .._size import saving_rank
 from .._threads import one_blas_thread
 from ..factorize import damped_moment
 from ..factorize._linear import _unwhiten, _whiten
-from ._calibration import _run
-from ._heal import _final, _relative_mse
+from ._layers import _dense_weight, _features
+from ._models import adapter_for
 
 # each module's sensitivity is measured with its k = 1 factors at the rank
 # whose calibrated relative error is about this
@@ -29,8 +29,10 @@ class _Objective(NamedTuple):
     """What a module's fit minimises under a calibration.
 
     An Embedding: its rows weighted by ``row_weights`` (smoothed token
-    counts). A Linear: the expected output error under its input second
-    moment, damped by ``damping`` (see :func:`kflats.factorize.damped_moment`).
+    counts), and, when an output head shares the table, its columns
+    whitened by the head's ``input_moment``. A Linear: the expected output
+    error under its input second moment, damped by ``damping`` (see
+    :func:`kflats.factorize.damped_moment`).
     """
 
     row_weights: np.ndarray | None = None
@@ -47,7 +49,8 @@ def _objectives(calibration, names, named, smoothing, damping):
     for name in names:
         if isinstance(named[name], nn.Embedding):
             out[name] = _Objective(
-                row_weights=calibration.token_weights(name, smoothing)
+                row_weights=calibration.token_weights(name, smoothing),
+                **_tied_head_moment(named[""], name, calibration, damping),
             )
         else:
             moment = calibration.input_moment(name)
@@ -55,15 +58,33 @@ def _objectives(calibration, names, named, smoothing, damping):
     return out
 
 
+def _tied_head_moment(model, name, calibration, damping):
+    """The input moment of an output head tied to Embedding ``name``, if recorded.
+
+    A table that is also the output head computes logits ``h E^T``: its fit
+    weighs the rows by their token counts and whitens the columns by the
+    head's input moment, so that the logits the model computes move least.
+    """
+    heads = [
+        f
+        for f, source in adapter_for(model).ties().items()
+        if source == name and f in calibration
+    ]
+    if not heads:
+        return {}
+    moment = sum(calibration.input_moment(h) for h in heads) / len(heads)
+    return {"input_moment": moment, "damping": damping}
+
+
 def _rows_cols(module):
     """``(num_embeddings, embedding_dim)`` or ``(out_features, in_features)``."""
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    return module.out_features, module.in_features
+    return _features(module)[::-1]  # a Linear, or a Conv1D
 
 
 def _weight64(module):
-    return module.weight.detach().to("cpu", torch.float64).numpy()
+    return _dense_weight(module).detach().to("cpu", torch.float64).numpy()
 
 
 class _Spectrum(NamedTuple):
@@ -84,7 +105,7 @@ def _weight_spectrum(module, objective):
     L = None
     if objective is not None and objective.row_weights is not None:
         A = A * np.sqrt(objective.row_weights)[:, None]
-    elif objective is not None:
+    if objective is not None and objective.input_moment is not None:
         _, L = damped_moment(objective.input_moment, A.shape[1], objective.damping)
         A = _whiten(A, L)
     # the d x d Gram matrix: cheaper than an SVD for tall tables
@@ -109,29 +130,25 @@ def _truncated(module, spectrum, rank):
 
 
 def _final_outputs(model, probe):
-    """The model's final outputs on the probe batches, with their kind and mask."""
-    outs = []
+    """The model's final outputs on the probe batches, with its adapter, batch."""
+    adapter = adapter_for(model)
     with torch.no_grad():
-        for batch in probe:
-            out, kind = _final(_run(model, batch))
-            outs.append((out, kind, batch.get("attention_mask")))
-    return outs
+        return [(adapter.final(adapter.run(b)), adapter, b) for b in probe]
 
 
 def _output_distortion(outputs, reference):
     """How far final outputs are from the reference's, averaged over batches.
 
-    ``1 - cosine`` of sentence embeddings, or the relative squared error of
-    the last hidden state over its unmasked tokens. The one measure of the
-    probe: a model family with other outputs changes it here.
+    The distortion of the model's adapter for its output kind
+    (:meth:`kflats.torch._models.ModelAdapter.distortion`): ``1 - cosine``
+    of sentence embeddings, the KL divergence of token or class
+    distributions for logits, the relative squared error of the last hidden
+    state over its unmasked tokens.
     """
     total = 0.0
-    for (out, kind, mask), (ref, _, _) in zip(outputs, reference, strict=True):
-        if kind == "cosine":
-            cos = nn.functional.cosine_similarity(out, ref, dim=-1)
-            total += float((1 - cos).mean())
-        else:
-            total += float(_relative_mse(out, ref, mask))
+    with torch.no_grad():
+        for (out, adapter, batch), (ref, _, _) in zip(outputs, reference, strict=True):
+            total += float(adapter.distortion(out, ref, batch))
     return total / len(outputs)
 
 
@@ -171,7 +188,7 @@ def _sensitivities(model, names, named, spectra, probe):
             if rel <= 0:
                 out[name] = 0.0
                 continue
-            weight = module.weight
+            weight = _dense_weight(module)  # a view: writing it writes the module
             saved = weight.detach().clone()
             try:
                 with torch.no_grad():

@@ -4,27 +4,31 @@ import fnmatch
 
 from torch import nn
 
+from ._layers import _is_linear
+from ._models import adapter_for
+
 
 def _default_target(model):
-    for name, module in model.named_modules():
-        getter = getattr(module, "get_input_embeddings", None)
-        if callable(getter):
-            emb = getter()
-            for inner, sub in module.named_modules():
-                if sub is emb:
-                    return [name + "." + inner if name and inner else name or inner]
-    raise ValueError(
-        "targets=None selects the word-embedding table of a Hugging Face "
-        "transformers model (get_input_embeddings()), and no submodule of "
-        f"{type(model).__name__} has one; pass targets= (names, patterns or "
-        "module types)"
-    )
+    """The word-embedding table, as the model's adapter names it."""
+    return [adapter_for(model).embedding()]
+
+
+def _all_targets(model):
+    """The word embedding and every Linear (or Conv1D) of the block stacks."""
+    return adapter_for(model).all_targets()
+
+
+def _compressible(module):
+    return type(module) is nn.Embedding or _is_linear(module)
 
 
 def _select(model, targets, default=_default_target):
     """Names of the selected modules; checks that every target matches.
 
-    ``targets=None`` selects ``default(model)``.
+    ``targets=None`` selects ``default(model)``. A module that shares the
+    word embedding's table (a tied output head, T5's ``embed_tokens``)
+    stands for the embedding: selecting it selects the embedding, and
+    compressing the embedding compresses it too.
     """
     named = dict(model.named_modules())
     if targets is None:
@@ -57,24 +61,28 @@ def _select(model, targets, default=_default_target):
                     f"target {target!r} matches no module of {type(model).__name__}"
                 )
             names.extend(hits)
-        names = list(dict.fromkeys(names))
+    ties = adapter_for(model).ties() if names else {}
+    names = list(dict.fromkeys(ties.get(n, n) for n in names))
     wrong = [
-        f"{n} ({type(named[n]).__name__})"
-        for n in names
-        if type(named[n]) not in (nn.Embedding, nn.Linear)
+        f"{n} ({type(named[n]).__name__})" for n in names if not _compressible(named[n])
     ]
     if wrong:
         raise TypeError(
             "compress replaces torch.nn.Embedding and torch.nn.Linear modules "
-            f"only; targets select {', '.join(wrong)}"
+            f"(and transformers' Conv1D) only; targets select {', '.join(wrong)}"
         )
     return names, named
 
 
 def _every_layer(model):
-    """Every Embedding and Linear module of a model, in model order."""
+    """Every Embedding, Linear and Conv1D module of a model, in model order.
+
+    A module that shares another's weight (a tied head, an alias of the
+    word embedding) is left out: it stands for its source.
+    """
+    ties = adapter_for(model).ties()
     return [
         name
         for name, module in model.named_modules()
-        if name and type(module) in (nn.Embedding, nn.Linear)
+        if name and _compressible(module) and name not in ties
     ]

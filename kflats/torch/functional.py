@@ -27,11 +27,21 @@ Linear forward, output neurons clustered: one GEMM with the stacked bases
 gives every cluster's coefficients, each cluster's coefficients go through
 its own small GEMM to its own neurons, and the outputs are put back in
 neuron order: k two-layer products in parallel.
+
+Tied output head (logits through a compressed word embedding): the table's
+rows are the head's output neurons, so the logits of cluster c are
+``(h V_c^T) U_c^T``, the output-clustered Linear form with the embedding's
+own factors, and the dense table is never made.
 """
 
 import torch
 
-__all__ = ["projective_embedding", "projective_linear", "projective_linear_output"]
+__all__ = [
+    "projective_embedding",
+    "projective_linear",
+    "projective_linear_output",
+    "projective_tied_logits",
+]
 
 
 def _needs_grad(tensors):
@@ -261,3 +271,50 @@ def projective_linear_output(
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], out.shape[1])
+
+
+def projective_tied_logits(
+    input,
+    positions,
+    coefficients,
+    bases,
+    bias=None,
+    means=None,
+):
+    """Logits through a word-embedding table stored as per-cluster factors.
+
+    The output head of a language model tied to its input embedding computes
+    ``h E^T``; with ``E`` stored as one factor pair per cluster of tokens,
+    the logits of the tokens of cluster ``c`` are ``(h V_c^T) U_c^T`` (plus
+    ``h . mu_c`` for affine flats), put back in token order. The embedding's
+    factors serve as they are: ``positions``, ``coefficients``, ``bases``
+    and ``means`` are those of :func:`projective_embedding`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (..., embedding_dim)
+        Hidden states.
+    positions : LongTensor of shape (num_embeddings,)
+        Row of each token in the cluster-ordered table.
+    coefficients : sequence of Tensor
+        ``coefficients[c]`` has shape (sizes[c], ranks[c]).
+    bases : Tensor of shape (sum(ranks), embedding_dim)
+    bias : Tensor of shape (num_embeddings,), default=None
+    means : Tensor of shape (k, embedding_dim), default=None
+
+    Returns
+    -------
+    logits : Tensor of shape (..., num_embeddings)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch.functional import projective_tied_logits
+    >>> positions = torch.tensor([0, 2, 1])  # tokens 0 and 2 in cluster 0
+    >>> coefficients = [torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0]])]
+    >>> bases = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # table rows e0, 3 e1, 2 e0
+    >>> projective_tied_logits(torch.tensor([[10.0, 100.0]]), positions,
+    ...                        coefficients, bases)
+    tensor([[ 10., 300.,  20.]])
+    """
+    return projective_linear_output(input, positions, coefficients, bases, bias, means)

@@ -243,30 +243,27 @@ def test_compress_a_hugging_face_folder_with_heal(hf_dir, tmp_path, capsys):
     )
 
 
-def test_overwrite_replaces_an_existing_folder(hf_dir, tmp_path, capsys):
+def test_overwrite_replaces_only_a_folder_kflats_wrote(hf_dir, tmp_path, capsys):
     out = tmp_path / "again"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    argv = (
-        hf_dir,
-        "--budget",
-        "0.5",
-        "--out",
-        out,
-        "--targets",
-        "embedding",
-        "--k",
-        "1",
-        "--curve",
-        "none",
-        "--quiet",
-    )
+    argv = (hf_dir, "--budget", "0.5", "--out", out, *QUICK)
     code, _, stderr = _run(capsys, *argv)
     assert code == 2 and "exists; pass --overwrite" in stderr
-    assert (out / "old.txt").exists()
+    # a folder of the user's files is never replaced
+    code, stdout, stderr = _run(capsys, *argv, "--overwrite")
+    _one_line_error(code, stderr, "is not a folder kflats wrote (it holds no kflats")
+    assert stdout == "" and sorted(os.listdir(out)) == ["old.txt"]
+    (out / "old.txt").unlink()
+    out.rmdir()
+    code, _, stderr = _run(capsys, *argv)
+    assert code == 0, stderr
+    (out / "extra.txt").write_text("mine, inside a kflats folder")
+    code, _, stderr = _run(capsys, *argv)
+    assert code == 2 and "exists; pass --overwrite" in stderr
     code, _, stderr = _run(capsys, *argv, "--overwrite")
     assert code == 0, stderr
-    assert not (out / "old.txt").exists() and (out / "report.json").exists()
+    assert not (out / "extra.txt").exists() and (out / "report.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
@@ -322,12 +319,12 @@ def test_user_mistakes_get_one_line_and_exit_2(
 
 
 def test_a_late_failure_leaves_nothing_behind(hf_dir, tmp_path, capsys, monkeypatch):
-    import kflats._cli_report
+    import kflats.cli.report
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(kflats._cli_report, "draw_pictures", full)
+    monkeypatch.setattr(kflats.cli.report, "draw_pictures", full)
     out = tmp_path / "out"
     code, _, stderr = _run(capsys, hf_dir, *QUICK, "--out", out)
     _one_line_error(code, stderr, "No space left on device")

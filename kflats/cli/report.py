@@ -1,4 +1,4 @@
-"""The report of ``kflats compress``: report.json, report.md and pictures."""
+"""The report of ``kflats compress``: report.json, report.md, pictures, summary."""
 
 import json
 import os
@@ -148,14 +148,12 @@ def _mb(n):
     return f"{n / 1e6:.2f} MB"
 
 
-def _markdown(data, pictures):
-    s, t, f = data["settings"], data["totals"], data["fidelity"]
-    c = data["compression"]
-    lines = [
-        "# kflats compress report",
-        "",
-        f"`{data['command']}`",
-        "",
+def _md_head(data):
+    s, c = data["settings"], data["compression"]
+    lines = ["# kflats compress report", "", f"`{data['command']}`", ""]
+    for warning in data.get("warnings", ()):
+        lines += [f"> **WARNING: {warning}.**", ""]
+    return lines + [
         f"Model: `{data['model']['source']}` ({data['model']['class']}). "
         f"Budget {s['budget']:g} over {len(c['modules'])} modules "
         f"(targets {', '.join(s['targets'])}; allocation {s['allocation']}; "
@@ -163,6 +161,12 @@ def _markdown(data, pictures):
         f"Calibration: {data['calibration']['texts']} texts from "
         f"{data['calibration']['source']}.",
         "",
+    ]
+
+
+def _md_totals(data):
+    t, c = data["totals"], data["compression"]
+    return [
         "## Before and after",
         "",
         "| | before | after | ratio |",
@@ -174,6 +178,12 @@ def _markdown(data, pictures):
         f"| numbers of the compressed modules | {c['params_before']:,} | "
         f"{c['params_after']:,} | {c['params_after'] / c['params_before']:.3f} |",
         "",
+    ]
+
+
+def _md_fidelity(data):
+    f = data["fidelity"]
+    lines = [
         f"Fidelity on {data['evaluation']['texts']} held-out texts "
         f"({data['evaluation']['source']}, never calibrated on): cosine between "
         "the original's and the compressed model's sentence embeddings, and the "
@@ -206,7 +216,28 @@ def _markdown(data, pictures):
                 f"| {p['budget']:g} | {p['kflats']['mean_cosine']:.4f} "
                 f"| {p['svd']['mean_cosine']:.4f} |"
             )
-    lines += [
+    return lines
+
+
+def _md_probe(data):
+    p = data.get("probe")
+    if p is None:
+        return []
+    return [
+        "",
+        f"A downstream check on {p['texts']} labelled texts ({p['source']}, "
+        f"{p['labels']} labels): the accuracy of a logistic-regression probe on "
+        f"the sentence embeddings, {p['folds']}-fold cross-validated.",
+        "",
+        "| model | probe accuracy |",
+        "|---|---|",
+        f"| original | {p['original']:.4f} |",
+        f"| kflats | {p['kflats']:.4f} |",
+    ]
+
+
+def _md_modules(data):
+    lines = [
         "",
         "## Modules",
         "",
@@ -218,7 +249,7 @@ def _markdown(data, pictures):
         "| calibrated error | plain error | s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in c["modules"]:
+    for m in data["compression"]["modules"]:
         plain = m["weight_error"]
         lines.append(
             f"| `{m['name']}` | {m['kind']} | {m['shape'][0]} × {m['shape'][1]} "
@@ -226,13 +257,17 @@ def _markdown(data, pictures):
             f"| {m['params_before']:,} | {m['params_after']:,} | {m['error']:.4f} "
             f"| {'' if plain is None else f'{plain:.4f}'} | {m['seconds']:.1f} |"
         )
-    lines += ["", "## Pictures", ""]
+    return lines
+
+
+def _md_pictures_and_run(data, pictures):
+    lines = ["", "## Pictures", ""]
     if not pictures:
         lines.append("(matplotlib is not installed: no pictures.)")
     for name in pictures:
         lines += [f"![{_PICTURES[name]}]({name})", ""]
     seconds = data.get("seconds", {})
-    lines += [
+    return lines + [
         "## Run",
         "",
         "Seconds: "
@@ -242,7 +277,17 @@ def _markdown(data, pictures):
         + ".",
         "",
     ]
-    return "\n".join(lines)
+
+
+def _markdown(data, pictures):
+    return "\n".join(
+        _md_head(data)
+        + _md_totals(data)
+        + _md_fidelity(data)
+        + _md_probe(data)
+        + _md_modules(data)
+        + _md_pictures_and_run(data, pictures)
+    )
 
 
 def write_report(folder, data, pictures):
@@ -253,3 +298,43 @@ def write_report(folder, data, pictures):
     with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(_markdown(data, pictures))
     return ["report.md", "report.json", *pictures]
+
+
+def _human(n, unit=""):
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def summary(data, out, files):
+    """Print the summary, the last lines of ``kflats compress``: numbers and fidelity.
+
+    A warning that the result lost most of the model comes last, loud.
+    """
+    totals, fid = data["totals"], data["fidelity"]
+    k, s = fid["kflats"], fid["svd"]
+    print(
+        f"parameters: {_human(totals['params_before'])} -> "
+        f"{_human(totals['params_after'])} "
+        f"({totals['params_after'] / totals['params_before']:.3f} of the model)"
+    )
+    print(
+        f"bytes: {_human(totals['bytes_before'], 'B')} -> "
+        f"{_human(totals['bytes_after'], 'B')}"
+    )
+    print(
+        f"fidelity on {data['evaluation']['texts']} held-out texts: mean cosine "
+        f"1.000 -> {k['mean_cosine']:.4f} (worst {k['worst_cosine']:.3f}, top-5 "
+        f"overlap {k['top5_overlap']:.3f}); SVD at the same size: "
+        f"{s['mean_cosine']:.4f}"
+    )
+    probe = data.get("probe")
+    if probe is not None:
+        print(
+            f"probe accuracy on {probe['texts']} labelled texts: "
+            f"{probe['original']:.4f} -> {probe['kflats']:.4f}"
+        )
+    print(f"written to {out}: the model, {', '.join(files)}")
+    for warning in data.get("warnings", ()):
+        print(f"WARNING: {warning.upper()[:1]}{warning[1:]}.")

@@ -10,8 +10,9 @@ import pytest
 
 import kflats
 from kflats import KSubspaces
-from kflats import __main__ as cli
 from kflats.__main__ import main
+from kflats.cli import _arrays, fit
+from kflats.cli._common import write_file_atomically
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_command_errors_are_one_line(exc, expected, matrix_file, monkeypatch, ca
     def fail(args):
         raise exc
 
-    monkeypatch.setattr(cli, "_cmd_fit", fail)
+    monkeypatch.setattr(fit, "run", fail)
     assert main(["fit", "--matrix", str(matrix_file)]) == 2
     assert one_line(capsys.readouterr().err) == expected
 
@@ -117,7 +118,7 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_cmd_fit", interrupted)
+    monkeypatch.setattr(fit, "run", interrupted)
     assert main(["fit"]) == 130
     assert one_line(capsys.readouterr().err) == "kflats: interrupted"
 
@@ -126,7 +127,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def buggy(args):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(cli, "_cmd_fit", buggy)
+    monkeypatch.setattr(fit, "run", buggy)
     with pytest.raises(TypeError, match="a bug"):
         main(["fit"])
 
@@ -169,14 +170,14 @@ def _save_csv(path, A, header=None):
 def test_matrix_formats(name, write, A, tmp_path):
     source = str(tmp_path / name)
     write(source.partition(":")[0], A)
-    B, shown = cli._load_matrix(source)
+    B, shown = _arrays.load_matrix(source)
     assert shown == source
     np.testing.assert_array_equal(B, A)
 
 
 def test_integer_matrix_becomes_float(A, tmp_path):
     np.save(tmp_path / "A.npy", A > 0)
-    B, _ = cli._load_matrix(str(tmp_path / "A.npy"))
+    B, _ = _arrays.load_matrix(str(tmp_path / "A.npy"))
     assert B.dtype == np.float64
     np.testing.assert_array_equal(B, A > 0)
 
@@ -213,8 +214,8 @@ BAD_MATRICES = [
     ("folder.npy", os.mkdir, "cannot read --matrix '{path}': Is a directory"),
     ("A.npy", _text("1,2\n"), "--matrix '{path}' is not a NumPy .npy or .npz "
      "file"),
-    ("A.npy", _truncated, "cannot read --matrix '{path}': Failed to read all "
-     "data"),
+    ("A.npy", _truncated, "cannot read --matrix '{path}': its header announces "
+     "shape (100, 100)"),
     ("A.npy", _npy(np.ones(3)), "--matrix '{path}' must be a 2-D array, got "
      "shape (3,)"),
     ("A.npy", _npy(np.ones((2, 3, 4))), "--matrix '{path}' must be a 2-D array, "
@@ -224,8 +225,8 @@ BAD_MATRICES = [
      "numbers, got dtype <U1"),
     ("A.npy", _npy(np.ones((2, 2), complex)), "--matrix '{path}' must hold real "
      "numbers, got complex numbers"),
-    ("A.npy", _npy(np.array([[1, None]], dtype=object)), "--matrix '{path}' holds "
-     "Python objects, not numbers"),
+    ("A.npy", _npy(np.array([[1, None]], dtype=object)), "cannot read --matrix "
+     "'{path}': dtype object is not accepted"),
     ("A.npy", _npy(np.array([[np.nan, 1, np.inf], [np.nan, -np.inf, 0]])),
      "--matrix '{path}' holds 2 NaN and 2 infinite values (of 2 x 3): remove or "
      "replace them first"),
@@ -234,8 +235,8 @@ BAD_MATRICES = [
      "{path}:KEY"),
     ("A.npz:b", lambda path: np.savez(path, a=np.ones((2, 2))),
      "--matrix '{path}' has no array 'b'; it holds a"),
-    ("A.npz", _text("PK\x03\x04 not really"), "cannot read --matrix '{path}': "
-     "File is not a zip file"),
+    ("A.npz", _text("PK\x03\x04 not really"), "--matrix '{path}' is not an .npz "
+     "archive: not a readable zip archive (File is not a zip file)"),
     ("A.npy:a", _npy(np.ones((2, 2))), "--matrix '{path}:a': only a .npz file has "
      "arrays by name"),
     ("A.csv", _text(""), "--matrix '{path}' is empty: shape (0, 1)"),
@@ -342,14 +343,14 @@ def test_write_atomically_leaves_the_target_whole(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="cannot write .* No space left on device"):
-        cli._write_atomically(str(target), half_then_fail, overwrite=True)
+        write_file_atomically(str(target), half_then_fail, overwrite=True)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.npz"]
-    cli._write_atomically(str(target), lambda f: f.write(b"new"), overwrite=True)
+    write_file_atomically(str(target), lambda f: f.write(b"new"), overwrite=True)
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["x.npz"]
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        cli._write_atomically(str(target), lambda f: f.write(b"x"), overwrite=False)
+        write_file_atomically(str(target), lambda f: f.write(b"x"), overwrite=False)
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["x.npz"]
 

