@@ -98,7 +98,7 @@ def kflats_quantized(base, calibration, method, bits, group_size):
     return model, state_nbytes(quantized_state(model))
 
 
-def kflats_bytes(base, calibration, ratio, seed, out=None):
+def kflats_bytes(base, calibration, ratio, seed, out=None, smoothing=1.0):
     """kflats under one byte budget: ``ratio`` of the whole float32 model.
 
     Every Embedding and Linear is a target; what they may take is the size
@@ -120,6 +120,7 @@ def kflats_bytes(base, calibration, ratio, seed, out=None):
         calibration=calibration,
         unit="bytes",
         random_state=seed,
+        smoothing=smoothing,
     )
     if out is not None:  # the modules' forms, for the record
         (out / f"kflats_{ratio}_{seed}.txt").write_text(str(report) + "\n")
@@ -190,6 +191,9 @@ def main(argv=None):
         help="sizes of the kflats rows, fractions of the float32 bytes",
     )
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the kflats rows")
+    parser.add_argument(
+        "--smoothing", type=float, default=1.0, help="token-count smoothing (kflats)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--calibration-sentences", type=int, default=1920)
     args = parser.parse_args(argv)
@@ -217,7 +221,7 @@ def main(argv=None):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     t = time.perf_counter()
                     model, nbytes, forms = kflats_bytes(
-                        base, calibration, ratio, seed, out
+                        base, calibration, ratio, seed, out, args.smoothing
                     )
                     seconds = time.perf_counter() - t
                     mean, worst, top5 = fidelity(reference, encode(model, evaluation))
