@@ -28,9 +28,16 @@ sensitivity as in the allocation of numbers:
 The plan is the greedy "error gained per byte" of the allocation of numbers
 (one allocator), over each module's lower convex hull of (bytes, error)
 points: from the smallest form of every module, and from uniform quantization
-of every module at each bit width that fits; the lowest predicted error wins,
-so the plan is never predicted worse than uniform quantization that fits the
-same budget.
+of every module at each bit width that fits (the greedy then fills the bytes
+left); uniform quantization at the widest bits that fit is a candidate too.
+The lowest predicted error is never above uniform quantization's. The
+predicted error adds the modules' errors linearly, which misjudges plans
+that push a few modules far (measured on all-MiniLM-L6-v2 at 0.15 of the
+float32 bytes: the lowest predicted plan held 0.9893 mean cosine on
+held-out text, uniform int4 0.992). So with a calibration every candidate is
+put in place and run on its probe batches, and the one whose output moves
+least is kept: measured there, never worse than uniform quantization that
+fits.
 """
 
 import copy

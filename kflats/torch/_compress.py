@@ -163,7 +163,10 @@ def compress(
         per module and bit width at one rank (the report gives the measured
         error of the chosen form). Uniform quantization of every module at
         any of ``bits`` that fits is a point of the search, so the plan's
-        predicted error is never above it. A quantized module holds the
+        predicted error is never above it; with a calibration, the candidate
+        plans (greedy from the smallest forms, from each uniform start, and
+        uniform itself) are run on its probe batches and the one whose
+        output moves least is kept. A quantized module holds the
         dequantized values in its float parameters
         (:func:`kflats.quantize.quantize_module_`); ``k``, ``ranks`` and
         ``side`` do not apply.
