@@ -65,6 +65,12 @@ METHODS = ("rtn", "calibrated", "hqq", "torchao", "kflats")
 KFLATS_BUDGETS = (0.15, 0.10, 0.07)
 
 
+def scores(reference, embeddings):
+    """Mean and worst cosine, top-5 overlap."""
+    found = fidelity(reference, embeddings)
+    return found["mean_cosine"], found["worst_cosine"], found["top5_overlap"]
+
+
 def load_model():
     from sentence_transformers import SentenceTransformer
 
@@ -224,7 +230,7 @@ def main(argv=None):
                         base, calibration, ratio, seed, out, args.smoothing
                     )
                     seconds = time.perf_counter() - t
-                    mean, worst, top5 = fidelity(reference, encode(model, evaluation))
+                    mean, worst, top5 = scores(reference, encode(model, evaluation))
                     label = " ".join(f"{k}:{v}" for k, v in sorted(forms.items()))
                     row = (f"kflats s{seed}", "mix", "-", nbytes / fp32, nbytes)
                     rows.append((*row, mean, worst, top5, seconds))
@@ -250,7 +256,7 @@ def main(argv=None):
                 else:
                     model, nbytes = torchao_quantized(base, bits, group_size)
                 seconds = time.perf_counter() - t
-                mean, worst, top5 = fidelity(reference, encode(model, evaluation))
+                mean, worst, top5 = scores(reference, encode(model, evaluation))
             except Exception as exc:  # a peer that does not run here
                 notes.append(f"{method} int{bits}: {type(exc).__name__}: {exc}")
                 print(notes[-1])
