@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import save_tiny_bert, save_tiny_llama
+from .conftest import save_tiny_bert, save_tiny_llama
 
 from kflats.__main__ import main
 
