@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 import pytest
-from .conftest import save_tiny_bert, save_tiny_llama
 
 from kflats.__main__ import main
+
+from .conftest import save_tiny_bert, save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("nlp")
 QUICK = ("--targets", "embedding", "--k", "1", "--curve", "none", "--quiet")
