@@ -121,6 +121,8 @@ class _Job:
     fidelity: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
+    svd_model: object = None
+    model_metrics: dict | None = None
 
 
 def run(args):
@@ -178,25 +180,20 @@ def _load(job):
 
 
 def _targets(model, specs):
-    """Module names (or patterns, checked by compress) for --targets."""
-    from torch import nn
+    """Module names (or patterns, checked by compress) for --targets.
 
-    from kflats.torch._heal import _layer_stack
-    from kflats.torch._targets import _default_target
+    ``embedding`` and ``all`` are what the model's adapter names: its word
+    embedding, and with it every Linear (or GPT-2 Conv1D) of its block stacks.
+    """
+    from kflats.torch._targets import _all_targets, _default_target
 
     names = []
     for spec in specs:
-        if spec in (EMBEDDING, ALL):
+        if spec == EMBEDDING:
             names += _default_target(model)
-        if spec == ALL:
-            stack = _layer_stack(model)
-            prefix = "" if stack is None else stack + "."
-            names += [
-                n
-                for n, m in model.named_modules()
-                if n.startswith(prefix) and type(m) is nn.Linear
-            ]
-        elif spec != EMBEDDING:
+        elif spec == ALL:
+            names += _all_targets(model)
+        else:
             names.append(spec)
     return list(dict.fromkeys(names))
 
@@ -300,10 +297,64 @@ def _evaluate(job):
     warning = ev.warning(job.fidelity["kflats"])
     if warning:
         job.warnings.append(warning)
+    job.model_metrics = _model_metrics(job)
+
+
+# the output kinds whose own outputs (logits) are evaluated besides cosine
+_LOGIT_KINDS = ("causal_lm", "classifier", "masked_lm", "seq2seq")
+# held-out texts the model's own outputs are evaluated on (a causal LM's
+# logits cost a vocabulary per position)
+_MODEL_TEXTS = 200
+
+
+def _model_metrics(job):
+    """What the model's own outputs say (perplexity, labels), kflats and SVD."""
+    from kflats.torch._models import adapter_for
+
+    adapter = adapter_for(job.base)
+    kind = adapter.output_kind
+    if kind not in _LOGIT_KINDS:
+        return None
+    texts = job.heldout[:_MODEL_TEXTS]
+    metrics = {"kind": kind, "texts": len(texts)}
+    with _model.hushed(), job.steps("model", f"evaluating the {kind} outputs"):
+        for key, model in (("kflats", job.model), ("svd", job.svd_model)):
+            metrics[key] = adapter.evaluate(
+                job.base, model, texts, tokenizer=job.tokenizer
+            )
+    lost = _lost(kind, metrics["kflats"])
+    if lost:
+        job.warnings.append(lost)
+    return metrics
+
+
+def _lost(kind, scores):
+    """A sentence when the model's own outputs say most of it is lost."""
+    ratio = scores.get("perplexity_ratio")
+    if ratio is not None and ratio > 10:
+        return (
+            f"the compressed model lost most of the original: perplexity x{ratio:.1f} "
+            "on held-out text; raise --budget, or heal (--heal-steps)"
+        )
+    agreement = scores.get("label_agreement")
+    if agreement is not None and agreement < 0.5:
+        return (
+            f"the compressed model lost most of the original: it agrees with the "
+            f"original's labels on {agreement:.2f} of held-out texts"
+        )
+    return None
 
 
 def _svd_outputs(job, budget):
     """The outputs of the model with each module truncated by SVD at budget."""
+    svd = _svd_model(job, budget)
+    if budget == job.args.budget:
+        job.svd_model = svd
+    return job.evaluator.outputs(svd)
+
+
+def _svd_model(job, budget):
+    """The model with each module truncated by SVD at budget."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
@@ -317,7 +368,7 @@ def _svd_outputs(job, budget):
         random_state=job.args.seed,
         progress=False,
     )
-    return job.evaluator.outputs(svd)
+    return svd
 
 
 def _around(budget, curve):
@@ -484,4 +535,6 @@ def _data(job, identical):
     }  # fmt: skip
     if job.probe is not None:
         data["probe"] = job.probe
+    if job.model_metrics is not None:
+        data["model_metrics"] = job.model_metrics
     return data

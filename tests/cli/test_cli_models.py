@@ -8,7 +8,7 @@ import pytest
 
 from kflats.__main__ import main
 
-from .conftest import save_tiny_bert, save_tiny_llama
+from .conftest import save_tiny_bert, save_tiny_causal_lm, save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("nlp")
 QUICK = ("--targets", "embedding", "--k", "1", "--curve", "none", "--quiet")
@@ -85,6 +85,44 @@ def test_a_causal_lm_keeps_its_head_and_pads_with_eos(tmp_path, capsys):
     assert (totals["params_before"], totals["bytes_before"]) == (n, 4 * n)
     saved = transformers.AutoTokenizer.from_pretrained(str(out))
     assert saved.pad_token is None and saved.eos_token == "</s>"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_causal_lm_all_targets_keeps_its_tie_and_reports_perplexity(
+    family, tmp_path, capsys
+):
+    import torch
+    import transformers
+
+    from kflats.torch import load_compressed
+
+    folder = save_tiny_causal_lm(tmp_path / family, family)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(
+        capsys, folder, "--out", out, "--targets", "all", "--budget", "0.6",
+        "--curve", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["compression"]["modules"]]
+    linear = "mlp.c_fc" if family == "gpt2" else "mlp.up_proj"  # Conv1D in GPT-2
+    assert any(name.endswith(linear) for name in names), names
+    # the tied embedding and head share one set of factors: the model shrinks
+    totals = report["totals"]
+    assert totals["params_after"] < totals["params_before"]
+    metrics = report["model_metrics"]
+    assert metrics["kind"] == "causal_lm"
+    for key in ("kflats", "svd"):
+        assert metrics[key]["perplexity_ratio"] > 0
+        assert 0 <= metrics[key]["top1_agreement"] <= 1
+    assert "perplexity ratio" in (out / "report.md").read_text()
+    assert "causal lm outputs: " in stdout
+    loaded = load_compressed(out)
+    head, table = loaded.get_output_embeddings(), loaded.get_input_embeddings()
+    assert getattr(head, "embedding", None) is table  # still tied after loading
+    ids = torch.tensor([[2, 3, 4, 5]])
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    assert loaded(input_ids=ids).logits.shape == original(input_ids=ids).logits.shape
 
 
 def test_a_model_class_is_taken_from_transformers_only(tmp_path):
