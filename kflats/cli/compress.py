@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _model
 from . import report as _report
 from ._common import (
     budget_type,
@@ -32,6 +31,13 @@ from ._steps import Steps
 
 EMBEDDING, ALL = "embedding", "all"
 _budget = budget_type(include_one=False)
+
+
+def _model():
+    """kflats.torch._pretrained, imported when needed (it imports torch)."""
+    from kflats.torch import _pretrained
+
+    return _pretrained
 
 
 def _curve(text):
@@ -159,8 +165,8 @@ def _check(args):
         texts = load_sentences("calibration")
         text_source = "kflats.datasets.load_sentences('calibration')"
     labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
-    source = _model.model_source(args.model_dir)
-    skeleton = _model.skeleton(source)
+    source = _model().model_source(args.model_dir)
+    skeleton = _model().skeleton(source)
     if skeleton is not None:  # checked before the weights are loaded
         _checked_targets(skeleton, args.targets, args.budget, args.allocation)
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
@@ -172,7 +178,9 @@ def _check(args):
 def _load(job):
 
     with job.steps("load", "loading model"):
-        loaded = _model.load_model(job.source)
+        loaded = _model().load_model(job.source)
+    if loaded.note:
+        print(f"kflats: {loaded.note}", file=sys.stderr)
     job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
     job.saved_tokenizer = loaded.saved_tokenizer
     args = job.args
@@ -217,7 +225,7 @@ def _checked_targets(model, specs, budget, allocation):
 def _calibrate(job):
     from kflats.torch import calibrate
 
-    with _model.hushed(), job.steps("calibrate", "calibrating", bar=False):
+    with _model().hushed(), job.steps("calibrate", "calibrating", bar=False):
         job.calibration = calibrate(
             job.base,
             job.texts,
@@ -232,7 +240,7 @@ def _compress(job):
 
     args = job.args
     job.model = copy.deepcopy(job.base)
-    with _model.hushed(), job.steps("compress", "compressing", bar=False):
+    with _model().hushed(), job.steps("compress", "compressing", bar=False):
         job.report = compress(
             job.model,
             args.budget,
@@ -258,7 +266,7 @@ def _heal(job):
 
     job.heldout = load_sentences("heldout")
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
-    with _model.hushed(), job.steps("evaluate", "evaluating the original"):
+    with _model().hushed(), job.steps("evaluate", "evaluating the original"):
         job.reference = job.evaluator.outputs(job.base)
         if job.args.heal_steps:
             unhealed = job.evaluator.outputs(job.model)
@@ -267,7 +275,7 @@ def _heal(job):
             )
     if job.args.heal_steps:
         torch.manual_seed(job.args.seed)
-        with _model.hushed(), job.steps("heal", "healing", bar=False):
+        with _model().hushed(), job.steps("heal", "healing", bar=False):
             heal(
                 job.model,
                 job.base,
@@ -285,10 +293,10 @@ def _heal(job):
 def _evaluate(job):
 
     ev = job.evaluator
-    with _model.hushed(), job.steps("evaluate", "evaluating the compressed model"):
+    with _model().hushed(), job.steps("evaluate", "evaluating the compressed model"):
         job.compressed = ev.outputs(job.model)
         job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
-    with _model.hushed(), job.steps("svd", "SVD at the same size"):
+    with _model().hushed(), job.steps("svd", "SVD at the same size"):
         job.fidelity["svd"] = ev.compare(
             job.reference, _svd_outputs(job, job.args.budget)
         )
@@ -317,7 +325,7 @@ def _model_metrics(job):
         return None
     texts = job.heldout[:_MODEL_TEXTS]
     metrics = {"kind": kind, "texts": len(texts)}
-    with _model.hushed(), job.steps("model", f"evaluating the {kind} outputs"):
+    with _model().hushed(), job.steps("model", f"evaluating the {kind} outputs"):
         for key, model in (("kflats", job.model), ("svd", job.svd_model)):
             metrics[key] = adapter.evaluate(
                 job.base, model, texts, tokenizer=job.tokenizer
@@ -393,7 +401,7 @@ def _curve_points(job):
         from tqdm.auto import tqdm
 
         around = tqdm(around, desc="kflats and SVD at other budgets", unit="budget")
-    with _model.hushed(), job.steps("curve", "", bar=False):
+    with _model().hushed(), job.steps("curve", "", bar=False):
         for budget in around:
             other = copy.deepcopy(job.base)
             try:
@@ -424,7 +432,7 @@ def _probe(job):
     scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
     scores["labels"] = len(set(labels))
     scores["folds"] = FOLDS
-    with _model.hushed(), job.steps("probe", "probing the labels"):
+    with _model().hushed(), job.steps("probe", "probing the labels"):
         for key, model in (("original", job.base), ("kflats", job.model)):
             X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
             scores[key] = probe_accuracy(
@@ -454,7 +462,7 @@ def _write(job):
     def fill(folder):
         from kflats.torch import load_compressed, save_compressed
 
-        with _model.hushed(), job.steps("save", "writing"):
+        with _model().hushed(), job.steps("save", "writing"):
             save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
             reloaded = load_compressed(folder)
             identical = bool(

@@ -29,12 +29,12 @@ def _one_line(code, stderr, match):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import kflats.cli._model
+    import kflats.torch._pretrained
 
     def load_model(source):
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(kflats.cli._model, "load_model", load_model)
+    monkeypatch.setattr(kflats.torch._pretrained, "load_model", load_model)
 
 
 # --- the model that goes in comes out -----------------------------------------------
@@ -128,7 +128,7 @@ def test_a_causal_lm_all_targets_keeps_its_tie_and_reports_perplexity(
 def test_a_model_class_is_taken_from_transformers_only(tmp_path):
     import transformers
 
-    from kflats.cli._model import model_class
+    from kflats.torch._pretrained import model_class
 
     config = transformers.BertConfig()
     for names, expected in [
@@ -191,7 +191,7 @@ def test_weights_that_do_not_match_the_config_are_refused(change, tmp_path, caps
 
 
 def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
-    from kflats.cli import _model
+    from kflats.torch import _pretrained as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: object())
     (tmp_path / "m.Q4.gguf").write_bytes(b"GGUF")
@@ -209,7 +209,7 @@ def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
 
 
 def test_a_gguf_file_without_the_gguf_package(tmp_path, capsys, monkeypatch):
-    from kflats.cli import _model
+    from kflats.torch import _pretrained as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: None)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -335,7 +335,7 @@ def test_a_dequantized_gguf_model_forgets_its_quantizer(tmp_path):
     import torch
     import transformers
 
-    from kflats.cli._model import _forget_gguf
+    from kflats.torch._pretrained import _forget_gguf
 
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
