@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _model
 from . import report as _report
 from ._common import (
     budget_type,
@@ -32,6 +31,13 @@ from ._steps import Steps
 
 EMBEDDING, ALL = "embedding", "all"
 _budget = budget_type(include_one=False)
+
+
+def _model():
+    """kflats.torch._pretrained, imported when needed (it imports torch)."""
+    from kflats.torch import _pretrained
+
+    return _pretrained
 
 
 def _curve(text):
@@ -121,6 +127,8 @@ class _Job:
     fidelity: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
+    svd_model: object = None
+    model_metrics: dict | None = None
 
 
 def run(args):
@@ -157,8 +165,8 @@ def _check(args):
         texts = load_sentences("calibration")
         text_source = "kflats.datasets.load_sentences('calibration')"
     labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
-    source = _model.model_source(args.model_dir)
-    skeleton = _model.skeleton(source)
+    source = _model().model_source(args.model_dir)
+    skeleton = _model().skeleton(source)
     if skeleton is not None:  # checked before the weights are loaded
         _checked_targets(skeleton, args.targets, args.budget, args.allocation)
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
@@ -170,7 +178,9 @@ def _check(args):
 def _load(job):
 
     with job.steps("load", "loading model"):
-        loaded = _model.load_model(job.source)
+        loaded = _model().load_model(job.source)
+    if loaded.note:
+        print(f"kflats: {loaded.note}", file=sys.stderr)
     job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
     job.saved_tokenizer = loaded.saved_tokenizer
     args = job.args
@@ -178,25 +188,20 @@ def _load(job):
 
 
 def _targets(model, specs):
-    """Module names (or patterns, checked by compress) for --targets."""
-    from torch import nn
+    """Module names (or patterns, checked by compress) for --targets.
 
-    from kflats.torch._heal import _layer_stack
-    from kflats.torch._targets import _default_target
+    ``embedding`` and ``all`` are what the model's adapter names: its word
+    embedding, and with it every Linear (or GPT-2 Conv1D) of its block stacks.
+    """
+    from kflats.torch._targets import _all_targets, _default_target
 
     names = []
     for spec in specs:
-        if spec in (EMBEDDING, ALL):
+        if spec == EMBEDDING:
             names += _default_target(model)
-        if spec == ALL:
-            stack = _layer_stack(model)
-            prefix = "" if stack is None else stack + "."
-            names += [
-                n
-                for n, m in model.named_modules()
-                if n.startswith(prefix) and type(m) is nn.Linear
-            ]
-        elif spec != EMBEDDING:
+        elif spec == ALL:
+            names += _all_targets(model)
+        else:
             names.append(spec)
     return list(dict.fromkeys(names))
 
@@ -220,7 +225,7 @@ def _checked_targets(model, specs, budget, allocation):
 def _calibrate(job):
     from kflats.torch import calibrate
 
-    with _model.hushed(), job.steps("calibrate", "calibrating", bar=False):
+    with _model().hushed(), job.steps("calibrate", "calibrating", bar=False):
         job.calibration = calibrate(
             job.base,
             job.texts,
@@ -235,7 +240,7 @@ def _compress(job):
 
     args = job.args
     job.model = copy.deepcopy(job.base)
-    with _model.hushed(), job.steps("compress", "compressing", bar=False):
+    with _model().hushed(), job.steps("compress", "compressing", bar=False):
         job.report = compress(
             job.model,
             args.budget,
@@ -261,7 +266,7 @@ def _heal(job):
 
     job.heldout = load_sentences("heldout")
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
-    with _model.hushed(), job.steps("evaluate", "evaluating the original"):
+    with _model().hushed(), job.steps("evaluate", "evaluating the original"):
         job.reference = job.evaluator.outputs(job.base)
         if job.args.heal_steps:
             unhealed = job.evaluator.outputs(job.model)
@@ -270,7 +275,7 @@ def _heal(job):
             )
     if job.args.heal_steps:
         torch.manual_seed(job.args.seed)
-        with _model.hushed(), job.steps("heal", "healing", bar=False):
+        with _model().hushed(), job.steps("heal", "healing", bar=False):
             heal(
                 job.model,
                 job.base,
@@ -288,10 +293,10 @@ def _heal(job):
 def _evaluate(job):
 
     ev = job.evaluator
-    with _model.hushed(), job.steps("evaluate", "evaluating the compressed model"):
+    with _model().hushed(), job.steps("evaluate", "evaluating the compressed model"):
         job.compressed = ev.outputs(job.model)
         job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
-    with _model.hushed(), job.steps("svd", "SVD at the same size"):
+    with _model().hushed(), job.steps("svd", "SVD at the same size"):
         job.fidelity["svd"] = ev.compare(
             job.reference, _svd_outputs(job, job.args.budget)
         )
@@ -300,10 +305,64 @@ def _evaluate(job):
     warning = ev.warning(job.fidelity["kflats"])
     if warning:
         job.warnings.append(warning)
+    job.model_metrics = _model_metrics(job)
+
+
+# the output kinds whose own outputs (logits) are evaluated besides cosine
+_LOGIT_KINDS = ("causal_lm", "classifier", "masked_lm", "seq2seq")
+# held-out texts the model's own outputs are evaluated on (a causal LM's
+# logits cost a vocabulary per position)
+_MODEL_TEXTS = 200
+
+
+def _model_metrics(job):
+    """What the model's own outputs say (perplexity, labels), kflats and SVD."""
+    from kflats.torch._models import adapter_for
+
+    adapter = adapter_for(job.base)
+    kind = adapter.output_kind
+    if kind not in _LOGIT_KINDS:
+        return None
+    texts = job.heldout[:_MODEL_TEXTS]
+    metrics = {"kind": kind, "texts": len(texts)}
+    with _model().hushed(), job.steps("model", f"evaluating the {kind} outputs"):
+        for key, model in (("kflats", job.model), ("svd", job.svd_model)):
+            metrics[key] = adapter.evaluate(
+                job.base, model, texts, tokenizer=job.tokenizer
+            )
+    lost = _lost(kind, metrics["kflats"])
+    if lost:
+        job.warnings.append(lost)
+    return metrics
+
+
+def _lost(kind, scores):
+    """A sentence when the model's own outputs say most of it is lost."""
+    ratio = scores.get("perplexity_ratio")
+    if ratio is not None and ratio > 10:
+        return (
+            f"the compressed model lost most of the original: perplexity x{ratio:.1f} "
+            "on held-out text; raise --budget, or heal (--heal-steps)"
+        )
+    agreement = scores.get("label_agreement")
+    if agreement is not None and agreement < 0.5:
+        return (
+            f"the compressed model lost most of the original: it agrees with the "
+            f"original's labels on {agreement:.2f} of held-out texts"
+        )
+    return None
 
 
 def _svd_outputs(job, budget):
     """The outputs of the model with each module truncated by SVD at budget."""
+    svd = _svd_model(job, budget)
+    if budget == job.args.budget:
+        job.svd_model = svd
+    return job.evaluator.outputs(svd)
+
+
+def _svd_model(job, budget):
+    """The model with each module truncated by SVD at budget."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
@@ -317,7 +376,7 @@ def _svd_outputs(job, budget):
         random_state=job.args.seed,
         progress=False,
     )
-    return job.evaluator.outputs(svd)
+    return svd
 
 
 def _around(budget, curve):
@@ -342,7 +401,7 @@ def _curve_points(job):
         from tqdm.auto import tqdm
 
         around = tqdm(around, desc="kflats and SVD at other budgets", unit="budget")
-    with _model.hushed(), job.steps("curve", "", bar=False):
+    with _model().hushed(), job.steps("curve", "", bar=False):
         for budget in around:
             other = copy.deepcopy(job.base)
             try:
@@ -373,7 +432,7 @@ def _probe(job):
     scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
     scores["labels"] = len(set(labels))
     scores["folds"] = FOLDS
-    with _model.hushed(), job.steps("probe", "probing the labels"):
+    with _model().hushed(), job.steps("probe", "probing the labels"):
         for key, model in (("original", job.base), ("kflats", job.model)):
             X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
             scores[key] = probe_accuracy(
@@ -403,7 +462,7 @@ def _write(job):
     def fill(folder):
         from kflats.torch import load_compressed, save_compressed
 
-        with _model.hushed(), job.steps("save", "writing"):
+        with _model().hushed(), job.steps("save", "writing"):
             save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
             reloaded = load_compressed(folder)
             identical = bool(
@@ -484,4 +543,6 @@ def _data(job, identical):
     }  # fmt: skip
     if job.probe is not None:
         data["probe"] = job.probe
+    if job.model_metrics is not None:
+        data["model_metrics"] = job.model_metrics
     return data

@@ -236,6 +236,25 @@ def _md_probe(data):
     ]
 
 
+def _md_model_metrics(data):
+    m = data.get("model_metrics")
+    if m is None:
+        return []
+    keys = [key for key in m["kflats"] if key != "n_texts"]
+    lines = [
+        "",
+        f"The model's own outputs ({m['kind'].replace('_', ' ')}) on the first "
+        f"{m['texts']} held-out texts, against the original's:",
+        "",
+        "| model | " + " | ".join(key.replace("_", " ") for key in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for key, label in (("kflats", "kflats"), ("svd", "truncated SVD, same size")):
+        values = " | ".join(f"{m[key][k]:.4g}" for k in keys)
+        lines.append(f"| {label} | {values} |")
+    return lines
+
+
 def _md_modules(data):
     lines = [
         "",
@@ -284,6 +303,7 @@ def _markdown(data, pictures):
         _md_head(data)
         + _md_totals(data)
         + _md_fidelity(data)
+        + _md_model_metrics(data)
         + _md_probe(data)
         + _md_modules(data)
         + _md_pictures_and_run(data, pictures)
@@ -329,6 +349,14 @@ def summary(data, out, files):
         f"overlap {k['top5_overlap']:.3f}); SVD at the same size: "
         f"{s['mean_cosine']:.4f}"
     )
+    metrics = data.get("model_metrics")
+    if metrics is not None:
+        shown = ", ".join(
+            f"{key.replace('_', ' ')} {value:.4g}"
+            for key, value in metrics["kflats"].items()
+            if key != "n_texts"
+        )
+        print(f"{metrics['kind'].replace('_', ' ')} outputs: {shown}")
     probe = data.get("probe")
     if probe is not None:
         print(

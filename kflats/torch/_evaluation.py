@@ -35,9 +35,9 @@ LOST_COSINE = 0.5
 
 
 def _is_sentence_transformer(model):
-    return callable(getattr(model, "encode", None)) and callable(
-        getattr(model, "tokenize", None)
-    )
+    from ._models import _is_sentence_transformer as is_sentence_transformer
+
+    return is_sentence_transformer(model)
 
 
 def sentence_embeddings(model, texts, *, tokenizer=None, batch_size=32):

@@ -995,18 +995,6 @@ def plan_ties(model, plans, ties, where):
 
 # -- loading --------------------------------------------------------------------
 
-# files from which transformers builds a real tokenizer (without any, it
-# builds a tokenizer of a handful of special tokens and reads every text as
-# unknown tokens)
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "tokenizer.model",
-    "sentencepiece.bpe.model",
-)
-
 
 def quiet():
     """A context that silences transformers and sentence-transformers' logs."""
@@ -1053,54 +1041,16 @@ def load_pretrained(path, *, gguf_file=None):
     >>> type(model).__name__, tokenizer("a cat")["input_ids"]
     ('BertModel', [101, 1037, 4937, 102])
     """
-    import transformers
+    import warnings
 
-    folder = Path(path)
-    if gguf_file is None and folder.is_file() and folder.suffix == ".gguf":
-        folder, gguf_file = folder.parent, folder.name
-    if gguf_file is None and folder.is_dir() and not (folder / "config.json").exists():
-        found = sorted(p.name for p in folder.glob("*.gguf"))
-        if len(found) == 1:
-            gguf_file = found[0]
-    where = repr(str(path))
-    if not folder.is_dir():
-        raise ValueError(f"{where} is not a model folder or a .gguf file")
-    if gguf_file is None and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(
-            f"{where} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}): "
-            "without them every text would read as unknown tokens"
-        )
-    options = {"local_files_only": True, "trust_remote_code": False}
-    if gguf_file is not None:
-        options["gguf_file"] = gguf_file
-    try:
-        with quiet():
-            config = transformers.AutoConfig.from_pretrained(folder, **options)
-            names = getattr(config, "architectures", None) or []
-            cls = getattr(transformers, names[0], None) if names else None
-            if not (
-                isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-            ):
-                cls = transformers.AutoModel
-            model, info = cls.from_pretrained(
-                folder, config=config, output_loading_info=True, **options
-            )
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot load {where}: {exc}") from None
-    problems = [
-        f"{len(info[key])} {what} ({', '.join(map(str, list(info[key])[:3]))}"
-        f"{', ...' if len(info[key]) > 3 else ''})"
-        for key, what in (
-            ("missing_keys", "missing"),
-            ("unexpected_keys", "unexpected"),
-            ("mismatched_keys", "of another shape"),
-        )
-        if info.get(key)
-    ]
-    if problems:
-        raise ValueError(
-            f"the weights of {where} do not match its config: "
-            f"{'; '.join(problems)} tensors; transformers would fill them at random"
-        )
-    return model.eval(), tokenizer
+    from ._pretrained import load_model, model_source
+
+    source = model_source(
+        path if gguf_file is None else Path(path) / gguf_file,
+        label="model folder",
+        sentence_transformers=False,
+    )
+    loaded = load_model(source)
+    if loaded.note:
+        warnings.warn(loaded.note, UserWarning, stacklevel=2)
+    return loaded.model, loaded.tokenizer

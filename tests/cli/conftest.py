@@ -41,6 +41,12 @@ def save_tiny_bert(folder, cls_name="BertModel", **config):
 def save_tiny_llama(folder):
     """A 2-layer random Llama causal LM, tied, with a word-level tokenizer without a
     pad token."""
+    return save_tiny_causal_lm(folder, "llama")
+
+
+def save_tiny_causal_lm(folder, family="llama"):
+    """A 2-layer random causal LM (``"llama"``, tied, or ``"gpt2"``, whose blocks
+    are Conv1D layers) with a word-level tokenizer without a pad token."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -55,16 +61,23 @@ def save_tiny_llama(folder):
         tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>"
     )
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=128
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

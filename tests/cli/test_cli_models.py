@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import save_tiny_bert, save_tiny_llama
 
 from kflats.__main__ import main
+
+from .conftest import save_tiny_bert, save_tiny_causal_lm, save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("nlp")
 QUICK = ("--targets", "embedding", "--k", "1", "--curve", "none", "--quiet")
@@ -28,12 +29,12 @@ def _one_line(code, stderr, match):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import kflats.cli._model
+    import kflats.torch._pretrained
 
     def load_model(source):
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(kflats.cli._model, "load_model", load_model)
+    monkeypatch.setattr(kflats.torch._pretrained, "load_model", load_model)
 
 
 # --- the model that goes in comes out -----------------------------------------------
@@ -86,10 +87,48 @@ def test_a_causal_lm_keeps_its_head_and_pads_with_eos(tmp_path, capsys):
     assert saved.pad_token is None and saved.eos_token == "</s>"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_causal_lm_all_targets_keeps_its_tie_and_reports_perplexity(
+    family, tmp_path, capsys
+):
+    import torch
+    import transformers
+
+    from kflats.torch import load_compressed
+
+    folder = save_tiny_causal_lm(tmp_path / family, family)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(
+        capsys, folder, "--out", out, "--targets", "all", "--budget", "0.6",
+        "--curve", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["compression"]["modules"]]
+    linear = "mlp.c_fc" if family == "gpt2" else "mlp.up_proj"  # Conv1D in GPT-2
+    assert any(name.endswith(linear) for name in names), names
+    # the tied embedding and head share one set of factors: the model shrinks
+    totals = report["totals"]
+    assert totals["params_after"] < totals["params_before"]
+    metrics = report["model_metrics"]
+    assert metrics["kind"] == "causal_lm"
+    for key in ("kflats", "svd"):
+        assert metrics[key]["perplexity_ratio"] > 0
+        assert 0 <= metrics[key]["top1_agreement"] <= 1
+    assert "perplexity ratio" in (out / "report.md").read_text()
+    assert "causal lm outputs: " in stdout
+    loaded = load_compressed(out)
+    head, table = loaded.get_output_embeddings(), loaded.get_input_embeddings()
+    assert getattr(head, "embedding", None) is table  # still tied after loading
+    ids = torch.tensor([[2, 3, 4, 5]])
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    assert loaded(input_ids=ids).logits.shape == original(input_ids=ids).logits.shape
+
+
 def test_a_model_class_is_taken_from_transformers_only(tmp_path):
     import transformers
 
-    from kflats.cli._model import model_class
+    from kflats.torch._pretrained import model_class
 
     config = transformers.BertConfig()
     for names, expected in [
@@ -152,7 +191,7 @@ def test_weights_that_do_not_match_the_config_are_refused(change, tmp_path, caps
 
 
 def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
-    from kflats.cli import _model
+    from kflats.torch import _pretrained as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: object())
     (tmp_path / "m.Q4.gguf").write_bytes(b"GGUF")
@@ -170,7 +209,7 @@ def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
 
 
 def test_a_gguf_file_without_the_gguf_package(tmp_path, capsys, monkeypatch):
-    from kflats.cli import _model
+    from kflats.torch import _pretrained as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: None)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -296,7 +335,7 @@ def test_a_dequantized_gguf_model_forgets_its_quantizer(tmp_path):
     import torch
     import transformers
 
-    from kflats.cli._model import _forget_gguf
+    from kflats.torch._pretrained import _forget_gguf
 
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,

@@ -131,12 +131,12 @@ def test_sigterm_while_writing_a_file_leaves_nothing(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if kflats compress gets as far as loading the model."""
-    import kflats.cli._model
+    import kflats.torch._pretrained
 
     def load_model(source):
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(kflats.cli._model, "load_model", load_model)
+    monkeypatch.setattr(kflats.torch._pretrained, "load_model", load_model)
 
 
 def _compress(capsys, *argv):

@@ -36,7 +36,7 @@ from kflats.torch import (  # noqa: E402
 
 SENTENCES = [
     s.strip()
-    for s in (Path(__file__).parents[1] / "benchmarks" / "data" / "sentences.txt")
+    for s in (Path(__file__).parents[2] / "benchmarks" / "data" / "sentences.txt")
     .read_text()
     .splitlines()
     if s.strip()

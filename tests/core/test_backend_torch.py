@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from test_common import _expected_failed_checks
 
 from kflats import KSubspaces
+
+from .test_common import _expected_failed_checks
 
 torch = pytest.importorskip("torch")
 

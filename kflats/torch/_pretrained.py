@@ -1,6 +1,6 @@
-"""The model of ``kflats compress``: its folder checked, then loaded as what it is.
+"""A model folder checked, then loaded as what it is (``kflats compress``'s input).
 
-- :func:`model_source` checks ``MODEL_DIR`` without loading anything: a
+- :func:`model_source` checks a folder without loading anything: a
   sentence-transformers folder (``modules.json``), a Hugging Face folder
   (``config.json`` and weights), or a GGUF file (or a folder holding one);
   the tokenizer files must be there.
@@ -11,7 +11,10 @@
   out with it. Nothing from the folder runs: ``trust_remote_code=False`` and
   an attention implementation named here. Weights that do not match the
   config (missing or unexpected keys) are refused; a tokenizer without a pad
-  token pads with its end-of-sequence token, said on stderr.
+  token pads with its end-of-sequence token, and :class:`Loaded` says so.
+
+Errors name the folder as ``label`` does (``kflats compress`` calls it
+``MODEL_DIR``).
 """
 
 import contextlib
@@ -20,8 +23,6 @@ import functools
 import importlib.util
 import json
 import re
-import sys
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,27 +42,35 @@ _WEIGHTS = ("*.safetensors", "*.bin", "*/*.safetensors", "*/*.bin")
 
 
 class Source(NamedTuple):
-    """A checked MODEL_DIR: the folder, its kind, and the GGUF file's name."""
+    """A checked model folder: the folder, its kind, and the GGUF file's name.
+
+    ``what`` names it in messages (``MODEL_DIR '...'``).
+    """
 
     folder: Path
     kind: str
     gguf_file: str | None = None
     shown: str = ""
+    what: str = ""
 
 
-def model_source(model_dir):
-    """``MODEL_DIR`` checked, before anything is loaded: a :class:`Source`."""
+def model_source(model_dir, *, label="MODEL_DIR", sentence_transformers=True):
+    """A model folder checked, before anything is loaded: a :class:`Source`.
+
+    ``model_dir=None`` is the bundled all-MiniLM-L6-v2. With
+    ``sentence_transformers=False`` a folder that is both a
+    sentence-transformers and a Hugging Face folder is read as the latter.
+    """
     if model_dir is None:
         from kflats.datasets import minilm_model_dir
 
-        folder = Path(minilm_model_dir())
-        return Source(folder, SENTENCE_TRANSFORMERS, None, str(folder))
+        model_dir = minilm_model_dir()
     shown, path = str(model_dir), Path(model_dir)
-    what = f"MODEL_DIR {shown!r}"
+    what = f"{label} {shown!r}"
     if not path.exists():
         raise ValueError(f"{what} does not exist")
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _gguf(path.parent, path.name, shown)
+        return _gguf(path.parent, path.name, shown, what)
     if not path.is_dir():
         raise ValueError(f"{what} is neither a folder nor a .gguf file")
     has_weights = any(next(path.glob(p), None) for p in _WEIGHTS)
@@ -72,13 +81,13 @@ def model_source(model_dir):
                 f"{what} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}): pass "
                 "the one to compress as MODEL_DIR"
             )
-        return _gguf(path, ggufs[0], shown)
+        return _gguf(path, ggufs[0], shown, what)
     if not has_weights:
         raise ValueError(
             f"{what} holds no model weights (*.safetensors or *.bin, at its top "
             "or one folder down, or a .gguf file)"
         )
-    if (path / "modules.json").is_file():
+    if sentence_transformers and (path / "modules.json").is_file():
         kind = SENTENCE_TRANSFORMERS
     elif (path / "config.json").is_file():
         kind = TRANSFORMERS
@@ -88,17 +97,17 @@ def model_source(model_dir):
             "a Hugging Face one (config.json)"
         )
     _check_tokenizer_files(_tokenizer_folder(path, kind), what)
-    return Source(path, kind, None, shown)
+    return Source(path, kind, None, shown, what)
 
 
-def _gguf(folder, name, shown):
+def _gguf(folder, name, shown, what):
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             raise ModuleNotFoundError(
                 f"reading the GGUF file {name!r} needs the {package} package",
                 name=package,
             )
-    return Source(folder, TRANSFORMERS, name, shown)
+    return Source(folder, TRANSFORMERS, name, shown, what)
 
 
 def _tokenizer_folder(path, kind):
@@ -133,28 +142,11 @@ def _check_tokenizer_files(folder, what):
 # --- loading -------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def hushed():
     """Silence transformers' and sentence-transformers' logging and warnings."""
-    import logging
+    from ._io import _quiet
 
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(n) for n in ("transformers", "sentence_transformers")]
-    levels = [lg.level for lg in loggers]
-    bars = hf_logging.is_progress_bar_enabled()
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()  # our own bars say what is loading
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return _quiet()
 
 
 def _with_portable_attention(build):
@@ -172,12 +164,16 @@ def _with_portable_attention(build):
 
 
 class Loaded(NamedTuple):
-    """A loaded model: the tokenizer it runs with and the one to save."""
+    """A loaded model: the tokenizer it runs with and the one to save.
+
+    ``note`` says what a user should know (a pad token taken from eos).
+    """
 
     model: object
     tokenizer: object
     kind: str
     saved_tokenizer: object
+    note: str | None = None
 
 
 @contextlib.contextmanager
@@ -207,7 +203,7 @@ def skeleton(source):
     import torch
     import transformers
 
-    what = f"MODEL_DIR {source.shown!r}"
+    what = source.what
     with _named_errors(what):
         config = copy.deepcopy(_config(source))
         cls = model_class(config, gguf=source.gguf_file is not None, what=what)
@@ -218,8 +214,8 @@ def skeleton(source):
 
 
 def load_model(source):
-    """Load a :class:`Source`; a bad folder is a ValueError naming MODEL_DIR."""
-    what = f"MODEL_DIR {source.shown!r}"
+    """Load a :class:`Source`; a bad folder is a ValueError naming it."""
+    what = source.what
     with _named_errors(what):
         if source.kind == SENTENCE_TRANSFORMERS:
             return _load_sentence_transformer(source.folder)
@@ -283,7 +279,8 @@ def _load_transformers(source, what):
         _forget_gguf(model, what)
     options.pop("quantization_config", None)
     saved = transformers.AutoTokenizer.from_pretrained(folder, **options)
-    return Loaded(model.eval(), _with_pad_token(saved), TRANSFORMERS, saved)
+    tokenizer, note = _with_pad_token(saved)
+    return Loaded(model.eval(), tokenizer, TRANSFORMERS, saved, note)
 
 
 def _forget_gguf(model, what):
@@ -373,9 +370,12 @@ def _check_loading_info(info, what, cls=None):
 
 
 def _with_pad_token(tokenizer):
-    """The tokenizer to run with: one that pads (with eos when it had no pad token)."""
+    """The tokenizer to run with: one that pads (with eos when it had no pad token).
+
+    Returns the tokenizer and a note when the pad token was taken from eos.
+    """
     if getattr(tokenizer, "pad_token", None) is not None:
-        return tokenizer
+        return tokenizer, None
     eos = getattr(tokenizer, "eos_token", None)
     if eos is None:
         raise ValueError(
@@ -384,9 +384,7 @@ def _with_pad_token(tokenizer):
         )
     padded = copy.deepcopy(tokenizer)
     padded.pad_token = eos
-    print(
-        f"kflats: the tokenizer has no pad token; calibration and evaluation pad "
-        f"with its end-of-sequence token {eos!r} (the saved tokenizer is unchanged)",
-        file=sys.stderr,
+    return padded, (
+        f"the tokenizer has no pad token; calibration and evaluation pad with its "
+        f"end-of-sequence token {eos!r} (the saved tokenizer is unchanged)"
     )
-    return padded
