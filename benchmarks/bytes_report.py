@@ -54,7 +54,7 @@ The k = 1 forms make a run independent of the seed. Tried: the plan of
 lowest predicted error alone (0.150x: 0.9893, 0.100x: 0.9606; checking the
 candidates on the probe lifted 0.150x to 0.9927); ``--smoothing 30`` at
 0.100x: 0.9450 (worse). At 0.070x the word embedding took rank-96 factors at
-2 bits, whose measured calibrated error (0.50) is far above the predicted.
+2 bits, with a measured calibrated error of 0.50.
 """
 
 import argparse
