@@ -56,6 +56,35 @@ def budget_type(*, include_one):
     return parse
 
 
+# units of --size: decimal (kB, MB, GB) as disks count, binary (KiB, MiB, GiB)
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}  # fmt: skip
+
+
+def size_type(text):
+    """An argparse type: a size in bytes, as ``9MB``, ``9.5 MiB`` or ``9000000``."""
+    import re
+
+    match = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text
+    )
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        why = "" if match is None else f" (unknown unit {match.group(2)!r})"
+        raise argparse.ArgumentTypeError(
+            "expected a size such as 9MB, 500kB, 1.5GiB or a number of bytes, got "
+            f"{text!r}{why}"
+        )
+    value = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"expected a size of at least 1 byte, got {text!r}"
+        )
+    return int(value)
+
+
 def integer_at_least(minimum):
     """An argparse type: an integer >= minimum."""
 

@@ -25,6 +25,7 @@ from ._common import (
     budget_type,
     integer_at_least,
     output_folder,
+    size_type,
     write_folder_atomically,
 )
 from ._steps import Steps
@@ -47,8 +48,17 @@ def _curve(text):
 
 
 _OPTIONS = (
-    (("--budget",), {"type": _budget, "default": 0.6,
-     "help": "fraction of the selected modules' numbers to keep (0.6)"}),
+    (("--budget",), {"type": _budget, "default": None,
+     "help": "fraction of the selected modules' numbers (or, with --unit bytes, "
+     "of their float32 bytes) to keep (0.6)"}),
+    (("--unit",), {"choices": ["numbers", "bytes"], "default": None,
+     "help": "what --budget counts: numbers (default; each module kept in "
+     "float32 as projective factors), or bytes (each module in the form, "
+     "float32 or quantized to 8, 6, 4, 3 or 2 bits, dense or as factors, that "
+     "the allocation chooses)"}),
+    (("--size",), {"type": size_type, "default": None, "metavar": "SIZE",
+     "help": "the selected modules' size in bytes, such as 9MB or 9.5MiB "
+     "(implies --unit bytes; instead of --budget)"}),
     (("--out",), {"required": True, "metavar": "DIR",
      "help": "folder to write the compressed model and its report to; an "
      "existing one is replaced (with --overwrite) only if kflats wrote it"}),
@@ -153,9 +163,23 @@ def run(args):
 # --- 1. every input checked, before anything heavy -------------------------------
 
 
+def _budget_and_unit(args):
+    """--budget, --unit and --size made one budget and its unit, in args."""
+    if args.size is not None:
+        if args.budget is not None:
+            raise ValueError("--size and --budget: give one of them")
+        if args.unit == "numbers":
+            raise ValueError("--size is a number of bytes: it takes --unit bytes")
+        args.budget, args.unit = args.size, "bytes"
+    elif args.budget is None:
+        args.budget = 0.6
+    args.unit = args.unit or "numbers"
+
+
 def _check(args):
     from ._texts import read_labels, read_texts
 
+    _budget_and_unit(args)
     out = output_folder(args.out, args.overwrite)
     if args.calibration is not None:
         texts, text_source = read_texts(args.calibration), str(args.calibration)
@@ -168,7 +192,7 @@ def _check(args):
     source = _model().model_source(args.model_dir)
     skeleton = _model().skeleton(source)
     if skeleton is not None:  # checked before the weights are loaded
-        _checked_targets(skeleton, args.targets, args.budget, args.allocation)
+        _checked_targets(skeleton, args)
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
 
 
@@ -184,7 +208,7 @@ def _load(job):
     job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
     job.saved_tokenizer = loaded.saved_tokenizer
     args = job.args
-    job.names = _checked_targets(job.base, args.targets, args.budget, args.allocation)
+    job.names = _checked_targets(job.base, args)
 
 
 def _targets(model, specs):
@@ -206,16 +230,21 @@ def _targets(model, specs):
     return list(dict.fromkeys(names))
 
 
-def _checked_targets(model, specs, budget, allocation):
-    """Selected module names, checked with the budget before any heavy work."""
+def _checked_targets(model, args):
+    """Selected module names, checked with the budget before any heavy work.
+
+    A budget in numbers is checked here; one in bytes by compress, which
+    says the smallest size the modules allow.
+    """
     from kflats.torch._compress import _check_budget
     from kflats.torch._targets import _select
 
     try:
-        names, named = _select(model, _targets(model, specs))
+        names, named = _select(model, _targets(model, args.targets))
     except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
         raise ValueError(f"--targets: {exc}") from None
-    _check_budget(budget, names, named, allocation)
+    if args.unit == "numbers":
+        _check_budget(args.budget, names, named, args.allocation)
     return names
 
 
@@ -247,6 +276,7 @@ def _compress(job):
             job.names,
             calibration=job.calibration,
             allocation=args.allocation,
+            unit=args.unit,
             k=args.k,
             ranks=args.ranks,
             tokenizer=job.tokenizer,
@@ -361,11 +391,25 @@ def _svd_outputs(job, budget):
     return job.evaluator.outputs(svd)
 
 
+# what the report compares kflats with, by the unit of the budget
+BASELINES = {
+    "numbers": "truncated SVD, same size",
+    "bytes": "each module at its share of the bytes (uniform allocation)",
+}
+
+
 def _svd_model(job, budget):
-    """The model with each module truncated by SVD at budget."""
+    """The baseline at budget: each module truncated by SVD (numbers), or each
+    module in its best form within its share of the bytes (bytes)."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
+    if job.args.unit == "bytes":
+        compress(
+            svd, budget, job.names, calibration=job.calibration, unit="bytes",
+            allocation="uniform", random_state=job.args.seed, progress=False,
+        )  # fmt: skip
+        return svd
     compress(
         svd,
         budget,
@@ -396,7 +440,8 @@ def _curve_points(job):
     curve = [{"budget": args.budget, "kflats": unhealed, "svd": job.fidelity["svd"]}]
     ks = {m.name: m.k or 1 for m in job.report}
     sides = {m.name: m.side for m in job.report if m.side is not None}
-    around = _around(args.budget, args.curve)
+    # in bytes, the budgets around are sizes of their own: --size says one
+    around = [] if args.unit == "bytes" else _around(args.budget, args.curve)
     if job.steps.show and around:
         from tqdm.auto import tqdm
 
@@ -521,7 +566,7 @@ def _data(job, identical):
         "seed": args.seed,
         "model": model,
         "settings": {
-            "budget": args.budget, "targets": list(args.targets),
+            "budget": args.budget, "unit": args.unit, "targets": list(args.targets),
             "allocation": args.allocation, "k": args.k, "ranks": args.ranks,
             "heal_steps": args.heal_steps,
         },
@@ -538,6 +583,7 @@ def _data(job, identical):
             "bytes_before": before_bytes, "bytes_after": after_bytes,
         },
         "fidelity": job.fidelity,
+        "baseline": BASELINES[args.unit],
         "curve": job.curve,
         "warnings": job.warnings,
     }  # fmt: skip

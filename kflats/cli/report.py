@@ -54,18 +54,25 @@ def _fidelity_picture(ax, data):
 def _shares_picture(fig, data):
     modules = data["compression"]["modules"]
     names = _short_names([m["name"] for m in modules])
-    kept = [m["params_after"] / m["params_before"] for m in modules]
-    share = [m["share"] for m in modules]
+    budget = data["settings"]["budget"]
+    if data["settings"].get("unit") == "bytes":  # the budget counts bytes
+        unit, before, after, key = "bytes", "bytes_before", "bytes_after", "bytes_share"
+        if budget > 1:  # a size: the fraction of the modules' float32 bytes
+            budget /= sum(m["bytes_before"] for m in modules)
+    else:
+        unit, before, after, key = "numbers", "params_before", "params_after", "share"
+    kept = [m[after] / m[before] for m in modules]
+    share = [m.get(key, 0.0) for m in modules]
     colors = ["C1" if m["kind"] == "Embedding" else "C0" for m in modules]
     left, right = fig.subplots(1, 2, sharey=True)
     y = np.arange(len(modules))
     left.barh(y, share, color=colors)
     left.set_yticks(y, names, fontsize=7)
     left.invert_yaxis()
-    left.set_xlabel("share of the compressed numbers")
+    left.set_xlabel(f"share of the compressed {unit}")
     right.barh(y, kept, color=colors)
-    right.axvline(data["settings"]["budget"], color="k", lw=1, ls="--")
-    right.set_xlabel("own numbers kept (dashed: the budget)")
+    right.axvline(budget, color="k", lw=1, ls="--")
+    right.set_xlabel(f"own {unit} kept (dashed: the budget)")
     right.set_xlim(0, 1.05)
     fig.suptitle("Where the budget went (orange: embedding, blue: Linear)")
 
@@ -148,6 +155,13 @@ def _mb(n):
     return f"{n / 1e6:.2f} MB"
 
 
+def _budget_text(settings):
+    budget, unit = settings["budget"], settings.get("unit", "numbers")
+    if unit == "bytes" and budget > 1:
+        return f"{_mb(budget)} (a size in bytes)"
+    return f"{budget:g} of the {unit}"
+
+
 def _md_head(data):
     s, c = data["settings"], data["compression"]
     lines = ["# kflats compress report", "", f"`{data['command']}`", ""]
@@ -155,7 +169,7 @@ def _md_head(data):
         lines += [f"> **WARNING: {warning}.**", ""]
     return lines + [
         f"Model: `{data['model']['source']}` ({data['model']['class']}). "
-        f"Budget {s['budget']:g} over {len(c['modules'])} modules "
+        f"Budget {_budget_text(s)} over {len(c['modules'])} modules "
         f"(targets {', '.join(s['targets'])}; allocation {s['allocation']}; "
         f"ranks {s['ranks']}; heal steps {s['heal_steps']}; seed {data['seed']}). "
         f"Calibration: {data['calibration']['texts']} texts from "
@@ -195,7 +209,7 @@ def _md_fidelity(data):
     rows = [("kflats", "kflats")]
     if "kflats_before_heal" in f:
         rows = [("kflats_before_heal", "kflats, before heal"), ("kflats", "kflats")]
-    rows.append(("svd", "truncated SVD, same size"))
+    rows.append(("svd", data.get("baseline", "truncated SVD, same size")))
     for key, label in rows:
         v = f[key]
         lines.append(
@@ -249,7 +263,8 @@ def _md_model_metrics(data):
         "| model | " + " | ".join(key.replace("_", " ") for key in keys) + " |",
         "|---" * (len(keys) + 1) + "|",
     ]
-    for key, label in (("kflats", "kflats"), ("svd", "truncated SVD, same size")):
+    baseline = data.get("baseline", "truncated SVD, same size")
+    for key, label in (("kflats", "kflats"), ("svd", baseline)):
         values = " | ".join(f"{m[key][k]:.4g}" for k in keys)
         lines.append(f"| {label} | {values} |")
     return lines
@@ -264,16 +279,20 @@ def _md_modules(data):
         "(frequency-weighted rows, whitened inputs), and the plain relative "
         "error of the weight.",
         "",
-        "| module | kind | shape | k | ranks | side | numbers before | after "
-        "| calibrated error | plain error | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| module | kind | shape | form | bits | k | ranks | side | numbers "
+        "before | after | bytes before | after | calibrated error | plain error "
+        "| s |",
+        "|---" * 15 + "|",
     ]
     for m in data["compression"]["modules"]:
         plain = m["weight_error"]
+        bits = m.get("bits")
         lines.append(
             f"| `{m['name']}` | {m['kind']} | {m['shape'][0]} × {m['shape'][1]} "
+            f"| {m.get('form') or 'projective'} | {bits or 32} "
             f"| {m['k']} | {_ranks(m['ranks'])} | {m['side'] or ''} "
-            f"| {m['params_before']:,} | {m['params_after']:,} | {m['error']:.4f} "
+            f"| {m['params_before']:,} | {m['params_after']:,} "
+            f"| {m['bytes_before']:,} | {m['bytes_after']:,} | {m['error']:.4f} "
             f"| {'' if plain is None else f'{plain:.4f}'} | {m['seconds']:.1f} |"
         )
     return lines
@@ -346,7 +365,8 @@ def summary(data, out, files):
     print(
         f"fidelity on {data['evaluation']['texts']} held-out texts: mean cosine "
         f"1.000 -> {k['mean_cosine']:.4f} (worst {k['worst_cosine']:.3f}, top-5 "
-        f"overlap {k['top5_overlap']:.3f}); SVD at the same size: "
+        f"overlap {k['top5_overlap']:.3f}); "
+        f"{data.get('baseline', 'truncated SVD, same size')}: "
         f"{s['mean_cosine']:.4f}"
     )
     metrics = data.get("model_metrics")

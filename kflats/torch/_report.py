@@ -150,6 +150,7 @@ class CompressionReport(tuple):
             entry["shape"] = list(m.shape)
             entry["ranks"] = list(m.ranks)
             entry["share"] = m.params_after / max(self.params_after, 1)
+            entry["bytes_share"] = m.bytes_after / max(self.bytes_after, 1)
             modules.append(entry)
         return {
             "modules": modules,

@@ -355,3 +355,70 @@ def test_a_dequantized_gguf_model_forgets_its_quantizer(tmp_path):
     model.model.layers[0].mlp.up_proj = GgufLinear(8, 16)
     with pytest.raises(ValueError, match="kept 1 layers in packed GGUF blocks "):
         _forget_gguf(model, "MODEL_DIR 'm.gguf'")
+
+
+# --- a budget in bytes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("9MB", 9_000_000), ("9.5 MiB", int(9.5 * 2**20)), ("500kB", 500_000),
+     ("123456", 123456), ("1e6", 1_000_000), ("2GiB", 2 * 2**30)],
+)  # fmt: skip
+def test_size_type_reads_decimal_and_binary_units(text, expected):
+    from kflats.cli._common import size_type
+
+    assert size_type(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9XB", "MB", "-3MB", "0.1B", "9 M B", ""])
+def test_size_type_refuses_what_is_not_a_size(text):
+    import argparse
+
+    from kflats.cli._common import size_type
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a size"):
+        size_type(text)
+
+
+def test_size_with_an_unknown_unit_is_a_usage_error(tmp_path, capsys):
+    code, _, stderr = _run(capsys, "--size", "9XB", "--out", tmp_path / "o")
+    assert code == 2
+    assert "argument --size: expected a size" in stderr and "'XB'" in stderr
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [(("--size", "1MB", "--budget", "0.5"), "--size and --budget: give one"),
+     (("--size", "1MB", "--unit", "numbers"), "--size is a number of bytes")],
+)  # fmt: skip
+def test_size_conflicts_are_one_line(argv, match, tmp_path, capsys, no_model_load):
+    code, _, stderr = _run(capsys, *argv, "--out", tmp_path / "o")
+    _one_line(code, stderr, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_to_a_size_in_bytes(tmp_path, capsys):
+    import torch
+
+    from kflats.torch import load_compressed
+
+    folder = save_tiny_bert(tmp_path / "m")
+    out = tmp_path / "out"
+    # the word embedding, 30522 x 32 float32 (3.9 MB), to 0.4 MB
+    code, stdout, stderr = _run(
+        capsys, folder, "--out", out, "--size", "0.4MB", "--targets", "embedding",
+        "--curve", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["unit"] == "bytes"
+    assert report["settings"]["budget"] == 400_000
+    (module,) = report["compression"]["modules"]
+    assert module["bytes_after"] <= 400_000 and module["bits"] in (2, 3, 4, 6, 8)
+    assert report["baseline"].startswith("each module at its share")
+    md = (out / "report.md").read_text()
+    assert "0.40 MB (a size in bytes)" in md and "| form | bits |" in md
+    loaded = load_compressed(out)
+    ids = torch.tensor([[101, 1037, 4937, 102]])
+    assert torch.isfinite(loaded(input_ids=ids).last_hidden_state).all()
