@@ -144,6 +144,8 @@ def _check_tokenizer_files(folder, what):
 
 def hushed():
     """Silence transformers' and sentence-transformers' logging and warnings."""
+    import transformers  # noqa: F401 - imported first, so that its bars go quiet
+
     from ._io import _quiet
 
     return _quiet()
