@@ -138,6 +138,7 @@ class _Job:
     warnings: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
     svd_model: object = None
+    latency: dict | None = None
     model_metrics: dict | None = None
 
 
@@ -336,6 +337,45 @@ def _evaluate(job):
     if warning:
         job.warnings.append(warning)
     job.model_metrics = _model_metrics(job)
+    with _model().hushed(), job.steps("latency", "timing both models", bar=False):
+        job.latency = _latency(job)
+
+
+# the forward passes timed for the report: 2 threads, batch 32 and batch 1
+_LATENCY_THREADS, _LATENCY_REPEATS = 2, 7
+
+
+def _latency(job):
+    """Median time of the original's and the compressed model's outputs.
+
+    On held-out texts, batch 32 and batch 1, both models timed in turn (the
+    same machine load for both), on ``_LATENCY_THREADS`` torch threads.
+    """
+    import time
+
+    import torch
+
+    ev = job.evaluator
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_LATENCY_THREADS)
+    out = {"threads": _LATENCY_THREADS, "repeats": _LATENCY_REPEATS}
+    try:
+        for batch in (32, 1):
+            texts = job.heldout[:batch]
+            times = {"original": [], "kflats": []}
+            for model in (job.base, job.model):  # warm-up
+                ev.outputs_of(model, texts)
+            for _ in range(_LATENCY_REPEATS):
+                for key, model in (("original", job.base), ("kflats", job.model)):
+                    start = time.perf_counter()
+                    ev.outputs_of(model, texts)
+                    times[key].append(time.perf_counter() - start)
+            ms = {key: 1000 * float(np.median(t)) for key, t in times.items()}
+            ms["ratio"] = ms["kflats"] / ms["original"]
+            out[f"batch_{batch}"] = ms
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 # the output kinds whose own outputs (logits) are evaluated besides cosine
@@ -591,4 +631,6 @@ def _data(job, identical):
         data["probe"] = job.probe
     if job.model_metrics is not None:
         data["model_metrics"] = job.model_metrics
+    if job.latency is not None:
+        data["latency"] = job.latency
     return data

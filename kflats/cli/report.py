@@ -270,6 +270,28 @@ def _md_model_metrics(data):
     return lines
 
 
+def _md_latency(data):
+    t = data.get("latency")
+    if t is None:
+        return []
+    rows = [
+        f"| {batch} | {t[f'batch_{batch}']['original']:.1f} ms "
+        f"| {t[f'batch_{batch}']['kflats']:.1f} ms "
+        f"| {t[f'batch_{batch}']['ratio']:.2f} |"
+        for batch in (32, 1)
+    ]
+    return [
+        "",
+        f"Latency on CPU, {t['threads']} torch threads: the median of "
+        f"{t['repeats']} runs of each model on held-out texts, timed in turn "
+        "(tokenization included).",
+        "",
+        "| batch | original | kflats | ratio |",
+        "|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _md_modules(data):
     lines = [
         "",
@@ -323,6 +345,7 @@ def _markdown(data, pictures):
         + _md_totals(data)
         + _md_fidelity(data)
         + _md_model_metrics(data)
+        + _md_latency(data)
         + _md_probe(data)
         + _md_modules(data)
         + _md_pictures_and_run(data, pictures)
@@ -382,6 +405,13 @@ def summary(data, out, files):
         print(
             f"probe accuracy on {probe['texts']} labelled texts: "
             f"{probe['original']:.4f} -> {probe['kflats']:.4f}"
+        )
+    latency = data.get("latency")
+    if latency is not None:
+        print(
+            "latency, compressed / original: batch 32 "
+            f"{latency['batch_32']['ratio']:.2f}, batch 1 "
+            f"{latency['batch_1']['ratio']:.2f}"
         )
     print(f"written to {out}: the model, {', '.join(files)}")
     for warning in data.get("warnings", ()):

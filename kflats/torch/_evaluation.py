@@ -222,8 +222,12 @@ class SentenceEmbeddingEvaluator:
 
     def outputs(self, model):
         """The model's unit-norm sentence embeddings of the texts."""
+        return self.outputs_of(model, self.texts)
+
+    def outputs_of(self, model, texts):
+        """The model's unit-norm sentence embeddings of other ``texts``."""
         return sentence_embeddings(
-            model, self.texts, tokenizer=self.tokenizer, batch_size=self.batch_size
+            model, texts, tokenizer=self.tokenizer, batch_size=self.batch_size
         )
 
     def compare(self, reference, outputs):

@@ -419,6 +419,13 @@ def test_compress_to_a_size_in_bytes(tmp_path, capsys):
     assert report["baseline"].startswith("each module at its share")
     md = (out / "report.md").read_text()
     assert "0.40 MB (a size in bytes)" in md and "| form | bits |" in md
+    latency = report["latency"]
+    assert latency["threads"] == 2
+    for batch in ("batch_32", "batch_1"):
+        times = latency[batch]
+        assert times["ratio"] == pytest.approx(times["kflats"] / times["original"])
+    assert "Latency on CPU, 2 torch threads" in md
+    assert "latency, compressed / original: batch 32" in stdout
     loaded = load_compressed(out)
     ids = torch.tensor([[101, 1037, 4937, 102]])
     assert torch.isfinite(loaded(input_ids=ids).last_hidden_state).all()
