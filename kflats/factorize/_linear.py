@@ -34,7 +34,12 @@ from sklearn.utils import check_random_state
 from .._size import budget_numbers
 from ._search import _factorize, _search_options
 from ._spectra import _ratio
-from ._validation import _check_budget_fraction, _check_matrix, _check_sample_weight
+from ._validation import (
+    _check_budget_fraction,
+    _check_matrix,
+    _check_moment,
+    _check_sample_weight,
+)
 
 SIDES = ("auto", "input", "output")
 
@@ -82,17 +87,9 @@ def damped_moment(input_moment, n_features, damping=1e-2):
     ([5.0, 1.0], True)
     """
     damping = _check_damping(damping)
-    C = np.asarray(input_moment)
-    if C.shape != (n_features, n_features):
-        raise ValueError(
-            f"input_moment must have shape ({n_features}, {n_features}) (the "
-            f"layer's in_features), got {C.shape}"
-        )
-    if C.dtype.kind not in "iuf":
-        raise TypeError(f"input_moment must hold real numbers, got dtype {C.dtype}")
-    C = C.astype(np.float64)
-    if not np.all(np.isfinite(C)):
-        raise ValueError("input_moment must be finite (no NaN or inf)")
+    C = _check_moment(
+        input_moment, n_features, "input_moment", "the layer's in_features"
+    )
     scale = float(np.trace(C)) / n_features
     if not scale > 0:
         raise ValueError(

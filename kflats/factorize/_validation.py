@@ -67,3 +67,18 @@ def _check_ranks(ranks):
     if ranks not in ("uniform", "adaptive"):
         raise ValueError(f"ranks must be 'uniform' or 'adaptive', got {ranks!r}")
     return ranks
+
+
+def _check_moment(M, n, name, meaning):
+    """A real, finite n x n second moment as float64; ``meaning`` says what n is."""
+    M = np.asarray(M)
+    if M.shape != (n, n):
+        raise ValueError(
+            f"{name} must have shape ({n}, {n}) ({meaning}), got {M.shape}"
+        )
+    if M.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
+    M = M.astype(np.float64)
+    if not np.all(np.isfinite(M)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return M

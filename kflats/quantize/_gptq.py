@@ -3,6 +3,7 @@
 import numpy as np
 from scipy import linalg
 
+from ..factorize._validation import _check_moment as check_moment
 from ._tensor import (
     _CLIP_RATIOS,
     QuantizedTensor,
@@ -49,17 +50,7 @@ def _inverse_factor(H, damping):
 
 
 def _check_moment(moment, n):
-    M = np.asarray(moment)
-    if M.shape != (n, n):
-        raise ValueError(
-            f"moment must have shape ({n}, {n}) (one row and column per column "
-            f"of W), got {M.shape}"
-        )
-    if M.dtype.kind not in "iuf":
-        raise TypeError(f"moment must hold real numbers, got dtype {M.dtype}")
-    M = M.astype(np.float64)
-    if not np.all(np.isfinite(M)):
-        raise ValueError("moment must be finite (no NaN or inf)")
+    M = check_moment(moment, n, "moment", "one row and column per column of W")
     if not np.allclose(M, M.T, rtol=1e-5, atol=1e-8 * max(np.abs(M).max(), 1e-300)):
         raise ValueError("moment must be symmetric")
     return M
