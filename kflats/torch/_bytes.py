@@ -425,16 +425,9 @@ def _best_on_probe(model, named, plans, dense_q, fit, fitted, probe):
     weights, projective forms as their layers), the calibration's probe
     batches run, and the model is always restored.
     """
-    from ._sensitivity import _final_outputs, _output_distortion
+    from ._sensitivity import _final_outputs, _output_distortion, _probe_batches
 
-    device = next(model.parameters()).device
-    batches = [
-        {
-            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
-            for k, v in batch.items()
-        }
-        for batch in probe
-    ]
+    batches = _probe_batches(model, probe)
     was_training = model.training
     model.eval()
     saved = {n: named[n].weight.detach().clone() for n in plans[0]}

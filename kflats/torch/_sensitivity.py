@@ -169,14 +169,7 @@ def _sensitivities(model, names, named, spectra, probe):
     its final output (:func:`_output_distortion`) divided by that error. The
     weight is always put back.
     """
-    device = next(model.parameters()).device
-    probe = [
-        {
-            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
-            for k, v in batch.items()
-        }
-        for batch in probe
-    ]
+    probe = _probe_batches(model, probe)
     was_training = model.training
     model.eval()
     try:
@@ -201,3 +194,15 @@ def _sensitivities(model, names, named, spectra, probe):
     finally:
         model.train(was_training)
     return out
+
+
+def _probe_batches(model, probe):
+    """The calibration's probe batches as model inputs on the model's device."""
+    device = next(model.parameters()).device
+    return [
+        {
+            k: str(v) if v.dtype.kind == "U" else torch.as_tensor(v).to(device)
+            for k, v in batch.items()
+        }
+        for batch in probe
+    ]
