@@ -89,6 +89,18 @@ def _numbers(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def _first_sequences(probe, n):
+    """The first ``n`` sequences of a calibration's probe batches."""
+    out = []
+    for batch in probe:
+        rows = len(next(iter(batch.values())))
+        if n <= 0:
+            break
+        out.append({key: value[:n] for key, value in batch.items()})
+        n -= rows
+    return out
+
+
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -111,6 +123,12 @@ def _parser():
     parser.add_argument("--heldout-texts", type=int, default=None)
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per text at most"
+    )
+    parser.add_argument(
+        "--probe-sequences",
+        type=int,
+        default=None,
+        help="sequences of the sensitivity probe (default: the calibration's 64)",
     )
     parser.add_argument("--heal-steps", type=int, default=0, help="0: no heal")
     parser.add_argument("--heal-lr", type=float, default=1e-4)
@@ -162,6 +180,10 @@ def run(model, tokenizer, args, timer=None):
         max_length=args.max_length,
         progress=False,
     )
+    if args.probe_sequences is not None:
+        # the global allocation runs the probe once per target: fewer
+        # sequences make it proportionally cheaper
+        cal.probe = _first_sequences(cal.probe, args.probe_sequences)
     report = timer(
         "compress",
         compress,
@@ -213,6 +235,7 @@ def run(model, tokenizer, args, timer=None):
         "calibration_texts": len(calibration),
         "heldout_texts": len(heldout),
         "max_length": args.max_length,
+        "probe_sequences": sum(len(next(iter(b.values()))) for b in cal.probe),
         "heal": {
             "steps": args.heal_steps,
             "lr": args.heal_lr,
