@@ -194,6 +194,7 @@ def run(model, tokenizer, args, timer=None):
         allocation="global",
         k=args.k,
         random_state=args.seed,
+        progress=False,
     )
     print(report, flush=True)
     losses = []
