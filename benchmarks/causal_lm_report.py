@@ -142,7 +142,11 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     timer = _Timer()
     model, tokenizer = timer("load", load_smollm2)
-    result = run(model, tokenizer, args, timer)
+    numbers = _numbers(model)
+    # the original is read again after the compression rather than copied
+    # before it: one model less in memory while compress runs
+    result = run(model, tokenizer, args, timer, original=lambda: load_smollm2()[0])
+    assert result["model_numbers"]["original"] == numbers
     result["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)"
     print(json.dumps(result, indent=2))
     if args.json is not None:
@@ -150,11 +154,17 @@ def main(argv=None):
     return result
 
 
-def run(model, tokenizer, args, timer=None):
-    """Calibrate, compress, heal and evaluate a causal LM (in place): figures."""
+def run(model, tokenizer, args, timer=None, original=None):
+    """Calibrate, compress, heal and evaluate a causal LM (in place): figures.
+
+    ``original``: a callable that gives the original model again (after the
+    compression); default: a copy of ``model`` taken before it.
+    """
     timer = timer or _Timer()
     torch.manual_seed(args.seed)
-    original = copy.deepcopy(model)
+    if original is None:
+        copied = copy.deepcopy(model)
+        original = lambda: copied  # noqa: E731
     adapter = adapter_for(model)
     emb = adapter.embedding()
     targets = [emb] if args.targets == "table" else adapter.all_targets()
@@ -197,6 +207,9 @@ def run(model, tokenizer, args, timer=None):
         progress=False,
     )
     print(report, flush=True)
+    probe_sequences = sum(len(next(iter(b.values()))) for b in cal.probe)
+    del cal
+    original = timer("reload", original)
     losses = []
     if args.heal_steps:
         losses = timer(
@@ -236,7 +249,7 @@ def run(model, tokenizer, args, timer=None):
         "calibration_texts": len(calibration),
         "heldout_texts": len(heldout),
         "max_length": args.max_length,
-        "probe_sequences": sum(len(next(iter(b.values()))) for b in cal.probe),
+        "probe_sequences": probe_sequences,
         "heal": {
             "steps": args.heal_steps,
             "lr": args.heal_lr,
