@@ -21,7 +21,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from . import _dask
+from . import _dask, _dask_fit
 from ._backend import NumpyOps, backend_ops
 from ._lloyd import (
     _assign,
@@ -34,7 +34,6 @@ from ._lloyd import (
     _Stats,
     _update,
 )
-from ._seeding import _initial_potential, _ksubspaces_plusplus, _random_partition
 
 
 class KSubspaces(
@@ -194,9 +193,10 @@ class KSubspaces(
         self.backend = backend
         self.device = device
 
-    def _check_params_vs_input(self, X, sample_weight):
-        n_pos = int(np.count_nonzero(sample_weight > 0))
-        self._check_sizes(*X.shape, n_pos)
+    def _check_params_vs_input(self, X, sample_weight, ops):
+        """k, j, init and n_init against the data, once for every backend."""
+        self._check_sizes(*X.shape, None)  # what the shape alone tells
+        self._check_sizes(*X.shape, ops.n_positive(sample_weight))  # dask: a pass
         if not isinstance(self.init, str):
             self._check_init(X.shape[1])
         self._resolve_n_init(stacklevel=4)
@@ -254,33 +254,9 @@ class KSubspaces(
             )
 
     def _init_subspaces(self, X, xsq, sample_weight, rng, grow, ops):
-        k, j = self.k, self.j
-        if isinstance(self.init, str) and self.init == "k-subspaces++":
-            bases, means, comps, _, dist = _ksubspaces_plusplus(
-                X,
-                xsq,
-                sample_weight,
-                k,
-                j,
-                self.affine,
-                rng,
-                2 + int(np.log(k)),
-                ops.assign,
-                grow,
-                parallel=ops.parallel,
-            )
-            return bases, means, comps, dist
-        elif isinstance(self.init, str) and self.init == "random":
-            bases, means, comps = _random_partition(
-                X, xsq, sample_weight, k, j, self.affine, rng, grow, ops
-            )
-        else:
-            bases = np.array(self.init, dtype=X.dtype, copy=True)
-            means = np.zeros((k, X.shape[1]), dtype=X.dtype)
-            if self.affine:
-                means[:] = (sample_weight @ X) / sample_weight.sum()
-            comps = None
-        return bases, means, comps, None
+        return ops.initial(
+            self.init, X, xsq, sample_weight, self.k, self.j, self.affine, rng, grow
+        )
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
@@ -312,24 +288,31 @@ class KSubspaces(
             self.__dict__.update(state)
             raise
 
-    def _fit(self, X, sample_weight):
+    def _fit_data(self, X, sample_weight):
+        """X and sample_weight checked, X's squared row norms, and the backend."""
         if _dask.is_dask_array(X):
             if self.backend != "numpy":
                 raise ValueError(
                     "backend='torch' does not take dask arrays: their chunks are "
                     "fitted with numpy (use backend='numpy')."
                 )
-            return self._fit_dask(X, sample_weight)
+            X, sample_weight = _dask_fit.fit_input(X, sample_weight)
+            self.__dict__.pop("feature_names_in_", None)
+            self.n_features_in_ = X.shape[1]
+            return X, None, sample_weight, _dask_fit.DaskOps(X, sample_weight)
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", copy=False
         )
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=X.dtype, ensure_non_negative=True
         )
-        self._check_params_vs_input(X, sample_weight)
-        rng = check_random_state(self.random_state)
         xsq = _row_norms_sq(X)
-        ops = backend_ops(self.backend, X, xsq, self.device)
+        return X, xsq, sample_weight, backend_ops(self.backend, X, xsq, self.device)
+
+    def _fit(self, X, sample_weight):
+        X, xsq, sample_weight, ops = self._fit_data(X, sample_weight)
+        self._check_params_vs_input(X, sample_weight, ops)
+        rng = check_random_state(self.random_state)
         grow = partial(
             ops.grow,
             X,
@@ -339,9 +322,7 @@ class KSubspaces(
             affine=self.affine,
         )
         # Stop once an iteration gains less than tol times the empty model's cost.
-        tol = self.tol * float(
-            sample_weight @ _initial_potential(X, xsq, sample_weight, self.affine)
-        )
+        tol = self.tol * ops.empty_cost(X, xsq, sample_weight, self.affine)
 
         best = None
         for run in range(self._n_init):
@@ -369,7 +350,8 @@ class KSubspaces(
                 best = result
         labels, inertia, bases, means, comps, n_iter = best
 
-        distinct = np.unique(labels).size
+        # np.bincount: numpy's, or dask's (one pass over the persisted labels)
+        distinct = int(np.count_nonzero(np.bincount(labels, minlength=self.k)))
         if distinct < self.k:
             warnings.warn(
                 f"Number of distinct clusters ({distinct}) found smaller than "
@@ -467,7 +449,7 @@ class KSubspaces(
         ops = NumpyOps()
         grow = partial(ops.grow, X, xsq, sample_weight, j=j, affine=affine)
         if first:
-            self._check_params_vs_input(X, sample_weight)
+            self._check_params_vs_input(X, sample_weight, ops)
             bases, means, comps, _ = self._init_subspaces(
                 X, xsq, sample_weight, check_random_state(self.random_state), grow, ops
             )
@@ -509,23 +491,6 @@ class KSubspaces(
         self._stats = stats
         self._n_batches = self.n_iter_ = n_batches + 1
         self._n_features_out = k
-        return self
-
-    def _fit_dask(self, X, sample_weight):
-        X = _dask.check_array(X)
-        if not isinstance(self.init, str):
-            self._check_init(X.shape[1])
-        self._resolve_n_init(stacklevel=4)
-        rng = check_random_state(self.random_state)
-        bases, means, comps, inertia, n_iter = _dask.fit(self, X, sample_weight, rng)
-        self.__dict__.pop("feature_names_in_", None)
-        self.n_features_in_ = X.shape[1]
-        self.bases_, self.means_, self._complements = bases, means, comps
-        self.labels_ = _dask.predict(X, self._packed(X.dtype))
-        self.inertia_ = inertia
-        self.n_iter_ = n_iter
-        self._n_features_out = self.k
-        self._stats = None
         return self
 
     def _check_test_data(self, X):
