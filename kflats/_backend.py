@@ -1,8 +1,8 @@
-"""Backends: where the assignment, the statistics and the seeding's grow run.
+"""Backends: where the assignment, the statistics, the update and the seeding run.
 
-Every in-memory fit talks to its backend through one small protocol, the
-operations of Lloyd's algorithm and of the seeding on one matrix ``X`` (with
-``xsq``, its rows' squared norms):
+Every fit talks to its backend through one small protocol, the operations of
+Lloyd's algorithm and of the seeding on one matrix ``X`` (with ``xsq``, its
+rows' squared norms, None for a dask array):
 
 ``assign(X, xsq, packed, return_distances=False)``
     ``(labels, mind[, dist])``: each row's nearest subspace and squared
@@ -34,7 +34,7 @@ operations of Lloyd's algorithm and of the seeding on one matrix ``X`` (with
 The Lloyd loop (``kflats._lloyd._ksubspaces_single``) uses nothing else.
 :class:`NumpyOps` is the host's and ``kflats._torch_backend.TorchOps`` a torch
 device's, both :class:`HostOps`: X in memory, the seeding k-subspaces++.
-``kflats._dask.DaskOps`` is a dask array's: every operation that reads the
+``kflats._dask_fit.DaskOps`` is a dask array's: every operation that reads the
 rows is one map over the chunks and one reduction of the statistics, and the
 seeding oversamples in the manner of k-means||.
 """

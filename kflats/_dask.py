@@ -17,8 +17,6 @@ from functools import reduce
 
 import numpy as np
 
-from ._lloyd import _assign, _exact_mind, _row_norms_sq
-
 _FAN_IN = 8  # partial results added per reduction task
 
 
@@ -138,23 +136,33 @@ def _checked(fn):
     return block
 
 
-def _score_task(X, w, b, packed, bases, means):
-    _check_finite(X)
-    xsq = _row_norms_sq(X)
-    labels, mind = _assign(X, xsq, packed)
-    return (float(w @ _exact_mind(X, xsq, labels, mind, packed, bases, means)),)
+class Lazy:
+    """Row functions of a dask array: one task per chunk of rows, lazily.
+
+    The counterpart of ``kflats._rows.InMemory``; each chunk's rows are checked
+    finite when it is computed.
+    """
+
+    def map(self, fn, X, width, dtype, labels=None):
+        """``fn`` of every chunk (and of its ``labels``): (rows,) or (rows, width)."""
+        shape = (
+            {"drop_axis": 1} if width is None else {"chunks": (X.chunks[0], (width,))}
+        )
+        if labels is None:
+            return X.map_blocks(_checked(fn), dtype=dtype, **shape)
+        return X.map_blocks(
+            _checked(_with_labels(fn)), labels[:, None], dtype=dtype, **shape
+        )
+
+    def weights(self, sample_weight, X):
+        return _check_weight(sample_weight, X)
 
 
-def cost(X, sample_weight, packed, bases, means):
-    """Weighted cost of a dask array's rows: one map over the chunks, one sum."""
-    blocks = _blocks(X, _check_weight(sample_weight, X))
-    (total,) = _map_reduce(blocks, _score_task, _add, packed, bases, means)
-    return total
+def _with_labels(fn):
+    def block(X, labels):
+        return fn(X, labels[:, 0])
 
-
-def map_rows(X, fn, width, dtype):
-    """``fn`` over the row chunks of X, each giving (rows, width), lazily."""
-    return X.map_blocks(_checked(fn), chunks=(X.chunks[0], (width,)), dtype=dtype)
+    return block
 
 
 def batches(X, sample_weight):
@@ -167,19 +175,3 @@ def batches(X, sample_weight):
             yield dask.compute(x)[0], None
         else:
             yield dask.compute(x, weights.blocks[b])
-
-
-def _predict_block(X, packed):
-    return _assign(X, _row_norms_sq(X), packed)[0]
-
-
-def predict(X, packed):
-    """Labels of a dask array's rows, lazily."""
-    return X.map_blocks(_checked(_predict_block), packed, drop_axis=1, dtype=np.int32)
-
-
-def transform(X, transform_block, k):
-    """Distances of a dask array's rows to every subspace, lazily."""
-    return X.map_blocks(
-        _checked(transform_block), chunks=(X.chunks[0], (k,)), dtype=X.dtype
-    )

@@ -5,9 +5,11 @@ reads the rows is one task per chunk and a tree of reductions that adds up
 what the tasks return, which is small: the clusters' statistics (as
 ``kflats._lloyd._Stats`` are added, the way dask k-means reduces its sums),
 a cost, a row. The rows are never gathered. An assignment persists its
-labels and distances on the workers (one number each per row) and, in the
-same pass, reduces the statistics of the new labels and the farthest row,
-which the update and its re-seeding then use: one pass per Lloyd iteration.
+labels on the workers (an int32 per row) and, in the same pass, reduces the
+statistics of the new labels, their cost, the farthest row and the number of
+rows whose label changed, which the update, its re-seeding and the loop's
+stopping rule then use: one pass per Lloyd iteration, and one for the final
+cost from the residuals.
 A task depends only on its chunk and on the subspaces it is given, so a task
 that dask runs again (a worker lost mid-fit) gives the same result and the
 fit is unchanged.
@@ -81,7 +83,7 @@ class DaskOps:
     # -- Lloyd: one pass per assignment ----------------------------------------
 
     def assign(self, X, xsq, packed, return_distances=False):
-        """Labels and squared distances, as dask arrays persisted on the workers.
+        """Labels, persisted on the workers, and squared distances (lazy).
 
         The same pass reduces what the rest of the iteration needs: the
         statistics of the labels, the weighted cost, the farthest row of
@@ -96,16 +98,21 @@ class DaskOps:
         before = [None] * len(self._blocks) if last is None else last.parts
         parts = dask.persist(
             *[
-                dask.delayed(_assign_task, nout=3, pure=True)(x, w, start, packed, old)
+                dask.delayed(_assign_task, nout=2, pure=True)(x, w, start, packed, old)
                 for (x, w), start, old in zip(
                     self._blocks, self._starts, before, strict=True
                 )
             ]
         )
-        reduced = dask.compute(_tree([p[2] for p in parts], _combine_assigned))[0]
+        reduced = dask.compute(_tree([p[1] for p in parts], _combine_assigned))[0]
+        # The distances are not kept (the pass reduced their cost and their
+        # farthest row): computing them is one more pass.
+        minds = [
+            dask.delayed(_mind_task, pure=True)(x, packed) for x, _ in self._blocks
+        ]
         self._pass = _Pass(
             self._array([p[0] for p in parts], np.int32),
-            self._array([p[1] for p in parts], np.float64),
+            self._array(minds, np.float64),
             [p[0] for p in parts],
             None if last is None else last.labels,
             *reduced,
@@ -170,13 +177,8 @@ class DaskOps:
         if packed.complement:
             return mind
         parts = [
-            dask.delayed(_exact_task, pure=True)(x, lab, m, packed, bases, means)
-            for (x, _), lab, m in zip(
-                self._blocks,
-                labels.to_delayed().ravel(),
-                mind.to_delayed().ravel(),
-                strict=True,
-            )
+            dask.delayed(_exact_task, pure=True)(x, lab, packed, bases, means)
+            for (x, _), lab in zip(self._blocks, self._of(labels).parts, strict=True)
         ]
         return self._array(parts, np.float64)
 
@@ -277,10 +279,10 @@ def _assign_task(X, w, start, packed, before):
     cost = float(w @ mind)
     if X.shape[0] == 0:
         row = np.zeros(X.shape[1], X.dtype)
-        return labels, mind, (stats, cost, -np.inf, -1, row, moved)
+        return labels, (stats, cost, -np.inf, -1, row, moved)
     far = np.where(w > 0, mind, -np.inf)
     i = int(np.argmax(far))
-    return labels, mind, (stats, cost, far[i], int(start) + i, X[i].copy(), moved)
+    return labels, (stats, cost, far[i], int(start) + i, X[i].copy(), moved)
 
 
 def _combine_assigned(a, b):
@@ -288,5 +290,10 @@ def _combine_assigned(a, b):
     return (a[0] + b[0], a[1] + b[1]) + far[2:5] + (a[5] + b[5],)
 
 
-def _exact_task(X, labels, mind, packed, bases, means):
-    return _exact_mind(X, _row_norms_sq(X), labels, mind, packed, bases, means)
+def _mind_task(X, packed):
+    return _assign(X, _row_norms_sq(X), packed)[1]
+
+
+def _exact_task(X, labels, packed, bases, means):
+    """The residuals of a chunk's rows (``packed`` not in the complement form)."""
+    return _exact_mind(X, _row_norms_sq(X), labels, None, packed, bases, means)
