@@ -21,7 +21,7 @@ from sklearn.utils.validation import (
 
 from . import _dask, _rows
 from ._fit import best_run, check_params_vs_input, fit_input
-from ._partial_fit import partial_fit_batch
+from ._partial_fit import partial_fit
 
 
 class KSubspaces(
@@ -293,14 +293,7 @@ class KSubspaces(
         """
         state = dict(self.__dict__)
         try:
-            if _dask.is_dask_array(X):  # a stream of its chunks
-                if sample_weight is not None and not _dask.is_dask_array(sample_weight):
-                    sample_weight = np.asarray(sample_weight)
-                X = _dask.check_array(X, getattr(self, "n_features_in_", None))
-                for batch, weight in _dask.batches(X, sample_weight):
-                    partial_fit_batch(self, batch, weight)
-                return self
-            partial_fit_batch(self, X, sample_weight)
+            partial_fit(self, X, sample_weight)
             return self
         except BaseException:
             self.__dict__.clear()

@@ -6,9 +6,22 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
+from . import _dask
 from ._backend import NumpyOps
 from ._fit import check_params_vs_input
 from ._lloyd import _assign, _exact_mind, _pack, _row_norms_sq, _Stats, _update
+
+
+def partial_fit(est, X, sample_weight):
+    """Fit ``est`` one batch, or every chunk of a dask array in order."""
+    if not _dask.is_dask_array(X):
+        partial_fit_batch(est, X, sample_weight)
+        return
+    if sample_weight is not None and not _dask.is_dask_array(sample_weight):
+        sample_weight = np.asarray(sample_weight)
+    X = _dask.check_array(X, getattr(est, "n_features_in_", None))
+    for batch, weight in _dask.batches(X, sample_weight):  # a stream of chunks
+        partial_fit_batch(est, batch, weight)
 
 
 def partial_fit_batch(est, X, sample_weight):
