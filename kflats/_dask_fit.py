@@ -40,7 +40,7 @@ class DaskOps:
         self._sizes = X.chunks[0]
         self._starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]]).astype(int)
         self._data = None  # W, sum w x, cost of the origin, positive weights
-        self._pass = None  # the last assignment: labels, mind and its reduction
+        self._pass = None  # the last assignment and what its pass reduced
 
     # -- the data: one pass ------------------------------------------------------
 
@@ -83,12 +83,13 @@ class DaskOps:
     # -- Lloyd: one pass per assignment ----------------------------------------
 
     def assign(self, X, xsq, packed, return_distances=False):
-        """Labels, persisted on the workers, and squared distances (lazy).
+        """Labels, persisted on the workers, and the pass in place of distances.
 
-        The same pass reduces what the rest of the iteration needs: the
-        statistics of the labels, the weighted cost, the farthest row of
-        positive weight and the number of rows whose label changed since the
-        last assignment.
+        The distances are not kept: the same pass reduces what the rest of the
+        iteration needs of them and of the labels (a ``_Pass``: the statistics
+        of the labels, the weighted cost, the farthest row of positive weight
+        and the number of rows whose label changed since the last assignment),
+        and that stands for ``mind`` in ``cost``, ``update`` and ``exact_mind``.
         """
         import dask
 
@@ -105,19 +106,14 @@ class DaskOps:
             ]
         )
         reduced = dask.compute(_tree([p[1] for p in parts], _combine_assigned))[0]
-        # The distances are not kept (the pass reduced their cost and their
-        # farthest row): computing them is one more pass.
-        minds = [
-            dask.delayed(_mind_task, pure=True)(x, packed) for x, _ in self._blocks
-        ]
+        labels = [p[0] for p in parts]
         self._pass = _Pass(
-            self._array([p[0] for p in parts], np.int32),
-            self._array(minds, np.float64),
-            [p[0] for p in parts],
+            self._array(labels, np.int32),
+            labels,
             None if last is None else last.labels,
             *reduced,
         )
-        return self._pass.labels, self._pass.mind
+        return self._pass.labels, self._pass
 
     def _array(self, parts, dtype):
         import dask.array as da
@@ -136,9 +132,9 @@ class DaskOps:
         return self._pass
 
     def cost(self, sample_weight, mind):
-        if self._pass is not None and mind is self._pass.mind:
-            return self._pass.cost  # reduced by the pass
-        return float((sample_weight @ mind).compute())
+        if isinstance(mind, _Pass):
+            return mind.cost  # reduced by the pass
+        return float((sample_weight @ mind).compute())  # one pass
 
     def stats(self, X, labels, sample_weight, k):
         return _DaskStats(self, self._of(labels).stats)
@@ -152,12 +148,11 @@ class DaskOps:
         """
         k = stats.W.size
         bases, means, comps = _from_stats(stats, k, j, affine, X.dtype)
-        last = self._of(labels)
         starved = np.flatnonzero(stats.N < j)
-        if grow is None or not starved.size or not last.far > 0:
+        if grow is None or not starved.size or not mind.far > 0:
             return bases, means, comps, []
         c = int(starved[0])
-        for out, grown in zip((bases, means, comps), grow(last.index), strict=True):
+        for out, grown in zip((bases, means, comps), grow(mind.index), strict=True):
             if out is not None:
                 out[c] = grown
         return bases, means, comps, [c]
@@ -187,8 +182,7 @@ class DaskOps:
 class _Pass:
     """An assignment of the rows of a dask array, and what its pass reduced."""
 
-    labels: object  # dask arrays, persisted
-    mind: object
+    labels: object  # a dask array, persisted
     parts: list  # the persisted labels of every chunk
     previous: object  # the labels of the assignment before, or None
     stats: _Stats
@@ -288,10 +282,6 @@ def _assign_task(X, w, start, packed, before):
 def _combine_assigned(a, b):
     far = a if a[2] >= b[2] else b
     return (a[0] + b[0], a[1] + b[1]) + far[2:5] + (a[5] + b[5],)
-
-
-def _mind_task(X, packed):
-    return _assign(X, _row_norms_sq(X), packed)[1]
 
 
 def _exact_task(X, labels, packed, bases, means):
