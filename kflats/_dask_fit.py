@@ -128,7 +128,7 @@ class DaskOps:
     def _of(self, labels):
         """The last pass, which must have given ``labels``."""
         if self._pass is None or labels is not self._pass.labels:
-            raise ValueError("the labels are not those of the last assignment")
+            raise RuntimeError("the labels are not those of the last assignment")
         return self._pass
 
     def cost(self, sample_weight, mind):

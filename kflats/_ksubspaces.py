@@ -116,11 +116,12 @@ class KSubspaces(
     itself. Rows that arrive in batches are fitted with :meth:`partial_fit`.
     ``fit``, ``predict`` and ``transform`` also take a :class:`dask.array.Array`
     chunked along the rows (``pip install kflats[dask]``): each Lloyd step is
-    then one map over the chunks and one reduction of the clusters' statistics,
-    the seeding oversamples rows in the manner of k-means||, and ``labels_``,
-    ``predict``, ``transform``, ``coordinates`` and ``project`` are lazy dask
-    arrays; ``score`` is one pass over the chunks, and ``partial_fit`` takes
-    the chunks as a stream of batches (see :doc:`/scale`).
+    then one map over the chunks and one reduction of the clusters' statistics
+    (the same Lloyd loop as in memory), the seeding oversamples rows in the
+    manner of k-means||, ``labels_`` is a dask array whose chunks stay on the
+    workers, and ``predict``, ``transform``, ``coordinates`` and ``project``
+    are lazy dask arrays; ``score`` is one pass over the chunks, and
+    ``partial_fit`` takes the chunks as a stream of batches (see :doc:`/scale`).
 
     Examples
     --------
