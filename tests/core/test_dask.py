@@ -104,6 +104,27 @@ def test_same_lloyd_iterations_as_in_memory_from_the_same_start(client, affine):
     assert dist.inertia_ == pytest.approx(mem.inertia_, rel=1e-6)
 
 
+def test_one_pass_over_the_rows_per_lloyd_iteration():
+    """Each Lloyd iteration reads every chunk once: assignment and statistics."""
+    import dask
+
+    reads = []
+
+    def counted(block_info=None):
+        reads.append(block_info[None]["chunk-location"][0])
+        return _block(block_info)
+
+    n_chunks = 4
+    X = da.map_blocks(counted, chunks=((500,) * n_chunks, (D,)), dtype=np.float32)
+    rng = np.random.RandomState(7)
+    init = np.stack([np.linalg.qr(rng.randn(D, J))[0].T for c in range(K)])
+    with dask.config.set(scheduler="synchronous"):
+        est = KSubspaces(k=K, j=J, init=init, tol=0.0).fit(X)
+    assert est.n_iter_ > 1 and len(reads) % n_chunks == 0
+    # the data's sizes, the first assignment, one per iteration, the exact cost
+    assert len(reads) // n_chunks == 1 + 1 + est.n_iter_ + 1
+
+
 def test_predict_and_transform_are_lazy(client):
     X = generated()
     est = KSubspaces(k=K, j=J, random_state=0).fit(X)
