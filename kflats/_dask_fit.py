@@ -33,7 +33,7 @@ def fit_input(X, sample_weight):
 class DaskOps:
     """Assignment, statistics, update and re-seeding of a dask array of rows."""
 
-    parallel = False  # the factorizations are few (k), the passes cost
+    parallel = False  # the update's k eigendecompositions run in sequence
 
     def __init__(self, X, sample_weight):
         self._blocks = _blocks(X, sample_weight)
