@@ -8,7 +8,7 @@ with it; ``kflats.json`` says which modules are projective layers and how to
 build them before the tensors are loaded.
 
 The parts: ``_folder`` (paths, JSON and tensor headers read as data),
-``_manifest`` (kflats.json and its schema), ``_packed`` (quantized
+``_manifest`` (kflats.json and its schema), ``_saved_quantized`` (quantized
 parameters), ``_library_files`` (config.json, modules.json, the tokenizer)
 and ``_rebuild`` (the model rebuilt and checked before anything is placed).
 """
@@ -26,7 +26,6 @@ from ._folder import _MANIFEST, _WEIGHTS, _match, _stored, _weight_files
 from ._hush import _quiet
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
 from ._manifest import _manifest_of
-from ._packed import _pack_files, _packed, _quantized
 from ._rebuild import (
     _build,
     _fit,
@@ -37,6 +36,7 @@ from ._rebuild import (
     _transformer_of,
     _verify,
 )
+from ._saved_quantized import _pack_files, _packed, _quantized
 
 __all__ = ["load_compressed", "save_compressed"]
 

@@ -13,7 +13,7 @@ from .. import __version__
 from ._folder import _MANIFEST, _MAX_DIM, _NAME, _inside, _read_json
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
 from ._models import describe_ties
-from ._packed import _quantized_entry
+from ._saved_quantized import _quantized_entry
 
 _FORMAT = "kflats.compressed"
 _VERSION = 3

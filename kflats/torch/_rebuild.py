@@ -32,7 +32,7 @@ from ._library_files import (
 )
 from ._manifest import _LAYERS, _probe, _qualname, _read_manifest
 from ._models import plan_ties
-from ._packed import _check_quantized, _unpack
+from ._saved_quantized import _check_quantized, _unpack
 
 # attention implementations that every torch build has; any other one (flash
 # attention, a hub kernel) is left for transformers to choose on the machine
