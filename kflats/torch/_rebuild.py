@@ -4,7 +4,9 @@ Its skeleton is built from config.json (on the meta device first, so that a
 config announcing absurd sizes fails before anything is allocated), each
 projective layer from its kflats.json entry, checked against the stored
 tensors' headers and the module it replaces; a ProjectiveLinear given its
-tensors must compute what kflats.json records for it.
+tensors must compute what kflats.json records for it. The steps of
+:func:`load_compressed` (open the folder, read the headers, build, read the
+state, swap the layers in) are the last functions here.
 """
 
 import contextlib
