@@ -390,3 +390,54 @@ def _with_pad_token(tokenizer):
         f"the tokenizer has no pad token; calibration and evaluation pad with its "
         f"end-of-sequence token {eos!r} (the saved tokenizer is unchanged)"
     )
+
+
+def load_pretrained(path, *, gguf_file=None):
+    """A transformers model of the class its config names, and its tokenizer.
+
+    The model comes back as what it is (``LlamaForCausalLM`` with its LM
+    head, ``BertForSequenceClassification`` with its classifier; the first
+    class of ``config.architectures``), from local files only, running no
+    code from the folder. A folder the model cannot be read from faithfully
+    is refused instead of papered over.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A model folder, a ``.gguf`` file, or a folder holding one (and no
+        ``config.json``).
+    gguf_file : str, default=None
+        The GGUF file's name inside the folder (dequantized to float32).
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode.
+    tokenizer : transformers tokenizer
+
+    Raises
+    ------
+    ValueError
+        If the folder holds no tokenizer files, if its weights do not match
+        its config (missing, unexpected or mismatched tensors, which
+        transformers would fill at random), or if it cannot be read.
+
+    Examples
+    --------
+    >>> from kflats.datasets import minilm_model_dir
+    >>> from kflats.torch._models import load_pretrained
+    >>> model, tokenizer = load_pretrained(minilm_model_dir())
+    >>> type(model).__name__, tokenizer("a cat")["input_ids"]
+    ('BertModel', [101, 1037, 4937, 102])
+    """
+    import warnings
+
+    source = model_source(
+        path if gguf_file is None else Path(path) / gguf_file,
+        label="model folder",
+        sentence_transformers=False,
+    )
+    loaded = load_model(source)
+    if loaded.note:
+        warnings.warn(loaded.note, UserWarning, stacklevel=2)
+    return loaded.model, loaded.tokenizer
