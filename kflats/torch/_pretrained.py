@@ -160,7 +160,8 @@ def _with_portable_attention(build):
     try:
         return build("sdpa")
     except ValueError as exc:
-        if "sdpa" not in str(exc).lower():
+        message = str(exc).lower()
+        if "sdpa" not in message and "scaled_dot_product_attention" not in message:
             raise
         return build("eager")
 

@@ -490,3 +490,27 @@ def test_a_tied_table_is_fitted_for_the_logits_it_computes():
     compress(rows_only, 0.3, "transformer.wte", sample_weight=w, k=1)
     # the truncated SVD of the whitened table is optimal for this error
     assert logit_error(tied) < 0.99 * logit_error(rows_only)
+
+
+def test_a_family_without_sdpa_attention_loads_with_eager(tmp_path):
+    # MPNet has no scaled_dot_product_attention: transformers refuses "sdpa"
+    # for it, and the folder loads with eager attention instead, as a
+    # transformers folder and as a sentence-transformers one
+    import sentence_transformers as st
+
+    from kflats.torch._models import load_pretrained
+    from kflats.torch._pretrained import load_model, model_source
+
+    folder = _folder_with_tokenizer(build("mpnet"), tmp_path / "mpnet")
+    model, _ = load_pretrained(folder)
+    assert type(model) is transformers.MPNetModel
+    assert model.config._attn_implementation == "eager"
+    modules = st.sentence_transformer.modules
+    inner, pooling = (
+        modules.Transformer(str(folder)),
+        modules.Pooling(BERT["hidden_size"]),
+    )
+    st.SentenceTransformer(modules=[inner, pooling]).save(str(tmp_path / "st"))
+    loaded = load_model(model_source(tmp_path / "st"))
+    assert loaded.kind == "sentence-transformers"
+    assert loaded.model[0].auto_model.config._attn_implementation == "eager"
