@@ -142,13 +142,39 @@ def _check_tokenizer_files(folder, what):
 # --- loading -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def hushed():
-    """Silence transformers' and sentence-transformers' logging and warnings."""
+    """Silence transformers' and sentence-transformers' logging, warnings and bars.
+
+    transformers' switch reaches the bars it draws through its logging; the
+    conversion of a GGUF file's tensors draws its own ``tqdm`` bar, which is
+    made silent here too. Everything is restored on exit.
+    """
     import transformers  # noqa: F401 - imported first, so that its bars go quiet
 
     from ._io import _quiet
 
-    return _quiet()
+    with _quiet(), _silent_gguf_conversion():
+        yield
+
+
+@contextlib.contextmanager
+def _silent_gguf_conversion():
+    """transformers' GGUF reader with a progress bar that draws nothing."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # a transformers without GGUF support draws no bar
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _with_portable_attention(build):

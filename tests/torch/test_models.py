@@ -514,3 +514,18 @@ def test_a_family_without_sdpa_attention_loads_with_eager(tmp_path):
     loaded = load_model(model_source(tmp_path / "st"))
     assert loaded.kind == "sentence-transformers"
     assert loaded.model[0].auto_model.config._attn_implementation == "eager"
+
+
+def test_hushed_silences_the_gguf_conversion_bar(capfd):
+    # transformers draws the bar of a GGUF file's conversion with tqdm
+    # itself, out of reach of its own switch: under hushed it draws nothing
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from kflats.torch._pretrained import hushed
+
+    title = "Converting and de-quantizing GGUF tensors..."
+    with hushed():
+        assert list(reader.tqdm(range(3), desc=title)) == [0, 1, 2]
+    assert title not in capfd.readouterr().err
+    list(reader.tqdm(range(3), desc=title))  # restored on exit
+    assert title in capfd.readouterr().err
