@@ -6,6 +6,8 @@ sensitivity: how far the model's final output moves, on the calibration's
 probe batches, per unit of the module's relative error.
 """
 
+import contextlib
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -168,12 +170,19 @@ def _sensitivities(model, names, named, spectra, probe):
     batches of the calibration run through the model, and the distortion of
     its final output (:func:`_output_distortion`) divided by that error. The
     weight is always put back.
+
+    The blocks that run before a module's own block cannot see its weight:
+    their outputs, recorded once on the unchanged model, are replayed instead
+    of computed (:class:`_Replay`), so that the probe of a module in the last
+    block costs one block, not the whole stack. The outputs are the same.
     """
     probe = _probe_batches(model, probe)
     was_training = model.training
     model.eval()
     try:
-        reference = _final_outputs(model, probe)
+        replay = _Replay(model)
+        with replay.recording():
+            reference = _final_outputs(model, probe)
         out = {}
         for name in names:
             module, spectrum = named[name], spectra[name]
@@ -186,7 +195,7 @@ def _sensitivities(model, names, named, spectra, probe):
             try:
                 with torch.no_grad():
                     weight.copy_(torch.as_tensor(_truncated(module, spectrum, rank)))
-                outputs = _final_outputs(model, probe)
+                outputs = replay.final_outputs(model, probe, name)
                 out[name] = _output_distortion(outputs, reference) / rel
             finally:
                 with torch.no_grad():
@@ -194,6 +203,104 @@ def _sensitivities(model, names, named, spectra, probe):
     finally:
         model.train(was_training)
     return out
+
+
+class _Replay:
+    """The outputs of a model's blocks on the probe batches, replayed.
+
+    A forward pass runs its blocks in order: those that finish before the
+    block holding a module starts do not depend on that module's weight.
+    :meth:`recording` keeps, per probe batch, each block's output in the
+    order the blocks finish; :meth:`final_outputs` then runs the model with
+    the blocks before the module's own returning their recorded outputs.
+    A batch in which a block runs more than once (shared blocks) is run
+    whole.
+    """
+
+    def __init__(self, model):
+        named = dict(model.named_modules())
+        self.blocks = [
+            (f"{stack}.{i}", block)
+            for stack in adapter_for(model).block_stacks()
+            for i, block in enumerate(named[stack].children())
+        ]
+        self.logs = []  # per batch: [(block index, output)] in finishing order
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the blocks' outputs of each forward pass run inside."""
+
+        def hook(index):
+            def record(module, args, output):
+                if self.logs:
+                    self.logs[-1].append((index, output))
+
+            return record
+
+        handles = [
+            block.register_forward_hook(hook(i))
+            for i, (_, block) in enumerate(self.blocks)
+        ]
+        pre = [
+            block.register_forward_pre_hook(self._new_pass)
+            for _, block in self.blocks[:1]
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles + pre:
+                handle.remove()
+
+    def _new_pass(self, module, args):
+        self.logs.append([])
+
+    def _skipped(self, b, name):
+        """``{block index: output}`` that batch ``b`` may replay for ``name``."""
+        own = next(
+            (i for i, (n, _) in enumerate(self.blocks) if name.startswith(n + ".")),
+            None,
+        )
+        log = self.logs[b] if b < len(self.logs) else []
+        order = [i for i, _ in log]
+        if own is None or own not in order or len(set(order)) != len(order):
+            return {}
+        return dict(log[: order.index(own)])
+
+    def final_outputs(self, model, probe, name):
+        """:func:`_final_outputs`, the blocks before ``name``'s replayed."""
+        if len(self.logs) != len(probe):  # the first block ran once per batch
+            return _final_outputs(model, probe)
+        out = []
+        for b, batch in enumerate(probe):
+            with self._replaying(self._skipped(b, name)):
+                out += _final_outputs(model, [batch])
+        return out
+
+    @contextlib.contextmanager
+    def _replaying(self, outputs):
+        saved = {}
+        for i, output in outputs.items():
+            block = self.blocks[i][1]
+            saved[i] = vars(block).get("forward")
+            block.forward = functools.partial(_replayed, output)
+        try:
+            yield
+        finally:
+            for i, forward in saved.items():
+                block = self.blocks[i][1]
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+
+
+def _replayed(output, *args, **kwargs):
+    """A recorded block output, copied (the caller may change it in place)."""
+    if torch.is_tensor(output):
+        return output.clone()
+    if type(output) in (tuple, list):
+        return type(output)(_replayed(o) for o in output)
+    return output
 
 
 def _probe_batches(model, probe):

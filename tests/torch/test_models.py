@@ -529,3 +529,66 @@ def test_hushed_silences_the_gguf_conversion_bar(capfd):
     assert title not in capfd.readouterr().err
     list(reader.tqdm(range(3), desc=title))  # restored on exit
     assert title in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sensitivity_probe_replays_the_blocks_before_a_module(family):
+    # the probe runs the model once per module; the blocks that finish before
+    # the module's own block are replayed from the unchanged model's run, and
+    # every sensitivity equals that of a whole forward pass per module
+    from kflats.torch._layers import _dense_weight
+    from kflats.torch._sensitivity import (
+        _final_outputs,
+        _objectives,
+        _output_distortion,
+        _probe_batches,
+        _probe_rank,
+        _Replay,
+        _rows_cols,
+        _sensitivities,
+        _truncated,
+        _weight_spectrum,
+    )
+
+    model = build(family)
+    names = adapter_for(model).all_targets()
+    named = dict(model.named_modules())
+    cal = calibrate(model, batches())
+    objectives = _objectives(cal, names, named, 1.0, 0.01)
+    spectra = {n: _weight_spectrum(named[n], objectives[n]) for n in names}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = _probe_batches(model, cal.probe)
+
+    replay = _Replay(model)
+    with replay.recording():
+        reference = _final_outputs(model, probe)
+    n_blocks = len(replay.blocks)
+    assert n_blocks == LAYERS * (2 if family == "t5" else 1)
+    assert len(replay.logs) == len(probe) and all(
+        sorted(i for i, _ in log) == list(range(n_blocks)) for log in replay.logs
+    )
+    last = next(n for n in reversed(names) if n.startswith(replay.blocks[-1][0]))
+    assert len(replay._skipped(0, last)) == n_blocks - 1
+    assert replay._skipped(0, names[0]) == {}  # the embedding runs everything
+
+    expected = {}
+    for name in names:
+        module = named[name]
+        rank, rel = _probe_rank(spectra[name], *_rows_cols(module))
+        weight = _dense_weight(module)
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(torch.as_tensor(_truncated(module, spectra[name], rank)))
+        outputs = _final_outputs(model, probe)
+        expected[name] = _output_distortion(outputs, reference) / rel
+        with torch.no_grad():
+            weight.copy_(saved)
+    got = _sensitivities(model, names, named, spectra, cal.probe)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose(
+        [got[n] for n in names], [expected[n] for n in names], rtol=1e-5, atol=1e-12
+    )
+    assert any(v > 0 for v in got.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # the blocks are themselves again
+    assert not any("forward" in vars(block) for _, block in replay.blocks)
