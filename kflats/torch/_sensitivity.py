@@ -25,6 +25,8 @@ from ._models import adapter_for
 # each module's sensitivity is measured with its k = 1 factors at the rank
 # whose calibrated relative error is about this
 _PROBE_ERROR = 0.05
+# modules holding more than this many numbers (in total) show progress bars
+_PROGRESS_NUMBERS = 2_000_000
 
 
 class _Objective(NamedTuple):
@@ -162,7 +164,39 @@ def _probe_rank(spectrum, n, d):
     return rank, (float(error[rank - 1]) if rank >= 1 else 1.0)
 
 
-def _sensitivities(model, names, named, spectra, probe):
+def _bar(names, named, progress, desc):
+    """A tqdm bar over the modules, or None.
+
+    ``progress=None``: shown when the modules hold more than
+    ``_PROGRESS_NUMBERS`` numbers (the probes of a small model are quick).
+    """
+    size = sum(named[n].weight.numel() for n in names)
+    show = size > _PROGRESS_NUMBERS if progress is None else bool(progress)
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the torch extra
+        return None
+    return tqdm(total=len(names), desc=desc, unit="module")
+
+
+def _spectra(names, named, objectives, progress=None):
+    """Each module's :func:`_weight_spectrum`, with a progress bar."""
+    bar = _bar(names, named, progress, "kflats spectra")
+    out = {}
+    try:
+        for name in names:
+            out[name] = _weight_spectrum(named[name], objectives[name])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _sensitivities(model, names, named, spectra, probe, progress=None):
     """Output distortion per unit of relative error, for each module.
 
     Each module in turn has its weight replaced by its (calibrated) k = 1
@@ -175,10 +209,12 @@ def _sensitivities(model, names, named, spectra, probe):
     their outputs, recorded once on the unchanged model, are replayed instead
     of computed (:class:`_Replay`), so that the probe of a module in the last
     block costs one block, not the whole stack. The outputs are the same.
+    ``progress``: as :func:`_bar`.
     """
     probe = _probe_batches(model, probe)
     was_training = model.training
     model.eval()
+    bar = _bar(names, named, progress, "kflats sensitivity")
     try:
         replay = _Replay(model)
         with replay.recording():
@@ -200,7 +236,11 @@ def _sensitivities(model, names, named, spectra, probe):
             finally:
                 with torch.no_grad():
                     weight.copy_(saved)
+            if bar is not None:
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     return out
 

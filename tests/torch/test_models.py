@@ -592,3 +592,17 @@ def test_the_sensitivity_probe_replays_the_blocks_before_a_module(family):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     # the blocks are themselves again
     assert not any("forward" in vars(block) for _, block in replay.blocks)
+
+
+def test_the_plan_shows_its_progress(capfd):
+    # the spectra and the sensitivity probes of the global allocation take
+    # minutes on a real model: they show bars, as the fits do
+    model = build("bert")
+    cal = calibrate(model, batches())
+    targets = adapter_for(model).all_targets()
+    compress(model, 0.5, targets, calibration=cal, k=1, progress=True)
+    err = capfd.readouterr().err
+    for bar in ("kflats spectra", "kflats sensitivity", "kflats compress"):
+        assert f"{bar}: 100%" in err, bar
+    compress(build("bert"), 0.5, targets, calibration=cal, k=1, progress=False)
+    assert "kflats" not in capfd.readouterr().err
