@@ -152,7 +152,7 @@ def hushed():
     """
     import transformers  # noqa: F401 - imported first, so that its bars go quiet
 
-    from ._io import _quiet
+    from ._hush import _quiet
 
     with _quiet(), _silent_gguf_conversion():
         yield
