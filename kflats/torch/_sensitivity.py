@@ -112,6 +112,9 @@ def _weight_spectrum(module, objective):
     if objective is not None and objective.input_moment is not None:
         _, L = damped_moment(objective.input_moment, A.shape[1], objective.damping)
         A = _whiten(A, L)
+    n, d = A.shape
+    if n < d:
+        return _wide_spectrum(A, L)
     # the d x d Gram matrix: cheaper than an SVD for tall tables
     G = A.T @ A
     # one thread: a small eigenproblem gains little from more, and threads
@@ -121,6 +124,30 @@ def _weight_spectrum(module, objective):
     evals, V = np.clip(evals[::-1], 0, None), V[:, ::-1]
     total = float(np.trace(G))
     gains = evals / total if total > 0 else evals
+    return _Spectrum(gains, V, L)
+
+
+def _wide_spectrum(A, L):
+    """:func:`_weight_spectrum` of a matrix with fewer rows than columns.
+
+    The n x n Gram matrix ``A A^T`` has the same nonzero eigenvalues as the
+    d x d one, and its eigenvectors ``U`` give the right singular vectors
+    ``V = A^T U / s``: an n x n eigenproblem instead of a d x d one (768
+    against 3072 for a transformer's feed-forward output). The spectrum
+    keeps its d gains (the last ``d - n`` are zero) and ``V`` the directions
+    of nonzero singular values.
+    """
+    n, d = A.shape
+    K = A @ A.T
+    with one_blas_thread():
+        evals, U = linalg.eigh(K)
+    evals, U = np.clip(evals[::-1], 0, None), U[:, ::-1]
+    s = np.sqrt(evals)
+    keep = s > (s[0] * n * np.finfo(np.float64).eps if s.size else 0)
+    V = (A.T @ U[:, keep]) / s[keep]
+    total = float(np.trace(K))
+    gains = np.concatenate([evals, np.zeros(d - n)])
+    gains = gains / total if total > 0 else gains
     return _Spectrum(gains, V, L)
 
 

@@ -606,3 +606,40 @@ def test_the_plan_shows_its_progress(capfd):
         assert f"{bar}: 100%" in err, bar
     compress(build("bert"), 0.5, targets, calibration=cal, k=1, progress=False)
     assert "kflats" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (12, 12), (3, 40)])
+def test_a_weight_spectrum_is_its_truncated_svd_wide_or_tall(shape):
+    # a Linear with more inputs than outputs takes the small Gram matrix's
+    # eigenproblem: the same gains, and the same truncation, as an SVD
+    from kflats.torch._sensitivity import _Objective, _truncated, _weight_spectrum
+
+    n, d = shape
+    g = torch.Generator().manual_seed(n * d)
+    layer = nn.Linear(d, n, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, d, generator=g) * torch.linspace(3, 0.1, d))
+    X = torch.randn(4 * d, d, generator=g, dtype=torch.float64)
+    moment = (X.T @ X).numpy()
+    for objective in (None, _Objective(input_moment=moment, damping=0.01)):
+        spectrum = _weight_spectrum(layer, objective)
+        W = layer.weight.detach().double().numpy()
+        if objective is None:
+            A, back = W, np.eye(d)
+        else:
+            from kflats.factorize import damped_moment
+
+            _, L = damped_moment(moment, d, 0.01)
+            A, back = W @ L, np.linalg.inv(L)
+        s = np.linalg.svd(A, compute_uv=False)
+        assert spectrum.gains.shape == (d,)
+        np.testing.assert_allclose(
+            spectrum.gains[: s.size], s**2 / (s**2).sum(), atol=1e-12
+        )
+        assert np.all(spectrum.gains[s.size :] == 0)
+        for rank in (1, min(n, d) // 2):
+            U, s, Vt = np.linalg.svd(A, full_matrices=False)
+            best = (U[:, :rank] * s[:rank]) @ Vt[:rank] @ back
+            np.testing.assert_allclose(
+                _truncated(layer, spectrum, rank), best, atol=1e-9
+            )
