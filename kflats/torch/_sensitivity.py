@@ -6,8 +6,10 @@ sensitivity: how far the model's final output moves, on the calibration's
 probe batches, per unit of the module's relative error.
 """
 
+import collections
 import contextlib
 import functools
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -223,7 +225,64 @@ def _spectra(names, named, objectives, progress=None):
     return out
 
 
+# the sensitivities last measured, by a fingerprint of all they depend on: a
+# command that compresses copies of one model at several budgets (kflats
+# compress's curve) probes the model once
+_MEASURED = collections.OrderedDict()
+_MEASURED_KEPT = 2
+
+
 def _sensitivities(model, names, named, spectra, probe, progress=None):
+    """:func:`_measure_sensitivities`, or the same measure made before.
+
+    Measures are kept by a fingerprint of their inputs (the model's class
+    and every tensor of its state, the probe batches, and each module's
+    spectrum at its probe rank), so an equal model probed on equal batches
+    is not probed again.
+    """
+    key = _fingerprint(model, names, named, spectra, probe)
+    if key in _MEASURED:
+        _MEASURED.move_to_end(key)
+        return dict(_MEASURED[key])
+    out = _measure_sensitivities(model, names, named, spectra, probe, progress)
+    _MEASURED[key] = dict(out)
+    while len(_MEASURED) > _MEASURED_KEPT:
+        _MEASURED.popitem(last=False)
+    return out
+
+
+def _fingerprint(model, names, named, spectra, probe):
+    """A digest of what the sensitivities of ``names`` depend on."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def add(array):
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype}{array.shape}".encode())
+        h.update(array.tobytes())
+
+    h.update(repr(model).encode())
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for batch in probe:
+        for key in sorted(batch):
+            h.update(key.encode())
+            value = batch[key]
+            add(value.cpu().numpy() if torch.is_tensor(value) else np.asarray(value))
+    for name in names:
+        spectrum = spectra[name]
+        rank, _ = _probe_rank(spectrum, *_rows_cols(named[name]))
+        h.update(name.encode())
+        add(spectrum.gains)
+        add(spectrum.V[:, :rank])
+        if spectrum.L is not None:
+            add(spectrum.L)
+    return h.hexdigest()
+
+
+def _measure_sensitivities(model, names, named, spectra, probe, progress=None):
     """Output distortion per unit of relative error, for each module.
 
     Each module in turn has its weight replaced by its (calibrated) k = 1

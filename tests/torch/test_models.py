@@ -643,3 +643,35 @@ def test_a_weight_spectrum_is_its_truncated_svd_wide_or_tall(shape):
             np.testing.assert_allclose(
                 _truncated(layer, spectrum, rank), best, atol=1e-9
             )
+
+
+def test_an_equal_model_on_equal_batches_is_probed_once():
+    # kflats compress compresses copies of one model at several budgets: the
+    # sensitivity probe runs once, and again for a model that differs
+    import copy
+
+    from kflats.torch import _sensitivity
+
+    model = build("bert")
+    cal = calibrate(model, batches())
+    names = adapter_for(model).all_targets()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def measure(m):
+        named = dict(m.named_modules())
+        objectives = _sensitivity._objectives(cal, names, named, 1.0, 0.01)
+        spectra = _sensitivity._spectra(names, named, objectives)
+        return _sensitivity._sensitivities(m, names, named, spectra, cal.probe)
+
+    _sensitivity._MEASURED.clear()
+    first = measure(model)
+    assert len(calls) == len(cal.probe) * (1 + len(names))
+    again = measure(copy.deepcopy(model))
+    assert again == first and len(calls) == len(cal.probe) * (1 + len(names))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.encoder.layer[1].output.dense.weight[0, 0] += 1e-3
+    changed = measure(other)
+    assert len(calls) == 2 * len(cal.probe) * (1 + len(names))
+    assert changed != first
