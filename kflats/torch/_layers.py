@@ -15,6 +15,15 @@ from torch import nn
 from .._size import factors_size
 from ..factorize import ProjectiveFactors, factorize, factorize_linear
 from . import functional as F
+from ._packed import (
+    PackedCache,
+    cacheable,
+    pack_embedding,
+    pack_linear,
+    packed_embedding,
+    packed_embedding_fits,
+    packed_linear,
+)
 
 __all__ = ["ProjectiveEmbedding", "ProjectiveLinear", "ProjectiveTiedHead"]
 
@@ -180,6 +189,10 @@ def _as_tensor(a, device, dtype):
 class _Projective(nn.Module):
     """Storage shared by the two layers: labels, coefficients, stacked bases."""
 
+    # inference (no gradient for the factors) runs the packed form
+    # (kflats.torch._packed), built once and kept until a factor changes
+    _packed_inference = True
+
     def _init_factors(self, n, d, ranks, labels, affine, device, dtype, name_n):
         factory = {"device": device, "dtype": dtype}
         ranks, labels, sizes = _check_ranks_labels(n, d, ranks, labels, name_n)
@@ -201,7 +214,31 @@ class _Projective(nn.Module):
         order, place = _order(self.labels)
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_place", place, persistent=False)
+        self._packed_cache = PackedCache()
         self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _packed(self, build):
+        """The packed form (``build(coefficients, bases, means)``), or None.
+
+        None when the forward must record gradients for the factors (it then
+        runs the grouped form), or when a factor is recomputed at each
+        access (a parametrization).
+        """
+        coefficients = list(self.coefficients)
+        tensors = (self.bases, self.means, *coefficients)
+        if not self._packed_inference or not cacheable(tensors):
+            return None
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors
+        ):
+            return None
+        return self._packed_cache.get(
+            tensors, lambda: build(coefficients, self.bases, self.means)
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def k(self):
@@ -315,6 +352,7 @@ def _refresh_after_load(module, incompatible_keys):
     order, place = _order(labels)
     module._order.copy_(order)
     module._place.copy_(place)
+    module._packed_cache.clear()
 
 
 class ProjectiveEmbedding(_Projective):
@@ -562,6 +600,15 @@ class ProjectiveEmbedding(_Projective):
         return layer
 
     def forward(self, input):
+        width = max(self.ranks) + self.affine
+        if packed_embedding_fits(input.numel(), self.k, width):
+            packed = self._packed(
+                lambda U, V, mu: pack_embedding(
+                    self.labels, self._place, self.sizes, U, V, mu
+                )
+            )
+            if packed is not None:
+                return packed_embedding(input, *packed)
         return F.projective_embedding(
             input,
             self._place,
@@ -877,6 +924,11 @@ class ProjectiveLinear(_Projective):
         return layer
 
     def forward(self, input):
+        packed = self._packed(
+            lambda U, V, mu: pack_linear(self.side, self._order, self.sizes, U, V, mu)
+        )
+        if packed is not None:
+            return packed_linear(input, *packed, self.bias)
         if self.side == "output":
             return F.projective_linear_output(
                 input,
