@@ -4,9 +4,8 @@ import numpy as np
 from scipy import linalg
 
 from ..factorize._validation import _check_moment as check_moment
-from ._tensor import (
+from ._grid import (
     _CLIP_RATIOS,
-    QuantizedTensor,
     _as_matrix,
     _check_axis,
     _check_bits,
@@ -16,6 +15,7 @@ from ._tensor import (
     _encode,
     _fit_and_encode,
 )
+from ._tensor import QuantizedTensor
 
 __all__ = ["quantize_calibrated"]
 

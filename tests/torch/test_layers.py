@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from kflats.torch import ProjectiveEmbedding, ProjectiveLinear
 from kflats.torch import functional as F
+from kflats.torch._packed import EMBEDDING_PACKED_TOKENS
 
 
 def _grouped_linear(layer, x):
@@ -116,6 +117,7 @@ def embeddings(draw):
 @given(layer=embeddings(), data=st.data())
 def test_packed_embedding_equals_grouped(layer, data):
     shape = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
+    assert int(torch.tensor(shape).prod()) <= EMBEDDING_PACKED_TOKENS
     ids = torch.tensor(
         data.draw(
             st.lists(
@@ -135,8 +137,8 @@ def test_packed_embedding_equals_grouped(layer, data):
 
 
 def test_many_tokens_take_the_grouped_form():
-    layer = ProjectiveEmbedding(30000, 64, ranks=(48,) * 16)
-    ids = torch.randint(0, 30000, (32, 128))
+    layer = ProjectiveEmbedding(300, 64, ranks=(8,) * 4)
+    ids = torch.randint(0, 300, (2, EMBEDDING_PACKED_TOKENS))
     with torch.no_grad():
         out = layer(ids)
     assert layer._packed_cache.value is None
