@@ -69,7 +69,10 @@ class ProjectiveEmbedding(_Projective):
     The forward maps the ids to the cluster-ordered table, removes repeated
     ids with one sort, runs one GEMM per cluster on the distinct tokens and
     gathers the result back: no Python loop over tokens, and the flops of a
-    single SVD factor pair of the same size.
+    single SVD factor pair of the same size. For inference (no gradient to
+    record), a lookup of at most 64 tokens skips the deduplication and reads
+    each token's cluster and row from tables kept until a factor changes
+    (fewer operator calls; equal up to floating-point rounding).
 
     Examples
     --------

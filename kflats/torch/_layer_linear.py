@@ -67,6 +67,14 @@ class ProjectiveLinear(_Projective):
     ProjectiveEmbedding
     kflats.factorize.factorize_linear : How the factors are found.
 
+    Notes
+    -----
+    For inference (no gradient to record) the layer runs a packed form, kept
+    until a factor changes: the clusters' coefficients placed in one block
+    matrix, so that the forward is two GEMMs with contiguous operands (or
+    one, with their product, where that is no more flops), equal to the
+    grouped form up to floating-point rounding.
+
     Examples
     --------
     >>> import torch

@@ -20,8 +20,18 @@ inference (no gradient to record) a layer packs its factors once:
   flops, and lost on a sentence of MiniLM's vocabulary: 238 us against
   139 us grouped), but reads each token's cluster and row from two tables
   kept with the packed form, and skips the deduplication: 8 operator calls
-  plus 3 per cluster present instead of about 14 plus 4 per cluster. A
-  lookup of many tokens keeps the grouped form, which removes repeated ids.
+  plus 3 per cluster present instead of about 14 plus 4 per cluster (68 us
+  for that sentence). A lookup of many tokens keeps the grouped form, which
+  removes repeated ids.
+
+A Linear's packed matrices are stored contiguous in the order the GEMM reads
+them: on this machine's CPU torch, a product with a transposed view (what
+the grouped form and ``nn.Linear`` do) took 44-62 us against 27-40 us for
+the same 20-row product with contiguous operands (ranks 128-192 of a 384 x
+384 weight, 1 thread). On all-MiniLM-L6-v2 compressed at 0.6 (20 Linear
+layers as k = 1 factors, ranks 114-190), each packed layer took 43-57 us
+per 20-token sentence against 60 us for its dense original and 61-82 us
+grouped. Outputs equal the grouped form's up to floating-point rounding.
 
 The packed tensors are derived data, never saved: a layer builds them on
 first use and rebuilds them when a factor changes (another tensor, or the
@@ -45,7 +55,7 @@ def _key(tensors):
 
 
 def _same(key, other):
-    if other is None or len(key) != len(other):
+    if len(key) != len(other):
         return False
     for a, b in zip(key, other, strict=True):
         if a is None or b is None:
@@ -57,33 +67,43 @@ def _same(key, other):
 
 
 class PackedCache:
-    """The packed tensors of one layer and the factors they were built from."""
+    """The packed tensors of one layer and the factors they were built from.
 
-    __slots__ = ("_key", "value")
+    One ``(key, value)`` entry, read and replaced whole, so that threads
+    running the same layer see a complete entry (at worst, two build it).
+    """
+
+    __slots__ = ("_entry",)
 
     def __init__(self):
-        self._key = None
-        self.value = None
+        self._entry = None
 
     def __reduce__(self):
         # derived data: a copy or a pickle of the layer starts empty
         return (PackedCache, ())
 
+    @property
+    def value(self):
+        """The packed tensors last built, or None."""
+        entry = self._entry
+        return None if entry is None else entry[1]
+
     def get(self, tensors, build):
         """The packed tensors for ``tensors``, built by ``build()`` if stale."""
         key = _key(tensors)
-        if not _same(key, self._key):
-            self.value = None  # free the stale form before building the new one
-            # plain tensors even under inference_mode, so that a later
-            # forward recording gradients for its input may save them
-            with torch.inference_mode(False), torch.no_grad():
-                self.value = build()
-            self._key = key
-        return self.value
+        entry = self._entry
+        if entry is not None and _same(key, entry[0]):
+            return entry[1]
+        self._entry = None  # free the stale form before building the new one
+        # plain tensors even under inference_mode, so that a later
+        # forward recording gradients for its input may save them
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
+        self._entry = (key, value)
+        return value
 
     def clear(self):
-        self._key = None
-        self.value = None
+        self._entry = None
 
 
 def cacheable(tensors):
