@@ -29,55 +29,23 @@ from kflats.torch._byte_forms import _Form, _forms, _ModuleForms  # noqa: E402
 from kflats.torch._bytes import _plan_bytes, _predicted  # noqa: E402
 from kflats.torch._sensitivity import _objectives, _weight_spectrum  # noqa: E402
 
-# --------------------------------------------------------------------------
-# a tiny encoder (input dicts in), rows of 32 so that groups of 32 divide them
+from ._helpers import (  # noqa: E402
+    SENTENCES,
+    TinyEncoder,
+    assert_unchanged,
+    snapshot,
+    tokenizer_for,
+)
 
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, h):
-        return self.norm(h + self.down(torch.relu(self.up(h))))
-
-
-class Tiny(nn.Module):
-    def __init__(self, vocab=64, d=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d, padding_idx=0)
-        self.layers = nn.ModuleList([Block(d), Block(d)])
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return {"last_hidden_state": h}
-
-
-def tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
-    ids = [[1 + sum(map(ord, w)) % 63 for w in t.split()] for t in texts]
-    width = max(len(seq) for seq in ids)
-    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
-    return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
-
-
-TEXTS = [
-    "the cat sat on the mat",
-    "a dog ran in the park today",
-    "rain is expected over the hills tonight",
-    "she paid the bill with a card",
-    "the train to the city was late again",
-    "bread needs flour water salt and time",
-] * 3
+# a tiny encoder with rows of 32, so that groups of 32 divide them
+tokenizer = tokenizer_for(64)
+TEXTS = SENTENCES[:6] * 3
 TARGETS = [nn.Embedding, nn.Linear]
 
 
 def tiny(seed=0, low_rank=False):
     torch.manual_seed(seed)
-    model = Tiny().eval()
+    model = TinyEncoder(vocab=64, d=32).eval()
     if low_rank:  # weights of rank 4: factors pay
         with torch.no_grad():
             for m in model.modules():
@@ -91,18 +59,6 @@ def tiny(seed=0, low_rank=False):
 def cal_model():
     model = tiny(low_rank=True)
     return model, calibrate(model, TEXTS, tokenizer=tokenizer, targets=TARGETS)
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: type(m) for n, m in model.named_modules()
-    }
-
-
-def assert_unchanged(model, snap):
-    state, types = snapshot(model)
-    assert types == snap[1]
-    assert all(torch.equal(state[k], snap[0][k]) for k in snap[0])
 
 
 # -- the plan, on synthetic forms -------------------------------------------
