@@ -148,7 +148,8 @@ def _cluster_counts(name, module, config):
     """The numbers of clusters of a module's projective forms.
 
     ``k`` unset: k = 1 and :data:`_CLUSTERS` for an Embedding of at least
-    :data:`_CLUSTER_ROWS` rows, k = 1 for the others. A ``k`` given for the
+    :data:`_CLUSTER_ROWS` rows under the global allocation, k = 1 for the
+    others. A ``k`` given for the
     whole config applies to the Embedding modules (a Linear keeps k = 1);
     an override may give k > 1 to an Embedding only.
     """
@@ -161,7 +162,8 @@ def _cluster_counts(name, module, config):
         return (1,)
     if k is None:
         rows = module.num_embeddings if embedding else 0
-        return (1, _CLUSTERS) if rows >= _CLUSTER_ROWS else (1,)
+        large = rows >= _CLUSTER_ROWS and config.allocation == "global"
+        return (1, _CLUSTERS) if large else (1,)
     ks = (k,) if isinstance(k, int) else tuple(k)
     n, _ = _rows_cols(module)
     if not embedding and ks != (1,):

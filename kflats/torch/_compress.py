@@ -160,12 +160,13 @@ def compress(
         float32 or at one of ``bits``: k = 1 (the truncated SVD of the
         calibrated weight, the output side of a Linear) or, for an
         Embedding, its rows clustered into ``k`` subspaces (by default
-        k = 16 for a table of at least 4096 rows). Dense quantization at
-        each bit width is measured; the error of quantized factors is
-        modelled as relative noise on what the factors keep, measured once
-        per module, k and bit width at one rank (the report gives the
-        measured error of the chosen form). Uniform quantization of every module at
-        any of ``bits`` that fits is a point of the search, so the plan's
+        k = 16 for a table of at least 4096 rows, global allocation).
+        Dense quantization at each bit width is measured; the error of
+        quantized factors is modelled as relative noise on what the factors
+        keep, measured once per module, k and bit width at one rank (the
+        report gives the measured error of the chosen form). Uniform
+        quantization of every module at any of ``bits`` that fits is a
+        point of the search, so the plan's
         predicted error is never above it; with a calibration, the candidate
         plans (greedy from the smallest forms, from each uniform start, and
         uniform itself) are run on its probe batches and the one whose

@@ -243,7 +243,8 @@ class CompressionConfig:
         :data:`kflats.factorize.K_GRID`. With ``unit="bytes"``: the numbers
         of clusters of the Embedding modules' projective forms (a Linear's
         are k = 1; an override may not give it more); ``None``: 1 and 16
-        for a table of at least 4096 rows, 1 for the others.
+        for a table of at least 4096 rows under the global allocation, 1
+        for the others.
     ranks : {"adaptive", "uniform"} or None, default=None
         Rank allocation across the clusters of a module; ``None``:
         ``"adaptive"`` with a calibration, ``"uniform"`` without.
