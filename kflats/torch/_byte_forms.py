@@ -61,6 +61,9 @@ _FLOAT_STEPS = 48
 # (a vocabulary: its rows cluster); other modules take k = 1 factors
 _CLUSTERS = 16
 _CLUSTER_ROWS = 4096
+# factors with k > 1 clusters are stored in float32 or at most this many bits
+# (of those searched; all of them when none is as low)
+_CLUSTER_BITS = 4
 
 
 class _Form(NamedTuple):
@@ -366,9 +369,11 @@ class _ModuleForms:
         kw = _quantize_kw(module, objective)
         out = [f for f in forms if f.kind != "projective" or 1 in ks]
         d = _rows_cols(module)[1]
+        # clusters pay at low bits: wider codes go to dense forms first
+        bits = [b for b in config.bits if b <= _CLUSTER_BITS] or config.bits
         for k, part in self.partitions.items():
             bias = _bias_numel(module)
-            out += _factor_forms(part.sizes, d, config.bits, config.group_size, bias, k)
+            out += _factor_forms(part.sizes, d, bits, config.group_size, bias, k)
         for i, f in enumerate(out):
             if f.kind == "dense":
                 q = copy.deepcopy(module)

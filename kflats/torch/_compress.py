@@ -160,7 +160,8 @@ def compress(
         float32 or at one of ``bits``: k = 1 (the truncated SVD of the
         calibrated weight, the output side of a Linear) or, for an
         Embedding, its rows clustered into ``k`` subspaces (by default
-        k = 16 for a table of at least 4096 rows, global allocation).
+        k = 16 for a table of at least 4096 rows, global allocation; the
+        factors with k > 1 in float32 or at the ``bits`` up to 4).
         Dense quantization at each bit width is measured; the error of
         quantized factors is modelled as relative noise on what the factors
         keep, measured once per module, k and bit width at one rank (the

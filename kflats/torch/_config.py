@@ -244,7 +244,8 @@ class CompressionConfig:
         of clusters of the Embedding modules' projective forms (a Linear's
         are k = 1; an override may not give it more); ``None``: 1 and 16
         for a table of at least 4096 rows under the global allocation, 1
-        for the others.
+        for the others. Factors with k > 1 are stored in float32 or at the
+        ``bits`` up to 4 (all ``bits`` when none is).
     ranks : {"adaptive", "uniform"} or None, default=None
         Rank allocation across the clusters of a module; ``None``:
         ``"adaptive"`` with a calibration, ``"uniform"`` without.
