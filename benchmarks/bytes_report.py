@@ -24,10 +24,20 @@ Linear) is quantized group-wise; biases and LayerNorms stay float32. Rows:
 - ``torchao``: torchao's ``IntxWeightOnlyConfig`` (affine min-max
   round-to-nearest, one code per byte), bytes of its tensors as stored.
 
+- ``svd``: whitened SVD + the same quantization: ``compress`` with a budget
+  in numbers and ``k=1`` (calibrated truncated SVDs, ranks shared out
+  globally), then every module quantized with calibrated rounding at 4 and 3
+  bits (g32), the budget in numbers set so that the bytes come to
+  ``--budgets`` of the float32 model;
 - ``kflats``: ``compress(model, size, [Embedding, Linear],
   calibration=..., unit="bytes")`` with ``size`` the byte count that leaves
   the whole model at ``--budgets`` of its float32 bytes (the LayerNorms stay
-  float32): each module dense at some bits or as quantized k = 1 factors.
+  float32): each module dense at some bits, or as quantized factors (k = 1,
+  or the word embedding's rows in 16 clusters).
+
+optimum-quanto 0.2.7 is not a row: on this CPU its import did not finish
+within 5 minutes (it builds its kernels), and its frozen ``QLinear`` fails
+at the forward (see :mod:`kflats.quantize`).
 
 Settings: int8 g128, int6 g64, int4 g32, int3 g32 (and int2 g32 for the
 kflats rows). Calibration text: the ``"calibration"`` split of
