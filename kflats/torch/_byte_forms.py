@@ -23,8 +23,9 @@ calibrated errors (token-weighted for an embedding,
   k = 1, of each cluster for k > 1: exact);
 - factors of rank ``r`` at ``b`` bits: the truncation error plus relative
   noise on what the factors keep, ``t(r) + rho_b (1 - t(r))``, with
-  ``rho_b`` measured once per module, k and bit width on its factors at
-  one probe rank (the rank whose truncation error is about 5 %).
+  ``rho_b`` measured once per module and bit width on its k = 1 factors at
+  one probe rank (the rank whose truncation error is about 5 %), and taken
+  as well for its factors with k > 1 clusters.
 
 A partition into k > 1 clusters is fitted once per module and k (one
 :class:`kflats.KSubspaces` fit); the factors at every rank are read off its
@@ -392,7 +393,12 @@ class _ModuleForms:
         self.forms = out
 
     def _rounding_noise(self, forms, tails):
-        """Relative noise of quantized factors per (k, bits, group), at a probe rank."""
+        """Relative noise of quantized factors per (k, bits, group), at a probe rank.
+
+        Measured on the k = 1 factors; factors with k > 1 clusters take the
+        noise of k = 1 at the same bits and group (measured on their own
+        factors only when k = 1 is not among the forms).
+        """
         from ..quantize import quantize_module_
 
         by_bits = {}
@@ -401,7 +407,10 @@ class _ModuleForms:
                 by_bits.setdefault((f.k, f.bits, f.group_size), []).append(f.rank)
         kw = _quantize_kw(self.module, self.objective)
         noise = {}
-        for (k, b, g), ranks in by_bits.items():
+        for (k, b, g), ranks in sorted(by_bits.items(), key=lambda kv: kv[0][0]):
+            if k > 1 and (1, b, g) in noise:  # rounding noise, as with k = 1
+                noise[(k, b, g)] = noise[(1, b, g)]
+                continue
             ranks = np.asarray(ranks)
             r0 = int(ranks[np.argmin(np.abs(tails[k][ranks - 1] - _PROBE_ERROR))])
             layer = self._float_layer(k, r0)

@@ -164,7 +164,7 @@ def compress(
         factors with k > 1 in float32 or at the ``bits`` up to 4).
         Dense quantization at each bit width is measured; the error of
         quantized factors is modelled as relative noise on what the factors
-        keep, measured once per module, k and bit width at one rank (the
+        keep, measured once per module and bit width at one rank (the
         report gives the measured error of the chosen form). Uniform
         quantization of every module at any of ``bits`` that fits is a
         point of the search, so the plan's
