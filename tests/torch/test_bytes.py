@@ -490,3 +490,24 @@ def test_k_one_alone_cannot_take_clusters():
     report = compress(model, 0.2, nn.Embedding, unit="bytes", k=1, bits=(8,))
     assert report[0].k in (0, 1)
     assert report[0].error > 0.05
+
+
+def test_clusters_alone_measure_their_own_rounding_noise():
+    from kflats.torch._byte_forms import _ModuleForms
+    from kflats.torch._config import _search_options_of
+
+    model = clustered_table()
+    config = CompressionConfig(0.2, unit="bytes", k=8, ranks="uniform")
+    options = _search_options_of(config)
+    table = model[0]
+    forms = _forms(table, config.bits, None)
+    measured = _ModuleForms(
+        table, "0", None, _weight_spectrum(table, None), forms, (8,), config, options
+    )
+    factors = [f for f in measured.forms if f.kind == "projective"]
+    assert factors and {f.k for f in factors} == {8}
+    assert {f.bits for f in factors} == {None, 4, 3, 2}
+    # exact at rank >= 3 in float32, rounding noise only at b bits
+    for f in factors:
+        if f.rank >= 3:
+            assert (f.error < 1e-9) == (f.bits is None)
