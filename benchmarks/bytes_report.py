@@ -168,7 +168,7 @@ def kflats_bytes(base, calibration, ratio, seed, out=None, smoothing=1.0):
         (out / f"kflats_{ratio}_{seed}.txt").write_text(str(report) + "\n")
     forms = {}
     for m in report:
-        key = f"{m.form[0]}{m.bits or 32}"
+        key = f"{m.form[0]}{m.bits or 32}" + (f"k{m.k}" if m.k > 1 else "")
         forms[key] = forms.get(key, 0) + 1
     return model, state_nbytes(quantized_state(model)), forms
 
