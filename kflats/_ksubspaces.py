@@ -13,28 +13,15 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import (
-    _check_sample_weight,
     check_is_fitted,
     validate_data,
 )
 
-from . import _dask
-from ._backend import NumpyOps, backend_ops
-from ._lloyd import (
-    _assign,
-    _exact_mind,
-    _ksubspaces_single,
-    _pack,
-    _residual_sq,
-    _row_norms_sq,
-    _row_step,
-    _Stats,
-    _update,
-)
-from ._seeding import _initial_potential, _ksubspaces_plusplus, _random_partition
+from . import _dask, _rows
+from ._fit import best_run, check_params_vs_input, fit_input
+from ._partial_fit import partial_fit
 
 
 class KSubspaces(
@@ -129,11 +116,12 @@ class KSubspaces(
     itself. Rows that arrive in batches are fitted with :meth:`partial_fit`.
     ``fit``, ``predict`` and ``transform`` also take a :class:`dask.array.Array`
     chunked along the rows (``pip install kflats[dask]``): each Lloyd step is
-    then one map over the chunks and one reduction of the clusters' statistics,
-    the seeding oversamples rows in the manner of k-means||, and ``labels_``,
-    ``predict``, ``transform``, ``coordinates`` and ``project`` are lazy dask
-    arrays; ``score`` is one pass over the chunks, and ``partial_fit`` takes
-    the chunks as a stream of batches (see :doc:`/scale`).
+    then one map over the chunks and one reduction of the clusters' statistics
+    (the same Lloyd loop as in memory), the seeding oversamples rows in the
+    manner of k-means||, ``labels_`` is a dask array whose chunks stay on the
+    workers, and ``predict``, ``transform``, ``coordinates`` and ``project``
+    are lazy dask arrays; ``score`` is one pass over the chunks, and
+    ``partial_fit`` takes the chunks as a stream of batches (see :doc:`/scale`).
 
     Examples
     --------
@@ -194,93 +182,10 @@ class KSubspaces(
         self.backend = backend
         self.device = device
 
-    def _check_params_vs_input(self, X, sample_weight):
-        n_pos = int(np.count_nonzero(sample_weight > 0))
-        self._check_sizes(*X.shape, n_pos)
-        if not isinstance(self.init, str):
-            self._check_init(X.shape[1])
-        self._resolve_n_init(stacklevel=4)
-
-    def _check_sizes(self, n, d, n_pos):
-        """k and j against the data, for every backend (dask: after one pass)."""
-        if self.k > n:
-            raise ValueError(f"k={self.k} must be <= n_samples={n}.")
-        if self.j >= d:
-            raise ValueError(
-                f"j={self.j} must be smaller than n_features={d}: a subspace of "
-                "dimension n_features fits every row exactly."
-            )
-        if n_pos is None:
-            return
-        if n_pos == 0:
-            raise ValueError("sample_weight must have at least one positive entry.")
-        if self.k > n_pos:
-            raise ValueError(
-                f"k={self.k} must be <= the number of rows with positive "
-                f"sample_weight ({n_pos})."
-            )
-
-    def _resolve_n_init(self, stacklevel):
-        """``self._n_init``: restarts that n_init and init ask for."""
-        is_array = not isinstance(self.init, str)
-        if self.n_init == "auto":
-            self._n_init = 10 if (not is_array and self.init == "random") else 1
-        else:
-            self._n_init = self.n_init
-        if is_array and self._n_init != 1:
-            warnings.warn(
-                f"Explicit initial bases passed: performing only one init in "
-                f"{type(self).__name__} instead of n_init={self._n_init}.",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-            self._n_init = 1
-
-    def _check_init(self, d):
-        init = np.asarray(self.init)
-        expected = (self.k, self.j, d)
-        if init.shape != expected:
-            raise ValueError(
-                f"init has shape {init.shape}; expected (k, j, n_features) = "
-                f"{expected}."
-            )
-        if not np.all(np.isfinite(init)):
-            raise ValueError("init must contain only finite values.")
-        gram = np.einsum("kid,kjd->kij", init, init)
-        if not np.allclose(gram, np.eye(self.j), atol=1e-5):
-            raise ValueError(
-                "init must have orthonormal rows in each of its k bases "
-                "(orthonormalize them, e.g. with numpy.linalg.qr)."
-            )
-
     def _init_subspaces(self, X, xsq, sample_weight, rng, grow, ops):
-        k, j = self.k, self.j
-        if isinstance(self.init, str) and self.init == "k-subspaces++":
-            bases, means, comps, _, dist = _ksubspaces_plusplus(
-                X,
-                xsq,
-                sample_weight,
-                k,
-                j,
-                self.affine,
-                rng,
-                2 + int(np.log(k)),
-                ops.assign,
-                grow,
-                parallel=ops.parallel,
-            )
-            return bases, means, comps, dist
-        elif isinstance(self.init, str) and self.init == "random":
-            bases, means, comps = _random_partition(
-                X, xsq, sample_weight, k, j, self.affine, rng, grow, ops
-            )
-        else:
-            bases = np.array(self.init, dtype=X.dtype, copy=True)
-            means = np.zeros((k, X.shape[1]), dtype=X.dtype)
-            if self.affine:
-                means[:] = (sample_weight @ X) / sample_weight.sum()
-            comps = None
-        return bases, means, comps, None
+        return ops.initial(
+            self.init, X, xsq, sample_weight, self.k, self.j, self.affine, rng, grow
+        )
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
@@ -313,63 +218,13 @@ class KSubspaces(
             raise
 
     def _fit(self, X, sample_weight):
-        if _dask.is_dask_array(X):
-            if self.backend != "numpy":
-                raise ValueError(
-                    "backend='torch' does not take dask arrays: their chunks are "
-                    "fitted with numpy (use backend='numpy')."
-                )
-            return self._fit_dask(X, sample_weight)
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], order="C", copy=False
+        X, xsq, sample_weight, ops = fit_input(self, X, sample_weight)
+        self._n_init = check_params_vs_input(self, X, sample_weight, ops)
+        labels, inertia, bases, means, comps, n_iter = best_run(
+            self, X, xsq, sample_weight, ops, self._n_init
         )
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
-        )
-        self._check_params_vs_input(X, sample_weight)
-        rng = check_random_state(self.random_state)
-        xsq = _row_norms_sq(X)
-        ops = backend_ops(self.backend, X, xsq, self.device)
-        grow = partial(
-            ops.grow,
-            X,
-            xsq,
-            sample_weight,
-            j=self.j,
-            affine=self.affine,
-        )
-        # Stop once an iteration gains less than tol times the empty model's cost.
-        tol = self.tol * float(
-            sample_weight @ _initial_potential(X, xsq, sample_weight, self.affine)
-        )
-
-        best = None
-        for run in range(self._n_init):
-            bases, means, comps, dist = self._init_subspaces(
-                X, xsq, sample_weight, rng, grow, ops
-            )
-            if self.verbose:
-                print(f"Initialization {run} complete.")
-            result = _ksubspaces_single(
-                X,
-                xsq,
-                sample_weight,
-                bases,
-                means,
-                comps,
-                self.affine,
-                self.max_iter,
-                tol,
-                grow,
-                self.verbose,
-                init_dist=dist,
-                ops=ops,
-            )
-            if best is None or result[1] < best[1]:
-                best = result
-        labels, inertia, bases, means, comps, n_iter = best
-
-        distinct = np.unique(labels).size
+        # np.bincount: numpy's, or dask's (one pass over the persisted labels)
+        distinct = int(np.count_nonzero(np.bincount(labels, minlength=self.k)))
         if distinct < self.k:
             warnings.warn(
                 f"Number of distinct clusters ({distinct}) found smaller than "
@@ -439,109 +294,26 @@ class KSubspaces(
         """
         state = dict(self.__dict__)
         try:
-            if _dask.is_dask_array(X):  # a stream of its chunks
-                if sample_weight is not None and not _dask.is_dask_array(sample_weight):
-                    sample_weight = np.asarray(sample_weight)
-                X = _dask.check_array(X, getattr(self, "n_features_in_", None))
-                for batch, weight in _dask.batches(X, sample_weight):
-                    self._partial_fit(batch, weight)
-                return self
-            return self._partial_fit(X, sample_weight)
+            partial_fit(self, X, sample_weight)
+            return self
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(state)
             raise
 
-    def _partial_fit(self, X, sample_weight):
-        first = not hasattr(self, "bases_")
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], order="C", reset=first
-        )
-        if not first:
-            X = X.astype(self.bases_.dtype, copy=False)
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
-        )
-        k, j, affine = self.k, self.j, self.affine
-        xsq = _row_norms_sq(X)
-        ops = NumpyOps()
-        grow = partial(ops.grow, X, xsq, sample_weight, j=j, affine=affine)
-        if first:
-            self._check_params_vs_input(X, sample_weight)
-            bases, means, comps, _ = self._init_subspaces(
-                X, xsq, sample_weight, check_random_state(self.random_state), grow, ops
-            )
-            stats, n_batches = _Stats.empty(k, X.shape[1]), 0
-        else:
-            bases, means, comps = self.bases_, self.means_, self._complements
-            stats = getattr(self, "_stats", None)
-            n_batches = getattr(self, "_n_batches", 0)
-            if stats is None:  # after fit: go on from its subspaces
-                stats, n_batches = _Stats.empty(k, X.shape[1]), 0
-        if np.any(sample_weight > 0):
-            labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
-            total = stats + _Stats.of_rows(X, labels, sample_weight, k)
-            bases, means, comps, relocated = _update(
-                X, labels, total, mind, sample_weight, j, affine, grow, total.N
-            )
-            if relocated:
-                # The batch's rows follow the re-seeded subspaces, whose old
-                # rows are forgotten; the others are refitted without them.
-                stats = stats + _Stats.empty(k, X.shape[1])
-                stats.reset(relocated)
-                labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
-                total = stats + _Stats.of_rows(X, labels, sample_weight, k)
-                refit = _update(
-                    X, labels, total, mind, sample_weight, j, affine, None, total.N
-                )
-                keep = [c for c in range(k) if c in relocated and total.N[c] < j]
-                for new, old in zip(refit[:3], (bases, means, comps), strict=True):
-                    if new is not None:
-                        new[keep] = old[keep]
-                bases, means, comps = refit[:3]
-            stats = total
-        packed = _pack(bases, means, affine, comps)
-        labels, mind = _assign(X, xsq, packed)
-        mind = _exact_mind(X, xsq, labels, mind, packed, bases, means)
-        self.bases_, self.means_, self._complements = bases, means, comps
-        self.labels_ = labels
-        self.inertia_ = float(sample_weight @ mind)
-        self._stats = stats
-        self._n_batches = self.n_iter_ = n_batches + 1
-        self._n_features_out = k
-        return self
-
-    def _fit_dask(self, X, sample_weight):
-        X = _dask.check_array(X)
-        if not isinstance(self.init, str):
-            self._check_init(X.shape[1])
-        self._resolve_n_init(stacklevel=4)
-        rng = check_random_state(self.random_state)
-        bases, means, comps, inertia, n_iter = _dask.fit(self, X, sample_weight, rng)
-        self.__dict__.pop("feature_names_in_", None)
-        self.n_features_in_ = X.shape[1]
-        self.bases_, self.means_, self._complements = bases, means, comps
-        self.labels_ = _dask.predict(X, self._packed(X.dtype))
-        self.inertia_ = inertia
-        self.n_iter_ = n_iter
-        self._n_features_out = self.k
-        self._stats = None
-        return self
-
     def _check_test_data(self, X):
-        """X checked against the fit: a dask array stays lazy (checked per chunk)."""
+        """X checked against the fit, and where functions of its rows run.
+
+        A dask array stays lazy: its row functions run chunk by chunk (and its
+        chunks are checked finite) when computed.
+        """
         check_is_fitted(self)
         if _dask.is_dask_array(X):
-            return _dask.check_array(X, self.n_features_in_)
-        return validate_data(
+            return _dask.check_array(X, self.n_features_in_), _dask.Lazy()
+        X = validate_data(
             self, X, dtype=[np.float64, np.float32], order="C", reset=False
         )
-
-    def _packed(self, dtype):
-        return _pack(self.bases_, self.means_, self.affine, self._complements, dtype)
-
-    def _assign(self, X, return_distances=False):
-        return _assign(X, _row_norms_sq(X), self._packed(X.dtype), return_distances)
+        return X, _rows.InMemory()
 
     def predict(self, X):
         """Index of the nearest subspace of each row.
@@ -556,10 +328,8 @@ class KSubspaces(
         labels : ndarray of shape (n_samples,)
             Index of the nearest subspace (the lowest index on ties).
         """
-        X = self._check_test_data(X)
-        if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            return _dask.predict(X, self._packed(X.dtype))
-        return self._assign(X)[0]
+        X, rows = self._check_test_data(X)
+        return rows.map(partial(_rows.labels, self), X, None, np.int32)
 
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then return the index of the nearest subspace of each row.
@@ -594,18 +364,8 @@ class KSubspaces(
             Euclidean (not squared) distance of each row to each subspace, in
             the dtype of X.
         """
-        check_is_fitted(self)
-        distances = partial(
-            _distances,
-            bases=self.bases_,
-            means=self.means_,
-            complements=self._complements,
-            affine=self.affine,
-        )
-        X = self._check_test_data(X)
-        if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            return _dask.transform(X, distances, self.k)
-        return distances(X)
+        X, rows = self._check_test_data(X)
+        return rows.map(partial(_rows.distances, self), X, self.k, X.dtype)
 
     def fit_transform(self, X, y=None, sample_weight=None):
         """Fit, then return the distances of every row to every subspace.
@@ -644,16 +404,10 @@ class KSubspaces(
         score : float
             ``-sum_i w_i min_c dist(x_i, S_c)^2``; higher is better.
         """
-        X = self._check_test_data(X)
-        if _dask.is_dask_array(X):  # one pass over the chunks
-            bases = self.bases_.astype(X.dtype, copy=False)
-            means = self.means_.astype(X.dtype, copy=False)
-            return -_dask.cost(X, sample_weight, self._packed(X.dtype), bases, means)
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=X.dtype, ensure_non_negative=True
-        )
-        labels = self._assign(X)[0]
-        return -float(sample_weight @ _residual_sq(X, labels, self.bases_, self.means_))
+        X, rows = self._check_test_data(X)
+        sample_weight = rows.weights(sample_weight, X)
+        residuals = rows.map(partial(_rows.residuals, self), X, None, np.float64)
+        return -float(sample_weight @ residuals)
 
     def coordinates(self, X):
         """Nearest subspace of each row and the row's j coordinates in it.
@@ -672,26 +426,9 @@ class KSubspaces(
             ``B_c (x - mu_c)`` for the nearest subspace c, so that the
             projection of x is ``mu_c + coords @ B_c``.
         """
-        X = self._check_test_data(X)
-        if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            labels = _dask.predict(X, self._packed(X.dtype))
-            return labels, _dask.map_rows(X, self._coords, self.j, X.dtype)
-        return self._coordinates(X)
-
-    def _coords(self, X):
-        return self._coordinates(X)[1]
-
-    def _coordinates(self, X):
-        labels = self._assign(X)[0]
-        coords = np.empty((X.shape[0], self.j), dtype=X.dtype)
-        bases = self.bases_.astype(X.dtype, copy=False)
-        means = self.means_.astype(X.dtype, copy=False)
-        step = _row_step(X.shape[1])
-        for start in range(0, X.shape[0], step):  # blocks: no copy of X
-            Xb, lb = X[start : start + step], labels[start : start + step]
-            for c in np.unique(lb):
-                idx = np.flatnonzero(lb == c)
-                coords[start + idx] = (Xb[idx] - means[c]) @ bases[c].T
+        X, rows = self._check_test_data(X)
+        labels = rows.map(partial(_rows.labels, self), X, None, np.int32)
+        coords = rows.map(partial(_rows.coordinates, self), X, self.j, X.dtype, labels)
         return labels, coords
 
     def project(self, X):
@@ -709,40 +446,12 @@ class KSubspaces(
             ``mu_c + B_c^T B_c (x - mu_c)`` for the nearest subspace c of each
             row, in the dtype of X.
         """
-        X = self._check_test_data(X)
-        if _dask.is_dask_array(X):  # lazy, chunk by chunk
-            return _dask.map_rows(X, self._project, X.shape[1], X.dtype)
-        return self._project(X)
-
-    def _project(self, X):
-        labels, coords = self._coordinates(X)
-        bases = self.bases_.astype(coords.dtype, copy=False)
-        means = self.means_.astype(coords.dtype, copy=False)
-        X_proj = np.empty((coords.shape[0], bases.shape[2]), dtype=coords.dtype)
-        for c in range(self.k):
-            idx = np.flatnonzero(labels == c)
-            X_proj[idx] = means[c] + coords[idx] @ bases[c]
-        return X_proj
+        X, rows = self._check_test_data(X)
+        labels = rows.map(partial(_rows.labels, self), X, None, np.int32)
+        width = X.shape[1]
+        return rows.map(partial(_rows.projection, self), X, width, X.dtype, labels)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
-
-
-def _distances(X, bases, means, complements, affine):
-    """Euclidean distances of the rows of X to every subspace, in X's dtype."""
-    if complements is not None:  # ||N (x - mu)||^2 does not cancel
-        packed = _pack(bases, means, affine, complements, X.dtype)
-        _, _, dist = _assign(X, _row_norms_sq(X), packed, return_distances=True)
-    else:  # ||x - mu||^2 - ||B (x - mu)||^2 would: use the residuals
-        bases = bases.astype(X.dtype, copy=False)
-        means = means.astype(X.dtype, copy=False)
-        zeros = np.zeros(X.shape[0], np.int32)
-        dist = np.column_stack(
-            [
-                _residual_sq(X, zeros, B[None], mu[None])
-                for B, mu in zip(bases, means, strict=True)
-            ]
-        )
-    return np.sqrt(dist).astype(X.dtype, copy=False)

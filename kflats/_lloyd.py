@@ -235,11 +235,12 @@ class _Stats:
                     self.S[c] += sign * (Xc.T @ Xc)
 
     def move(self, X, old, new, sample_weight):
-        """Follow a change of labels from ``old`` to ``new``."""
+        """Follow a change of labels from ``old`` to ``new``; rows that moved."""
         moved = np.flatnonzero(old != new)
         self._add(X, moved, old[moved], sample_weight, -1.0)
         self._add(X, moved, new[moved], sample_weight, 1.0)
         self._labels = new.copy()
+        return moved.size
 
     def subspace(self, c, j, affine, dtype, want_complement):
         """Best subspace of cluster c: its top-j principal directions."""
@@ -376,43 +377,33 @@ def _ksubspaces_single(
 
     ``init_dist`` (n, k), when given, holds the rows' squared distances to the
     initial subspaces, which spares the first assignment. ``ops`` is the
-    backend (``kflats._backend``): the assignment, the statistics and the
-    exact residuals.
+    backend (``kflats._backend``): the assignment, the statistics, the update
+    and the exact residuals.
     """
-    assign, exact_mind = ops.assign, ops.exact_mind
     k, j, _ = bases.shape
     packed = _pack(bases, means, affine, comps)
     if init_dist is None:
-        labels, mind = assign(X, xsq, packed)
+        labels, mind = ops.assign(X, xsq, packed)
     else:  # the seeding's distances to the subspaces it chose
         labels = np.argmin(init_dist, axis=1).astype(np.int32)
         mind = init_dist[np.arange(X.shape[0]), labels]
-    inertia = float(sample_weight @ mind)
+    inertia = ops.cost(sample_weight, mind)
     n_iter = 0
     # Re-seed starved clusters only where k clusters of j rows can exist, and
     # only while it pays: once a re-seeding step does not lower the cost, the run
     # goes on as plain Lloyd (which then always terminates).
-    relocate = np.count_nonzero(sample_weight > 0) >= k * j
+    relocate = ops.n_positive(sample_weight) >= k * j
     stats = ops.stats(X, labels, sample_weight, k)
     for n_iter in range(1, max_iter + 1):
-        bases, means, comps, n_relocated = _update(
-            X,
-            labels,
-            stats,
-            mind,
-            sample_weight,
-            j,
-            affine,
-            grow if relocate else None,
-            assign=assign,
+        bases, means, comps, n_relocated = ops.update(
+            X, labels, stats, mind, sample_weight, j, affine, grow if relocate else None
         )
         packed = _pack(bases, means, affine, comps)
-        new_labels, mind = assign(X, xsq, packed)
-        new_inertia = float(sample_weight @ mind)
+        new_labels, mind = ops.assign(X, xsq, packed)
+        new_inertia = ops.cost(sample_weight, mind)
         if verbose:
             print(f"Iteration {n_iter}, inertia {new_inertia:.6g}.")
-        converged = np.array_equal(new_labels, labels)
-        stats.move(X, labels, new_labels, sample_weight)
+        converged = stats.move(X, labels, new_labels, sample_weight) == 0
         improvement = inertia - new_inertia
         labels, inertia = new_labels, new_inertia
         if n_relocated and improvement <= 0:
@@ -425,5 +416,5 @@ def _ksubspaces_single(
             if verbose:
                 print(f"Converged at iteration {n_iter}: cost change within tol.")
             break
-    mind = exact_mind(X, xsq, labels, mind, packed, bases, means)
-    return labels, float(sample_weight @ mind), bases, means, comps, n_iter
+    mind = ops.exact_mind(X, xsq, labels, mind, packed, bases, means)
+    return labels, ops.cost(sample_weight, mind), bases, means, comps, n_iter

@@ -16,6 +16,7 @@ only here, and this module only when ``backend="torch"``.
 
 import numpy as np
 
+from ._backend import HostOps
 from ._lloyd import _BLOCK_ELEMENTS, _Stats, _use_complement
 from ._seeding import _neighbourhood
 
@@ -59,7 +60,7 @@ def check_device(device):
     return dev
 
 
-class TorchOps:
+class TorchOps(HostOps):
     """Assignment, statistics and residuals of one X on a torch device.
 
     The torch backend of the protocol in ``kflats._backend``.
@@ -276,6 +277,7 @@ class _TorchStats:
         moved = np.flatnonzero(old != new)
         self._add(moved, old[moved], -1.0)
         self._add(moved, new[moved], 1.0)
+        return moved.size
 
     def subspace(self, c, j, affine, dtype, want_complement):
         torch = self._ops.torch

@@ -85,6 +85,46 @@ def test_inertia_within_one_percent_of_the_in_memory_fit(client, affine):
     assert -dist.score(Xm) == pytest.approx(dist.inertia_, rel=1e-5)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_same_lloyd_iterations_as_in_memory_from_the_same_start(client, affine):
+    """From given bases both fits run the one Lloyd loop: same steps, same stop."""
+    X = generated()
+    if affine:
+        X = X + np.float32(1.0)
+    Xm = X.compute()
+    rng = np.random.RandomState(7)  # not the generating subspaces
+    init = np.stack([np.linalg.qr(rng.randn(D, J))[0].T for c in range(K)])
+    kw = dict(k=K, j=J, affine=affine, init=init, tol=0.0)
+    mem = KSubspaces(**kw).fit(Xm)
+    dist = KSubspaces(**kw).fit(X)
+    assert dist.n_iter_ == mem.n_iter_ > 1
+    assert_array_equal(dist.labels_.compute(), mem.labels_)
+    assert_allclose(dist.bases_, mem.bases_, atol=1e-5)
+    assert_allclose(dist.means_, mem.means_, atol=1e-5)
+    assert dist.inertia_ == pytest.approx(mem.inertia_, rel=1e-6)
+
+
+def test_one_pass_over_the_rows_per_lloyd_iteration():
+    """Each Lloyd iteration reads every chunk once: assignment and statistics."""
+    import dask
+
+    reads = []
+
+    def counted(block_info=None):
+        reads.append(block_info[None]["chunk-location"][0])
+        return _block(block_info)
+
+    n_chunks = 4
+    X = da.map_blocks(counted, chunks=((500,) * n_chunks, (D,)), dtype=np.float32)
+    rng = np.random.RandomState(7)
+    init = np.stack([np.linalg.qr(rng.randn(D, J))[0].T for c in range(K)])
+    with dask.config.set(scheduler="synchronous"):
+        est = KSubspaces(k=K, j=J, init=init, tol=0.0).fit(X)
+    assert est.n_iter_ > 1 and len(reads) % n_chunks == 0
+    # the data's sizes, the first assignment, one per iteration, the exact cost
+    assert len(reads) // n_chunks == 1 + 1 + est.n_iter_ + 1
+
+
 def test_predict_and_transform_are_lazy(client):
     X = generated()
     est = KSubspaces(k=K, j=J, random_state=0).fit(X)

@@ -16,7 +16,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kflats import KSubspaces, _lloyd, _threads, ksubspaces_plusplus
+from kflats import KSubspaces, _backend, _threads, ksubspaces_plusplus
 from kflats._lloyd import _assign, _pack, _row_norms_sq, _Stats, _update
 from kflats._seeding import _grow
 
@@ -389,15 +389,16 @@ def test_integer_weights_equal_repeated_rows(p):
     # two fits may pick different ones: a tie, not a weighting error. Such a
     # cluster may appear at any iteration, so every update is watched.
     fewest = []
-    update = _lloyd._update
+    update = _backend._update
 
     def watched(X, labels, stats, mind, sample_weight, *args, **kwargs):
         fewest.append(np.bincount(labels[sample_weight > 0], minlength=k).min())
         return update(X, labels, stats, mind, sample_weight, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_lloyd, "_update", watched)
+        mp.setattr(_backend, "_update", watched)
         weighted = KSubspaces(**kw).fit(X, sample_weight=sw)
+    assert fewest  # every update was watched
     distinct = np.bincount(weighted.labels_[sw > 0], minlength=k)
     assume(min(fewest + [distinct.min()]) >= j + p["affine"] + 1)
     repeated = KSubspaces(**kw).fit(np.repeat(X, sw, axis=0))
