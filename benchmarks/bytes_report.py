@@ -24,10 +24,20 @@ Linear) is quantized group-wise; biases and LayerNorms stay float32. Rows:
 - ``torchao``: torchao's ``IntxWeightOnlyConfig`` (affine min-max
   round-to-nearest, one code per byte), bytes of its tensors as stored.
 
+- ``svd``: whitened SVD + the same quantization: ``compress`` with a budget
+  in numbers and ``k=1`` (calibrated truncated SVDs, ranks shared out
+  globally), then every module quantized with calibrated rounding at 4 and 3
+  bits (g32), the budget in numbers set so that the bytes come to
+  ``--budgets`` of the float32 model;
 - ``kflats``: ``compress(model, size, [Embedding, Linear],
   calibration=..., unit="bytes")`` with ``size`` the byte count that leaves
   the whole model at ``--budgets`` of its float32 bytes (the LayerNorms stay
-  float32): each module dense at some bits or as quantized k = 1 factors.
+  float32): each module dense at some bits, or as quantized factors (k = 1,
+  or the word embedding's rows in 16 clusters).
+
+optimum-quanto 0.2.7 is not a row: on this CPU its import did not finish
+within 5 minutes (it builds its kernels), and its frozen ``QLinear`` fails
+at the forward (see :mod:`kflats.quantize`).
 
 Settings: int8 g128, int6 g64, int4 g32, int3 g32 (and int2 g32 for the
 kflats rows). Calibration text: the ``"calibration"`` split of
@@ -70,6 +80,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the checkout's kflats, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch_report import encode, fidelity  # noqa: E402  (same measures)
 
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
@@ -78,11 +90,13 @@ from kflats.quantize import (  # noqa: E402
     quantized_state,
     state_nbytes,
 )
-from kflats.torch import calibrate  # noqa: E402
+from kflats.torch import Calibration, calibrate  # noqa: E402
 
 SETTINGS = {8: 128, 6: 64, 4: 32, 3: 32, 2: 32}
 PEER_BITS = (8, 4, 3)
-METHODS = ("rtn", "calibrated", "hqq", "torchao", "kflats")
+METHODS = ("rtn", "calibrated", "hqq", "torchao", "svd", "kflats")
+#: whitened SVD + quantization: bit widths, and sizes (fractions of float32)
+SVD_BITS = (4, 3)
 #: sizes of the kflats rows, as fractions of the float32 model's bytes
 KFLATS_BUDGETS = (0.15, 0.10, 0.07)
 
@@ -154,9 +168,44 @@ def kflats_bytes(base, calibration, ratio, seed, out=None, smoothing=1.0):
         (out / f"kflats_{ratio}_{seed}.txt").write_text(str(report) + "\n")
     forms = {}
     for m in report:
-        key = f"{m.form[0]}{m.bits or 32}"
+        key = f"{m.form[0]}{m.bits or 32}" + (f"k{m.k}" if m.k > 1 else "")
         forms[key] = forms.get(key, 0) + 1
     return model, state_nbytes(quantized_state(model)), forms
+
+
+def whitened_svd(base, calibration, ratio, bits, seed=0):
+    """Whitened SVD, then the same quantization: ``ratio`` of the float32 bytes.
+
+    ``compress`` with a budget in numbers and ``k=1`` (each Linear's
+    truncated SVD whitened by its input moment, the embedding's weighted by
+    token counts, ranks shared out globally), then every module quantized at
+    ``bits`` with calibrated rounding (factors and the modules left dense).
+    The budget in numbers is the one that ``bits`` (and a float16 scale and
+    uint8 zero point per group of 32) turn into ``ratio`` of the bytes.
+    """
+    from kflats.torch import ProjectiveEmbedding, ProjectiveLinear, compress
+
+    model = copy.deepcopy(base)
+    numbers = ratio * 32 / (bits + 24 / SETTINGS[bits])
+    compress(
+        model,
+        min(numbers, 1.0),
+        [torch.nn.Embedding, torch.nn.Linear],
+        calibration=calibration,
+        k=1,
+        random_state=seed,
+    )
+    tables = (torch.nn.Embedding, ProjectiveEmbedding)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (*tables, torch.nn.Linear, ProjectiveLinear)):
+            continue
+        extra = {}
+        if name in calibration and isinstance(layer, tables):
+            extra["token_weights"] = calibration.token_weights(name)
+        elif name in calibration:
+            extra["moment"] = calibration.input_moment(name)
+        quantize_module_(layer, bits, SETTINGS[bits], method="calibrated", **extra)
+    return model, state_nbytes(quantized_state(model))
 
 
 def hqq_quantized(base, bits, group_size):
@@ -224,6 +273,11 @@ def main(argv=None):
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--calibration-sentences", type=int, default=1920)
+    parser.add_argument(
+        "--calibration-cache",
+        default=None,
+        help="a file of the calibration: loaded when it exists, else written",
+    )
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     bit_list = [int(b) for b in args.bits.split(",")]
@@ -237,9 +291,15 @@ def main(argv=None):
     reference = encode(base, evaluation)
     fp32 = state_nbytes(base.state_dict())
     t = time.perf_counter()
-    calibration = calibrate(
-        base, load_sentences()[: args.calibration_sentences], progress=False
-    )
+    cache = Path(args.calibration_cache) if args.calibration_cache else None
+    if cache is not None and cache.exists():
+        calibration = Calibration.load(cache)
+    else:
+        calibration = calibrate(
+            base, load_sentences()[: args.calibration_sentences], progress=False
+        )
+        if cache is not None:
+            calibration.save(cache)
     print(f"calibration: {time.perf_counter() - t:.1f} s; fp32 state {fp32:,} bytes")
 
     rows, notes = [], []
@@ -260,6 +320,23 @@ def main(argv=None):
                         f"kflats {ratio} seed {seed}: {nbytes / fp32:.3f}x mean "
                         f"{mean:.4f} worst {worst:.4f} top5 {top5:.3f} "
                         f"({seconds:.1f} s) forms {label}",
+                        flush=True,
+                    )
+            continue
+        if method == "svd":
+            for ratio in (float(b) for b in args.budgets.split(",")):
+                for bits in (b for b in bit_list if b in SVD_BITS):
+                    t = time.perf_counter()
+                    model, nbytes = whitened_svd(base, calibration, ratio, bits)
+                    seconds = time.perf_counter() - t
+                    mean, worst, top5 = scores(reference, encode(model, evaluation))
+                    row = (f"whitened SVD int{bits}", bits, SETTINGS[bits])
+                    row = (*row, nbytes / fp32)
+                    rows.append((*row, nbytes, mean, worst, top5, seconds))
+                    print(
+                        f"whitened SVD {ratio} int{bits}: {nbytes / fp32:.3f}x mean "
+                        f"{mean:.4f} worst {worst:.4f} top5 {top5:.3f} "
+                        f"({seconds:.1f} s)",
                         flush=True,
                     )
             continue

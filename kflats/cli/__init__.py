@@ -8,8 +8,9 @@
 - :mod:`kflats.cli._common`: what the subcommands share: argparse types,
   interruption (SIGTERM), the safe writing of ``--out`` (a file or a folder);
 - :mod:`kflats.cli._arrays`: reading ``--matrix`` (fit, factorize);
-- :mod:`kflats.cli._model`: the model folder of ``kflats compress``, checked
-  and loaded; :mod:`kflats.cli._texts`: its calibration text and labels;
+- :mod:`kflats.cli._texts`: the calibration text and labels of ``kflats
+  compress``; :mod:`kflats.cli._evaluate`: its evaluation (fidelity, the
+  baseline, the curve, probe, latency);
 - :mod:`kflats.cli.report`: report.json, report.md, the pictures and the
   summary of ``kflats compress``; :mod:`kflats.cli._steps`: its progress.
 

@@ -211,6 +211,27 @@ def write_file_atomically(path, write, overwrite):
                 os.remove(tmp)
 
 
+def matrix_and_out(args, note=""):
+    """The ``--matrix`` of ``kflats fit`` or ``factorize``, and its ``--out``.
+
+    ``--out`` is checked first (before the matrix is read), then the matrix
+    is read and announced on one line, ``note`` appended. Returns ``(A,
+    out)``, ``out`` None without ``--out``.
+    """
+    from ._arrays import load_matrix
+
+    out = args.out and output_file(args.out, args.overwrite)
+    A, name = load_matrix(args.matrix)
+    print(f"matrix: {name}, {A.shape[0]} x {A.shape[1]}, {A.dtype}{note}")
+    return A, out
+
+
+def save_output(out, write, args, what):
+    """Write ``--out`` atomically with ``write(file)`` and say so."""
+    write_file_atomically(out, write, args.overwrite)
+    print(f"{what} saved to {out}")
+
+
 # --- --out, a folder (kflats compress) ------------------------------------------
 
 

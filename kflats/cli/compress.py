@@ -4,7 +4,8 @@ The steps, one function each: check every input (before anything heavy) →
 load the model → check the targets and budget → calibrate on text → compress
 under one budget → heal if asked → evaluate on held-out text (beside
 truncated SVD at the same size, at a few budgets around the one asked, and
-with a probe on the user's labels if given) → write the compressed model,
+with a probe on the user's labels if given; :mod:`kflats.cli._evaluate`) →
+write the compressed model,
 ``report.json``, ``report.md`` and pictures to a hidden temporary folder that
 is renamed to ``--out`` only once everything is written and the saved model
 is checked to give the outputs just evaluated.
@@ -28,6 +29,7 @@ from ._common import (
     size_type,
     write_folder_atomically,
 )
+from ._evaluate import BASELINES, compress_options, evaluate
 from ._steps import Steps
 
 EMBEDDING, ALL = "embedding", "all"
@@ -42,9 +44,22 @@ def _model():
 
 
 def _curve(text):
+    """--curve: 'none', or budgets: fractions in (0, 1), or sizes (in bytes)."""
     if text.strip().lower() == "none":
         return ()
-    return tuple(_budget(part) for part in text.split(",") if part.strip())
+    points = []
+    for part in filter(str.strip, text.split(",")):
+        try:
+            points.append(_budget(part))
+        except argparse.ArgumentTypeError:
+            try:
+                points.append(size_type(part))
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(
+                    "expected fractions in (0, 1) or sizes such as 6MB, got "
+                    f"{part.strip()!r}"
+                ) from None
+    return tuple(points)
 
 
 _OPTIONS = (
@@ -82,7 +97,9 @@ _OPTIONS = (
      "help": "rank allocation across each module's clusters (adaptive)"}),
     (("--curve",), {"type": _curve, "default": None, "metavar": "B,B,...",
      "help": "budgets besides --budget at which the report compares kflats and "
-     "SVD (default: --budget +- 0.1; 'none' skips them)"}),
+     "the baseline (default: --budget +- 0.1; 'none' skips them). With --unit "
+     "bytes or --size: fractions of the float32 bytes or sizes such as 6MB, "
+     "none by default; the report plots fidelity against bytes"}),
     (("--eval-labels",), {"metavar": "FILE.csv",
      "help": "labelled texts (CSV: text,label) on which the report compares the "
      "accuracy of a logistic-regression probe (5-fold) on the original's and "
@@ -138,6 +155,7 @@ class _Job:
     warnings: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
     svd_model: object = None
+    svd_report: object = None
     latency: dict | None = None
     model_metrics: dict | None = None
 
@@ -155,7 +173,7 @@ def run(args):
     _calibrate(job)
     _compress(job)
     _heal(job)
-    _evaluate(job)
+    evaluate(job)
     data, files = _write(job)
     _report.summary(data, args.out, files)
     return 0
@@ -175,6 +193,11 @@ def _budget_and_unit(args):
     elif args.budget is None:
         args.budget = 0.6
     args.unit = args.unit or "numbers"
+    sizes = [b for b in args.curve or () if b >= 1]
+    if args.unit == "numbers" and sizes:
+        raise ValueError(
+            f"--curve: {sizes[0]} is a size in bytes: sizes take --unit bytes or --size"
+        )
 
 
 def _check(args):
@@ -275,13 +298,7 @@ def _compress(job):
             job.model,
             args.budget,
             job.names,
-            calibration=job.calibration,
-            allocation=args.allocation,
-            unit=args.unit,
-            k=args.k,
-            ranks=args.ranks,
-            tokenizer=job.tokenizer,
-            random_state=args.seed,
+            **compress_options(job),
             progress=job.steps.show,
         )
     job.names = [m.name for m in job.report]
@@ -316,214 +333,6 @@ def _heal(job):
                 progress=job.steps.show,
             )
     job.model.eval()
-
-
-# --- 4. evaluate -------------------------------------------------------------------
-
-
-def _evaluate(job):
-
-    ev = job.evaluator
-    with _model().hushed(), job.steps("evaluate", "evaluating the compressed model"):
-        job.compressed = ev.outputs(job.model)
-        job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
-    with _model().hushed(), job.steps("svd", "SVD at the same size"):
-        job.fidelity["svd"] = ev.compare(
-            job.reference, _svd_outputs(job, job.args.budget)
-        )
-    job.curve = _curve_points(job)
-    job.probe = _probe(job) if job.labelled else None
-    warning = ev.warning(job.fidelity["kflats"])
-    if warning:
-        job.warnings.append(warning)
-    job.model_metrics = _model_metrics(job)
-    with _model().hushed(), job.steps("latency", "timing both models", bar=False):
-        job.latency = _latency(job)
-
-
-# the forward passes timed for the report: 2 threads, batch 32 and batch 1
-_LATENCY_THREADS, _LATENCY_REPEATS = 2, 7
-
-
-def _latency(job):
-    """Median time of the original's and the compressed model's outputs.
-
-    On held-out texts, batch 32 and batch 1, both models timed in turn (the
-    same machine load for both), on ``_LATENCY_THREADS`` torch threads.
-    """
-    import time
-
-    import torch
-
-    ev = job.evaluator
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_LATENCY_THREADS)
-    out = {"threads": _LATENCY_THREADS, "repeats": _LATENCY_REPEATS}
-    try:
-        for batch in (32, 1):
-            texts = job.heldout[:batch]
-            times = {"original": [], "kflats": []}
-            for model in (job.base, job.model):  # warm-up
-                ev.outputs_of(model, texts)
-            for _ in range(_LATENCY_REPEATS):
-                for key, model in (("original", job.base), ("kflats", job.model)):
-                    start = time.perf_counter()
-                    ev.outputs_of(model, texts)
-                    times[key].append(time.perf_counter() - start)
-            ms = {key: 1000 * float(np.median(t)) for key, t in times.items()}
-            ms["ratio"] = ms["kflats"] / ms["original"]
-            out[f"batch_{batch}"] = ms
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-# the output kinds whose own outputs (logits) are evaluated besides cosine
-_LOGIT_KINDS = ("causal_lm", "classifier", "masked_lm", "seq2seq")
-# held-out texts the model's own outputs are evaluated on (a causal LM's
-# logits cost a vocabulary per position)
-_MODEL_TEXTS = 200
-
-
-def _model_metrics(job):
-    """What the model's own outputs say (perplexity, labels), kflats and SVD."""
-    from kflats.torch._models import adapter_for
-
-    adapter = adapter_for(job.base)
-    kind = adapter.output_kind
-    if kind not in _LOGIT_KINDS:
-        return None
-    texts = job.heldout[:_MODEL_TEXTS]
-    metrics = {"kind": kind, "texts": len(texts)}
-    with _model().hushed(), job.steps("model", f"evaluating the {kind} outputs"):
-        for key, model in (("kflats", job.model), ("svd", job.svd_model)):
-            metrics[key] = adapter.evaluate(
-                job.base, model, texts, tokenizer=job.tokenizer
-            )
-    lost = _lost(kind, metrics["kflats"])
-    if lost:
-        job.warnings.append(lost)
-    return metrics
-
-
-def _lost(kind, scores):
-    """A sentence when the model's own outputs say most of it is lost."""
-    ratio = scores.get("perplexity_ratio")
-    if ratio is not None and ratio > 10:
-        return (
-            f"the compressed model lost most of the original: perplexity x{ratio:.1f} "
-            "on held-out text; raise --budget, or heal (--heal-steps)"
-        )
-    agreement = scores.get("label_agreement")
-    if agreement is not None and agreement < 0.5:
-        return (
-            f"the compressed model lost most of the original: it agrees with the "
-            f"original's labels on {agreement:.2f} of held-out texts"
-        )
-    return None
-
-
-def _svd_outputs(job, budget):
-    """The outputs of the model with each module truncated by SVD at budget."""
-    svd = _svd_model(job, budget)
-    if budget == job.args.budget:
-        job.svd_model = svd
-    return job.evaluator.outputs(svd)
-
-
-# what the report compares kflats with, by the unit of the budget
-BASELINES = {
-    "numbers": "truncated SVD, same size",
-    "bytes": "each module at its share of the bytes (uniform allocation)",
-}
-
-
-def _svd_model(job, budget):
-    """The baseline at budget: each module truncated by SVD (numbers), or each
-    module in its best form within its share of the bytes (bytes)."""
-    from kflats.torch import compress
-
-    svd = copy.deepcopy(job.base)
-    if job.args.unit == "bytes":
-        compress(
-            svd, budget, job.names, calibration=job.calibration, unit="bytes",
-            allocation="uniform", random_state=job.args.seed, progress=False,
-        )  # fmt: skip
-        return svd
-    compress(
-        svd,
-        budget,
-        job.names,
-        k=1,
-        allocation="uniform",
-        ranks="uniform",
-        random_state=job.args.seed,
-        progress=False,
-    )
-    return svd
-
-
-def _around(budget, curve):
-    """The budgets besides ``budget`` that the report compares at."""
-    if curve is None:
-        curve = (round(budget - 0.1, 6), round(budget + 0.1, 6))
-        curve = tuple(b for b in curve if 0.05 <= b < 1)
-    return sorted(set(curve) - {budget})
-
-
-def _curve_points(job):
-    """kflats and SVD at the other budgets, each module's k and side reused."""
-    from kflats.torch import compress
-
-    args, ev = job.args, job.evaluator
-    unhealed = job.fidelity.get("kflats_before_heal", job.fidelity["kflats"])
-    curve = [{"budget": args.budget, "kflats": unhealed, "svd": job.fidelity["svd"]}]
-    ks = {m.name: m.k or 1 for m in job.report}
-    sides = {m.name: m.side for m in job.report if m.side is not None}
-    # in bytes, the budgets around are sizes of their own: --size says one
-    around = [] if args.unit == "bytes" else _around(args.budget, args.curve)
-    if job.steps.show and around:
-        from tqdm.auto import tqdm
-
-        around = tqdm(around, desc="kflats and SVD at other budgets", unit="budget")
-    with _model().hushed(), job.steps("curve", "", bar=False):
-        for budget in around:
-            other = copy.deepcopy(job.base)
-            try:
-                compress(
-                    other, budget, job.names, calibration=job.calibration,
-                    allocation=args.allocation, k=ks, side=sides, ranks=args.ranks,
-                    random_state=args.seed, progress=False,
-                )  # fmt: skip
-            except ValueError as exc:  # a budget too small for some module
-                if job.steps.show:
-                    print(
-                        f"kflats: no curve point at {budget:g}: {exc}", file=sys.stderr
-                    )
-                continue
-            point = {"kflats": ev.compare(job.reference, ev.outputs(other))}
-            point["svd"] = ev.compare(job.reference, _svd_outputs(job, budget))
-            curve.append({"budget": budget, **point})
-    return sorted(curve, key=lambda p: p["budget"])
-
-
-def _probe(job):
-    """Probe accuracy on the labelled texts, original and compressed."""
-    from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
-
-    from ._texts import FOLDS
-
-    texts, labels = job.labelled
-    scores = {"source": str(job.args.eval_labels), "texts": len(texts)}
-    scores["labels"] = len(set(labels))
-    scores["folds"] = FOLDS
-    with _model().hushed(), job.steps("probe", "probing the labels"):
-        for key, model in (("original", job.base), ("kflats", job.model)):
-            X = sentence_embeddings(model, texts, tokenizer=job.tokenizer)
-            scores[key] = probe_accuracy(
-                X, labels, folds=FOLDS, random_state=job.args.seed
-            )
-    return scores
 
 
 # --- 5. write -----------------------------------------------------------------------

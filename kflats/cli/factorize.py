@@ -6,8 +6,7 @@ Prints the error next to truncated SVD at the same budget and, with
 
 import time
 
-from ._arrays import load_matrix
-from ._common import budget_type, integer_at_least, output_file, write_file_atomically
+from ._common import budget_type, integer_at_least, matrix_and_out, save_output
 
 
 def add_parser(subparsers, common):
@@ -50,10 +49,7 @@ def run(args):
     """Run ``kflats factorize`` with parsed arguments; returns the exit status."""
     from kflats.factorize import factorize, svd_factors
 
-    out = args.out and output_file(args.out, args.overwrite)
-    A, name = load_matrix(args.matrix)
-    n, d = A.shape
-    print(f"matrix: {name}, {n} x {d}, {A.dtype}; budget {args.budget:g}")
+    A, out = matrix_and_out(args, f"; budget {args.budget:g}")
     start = time.perf_counter()
     svd = svd_factors(A, budget=args.budget)
     svd_time = time.perf_counter() - start
@@ -78,6 +74,5 @@ def run(args):
         f"{elapsed:.2f} s (the first call includes Numba compilation)"
     )
     if out:
-        write_file_atomically(out, factors.save, args.overwrite)
-        print(f"factors saved to {out}")
+        save_output(out, factors.save, args, "factors")
     return 0

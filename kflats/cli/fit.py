@@ -9,8 +9,7 @@ import time
 
 import numpy as np
 
-from ._arrays import load_matrix
-from ._common import integer_at_least, output_file, write_file_atomically
+from ._common import integer_at_least, matrix_and_out, save_output
 
 
 def add_parser(subparsers, common):
@@ -41,10 +40,7 @@ def run(args):
     """Run ``kflats fit`` with parsed arguments; returns the exit status."""
     from kflats import KSubspaces
 
-    out = args.out and output_file(args.out, args.overwrite)
-    A, name = load_matrix(args.matrix)
-    n, d = A.shape
-    print(f"matrix: {name}, {n} x {d}, {A.dtype}")
+    A, out = matrix_and_out(args)
     start = time.perf_counter()
     ks = KSubspaces(
         k=args.k, j=args.j, affine=args.affine, random_state=args.random_state
@@ -67,8 +63,7 @@ def run(args):
         }
         if args.affine:
             arrays["means_"] = ks.means_
-        write_file_atomically(out, lambda f: np.savez(f, **arrays), args.overwrite)
-        print(f"model saved to {out}")
+        save_output(out, lambda f: np.savez(f, **arrays), args, "model")
     return 0
 
 

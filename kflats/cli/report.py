@@ -25,24 +25,46 @@ def _short_names(names):
     return [".".join(p[common:]) for p in parts]
 
 
+def _in_bytes(data):
+    """Whether the curve's points carry the bytes each model took."""
+    return all("bytes" in p for p in data["curve"])
+
+
+def _budget_bytes(data):
+    """The budget in bytes of the selected modules (a size, or a fraction)."""
+    budget = data["settings"]["budget"]
+    return budget if budget > 1 else budget * data["compression"]["bytes_before"]
+
+
 def _fidelity_picture(ax, data):
-    curve = data["curve"]
-    budgets = [p["budget"] for p in curve]
+    curve, in_bytes = data["curve"], _in_bytes(data)
+    baseline = "uniform allocation" if in_bytes else "truncated SVD"
     for key, label, style in (
         ("kflats", "kflats, calibrated", "o-"),
-        ("svd", "truncated SVD", "s--"),
+        ("svd", baseline, "s--"),
     ):
-        ax.plot(budgets, [p[key]["mean_cosine"] for p in curve], style, label=label)
+        points = sorted(
+            (p["bytes"][key] / 1e6 if in_bytes else p["budget"], p[key]["mean_cosine"])
+            for p in curve
+        )
+        ax.plot(*zip(*points, strict=True), style, label=label)
+    at = data["settings"]["budget"]
+    if in_bytes:
+        at = _budget_bytes(data) / 1e6
     if "kflats_before_heal" in data["fidelity"]:
         ax.plot(
-            [data["settings"]["budget"]],
+            [data["compression"]["bytes_after"] / 1e6 if in_bytes else at],
             [data["fidelity"]["kflats"]["mean_cosine"]],
             "*",
             markersize=14,
             label=f"kflats + heal ({data['settings']['heal_steps']} steps)",
         )
-    ax.axvline(data["settings"]["budget"], color="0.7", lw=1, zorder=0)
-    ax.set_xlabel("budget: fraction of the selected modules' numbers kept")
+    ax.axvline(at, color="0.7", lw=1, zorder=0)
+    ax.set_xlabel(
+        "MB of the selected modules"
+        if in_bytes
+        else "budget: fraction of the selected modules' numbers kept"
+    )
     ax.set_ylabel("mean cosine to the original's embeddings")
     ax.set_title(
         f"Held-out text ({data['evaluation']['texts']} texts, never calibrated on)"
@@ -217,7 +239,13 @@ def _md_fidelity(data):
             f"| {v['top5_overlap']:.3f} |"
         )
     if len(data["curve"]) > 1:
-        lines += [
+        lines += _md_curve(data)
+    return lines
+
+
+def _md_curve(data):
+    if not _in_bytes(data):
+        lines = [
             "",
             "At other budgets (kflats with each module's k and side from this "
             "run, no heal; SVD of each module at the budget):",
@@ -225,11 +253,27 @@ def _md_fidelity(data):
             "| budget | kflats mean cosine | SVD mean cosine |",
             "|---|---|---|",
         ]
-        for p in data["curve"]:
-            lines.append(
-                f"| {p['budget']:g} | {p['kflats']['mean_cosine']:.4f} "
-                f"| {p['svd']['mean_cosine']:.4f} |"
-            )
+        return lines + [
+            f"| {p['budget']:g} | {p['kflats']['mean_cosine']:.4f} "
+            f"| {p['svd']['mean_cosine']:.4f} |"
+            for p in data["curve"]
+        ]
+    lines = [
+        "",
+        "Fidelity against bytes (each size a compress of its own, no heal; "
+        f"the baseline: {data.get('baseline')}); bytes of the selected modules:",
+        "",
+        "| budget | kflats bytes | kflats mean cosine | baseline bytes "
+        "| baseline mean cosine |",
+        "|---|---|---|---|---|",
+    ]
+    for p in data["curve"]:
+        budget = _mb(p["budget"]) if p["budget"] > 1 else f"{p['budget']:g}"
+        lines.append(
+            f"| {budget} | {_mb(p['bytes']['kflats'])} "
+            f"| {p['kflats']['mean_cosine']:.4f} | {_mb(p['bytes']['svd'])} "
+            f"| {p['svd']['mean_cosine']:.4f} |"
+        )
     return lines
 
 

@@ -98,14 +98,24 @@ def damped_moment(input_moment, n_features, damping=1e-2):
         )
     if not np.allclose(C, C.T, rtol=1e-5, atol=1e-8 * scale):
         raise ValueError("input_moment must be symmetric (E[x x^T])")
+    advice = "pass E[x x^T] of real inputs, or raise damping"
+    return _damped_cholesky(C, damping, scale, "input_moment", advice)
+
+
+def _damped_cholesky(C, damping, scale, name, advice):
+    """``C`` symmetrized plus ``damping * scale`` on its diagonal, and its factor.
+
+    Returns the damped matrix and its lower Cholesky factor; ``name`` and
+    ``advice`` make the error raised when the damped form has none.
+    """
     C = 0.5 * (C + C.T)
-    C[np.diag_indices(n_features)] += damping * scale
+    C[np.diag_indices(C.shape[0])] += damping * scale
     try:
         L = linalg.cholesky(C, lower=True)
     except linalg.LinAlgError:
         raise ValueError(
-            "input_moment is not positive semi-definite (its damped form has no "
-            "Cholesky factor); pass E[x x^T] of real inputs, or raise damping"
+            f"{name} is not positive semi-definite (its damped form has no "
+            f"Cholesky factor); {advice}"
         ) from None
     return C, L
 

@@ -50,24 +50,28 @@ round-to-nearest, 0.9918 calibrated, 0.9749 HQQ (0.157x), 0.9593 torchao
 0.8927 HQQ (0.132x).
 """
 
-from ._gptq import quantize_calibrated
-from ._tensor import SUPPORTED_BITS, QuantizedTensor, quantize, quantized_nbytes
+import importlib
 
-_TORCH_NAMES = (
-    "dequantized_state",
-    "factors_nbytes",
-    "form_nbytes",
-    "quantize_module_",
-    "quantized_state",
-    "quantized_tensors",
-    "rank_group_size",
-    "record_quantized_",
-    "register_straight_through_",
-    "requantize_",
-    "split_quantized_state",
-    "state_nbytes",
-    "straight_through_parameters",
-)
+from ._gptq import quantize_calibrated
+from ._grid import SUPPORTED_BITS
+from ._tensor import QuantizedTensor, quantize, quantized_nbytes
+
+# the layer functions and the module that defines each
+_TORCH_NAMES = {
+    "dequantized_state": "_state",
+    "factors_nbytes": "_nbytes",
+    "form_nbytes": "_nbytes",
+    "quantize_module_": "_modules",
+    "quantized_state": "_state",
+    "quantized_tensors": "_state",
+    "rank_group_size": "_nbytes",
+    "record_quantized_": "_state",
+    "register_straight_through_": "_straight",
+    "requantize_": "_straight",
+    "split_quantized_state": "_state",
+    "state_nbytes": "_state",
+    "straight_through_parameters": "_straight",
+}
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -82,7 +86,6 @@ __all__ = [
 def __getattr__(name):
     # the layer functions need torch: import them on first use only
     if name in _TORCH_NAMES:
-        from . import _modules
-
-        return getattr(_modules, name)
+        module = importlib.import_module(f".{_TORCH_NAMES[name]}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

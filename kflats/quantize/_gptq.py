@@ -3,10 +3,10 @@
 import numpy as np
 from scipy import linalg
 
+from ..factorize._linear import _damped_cholesky
 from ..factorize._validation import _check_moment as check_moment
-from ._tensor import (
+from ._grid import (
     _CLIP_RATIOS,
-    QuantizedTensor,
     _as_matrix,
     _check_axis,
     _check_bits,
@@ -16,6 +16,7 @@ from ._tensor import (
     _encode,
     _fit_and_encode,
 )
+from ._tensor import QuantizedTensor
 
 __all__ = ["quantize_calibrated"]
 
@@ -29,23 +30,14 @@ def _inverse_factor(H, damping):
     diagonal: their columns are rounded without feeding error forward.
     """
     H = np.array(H, dtype=np.float64)
-    n = H.shape[0]
-    H = 0.5 * (H + H.T)
     diag = np.diag(H).copy()
     scale = float(diag[diag > 0].mean()) if np.any(diag > 0) else 1.0
     dead = diag <= 0
     H[dead, :] = 0.0
     H[:, dead] = 0.0
-    H[np.diag_indices(n)] += damping * scale
     H[dead, dead] += scale
-    try:
-        Linv = linalg.cholesky(H, lower=True)
-    except linalg.LinAlgError:
-        raise ValueError(
-            "moment is not positive semi-definite (its damped form has no "
-            "Cholesky factor); raise damping"
-        ) from None
-    Hinv = linalg.cho_solve((Linv, True), np.eye(n))
+    _, L = _damped_cholesky(H, damping, scale, "moment", "raise damping")
+    Hinv = linalg.cho_solve((L, True), np.eye(H.shape[0]))
     return linalg.cholesky(0.5 * (Hinv + Hinv.T), lower=False)
 
 
@@ -54,6 +46,55 @@ def _check_moment(moment, n):
     if not np.allclose(M, M.T, rtol=1e-5, atol=1e-8 * max(np.abs(M).max(), 1e-300)):
         raise ValueError("moment must be symmetric")
     return M
+
+
+class _Grid:
+    """How a group's grid is fitted: bits, symmetry, scale dtype, clip ratios."""
+
+    def __init__(self, bits, symmetric, dtype, ratios):
+        self.bits, self.symmetric = bits, symmetric
+        self.dtype, self.ratios = dtype, ratios
+
+    def fit(self, groups):
+        """(scales, zero points) of the groups, one a row of ``groups``."""
+        s, z, _ = _fit_and_encode(
+            groups, self.bits, self.symmetric, self.dtype, self.ratios
+        )
+        return s, z
+
+
+def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
+    """Codes of ``W`` (columns in rounding order), errors fed forward along ``U``.
+
+    Each column is rounded on its group's grid (fitted here when its first
+    column comes up, unless fitted up front into ``scales``/``zeros``), and
+    its error, scaled by ``U``'s diagonal, is taken off the columns not yet
+    rounded: at once within a block of columns, by one product beyond it.
+    """
+    rows, cols = W.shape
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
+    for b0 in range(0, cols, block):
+        b1 = min(cols, b0 + block)
+        err_block = np.empty((rows, b1 - b0))
+        for j in range(b0, b1):
+            orig = perm[j]
+            if axis == 1:
+                if not act_order and (j - b0) % g == 0:
+                    scales[:, j // g], zeros[:, j // g] = grid.fit(W[:, j : j + g])
+                s, z = scales[:, orig // g], zeros[:, orig // g]
+                col = W[:, j : j + 1]
+            else:
+                col = W[:, j].reshape(-1, g)
+                s, z = scales[orig], zeros[orig] = grid.fit(col)
+            q = _encode(col, s, z, grid.bits)
+            deq = _decode(q, s, z).astype(np.float64).reshape(-1)
+            codes[:, orig] = q.reshape(-1)
+            e = (W[:, j] - deq) / U[j, j]
+            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
+            err_block[:, j - b0] = e
+        W[:, b1:] -= err_block @ U[b0:b1, b1:]
+    return codes
 
 
 def quantize_calibrated(
@@ -138,7 +179,7 @@ def quantize_calibrated(
     if not damping >= 0 or not np.isfinite(damping):
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
     H = _check_moment(moment, cols)
-    ratios = _CLIP_RATIOS if clip else (1.0,)
+    grid = _Grid(bits, bool(symmetric), dtype, _CLIP_RATIOS if clip else (1.0,))
     n_scales = (rows, cols // g) if axis == 1 else (cols, rows // g)
     scales = np.empty(n_scales, dtype=dtype)
     zeros = np.empty(n_scales, dtype=np.uint8)
@@ -149,41 +190,11 @@ def quantize_calibrated(
         H = H[np.ix_(perm, perm)]
         if axis == 1:
             for k in range(cols // g):
-                s, z, _ = _fit_and_encode(
-                    W[:, k * g : (k + 1) * g], bits, symmetric, dtype, ratios
-                )
-                scales[:, k], zeros[:, k] = s, z
+                scales[:, k], zeros[:, k] = grid.fit(W[:, k * g : (k + 1) * g])
     else:
         perm = np.arange(cols)
     U = _inverse_factor(H, damping)
-
-    W = W[:, perm]
-    codes = np.empty((rows, cols), dtype=np.uint8)
-    block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
-    for b0 in range(0, cols, block):
-        b1 = min(cols, b0 + block)
-        err_block = np.empty((rows, b1 - b0))
-        for j in range(b0, b1):
-            orig = perm[j]
-            if axis == 1:
-                if not act_order and (j - b0) % g == 0:
-                    s, z, _ = _fit_and_encode(
-                        W[:, j : j + g], bits, symmetric, dtype, ratios
-                    )
-                    scales[:, j // g], zeros[:, j // g] = s, z
-                s, z = scales[:, orig // g], zeros[:, orig // g]
-                col = W[:, j : j + 1]
-            else:
-                col = W[:, j].reshape(-1, g)
-                s, z, _ = _fit_and_encode(col, bits, symmetric, dtype, ratios)
-                scales[orig], zeros[orig] = s, z
-            q = _encode(col, s, z, bits)
-            deq = _decode(q, s, z).astype(np.float64).reshape(-1)
-            codes[:, orig] = q.reshape(-1)
-            e = (W[:, j] - deq) / U[j, j]
-            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
-            err_block[:, j - b0] = e
-        W[:, b1:] -= err_block @ U[b0:b1, b1:]
+    codes = _round_columns(W[:, perm], U, perm, g, axis, act_order, grid, scales, zeros)
     if axis == 0:
         codes = codes.T
     return QuantizedTensor._from_codes(

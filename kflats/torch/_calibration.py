@@ -160,23 +160,6 @@ def _check_count(value, name):
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _is_sentence_transformer(model):
-    """Whether the model is a sentence-transformers model (its adapter says)."""
-    from ._models import SentenceTransformerAdapter
-
-    return isinstance(adapter_for(model), SentenceTransformerAdapter)
-
-
-def _tokenize(model, tokenizer, texts, max_length):
-    """Model inputs for a list of texts, by ``tokenizer`` or the model's own."""
-    return adapter_for(model).tokenize(texts, tokenizer, max_length)
-
-
-def _run(model, batch):
-    """One forward pass on an input dict, as the model takes it."""
-    return adapter_for(model).run(batch)
-
-
 def _batches(adapter, data, tokenizer, batch_size, max_length):
     """Model-input dicts, and how many there will be (None when unknown)."""
     if isinstance(data, str):
@@ -411,7 +394,8 @@ def _record(adapter, batches, device, state, bar):
             mask = batch.get("attention_mask")
             state["mask"] = None if mask is None else mask.bool()
             state["moments"] = {}
-            adapter.run(batch)
+            # a copy: sentence-transformers writes its outputs into the dict
+            adapter.run(dict(batch))
             if probe_rows < _PROBE_SEQUENCES and all(
                 torch.is_tensor(v) or isinstance(v, str) for v in batch.values()
             ):

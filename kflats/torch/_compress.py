@@ -22,11 +22,12 @@ from ..factorize._linear import (
     _unwhiten,
     _whiten,
 )
-from ..factorize._search import _factorize, _search_options
+from ..factorize._search import _factorize
 from ..factorize._validation import _check_sample_weight
-from ._bytes import _check_bytes_config, _check_bytes_feasible, _compress_bytes
+from ._byte_forms import _check_bytes_feasible
+from ._bytes import _check_bytes_config, _compress_bytes
 from ._calibration import Calibration, calibrate
-from ._config import _CONSTRAINTS, CompressionConfig, _check
+from ._config import _CONSTRAINTS, CompressionConfig, _check, _search_options_of
 from ._layers import (
     ProjectiveEmbedding,
     ProjectiveLinear,
@@ -155,21 +156,26 @@ def compress(
         allocation chooses, by calibrated error gained per byte, among:
         kept float32; dense at one of ``bits`` (group-wise, calibrated
         rounding: GPTQ-style error feedback along a Linear's input moment,
-        token weights for an embedding); k = 1 projective factors (the
-        truncated SVD of the calibrated weight, the output side of a Linear)
-        at a rank, in float32 or at one of ``bits``. Dense quantization at
-        each bit width is measured; the error of quantized factors is
-        modelled as relative noise on what the factors keep, measured once
-        per module and bit width at one rank (the report gives the measured
-        error of the chosen form). Uniform quantization of every module at
-        any of ``bits`` that fits is a point of the search, so the plan's
+        token weights for an embedding); projective factors at a rank, in
+        float32 or at one of ``bits``: k = 1 (the truncated SVD of the
+        calibrated weight, the output side of a Linear) or, for an
+        Embedding, its rows clustered into ``k`` subspaces (by default
+        k = 16 for a table of at least 4096 rows, global allocation; the
+        factors with k > 1 in float32 or at the ``bits`` up to 4).
+        Dense quantization at each bit width is measured; the error of
+        quantized factors is modelled as relative noise on what the factors
+        keep, measured once per module and bit width at one rank (the
+        report gives the measured error of the chosen form). Uniform
+        quantization of every module at any of ``bits`` that fits is a
+        point of the search, so the plan's
         predicted error is never above it; with a calibration, the candidate
         plans (greedy from the smallest forms, from each uniform start, and
         uniform itself) are run on its probe batches and the one whose
         output moves least is kept. A quantized module holds the
         dequantized values in its float parameters
-        (:func:`kflats.quantize.quantize_module_`); ``k``, ``ranks`` and
-        ``side`` do not apply.
+        (:func:`kflats.quantize.quantize_module_`). ``k`` (an int or the
+        numbers to try) applies to the Embedding modules only, ``ranks``
+        and ``side`` do not apply.
     bits : sequence of int, default=(8, 6, 4, 3, 2)
         Bit widths of the forms of ``unit="bytes"``.
     group_size : int or None, default=None
@@ -275,7 +281,14 @@ def compress(
     # 2. plan the budget
     probe = calibration.probe if calibration is not None else None
     numbers_of = _plan_numbers(
-        model, names, named, config.budget, config.allocation, objectives, probe
+        model,
+        names,
+        named,
+        config.budget,
+        config.allocation,
+        objectives,
+        probe,
+        progress,
     )
     # 3. fit every module
     reports, layers = _fit_all(
@@ -344,13 +357,7 @@ def _check_sample_weight_use(sample_weight, names, calibration):
 
 def _fit_all(names, named, numbers_of, objectives, config, sample_weight, progress):
     """Fit every module: its report, and its new layer unless it stays dense."""
-    options = _search_options(
-        config.ranks,
-        config.affine,
-        config.random_state,
-        config.n_refine,
-        config.fit_params,
-    )
+    options = _search_options_of(config)
     bar = _progress_bar(names, named, progress)
     reports, layers = [], {}
     try:

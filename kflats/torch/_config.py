@@ -233,13 +233,19 @@ class CompressionConfig:
     unit : {"numbers", "bytes"}, default="numbers"
         What the budget counts. ``"bytes"``: each module takes the form that
         the allocation chooses among float32, dense at each of ``bits``,
-        and k = 1 projective factors at a rank, stored in float32 or at each
-        of ``bits`` (see :func:`compress`).
+        and projective factors at a rank (k = 1, or k clusters of an
+        Embedding's rows), stored in float32 or at each of ``bits`` (see
+        :func:`compress`).
     allocation : {"global", "uniform"}, default="global"
         How the budget is shared out across the modules (see :func:`compress`).
     k : int, sequence of int or None, default=None
         Numbers of clusters to search for every module; ``None``: the grid
-        :data:`kflats.factorize.K_GRID`.
+        :data:`kflats.factorize.K_GRID`. With ``unit="bytes"``: the numbers
+        of clusters of the Embedding modules' projective forms (a Linear's
+        are k = 1; an override may not give it more); ``None``: 1 and 16
+        for a table of at least 4096 rows under the global allocation, 1
+        for the others. Factors with k > 1 are stored in float32 or at the
+        ``bits`` up to 4 (all ``bits`` when none is).
     ranks : {"adaptive", "uniform"} or None, default=None
         Rank allocation across the clusters of a module; ``None``:
         ``"adaptive"`` with a calibration, ``"uniform"`` without.
@@ -460,3 +466,16 @@ class CompressionConfig:
         else:
             data["targets"] = _target_from_json(targets)
         return cls(**data)
+
+
+def _search_options_of(config):
+    """The checked fit options (:func:`kflats.factorize.factorize`'s) of a config."""
+    from ..factorize._search import _search_options
+
+    return _search_options(
+        config.ranks,
+        config.affine,
+        config.random_state,
+        config.n_refine,
+        config.fit_params,
+    )

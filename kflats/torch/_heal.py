@@ -1,10 +1,19 @@
-"""heal: a short distillation of a compressed model towards the original."""
+"""heal: a short distillation of a compressed model towards the original.
 
+The steps, one function each: check the options and the inputs → choose the
+matrices that train (and, for quantized ones, train latent floats through
+the rounding) → check the teacher's and the model's outputs on a first batch
+→ the training loop → write the trained matrices back into their packed
+quantized form, bits, group sizes and bytes unchanged.
+"""
+
+import contextlib
 import math
 import numbers
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._calibration import _check_count
 from ._layers import ProjectiveEmbedding, ProjectiveLinear
@@ -14,12 +23,9 @@ __all__ = ["heal"]
 
 # progress=None shows a bar from this many steps on
 _PROGRESS_STEPS = 20
-
-
-def _layer_stack(model):
-    """Name of the model's (first) stack of blocks, as its adapter names it."""
-    stacks = adapter_for(model).block_stacks()
-    return stacks[0] if stacks else None
+_TRAINABLE = ("compressed", "projective", "all")
+# the attribute on which kflats.quantize records a layer's packed tensors
+_QUANTIZED = "_kflats_quantized"
 
 
 class _Recorder:
@@ -44,41 +50,312 @@ class _Recorder:
             handle.remove()
 
 
-def _final(out):
-    """The tensor a heal matches at the end: sentence embedding or last state.
+# --- 1. the options and the inputs, checked before anything changes --------------
 
-    Returns ``(tensor, "cosine")`` for a sentence embedding, ``(tensor,
-    "mse")`` for a last hidden state, logits or plain tensor.
-    """
-    from ._models import _tensor_output
 
+def _check_options(steps, batch_size, max_length, lr, layer_weight, trainable):
     try:
-        tensor, kind = _tensor_output(out)
-    except TypeError as exc:
-        raise TypeError(f"heal: {exc}") from None
-    return tensor, "cosine" if kind == "sentence_embedding" else "mse"
-
-
-_relative_mse = relative_mse
-
-
-def _trainable(model, which):
-    if which == "all":
-        return [p for p in model.parameters()]
-    params = []
-    for module in model.modules():
-        if isinstance(module, (ProjectiveEmbedding, ProjectiveLinear)):
-            params.extend(module.coefficients)
-            params.append(module.bases)
-            if module.means is not None:
-                params.append(module.means)
-    if not params:
+        _check_count(steps, "steps")
+        _check_count(batch_size, "batch_size")
+        if max_length is not None:
+            _check_count(max_length, "max_length")
+    except ValueError as exc:
+        raise ValueError(f"heal: {exc}") from None
+    if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
+        raise ValueError(f"heal: lr must be a positive float, got {lr!r}")
+    if not (isinstance(layer_weight, numbers.Real) and 0 <= layer_weight < math.inf):
         raise ValueError(
-            "heal: trainable='projective' but the model holds no ProjectiveEmbedding "
-            "or ProjectiveLinear layer: compress it first, or pass "
-            "trainable='all'"
+            f"heal: layer_weight must be a float >= 0, got {layer_weight!r}"
         )
-    return params
+    if trainable not in _TRAINABLE:
+        raise ValueError(
+            f"heal: trainable must be one of {_TRAINABLE}, got {trainable!r}"
+        )
+
+
+def _check_inputs(model, teacher, data, tokenizer):
+    """The texts and both models' adapters, every input checked."""
+    for name, value in (("model", model), ("teacher", teacher)):
+        if not isinstance(value, nn.Module):
+            raise TypeError(
+                f"heal: {name} must be a torch.nn.Module, got {type(value).__name__}"
+            )
+    if isinstance(data, str) or not isinstance(data, (list, tuple)):
+        raise TypeError(
+            f"heal: data must be a list of strings, got {type(data).__name__}"
+        )
+    texts = list(data)
+    if not texts:
+        raise ValueError("heal: data is empty: heal needs calibration texts")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("heal: data must be a list of strings")
+    adapter, teacher_adapter = adapter_for(model), adapter_for(teacher)
+    if tokenizer is None and not adapter.has_tokenizer():
+        raise ValueError(
+            "heal: data holds texts, and the model has no tokenizer of its own (it "
+            "is not a sentence-transformers model): pass tokenizer="
+        )
+    if tokenizer is not None:
+        adapter.check_tokenizer(tokenizer)
+    return texts, adapter, teacher_adapter
+
+
+# --- 2. what trains ------------------------------------------------------------------
+
+
+def _quantized(module):
+    return bool(getattr(module, _QUANTIZED, None))
+
+
+def _trained_layers(model, which):
+    """The layers whose matrices train: the whole model for ``"all"``."""
+    if which == "all":
+        return [model]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (ProjectiveEmbedding, ProjectiveLinear))
+        or (which == "compressed" and _quantized(m))
+    ]
+    if not layers:
+        what = "ProjectiveEmbedding or ProjectiveLinear layer"
+        if which == "compressed":
+            what += " nor quantized weight"
+        raise ValueError(
+            f"heal: trainable={which!r} but the model holds no {what}: compress "
+            "it first, or pass trainable='all'"
+        )
+    return layers
+
+
+def _slots(layer):
+    """(owner, attribute) of each matrix that trains in a layer, in order."""
+    if isinstance(layer, (ProjectiveEmbedding, ProjectiveLinear)):
+        slots = [(layer.coefficients, str(c)) for c in range(len(layer.coefficients))]
+        slots.append((layer, "bases"))
+        if layer.means is not None:
+            slots.append((layer, "means"))
+        return slots
+    return [(layer, "weight")]  # a quantized nn.Linear or nn.Embedding
+
+
+def _leaf(owner, name):
+    """The parameter the optimizer updates: a latent float where parametrized."""
+    if parametrize.is_parametrized(owner, name):
+        return owner.parametrizations[name].original
+    return getattr(owner, name)
+
+
+def _parameters(model, layers):
+    """The leaves the optimizer updates, in a fixed order."""
+    if layers == [model]:
+        return list(model.parameters())
+    return [_leaf(*slot) for layer in layers for slot in _slots(layer)]
+
+
+def _packed_forms(model):
+    """What the packed form of each quantized matrix must keep through a heal."""
+    from ..quantize import quantized_tensors
+
+    return {
+        name: (qt.shape, qt.bits, qt.group_size, qt.axis, qt.symmetric, qt.nbytes)
+        for name, qt in quantized_tensors(model).items()
+    }
+
+
+@contextlib.contextmanager
+def _through_the_rounding(model, layers):
+    """Yield the parameters that train; quantized ones as latent floats.
+
+    Each quantized matrix of ``layers`` trains as a float master copy that
+    the forward rounds to its grid, the gradient passing straight through
+    the rounding; on the way out (also after an error) it is rounded once
+    more and written back into its packed form, whose bits, group size and
+    bytes are checked to be unchanged.
+    """
+    if not any(_quantized(m) for m in model.modules()):
+        yield _parameters(model, layers)
+        return
+    from ..quantize import register_straight_through_, requantize_
+
+    forms = _packed_forms(model)
+    for layer in layers:
+        register_straight_through_(layer)
+    try:
+        yield _parameters(model, layers)
+    finally:
+        requantize_(model)
+        if _packed_forms(model) != forms:  # pragma: no cover - a kflats bug
+            raise RuntimeError("heal changed the packed form of a quantized matrix")
+
+
+# --- 3. the batches, the block outputs and a first check ---------------------------
+
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - _trained_layers found parameters
+        return torch.device("cpu")
+
+
+def _stacks(teacher_adapter, model, layer_weight):
+    """The block stacks matched layer by layer (none when layer_weight is 0)."""
+    stacks = teacher_adapter.block_stacks() if layer_weight > 0 else []
+    try:
+        for stack in stacks:
+            model.get_submodule(stack)
+    except AttributeError:
+        return []  # another architecture: the shape check says so
+    return stacks
+
+
+class _Pair:
+    """The model and its teacher: batches of text, outputs, block outputs."""
+
+    def __init__(self, model, teacher, texts, tokenizer, max_length, stacks):
+        self.adapter, self.teacher_adapter = adapter_for(model), adapter_for(teacher)
+        self.model, self.teacher = model, teacher
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+        self.device = _device(model)
+        self.recorders = _Recorder(model, stacks), _Recorder(teacher, stacks)
+
+    def batch(self, indices):
+        batch = self.adapter.tokenize(
+            [self.texts[i] for i in indices], self.tokenizer, self.max_length
+        )
+        return {
+            k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+
+    def teacher_outputs(self, batch):
+        """The teacher's final output and block outputs, without gradients."""
+        with torch.no_grad():
+            final = self.teacher_adapter.final(self.teacher_adapter.run(batch))
+            return final, self.recorders[1].take()
+
+    def outputs(self, batch):
+        """The model's final output and block outputs."""
+        final = self.adapter.final(self.adapter.run(batch))
+        return final, self.recorders[0].take()
+
+    def check_shapes(self, batch_size):
+        """Both models' outputs on a first batch have the same shapes."""
+        first = self.batch(range(min(batch_size, len(self.texts))))
+        t_final, t_layers = self.teacher_outputs(first)
+        with torch.no_grad():
+            s_final, s_layers = self.outputs(first)
+        if t_final.shape != s_final.shape or [t.shape for t in t_layers] != [
+            s.shape for s in s_layers
+        ]:
+            raise ValueError(
+                "heal: the teacher's outputs have shape "
+                f"{tuple(t_final.shape)} and the model's {tuple(s_final.shape)} "
+                "(or their layers differ): heal "
+                "distils a compressed model towards its own original"
+            )
+
+    def loss(self, batch, layer_weight):
+        """Distortion of the output plus the weighted mean error of the blocks."""
+        target, target_layers = self.teacher_outputs(batch)
+        output, layers = self.outputs(batch)
+        loss = self.adapter.distortion(output, target, batch)
+        if layers and layer_weight > 0:
+            mask = batch.get("attention_mask")
+            layer_loss = sum(
+                relative_mse(s, t, mask)
+                for s, t in zip(layers, target_layers, strict=True)
+            ) / len(layers)
+            loss = loss + layer_weight * layer_loss
+        return loss
+
+    def remove(self):
+        for recorder in self.recorders:
+            recorder.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model, teacher):
+    """Both models in eval mode; afterwards the teacher as it was, the model
+    in eval mode once training began (``started[0]`` set), else as it was."""
+    teacher_training, model_training = teacher.training, model.training
+    started = [False]
+    teacher.eval()
+    model.eval()
+    try:
+        yield started
+    finally:
+        teacher.train(teacher_training)
+        model.train(model_training and not started[0])
+
+
+@contextlib.contextmanager
+def _only_trained(model, params):
+    """Gradients for ``params`` alone; every flag as it was afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+# --- 4. the training loop ---------------------------------------------------------
+
+
+def _schedule(optimizer, steps):
+    """Linear warm-up over the first 10% of the steps, then a cosine to 0."""
+    warmup = max(1, steps // 10)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _progress_bar(steps, progress):
+    show = steps >= _PROGRESS_STEPS if progress is None else bool(progress)
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the torch extra
+        return None
+    return tqdm(total=steps, desc="kflats heal", unit="step")
+
+
+def _train(pair, params, *, steps, batch_size, lr, layer_weight, progress):
+    """Adam on ``params``, one random batch a step; the loss of each step."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = _schedule(optimizer, steps)
+    bar = _progress_bar(steps, progress)
+    losses = []
+    try:
+        for _ in range(steps):
+            indices = torch.randint(len(pair.texts), (batch_size,)).tolist()
+            loss = pair.loss(pair.batch(indices), layer_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return losses
+
+
+# --- 5. heal ------------------------------------------------------------------------
 
 
 def heal(
@@ -89,7 +366,7 @@ def heal(
     steps=200,
     batch_size=16,
     lr=1e-4,
-    trainable="projective",
+    trainable="compressed",
     layer_weight=1.0,
     tokenizer=None,
     max_length=None,
@@ -99,7 +376,8 @@ def heal(
 
     Each step draws ``batch_size`` texts at random, runs the original model
     (``teacher``, without gradients) and the compressed one, and takes one
-    Adam step on the compressed model's factors. The loss is
+    Adam step on the compressed model's factors (and quantized weights). The
+    loss is
 
     - on the output, the distortion of the model's adapter for its output
       kind: ``1 - cosine`` between the sentence embeddings of a
@@ -120,6 +398,14 @@ def heal(
     cluster ids never change. The model stays in eval mode (no dropout), so
     that the same ``torch.manual_seed`` gives the same result.
 
+    A quantized matrix (:func:`kflats.quantize.quantize_module_`, or a
+    ``unit="bytes"`` :func:`compress`) trains through its rounding: a float
+    master copy is updated, the forward rounds it to the matrix's grid
+    (scales and zero points fixed), and the gradient passes through the
+    rounding unchanged (straight-through estimator). At the end each is
+    rounded once more into its packed form: the same bits, group size and
+    bytes, and a save and load gives the healed outputs bit for bit.
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -137,11 +423,14 @@ def heal(
     lr : float, default=1e-4
         Peak learning rate of Adam. On all-MiniLM-L6-v2 compressed to half
         its numbers, 1e-4 lifted the held-out fidelity from 0.892 to 0.912 in
-        300 steps, 3e-4 to 0.904, and 1e-3 lowered it to 0.873.
-    trainable : {"projective", "all"}, default="projective"
-        ``"projective"``: only the factors of the projective layers
-        (coefficients, bases, means) train; ``"all"``: every parameter of
-        ``model``.
+        300 steps, 3e-4 to 0.904, and 1e-3 lowered it to 0.873. Compressed
+        to 0.10x of its bytes (``unit="bytes"``, quantized weights and
+        factors), 300 steps at 1e-4 lifted it from 0.9665 to 0.9711.
+    trainable : {"compressed", "projective", "all"}, default="compressed"
+        ``"compressed"``: the factors of the projective layers (coefficients,
+        bases, means) and the weight of each quantized layer train;
+        ``"projective"``: the factors alone; ``"all"``: every parameter of
+        ``model``. Without quantized layers the first two are the same.
     layer_weight : float, default=1.0
         Weight of the layer-by-layer term; 0 matches the output alone.
     tokenizer : callable, default=None
@@ -159,9 +448,9 @@ def heal(
     ------
     ValueError
         If ``steps < 1``, ``data`` is empty or not texts, no tokenizer is
-        known, the model holds no projective layer (with
-        ``trainable="projective"``), or the teacher's outputs have other
-        shapes than the model's. The model is untouched then.
+        known, the model holds nothing compressed to train (no projective
+        layer, nor quantized weight for ``"compressed"``), or the teacher's
+        outputs have other shapes than the model's. The model is untouched then.
 
     See Also
     --------
@@ -192,142 +481,27 @@ def heal(
     >>> len(losses), losses[-1] < losses[0], model.training
     (30, True, False)
     """
+    _check_options(steps, batch_size, max_length, lr, layer_weight, trainable)
+    texts, _, teacher_adapter = _check_inputs(model, teacher, data, tokenizer)
+    layers = _trained_layers(model, trainable)
+    stacks = _stacks(teacher_adapter, model, layer_weight)
+    pair = _Pair(model, teacher, texts, tokenizer, max_length, stacks)
     try:
-        _check_count(steps, "steps")
-        _check_count(batch_size, "batch_size")
-        if max_length is not None:
-            _check_count(max_length, "max_length")
-    except ValueError as exc:
-        raise ValueError(f"heal: {exc}") from None
-    if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
-        raise ValueError(f"heal: lr must be a positive float, got {lr!r}")
-    if not (isinstance(layer_weight, numbers.Real) and 0 <= layer_weight < math.inf):
-        raise ValueError(
-            f"heal: layer_weight must be a float >= 0, got {layer_weight!r}"
-        )
-    if trainable not in ("projective", "all"):
-        raise ValueError(
-            f"heal: trainable must be 'projective' or 'all', got {trainable!r}"
-        )
-    for name, value in (("model", model), ("teacher", teacher)):
-        if not isinstance(value, nn.Module):
-            raise TypeError(
-                f"heal: {name} must be a torch.nn.Module, got {type(value).__name__}"
-            )
-    if isinstance(data, str) or not isinstance(data, (list, tuple)):
-        raise TypeError(
-            f"heal: data must be a list of strings, got {type(data).__name__}"
-        )
-    texts = list(data)
-    if not texts:
-        raise ValueError("heal: data is empty: heal needs calibration texts")
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("heal: data must be a list of strings")
-    adapter, teacher_adapter = adapter_for(model), adapter_for(teacher)
-    if tokenizer is None and not adapter.has_tokenizer():
-        raise ValueError(
-            "heal: data holds texts, and the model has no tokenizer of its own (it "
-            "is not a sentence-transformers model): pass tokenizer="
-        )
-    if tokenizer is not None:
-        adapter.check_tokenizer(tokenizer)
-    params = _trainable(model, trainable)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - _trainable found parameters
-        device = torch.device("cpu")
-
-    def batch_of(indices):
-        batch = adapter.tokenize([texts[i] for i in indices], tokenizer, max_length)
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    stacks = teacher_adapter.block_stacks() if layer_weight > 0 else []
-    try:
-        for stack in stacks:
-            model.get_submodule(stack)
-    except AttributeError:
-        stacks = []  # another architecture: the shape check below says so
-
-    teacher_training, model_training = teacher.training, model.training
-    started = False
-    teacher.eval()
-    model.eval()
-    student_rec, teacher_rec = _Recorder(model, stacks), _Recorder(teacher, stacks)
-    bar = None
-    show = steps >= _PROGRESS_STEPS if progress is None else bool(progress)
-    if show:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc="kflats heal", unit="step")
-        except ImportError:  # pragma: no cover - tqdm is in the torch extra
-            bar = None
-    flags = [p.requires_grad for p in model.parameters()]
-    losses = []
-    try:
-        # the shapes are checked on a first batch before anything changes
-        first = batch_of(range(min(batch_size, len(texts))))
-        with torch.no_grad():
-            t_final = teacher_adapter.final(teacher_adapter.run(first))
-            s_final = adapter.final(adapter.run(first))
-            t_layers, s_layers = teacher_rec.take(), student_rec.take()
-        if t_final.shape != s_final.shape or [t.shape for t in t_layers] != [
-            s.shape for s in s_layers
-        ]:
-            raise ValueError(
-                "heal: the teacher's outputs have shape "
-                f"{tuple(t_final.shape)} and the model's {tuple(s_final.shape)} "
-                "(or their layers differ): heal "
-                "distils a compressed model towards its own original"
-            )
-        started = True
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        warmup = max(1, steps // 10)
-
-        def factor(step):
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (
-                1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))
-            )
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        for _ in range(steps):
-            indices = torch.randint(len(texts), (batch_size,)).tolist()
-            batch = batch_of(indices)
-            mask = batch.get("attention_mask")
-            with torch.no_grad():
-                target = teacher_adapter.final(teacher_adapter.run(batch))
-                target_layers = teacher_rec.take()
-            output = adapter.final(adapter.run(batch))
-            layers = student_rec.take()
-            loss = adapter.distortion(output, target, batch)
-            if layers and layer_weight > 0:
-                layer_loss = sum(
-                    relative_mse(s, t, mask)
-                    for s, t in zip(layers, target_layers, strict=True)
-                ) / len(layers)
-                loss = loss + layer_weight * layer_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        with _eval_mode(model, teacher) as started:
+            pair.check_shapes(batch_size)  # before anything changes
+            started[0] = True
+            with (
+                _through_the_rounding(model, layers) as params,
+                _only_trained(model, params),
+            ):
+                return _train(
+                    pair,
+                    params,
+                    steps=steps,
+                    batch_size=batch_size,
+                    lr=lr,
+                    layer_weight=layer_weight,
+                    progress=progress,
+                )
     finally:
-        student_rec.remove()
-        teacher_rec.remove()
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        teacher.train(teacher_training)
-        model.train(model_training and not started)
-        if bar is not None:
-            bar.close()
-    return losses
+        pair.remove()

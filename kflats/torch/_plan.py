@@ -14,7 +14,7 @@ import numpy as np
 
 from .._size import budget_numbers, dense_size, factors_size, saving_rank
 from ..factorize._allocation import _greedy_fill
-from ._sensitivity import _rows_cols, _sensitivities, _weight_spectrum
+from ._sensitivity import _rows_cols, _sensitivities, _spectra
 
 
 def _check_feasible(budget, names, named, allocation):
@@ -42,19 +42,22 @@ def _check_feasible(budget, names, named, allocation):
             )
 
 
-def _plan_numbers(model, names, named, budget, allocation, objectives, probe):
+def _plan_numbers(
+    model, names, named, budget, allocation, objectives, probe, progress=None
+):
     """Numbers each module may store: ``{name: numbers}``, ``None`` to stay dense.
 
     ``probe``: the calibration's probe batches, which measure the modules'
     sensitivities for the global allocation (none: plain errors count alike).
+    ``progress``: bars over the spectra and the probes (None: on big models).
     """
     shapes = {name: _rows_cols(named[name]) for name in names}
     if allocation != "global" or len(names) == 1:
         return {name: budget_numbers(budget, *shapes[name]) for name in names}
-    spectra = {name: _weight_spectrum(named[name], objectives[name]) for name in names}
+    spectra = _spectra(names, named, objectives, progress)
     scale = {}
     if probe:
-        scale = _sensitivities(model, names, named, spectra, probe)
+        scale = _sensitivities(model, names, named, spectra, probe, progress)
     gains = {name: spectra[name].gains * scale.get(name, 1.0) for name in names}
     total = budget_numbers(budget, 1, sum(n * d for n, d in shapes.values()))
     return _global_numbers(names, shapes, gains, total)

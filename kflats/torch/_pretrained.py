@@ -142,13 +142,39 @@ def _check_tokenizer_files(folder, what):
 # --- loading -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def hushed():
-    """Silence transformers' and sentence-transformers' logging and warnings."""
+    """Silence transformers' and sentence-transformers' logging, warnings and bars.
+
+    transformers' switch reaches the bars it draws through its logging; the
+    conversion of a GGUF file's tensors draws its own ``tqdm`` bar, which is
+    made silent here too. Everything is restored on exit.
+    """
     import transformers  # noqa: F401 - imported first, so that its bars go quiet
 
-    from ._io import _quiet
+    from ._hush import _quiet
 
-    return _quiet()
+    with _quiet(), _silent_gguf_conversion():
+        yield
+
+
+@contextlib.contextmanager
+def _silent_gguf_conversion():
+    """transformers' GGUF reader with a progress bar that draws nothing."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # a transformers without GGUF support draws no bar
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _with_portable_attention(build):
@@ -160,7 +186,8 @@ def _with_portable_attention(build):
     try:
         return build("sdpa")
     except ValueError as exc:
-        if "sdpa" not in str(exc).lower():
+        message = str(exc).lower()
+        if "sdpa" not in message and "scaled_dot_product_attention" not in message:
             raise
         return build("eager")
 
@@ -390,3 +417,54 @@ def _with_pad_token(tokenizer):
         f"the tokenizer has no pad token; calibration and evaluation pad with its "
         f"end-of-sequence token {eos!r} (the saved tokenizer is unchanged)"
     )
+
+
+def load_pretrained(path, *, gguf_file=None):
+    """A transformers model of the class its config names, and its tokenizer.
+
+    The model comes back as what it is (``LlamaForCausalLM`` with its LM
+    head, ``BertForSequenceClassification`` with its classifier; the first
+    class of ``config.architectures``), from local files only, running no
+    code from the folder. A folder the model cannot be read from faithfully
+    is refused instead of papered over.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A model folder, a ``.gguf`` file, or a folder holding one (and no
+        ``config.json``).
+    gguf_file : str, default=None
+        The GGUF file's name inside the folder (dequantized to float32).
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode.
+    tokenizer : transformers tokenizer
+
+    Raises
+    ------
+    ValueError
+        If the folder holds no tokenizer files, if its weights do not match
+        its config (missing, unexpected or mismatched tensors, which
+        transformers would fill at random), or if it cannot be read.
+
+    Examples
+    --------
+    >>> from kflats.datasets import minilm_model_dir
+    >>> from kflats.torch._models import load_pretrained
+    >>> model, tokenizer = load_pretrained(minilm_model_dir())
+    >>> type(model).__name__, tokenizer("a cat")["input_ids"]
+    ('BertModel', [101, 1037, 4937, 102])
+    """
+    import warnings
+
+    source = model_source(
+        path if gguf_file is None else Path(path) / gguf_file,
+        label="model folder",
+        sentence_transformers=False,
+    )
+    loaded = load_model(source)
+    if loaded.note:
+        warnings.warn(loaded.note, UserWarning, stacklevel=2)
+    return loaded.model, loaded.tokenizer

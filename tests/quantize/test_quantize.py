@@ -14,7 +14,7 @@ from kflats.quantize import (
     quantize_calibrated,
     quantized_nbytes,
 )
-from kflats.quantize._tensor import pack_codes, unpack_codes
+from kflats.quantize._grid import pack_codes, unpack_codes
 
 torch = pytest.importorskip("torch")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")

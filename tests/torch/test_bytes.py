@@ -25,64 +25,27 @@ from kflats.torch import (  # noqa: E402
     calibrate,
     compress,
 )
-from kflats.torch._bytes import (  # noqa: E402
-    _Form,
-    _forms,
-    _measured_forms,
-    _plan_bytes,
-    _predicted,
-)
+from kflats.torch._byte_forms import _Form, _forms, _ModuleForms  # noqa: E402
+from kflats.torch._bytes import _plan_bytes, _predicted  # noqa: E402
 from kflats.torch._sensitivity import _objectives, _weight_spectrum  # noqa: E402
 
-# --------------------------------------------------------------------------
-# a tiny encoder (input dicts in), rows of 32 so that groups of 32 divide them
+from ._helpers import (  # noqa: E402
+    SENTENCES,
+    TinyEncoder,
+    assert_unchanged,
+    snapshot,
+    tokenizer_for,
+)
 
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, h):
-        return self.norm(h + self.down(torch.relu(self.up(h))))
-
-
-class Tiny(nn.Module):
-    def __init__(self, vocab=64, d=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d, padding_idx=0)
-        self.layers = nn.ModuleList([Block(d), Block(d)])
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return {"last_hidden_state": h}
-
-
-def tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
-    ids = [[1 + sum(map(ord, w)) % 63 for w in t.split()] for t in texts]
-    width = max(len(seq) for seq in ids)
-    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
-    return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
-
-
-TEXTS = [
-    "the cat sat on the mat",
-    "a dog ran in the park today",
-    "rain is expected over the hills tonight",
-    "she paid the bill with a card",
-    "the train to the city was late again",
-    "bread needs flour water salt and time",
-] * 3
+# a tiny encoder with rows of 32, so that groups of 32 divide them
+tokenizer = tokenizer_for(64)
+TEXTS = SENTENCES[:6] * 3
 TARGETS = [nn.Embedding, nn.Linear]
 
 
 def tiny(seed=0, low_rank=False):
     torch.manual_seed(seed)
-    model = Tiny().eval()
+    model = TinyEncoder(vocab=64, d=32).eval()
     if low_rank:  # weights of rank 4: factors pay
         with torch.no_grad():
             for m in model.modules():
@@ -98,24 +61,12 @@ def cal_model():
     return model, calibrate(model, TEXTS, tokenizer=tokenizer, targets=TARGETS)
 
 
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: type(m) for n, m in model.named_modules()
-    }
-
-
-def assert_unchanged(model, snap):
-    state, types = snapshot(model)
-    assert types == snap[1]
-    assert all(torch.equal(state[k], snap[0][k]) for k in snap[0])
-
-
 # -- the plan, on synthetic forms -------------------------------------------
 
 
 @st.composite
 def module_forms(draw):
-    """Forms of a few modules: float, dense at each bit width, factors."""
+    """Forms of a few modules: float, dense at each bit width, factors (k >= 1)."""
     all_forms = []
     for _ in range(draw(st.integers(1, 4))):
         full = draw(st.integers(1000, 100_000))
@@ -126,7 +77,8 @@ def module_forms(draw):
         for r in range(draw(st.integers(0, 6))):
             size = draw(st.integers(10, full))
             err = draw(st.floats(0, 1, allow_nan=False))
-            forms.append(_Form("projective", 4, 32, r + 1, size, err))
+            k = draw(st.sampled_from((1, 4, 16)))
+            forms.append(_Form("projective", 4, 32, r + 1, size, err, k))
         all_forms.append(forms)
     scales = draw(
         st.lists(
@@ -182,17 +134,18 @@ def test_uniform_inside_the_search_on_measured_forms(cal_model):
     named = dict(model.named_modules())
     names = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Embedding))]
     objectives = _objectives(cal, names, named, 1.0, 1e-2)
-    from kflats.factorize._search import _search_options
+    from kflats.torch._config import _search_options_of
 
-    options = _search_options("uniform", False, 0, 10, {})
+    config = CompressionConfig(1.0, unit="bytes", ranks="uniform", random_state=0)
+    options = _search_options_of(config)
     all_forms = []
     for name in names:
         forms = _forms(named[name], (8, 6, 4, 3, 2), None)
         spectrum = _weight_spectrum(named[name], objectives[name])
-        measured, _, _ = _measured_forms(
-            named[name], name, forms, objectives[name], spectrum, options
+        measured = _ModuleForms(
+            named[name], name, objectives[name], spectrum, forms, (1,), config, options
         )
-        all_forms.append(measured)
+        all_forms.append(measured.forms)
     scales = [1.0] * len(names)
     for bits in (8, 4, 2):
         uniform = [
@@ -293,7 +246,8 @@ def test_without_calibration_and_a_projective_layer_is_quantized():
         ({"bits": ()}, r"bits must be"),
         ({"group_size": 24}, r"group_size=24 does not divide"),
         ({"group_size": 0}, r"group_size must be"),
-        ({"k": 4}, r"k=4: with unit='bytes'"),
+        ({"k": {"layers.0.up": 4}}, r"k=4 for 'layers.0.up': with unit='bytes'"),
+        ({"k": 65}, r"k=65 for 'embed': at most its 64 rows"),
         ({"affine": True}, r"affine"),
     ],
 )
@@ -456,7 +410,7 @@ def probe_distortion(model, base, cal):
 @pytest.mark.parametrize("bits", [4, 3])
 def test_never_worse_than_uniform_quantization_on_the_probe(cal_model, bits):
     from kflats.quantize import quantize_module_
-    from kflats.torch._bytes import _quantize_kw
+    from kflats.torch._byte_forms import _quantize_kw
 
     base, cal = cal_model
     named = dict(base.named_modules())
@@ -480,3 +434,80 @@ def test_never_worse_than_uniform_quantization_on_the_probe(cal_model, bits):
     )
     assert report.bytes_after <= size
     assert probe_distortion(model, base, cal) <= probe_distortion(uniform, base, cal)
+
+
+# -- k > 1 clusters of an embedding's rows ------------------------------------
+
+
+def clustered_table(seed=0, k=8, rank=3, rows=512, d=32):
+    """An Embedding whose rows lie on k random rank-``rank`` subspaces."""
+    rng = np.random.default_rng(seed)
+    blocks = [
+        rng.normal(size=(rows // k, rank)) @ rng.normal(size=(rank, d))
+        for _ in range(k)
+    ]
+    table = nn.Embedding(rows, d)
+    with torch.no_grad():
+        table.weight.copy_(torch.as_tensor(np.vstack(blocks), dtype=torch.float32))
+    return nn.Sequential(table).eval()
+
+
+def test_clustered_forms_count_their_bytes_and_errors_exactly():
+    from kflats.torch._byte_forms import _Partition
+    from kflats.torch._config import _search_options_of
+
+    model = clustered_table()
+    table = model[0]
+    config = CompressionConfig(0.1, unit="bytes", k=8, ranks="uniform", random_state=0)
+    part = _Partition(table, None, 8, _search_options_of(config))
+    tail = part.tail()
+    # rows on 8 subspaces of rank 3: exact at rank 3, not at rank 2
+    assert tail[2] < 1e-10 < tail[1]
+    layer = part.layer(2)
+    assert layer.k == 8 and layer.factorization_error == pytest.approx(tail[1])
+    W = table.weight.detach().double()
+    err = ((layer.to_dense().weight.detach().double() - W) ** 2).sum() / (W**2).sum()
+    assert float(err) == pytest.approx(tail[1], rel=1e-4)
+    assert factors_nbytes(part.sizes, [2] * 8, 32, None) == form_nbytes(layer)
+
+
+@pytest.mark.parametrize("bits", [(8,), (4, 3)])
+def test_compress_in_bytes_takes_clusters_where_rows_cluster(bits):
+    model = clustered_table()
+    report = compress(model, 0.2, nn.Embedding, unit="bytes", k=(1, 8), bits=bits)
+    (m,) = report
+    assert m.form == "projective" and m.k == 8 and m.bits in (None, *bits)
+    assert m.bytes_after <= 0.2 * m.bytes_before
+    layer = model[0]
+    assert m.bytes_after == state_nbytes(quantized_state(layer))
+    assert m.error < 0.05
+    ids = torch.arange(512).reshape(8, 64)
+    torch.testing.assert_close(layer(ids), layer.to_dense()(ids))
+
+
+def test_k_one_alone_cannot_take_clusters():
+    model = clustered_table()
+    report = compress(model, 0.2, nn.Embedding, unit="bytes", k=1, bits=(8,))
+    assert report[0].k in (0, 1)
+    assert report[0].error > 0.05
+
+
+def test_clusters_alone_measure_their_own_rounding_noise():
+    from kflats.torch._byte_forms import _ModuleForms
+    from kflats.torch._config import _search_options_of
+
+    model = clustered_table()
+    config = CompressionConfig(0.2, unit="bytes", k=8, ranks="uniform")
+    options = _search_options_of(config)
+    table = model[0]
+    forms = _forms(table, config.bits, None)
+    measured = _ModuleForms(
+        table, "0", None, _weight_spectrum(table, None), forms, (8,), config, options
+    )
+    factors = [f for f in measured.forms if f.kind == "projective"]
+    assert factors and {f.k for f in factors} == {8}
+    assert {f.bits for f in factors} == {None, 4, 3, 2}
+    # exact at rank >= 3 in float32, rounding noise only at b bits
+    for f in factors:
+        if f.rank >= 3:
+            assert (f.error < 1e-9) == (f.bits is None)

