@@ -37,13 +37,12 @@ from ._layers import (
 from ._models import swap
 from ._plan import _check_feasible, _plan_numbers
 from ._report import CompressionReport, ModuleReport
-from ._sensitivity import _objectives, _rows_cols
+from ._sensitivity import _bar, _objectives, _rows_cols
 from ._targets import _select
 
 __all__ = ["compress"]
 
 # fits larger than this many numbers (in total) show a progress bar
-_PROGRESS_NUMBERS = 2_000_000
 
 
 def compress(
@@ -392,15 +391,7 @@ def _fit_all(names, named, numbers_of, objectives, config, sample_weight, progre
 
 
 def _progress_bar(names, named, progress):
-    size = sum(named[n].weight.numel() for n in names)
-    show = size > _PROGRESS_NUMBERS if progress is None else bool(progress)
-    if not show:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the torch extra
-        return None
-    return tqdm(total=len(names), desc="kflats compress", unit="module")
+    return _bar(names, named, progress, "kflats compress")
 
 
 def _fit_module(
