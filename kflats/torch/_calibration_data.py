@@ -272,7 +272,7 @@ def _read_calibration(npz):
     records, probe_keys = _check_meta(npz, meta)
     checked = _read_records(npz, records)
     probe = [
-        {key: npz.read(f"probe_{b}_{i}", kinds="biufU") for i, key in enumerate(keys)}
+        {key: npz.read(f"probe_{b}_{i}", kinds="biuU") for i, key in enumerate(keys)}
         for b, keys in enumerate(probe_keys)
     ]
     return {
