@@ -101,20 +101,24 @@ def _predicted(all_forms, scales, chosen):
     )
 
 
-def _uniform(all_forms, bits):
-    """Each module's form at ``bits``, dense."""
-    return [
-        next(i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == bits)
-        for forms in all_forms
-    ]
+def _uniform(all_forms, bits, smallest=False):
+    """Each module's form at ``bits``, dense: in the uniform peers' groups (its
+    first dense form at ``bits``), or, ``smallest``, in its widest groups."""
+
+    def pick(forms):
+        dense = [i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == bits]
+        return min(dense, key=lambda i: forms[i].nbytes) if smallest else dense[0]
+
+    return [pick(forms) for forms in all_forms]
 
 
 def _plan_candidates(all_forms, scales, allowed, bits):
     """Plans under ``allowed`` bytes, the lowest predicted error first.
 
     The greedy from the smallest forms; from uniform quantization at each bit
-    width that fits, the greedy filling the bytes left; and uniform
-    quantization itself at the widest bits that fit.
+    width that fits (in the peers' groups, and in the widest groups), the
+    greedy filling the bytes left; and uniform quantization itself at the
+    widest bits that fit.
     """
     candidates = []
     chosen = _fill(all_forms, scales, [_hull(f) for f in all_forms], allowed)
@@ -122,12 +126,14 @@ def _plan_candidates(all_forms, scales, allowed, bits):
         candidates.append(chosen)
     fitting = []
     for b in bits:
-        starts = _uniform(all_forms, b)
-        hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
-        chosen = _fill(all_forms, scales, hulls, allowed)
-        if chosen is not None:
-            candidates.append(chosen)
-            fitting.append(b)
+        for smallest in (False, True):
+            starts = _uniform(all_forms, b, smallest)
+            hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
+            chosen = _fill(all_forms, scales, hulls, allowed)
+            if chosen is not None:
+                candidates.append(chosen)
+                if not smallest:
+                    fitting.append(b)
     if fitting:
         candidates.append(_uniform(all_forms, max(fitting)))
     unique = []
@@ -222,7 +228,7 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
         if report.form == "projective":
             layers[name] = layer
         elif report.bits is not None:
-            records[name] = measured[name].dense_q[report.bits]
+            records[name] = measured[name].dense_q[report.bits, report.group_size]
         reports.append(report._replace(seconds=time.perf_counter() - start))
     _swap_in(model, named, records, layers)
     return CompressionReport(reports, config=config)

@@ -172,6 +172,30 @@ def test_factors_nbytes_counts_the_forms_of_the_plan():
     assert r.nbytes == factors_nbytes([64], [8], 32, 4, 8, bias=64)
 
 
+def test_dense_forms_include_wider_groups():
+    linear = nn.Linear(256, 16)
+    forms = _forms(linear, (4, 3), None)
+    dense = {(f.bits, f.group_size): f.nbytes for f in forms if f.kind == "dense"}
+    assert set(dense) == {(4, 32), (4, 128), (3, 32), (3, 128)}
+    assert all(n == form_nbytes(linear, b, g) for (b, g), n in dense.items())
+    assert dense[4, 128] < dense[4, 32] and dense[3, 128] < dense[3, 32]
+    # a given group size is the only one
+    forms = _forms(linear, (4,), 64)
+    assert [f.group_size for f in forms if f.kind == "dense"] == [64]
+
+
+def test_a_budget_below_the_peers_groups_takes_wider_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))  # full rank: factors do not pay
+    size = form_nbytes(model[0], 4, 128)
+    assert size < form_nbytes(model[0], 4, 32)
+    report = compress(model, size, [nn.Linear], unit="bytes", bits=(4,))
+    (m,) = report
+    assert (m.form, m.bits, m.group_size) == ("dense", 4, 128)
+    assert state_nbytes(quantized_state(model)) == size
+    assert quantized_tensors(model[0])["weight"].group_size == 128
+
+
 @pytest.mark.parametrize("budget", [0.3, 0.12, 0.08])
 def test_compress_in_bytes_keeps_to_the_budget(cal_model, budget):
     base, cal = cal_model
@@ -511,3 +535,34 @@ def test_clusters_alone_measure_their_own_rounding_noise():
     for f in factors:
         if f.rank >= 3:
             assert (f.error < 1e-9) == (f.bits is None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    st.integers(2, 24),
+    st.integers(0, 2**31 - 1),
+)
+def test_shared_ranks_keep_more_than_uniform_ranks_in_as_many_numbers(sizes, d, seed):
+    from kflats.factorize._spectra import _Cluster, _kept_numbers, _residual
+    from kflats.torch._byte_forms import _capped, _shared_ranks
+
+    rng = np.random.default_rng(seed)
+    clusters = []
+    for s in sizes:
+        m = min(s, d)
+        evals = np.sort(rng.exponential(size=m) * rng.exponential())[::-1]
+        clusters.append(_Cluster(np.arange(s), None, evals, np.eye(d)[:, :m]))
+    levels = _shared_ranks(clusters, sizes, d)
+    assert len(levels) == d
+    for r, ranks in enumerate(levels, start=1):
+        uniform = _capped(r, sizes)
+        assert all(1 <= q <= min(s, d) for q, s in zip(ranks, sizes, strict=True))
+        assert _kept_numbers(sizes, ranks, d, False) <= _kept_numbers(
+            sizes, uniform, d, False
+        )
+        assert _residual(clusters, ranks) <= _residual(clusters, uniform) * (1 + 1e-12)
+    # unequal spectra: the numbers go where the error is
+    big = _Cluster(np.arange(10), None, np.full(8, 100.0), np.eye(8))
+    small = _Cluster(np.arange(10), None, np.full(8, 1.0), np.eye(8))
+    assert _shared_ranks([big, small], [10, 10], 8)[3] == [7, 1]
