@@ -280,10 +280,11 @@ class CompressionConfig:
         Entries per scale of a quantized matrix, with ``unit="bytes"``; it
         must divide the row length of every selected module (its
         ``in_features`` or ``embedding_dim``), and the ranks of projective
-        forms are then its multiples. ``None``: by bit width, 128 for 8
-        bits, 64 for 6, 32 below (32 at most for factors), halved until it
-        divides the row length (one group per row when none of 8 or more
-        does).
+        forms are then its multiples. ``None``: dense matrices are tried in
+        the groups of uniform quantization by bit width (128 for 8 bits, 64
+        for 6, 32 below) and in groups of 128 (6, 4 and 3 bits); factors in
+        groups of 32 at most; each halved until it divides the row length
+        (one group per row when none of 8 or more does).
 
     Raises
     ------
