@@ -24,6 +24,8 @@ exact only for a diagonal ``C``. Either way the reported ``error`` is the
 exact calibrated error under the full (damped) ``C``.
 """
 
+import collections
+import hashlib
 import numbers
 from dataclasses import replace
 
@@ -102,12 +104,59 @@ def damped_moment(input_moment, n_features, damping=1e-2):
     return _damped_cholesky(C, damping, scale, "input_moment", advice)
 
 
+class _Kept:
+    """Results of a costly step, kept by the content of its inputs.
+
+    A budget search factors the same moment many times (each bit width,
+    group and rank of a module's forms): the results are kept, at most
+    ``max_bytes`` of them, the least recently used dropped first. Kept
+    arrays are read-only; :meth:`get` returns them as they are.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._items = collections.OrderedDict()
+
+    @staticmethod
+    def key(array, *params):
+        array = np.ascontiguousarray(array)
+        digest = hashlib.blake2b(array.view(np.uint8), digest_size=16).digest()
+        return (digest, array.shape, array.dtype.str, *params)
+
+    def get(self, key):
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key, arrays):
+        for a in arrays:
+            a.flags.writeable = False
+        self._items[key] = arrays
+        while len(self._items) > 1 and self._nbytes() > self.max_bytes:
+            self._items.popitem(last=False)
+        return arrays
+
+    def _nbytes(self):
+        return sum(a.nbytes for arrays in self._items.values() for a in arrays)
+
+
+# the damped moments of the last modules factored (256 MB holds 5 of
+# 1,536 x 1,536, or 1 of 3,072 x 3,072, with their factors)
+_CHOLESKY = _Kept(256 << 20)
+
+
 def _damped_cholesky(C, damping, scale, name, advice):
     """``C`` symmetrized plus ``damping * scale`` on its diagonal, and its factor.
 
-    Returns the damped matrix and its lower Cholesky factor; ``name`` and
-    ``advice`` make the error raised when the damped form has none.
+    Returns the damped matrix and its lower Cholesky factor (fresh arrays);
+    ``name`` and ``advice`` make the error raised when the damped form has
+    none. The factors of the last moments are kept (:class:`_Kept`).
     """
+    key = _Kept.key(C, float(damping * scale))
+    hit = _CHOLESKY.get(key)
+    if hit is not None:
+        return hit[0].copy(), hit[1].copy()
     C = 0.5 * (C + C.T)
     C[np.diag_indices(C.shape[0])] += damping * scale
     try:
@@ -117,6 +166,7 @@ def _damped_cholesky(C, damping, scale, name, advice):
             f"{name} is not positive semi-definite (its damped form has no "
             f"Cholesky factor); {advice}"
         ) from None
+    _CHOLESKY.put(key, (C.copy(), L.copy()))
     return C, L
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import linalg
 
-from ..factorize._linear import _damped_cholesky
+from ..factorize._linear import _damped_cholesky, _Kept
 from ..factorize._validation import _check_moment as check_moment
 from ._grid import (
     _CLIP_RATIOS,
@@ -23,13 +23,22 @@ __all__ = ["quantize_calibrated"]
 _BLOCK = 128
 
 
+# the inverse factors of the last moments (see kflats.factorize._linear._Kept)
+_INVERSE = _Kept(128 << 20)
+
+
 def _inverse_factor(H, damping):
     """Upper Cholesky factor of the inverse of the damped moment ``H``.
 
     Directions the moment never saw (a zero diagonal entry) get a unit
-    diagonal: their columns are rounded without feeding error forward.
+    diagonal: their columns are rounded without feeding error forward. The
+    factors of the last moments are kept, read-only (:class:`_Kept`).
     """
     H = np.array(H, dtype=np.float64)
+    key = _Kept.key(H, float(damping))
+    hit = _INVERSE.get(key)
+    if hit is not None:
+        return hit[0]
     diag = np.diag(H).copy()
     scale = float(diag[diag > 0].mean()) if np.any(diag > 0) else 1.0
     dead = diag <= 0
@@ -38,7 +47,7 @@ def _inverse_factor(H, damping):
     H[dead, dead] += scale
     _, L = _damped_cholesky(H, damping, scale, "moment", "raise damping")
     Hinv = linalg.cho_solve((L, True), np.eye(H.shape[0]))
-    return linalg.cholesky(0.5 * (Hinv + Hinv.T), lower=False)
+    return _INVERSE.put(key, (linalg.cholesky(0.5 * (Hinv + Hinv.T), lower=False),))[0]
 
 
 def _check_moment(moment, n):

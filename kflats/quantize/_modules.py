@@ -32,6 +32,7 @@ lowers the error by 2-10 % on random layers (a test keeps it).
 
 import numpy as np
 import torch
+from scipy import linalg
 from torch import nn
 
 from ..torch._layers import ProjectiveEmbedding, ProjectiveLinear
@@ -105,12 +106,14 @@ def _stack_rows(parts, bits, group_size, symmetric, shape):
 
 
 def _lstsq_refit(U, V, Vq, L=None):
-    """``U'`` minimising ``||(U' Vq - U V) L||_F`` (``L = I`` when None)."""
-    A, B = Vq, U @ V
-    if L is not None:
-        A, B = A @ L, B @ L
-    X, *_ = np.linalg.lstsq(A.T, B.T, rcond=None)
-    return X.T
+    """``U'`` minimising ``||(U' Vq - U V) L||_F`` (``L = I`` when None).
+
+    The least-norm solution ``U (V L)(Vq L)^T G^+`` with ``G = (Vq L)(Vq L)^T``:
+    rank x rank products instead of the n x d matrix ``U V`` (an embedding's
+    table), the same solution as :func:`numpy.linalg.lstsq`.
+    """
+    A, B = (Vq, V) if L is None else (Vq @ L, V @ L)
+    return (U @ (B @ A.T)) @ linalg.pinvh(A @ A.T)
 
 
 def _quantize_projective(module, bits, g, method, moment, weights, kw):

@@ -540,3 +540,46 @@ def test_numpy_core_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(6, 12),
+    st.integers(1, 20),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_refit_is_the_least_squares_solution(r, d, n, whiten, seed):
+    from kflats.quantize._modules import _lstsq_refit
+
+    rng = np.random.default_rng(seed)
+    U, V = rng.normal(size=(n, r)), rng.normal(size=(r, d))
+    Vq = V + 0.1 * rng.normal(size=(r, d))
+    L = np.linalg.cholesky(np.cov(rng.normal(size=(d, 4 * d))) + np.eye(d))
+    L = L if whiten else None
+    A, B = (Vq, U @ V) if L is None else (Vq @ L, U @ V @ L)
+    expected = np.linalg.lstsq(A.T, B.T, rcond=None)[0].T
+    np.testing.assert_allclose(_lstsq_refit(U, V, Vq, L), expected, atol=1e-8)
+
+
+def test_moments_factored_once_and_kept_read_only():
+    from kflats.factorize import _linear
+    from kflats.quantize import _gptq
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 48))
+    H = X.T @ X
+    first = _gptq._inverse_factor(H, 0.01)
+    again = _gptq._inverse_factor(H.copy(), 0.01)
+    assert again is first and not first.flags.writeable
+    assert _gptq._inverse_factor(H, 0.02) is not first  # damping is in the key
+    C, L = _linear._damped_cholesky(H, 0.01, 1.0, "m", "")
+    C2, L2 = _linear._damped_cholesky(H, 0.01, 1.0, "m", "")
+    assert C2 is not C and C2.flags.writeable  # fresh arrays for the caller
+    np.testing.assert_array_equal(L2, L)
+    np.testing.assert_allclose(L @ L.T, C)
+    W = rng.normal(size=(8, 48))
+    a = quantize_calibrated(W, H, 4, 16)
+    b = quantize_calibrated(W, H, 4, 16)  # the kept factor: the same codes
+    np.testing.assert_array_equal(a.dequantize(), b.dequantize())
