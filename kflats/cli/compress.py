@@ -341,10 +341,14 @@ def _heal(job):
 def _model_numbers(model):
     """(parameters, bytes) of a model's state dict, buffers included.
 
-    A tensor shared by two modules (tied weights) is counted once.
+    Bytes are those the folder stores: quantized matrices as their packed
+    codes and scales (:func:`kflats.quantize.quantized_state`). A tensor
+    shared by two modules (tied weights) is counted once.
     """
+    from kflats.quantize import quantized_state
+
     unique = {}
-    for t in model.state_dict().values():
+    for t in quantized_state(model).values():
         unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t)
     params = sum(p.numel() for p in model.parameters())
     return params, sum(t.numel() * t.element_size() for t in unique.values())

@@ -60,6 +60,12 @@ def test_curve_against_bytes_with_a_healed_model(bert_dir, tmp_path, capsys):
     tensors = quantized_tensors(loaded)
     assert tensors and all(qt.bits == module["bits"] for qt in tensors.values())
     assert report["evaluation"]["reloaded_outputs_identical"]
+    # the whole model's bytes are those of the folder's weights file (its
+    # JSON header aside), the packed codes counted, not their float values
+    on_disk = (out / "model.safetensors").stat().st_size
+    totals = report["totals"]
+    assert totals["bytes_after"] <= on_disk < totals["bytes_after"] + 64_000
+    assert totals["bytes_after"] < 0.25 * totals["bytes_before"]
 
 
 def test_a_size_on_the_curve_needs_a_budget_in_bytes(bert_dir, tmp_path, capsys):
