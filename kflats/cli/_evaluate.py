@@ -2,7 +2,7 @@
 
 On held-out text: the compressed model beside the original, the baseline
 at the same size (truncated SVD of each module for a budget in numbers;
-each module in its best form within its share of the bytes for a budget in
+every module quantized alike, at the widest bits that fit, for a budget in
 bytes), both at other budgets (``--curve``; in bytes, each point a size of
 its own, its bytes recorded), the model's own outputs (perplexity, labels),
 a probe on the user's labels, and the latency of both models.
@@ -16,7 +16,7 @@ import numpy as np
 # what the report compares kflats with, by the unit of the budget
 BASELINES = {
     "numbers": "truncated SVD, same size",
-    "bytes": "each module at its share of the bytes (uniform allocation)",
+    "bytes": "uniform quantization (calibrated), the widest bits that fit",
 }
 
 
@@ -50,6 +50,11 @@ def evaluate(job):
         job.fidelity["kflats"] = ev.compare(job.reference, job.compressed)
     with _hushed(), job.steps("svd", "SVD at the same size"):
         job.svd_model, job.svd_report = _baseline(job, job.args.budget)
+        job.baseline = BASELINES[job.args.unit]
+        if job.args.unit == "bytes":
+            q = job.svd_report
+            groups = ", ".join(str(g) for g in q.group_sizes)
+            job.baseline += f": {q.bits} bits, groups of {groups}"
         job.fidelity["svd"] = ev.compare(job.reference, ev.outputs(job.svd_model))
     job.curve = _curve_points(job)
     job.probe = _probe(job) if job.labelled else None
@@ -145,20 +150,75 @@ def _lost(kind, scores):
 
 def _baseline(job, budget):
     """The baseline at budget, and its report: each module truncated by SVD
-    (numbers), or each module in its best form within its share of the
-    bytes (bytes)."""
+    (numbers), or every module quantized alike (bytes:
+    :func:`_uniform_quantized`)."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
     if job.args.unit == "bytes":
-        options = {**compress_options(job), "allocation": "uniform", "k": None}
-        report = compress(svd, budget, job.names, **options, progress=False)
-        return svd, report
+        return svd, _uniform_quantized(svd, job.names, job.calibration, budget)
     report = compress(
         svd, budget, job.names, k=1, allocation="uniform", ranks="uniform",
         random_state=job.args.seed, progress=False,
     )  # fmt: skip
     return svd, report
+
+
+class _Quantized:
+    """What the report reads of the uniform quantization: its bytes and form."""
+
+    def __init__(self, bits, group_sizes, bytes_before, bytes_after):
+        self.bits, self.group_sizes = bits, group_sizes
+        self.bytes_before, self.bytes_after = bytes_before, bytes_after
+
+
+def _uniform_quantized(model, names, calibration, budget):
+    """Every selected module quantized alike, in place: the user's alternative.
+
+    The bit width and groups (those :func:`kflats.torch.compress` searches
+    with ``unit="bytes"``: 8 bits in groups of 128, 6 bits in 64 or 128, 4
+    and 3 bits in 32 or 128, 2 bits in 32) whose bytes come closest to
+    ``budget`` without exceeding it, or the smallest when none fits; each
+    module rounded as compress rounds its dense forms (error fed along the
+    calibrated input moment, token weights for an embedding).
+    """
+    from kflats.quantize import quantize_module_
+    from kflats.torch import CompressionConfig
+    from kflats.torch._byte_forms import (
+        _DENSE_GROUPS,
+        _budget_bytes,
+        _forms,
+        _quantize_kw,
+    )
+    from kflats.torch._sensitivity import _objectives
+
+    named = dict(model.named_modules())
+    config = CompressionConfig(budget=budget, unit="bytes")
+    forms = {n: _forms(named[n], tuple(_DENSE_GROUPS), None) for n in names}
+    total = sum(f[0].nbytes for f in forms.values())
+    allowed = _budget_bytes(budget, total)
+    choices = []  # (bytes, bits, each module's dense form)
+    for bits, groups in _DENSE_GROUPS.items():
+        for i in range(len(groups)):
+            chosen = {}
+            for n in names:
+                dense = [f for f in forms[n] if f.kind == "dense" and f.bits == bits]
+                chosen[n] = dense[min(i, len(dense) - 1)]
+            choices.append((sum(f.nbytes for f in chosen.values()), bits, chosen))
+    fitting = [c for c in choices if c[0] <= allowed]
+
+    def size(choice):
+        return choice[:2]
+
+    nbytes, bits, chosen = max(fitting, key=size) if fitting else min(choices, key=size)
+    objectives = _objectives(
+        calibration, names, named, config.smoothing, config.damping
+    )
+    for n in names:
+        kw = _quantize_kw(named[n], objectives[n])
+        quantize_module_(named[n], bits, chosen[n].group_size, **kw)
+    groups = sorted({f.group_size for f in chosen.values()}, key=str)
+    return _Quantized(bits, groups, total, nbytes)
 
 
 def _around(budget, curve, unit):

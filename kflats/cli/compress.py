@@ -156,6 +156,7 @@ class _Job:
     outputs: dict = field(default_factory=dict)
     svd_model: object = None
     svd_report: object = None
+    baseline: str = ""
     latency: dict | None = None
     model_metrics: dict | None = None
 
@@ -436,7 +437,7 @@ def _data(job, identical):
             "bytes_before": before_bytes, "bytes_after": after_bytes,
         },
         "fidelity": job.fidelity,
-        "baseline": BASELINES[args.unit],
+        "baseline": job.baseline or BASELINES[args.unit],
         "curve": job.curve,
         "warnings": job.warnings,
     }  # fmt: skip

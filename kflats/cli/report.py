@@ -38,7 +38,7 @@ def _budget_bytes(data):
 
 def _fidelity_picture(ax, data):
     curve, in_bytes = data["curve"], _in_bytes(data)
-    baseline = "uniform allocation" if in_bytes else "truncated SVD"
+    baseline = "uniform quantization" if in_bytes else "truncated SVD"
     for key, label, style in (
         ("kflats", "kflats, calibrated", "o-"),
         ("svd", baseline, "s--"),

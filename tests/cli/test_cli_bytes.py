@@ -26,7 +26,9 @@ def bert_dir(tmp_path_factory):
 
 
 def test_curve_against_bytes_with_a_healed_model(bert_dir, tmp_path, capsys):
-    from kflats.quantize import quantized_tensors
+    import torch
+
+    from kflats.quantize import form_nbytes, quantized_tensors
     from kflats.torch import load_compressed
 
     out = tmp_path / "out"
@@ -40,10 +42,15 @@ def test_curve_against_bytes_with_a_healed_model(bert_dir, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     total = report["compression"]["bytes_before"]
     assert [p["budget"] for p in report["curve"]] == [0.05, 250_000, 400_000]
+    # the baseline, uniform quantization: the widest that fits, or the
+    # smallest (2 bits) where none fits
+    smallest = form_nbytes(torch.nn.Embedding(30522, 32), 2, 32)
+    assert report["baseline"].startswith("uniform quantization")
     for p in report["curve"]:
         limit = p["budget"] if p["budget"] > 1 else p["budget"] * total
         assert set(p["bytes"]) == {"kflats", "svd"}
-        assert 0 < p["bytes"]["kflats"] <= limit and 0 < p["bytes"]["svd"] <= limit
+        assert 0 < p["bytes"]["kflats"] <= limit
+        assert p["bytes"]["svd"] <= limit or p["bytes"]["svd"] == smallest
         assert {"kflats", "svd"} <= set(p) and 0 < p["kflats"]["mean_cosine"] <= 1
     sizes = [p["bytes"]["kflats"] for p in report["curve"]]
     assert sizes == sorted(sizes)

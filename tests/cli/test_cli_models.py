@@ -416,7 +416,12 @@ def test_compress_to_a_size_in_bytes(tmp_path, capsys):
     assert report["settings"]["budget"] == 400_000
     (module,) = report["compression"]["modules"]
     assert module["bytes_after"] <= 400_000 and module["bits"] in (2, 3, 4, 6, 8)
-    assert report["baseline"].startswith("each module at its share")
+    # the baseline: uniform quantization at the widest bits that fit (rows
+    # of 32, so groups of 32: 3 bits need 0.49 MB, 2 bits 0.37 MB)
+    assert report["baseline"] == (
+        "uniform quantization (calibrated), the widest bits that fit: 2 bits, "
+        "groups of 32"
+    )
     md = (out / "report.md").read_text()
     assert "0.40 MB (a size in bytes)" in md and "| form | bits |" in md
     latency = report["latency"]
