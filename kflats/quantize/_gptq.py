@@ -1,5 +1,6 @@
 """Calibrated quantization: rounding with error feedback along an input moment."""
 
+import numba
 import numpy as np
 from scipy import linalg
 
@@ -72,6 +73,33 @@ class _Grid:
         return s, z
 
 
+@numba.njit(cache=True, nogil=True)
+def _round_span(W, U, perm, j0, j1, b0, b1, g, s64, z64, bits, codes, err_block):
+    """Columns ``j0 ... j1 - 1`` of ``W`` rounded on grids already fitted.
+
+    Each column's codes go to ``codes[:, perm[j]]``; its error, scaled by
+    ``U``'s diagonal, to ``err_block`` and off the columns up to ``b1``. The
+    arithmetic is :func:`_encode` / :func:`_decode`'s, in the same order (the
+    decoded value in float32), so the codes are those of the NumPy loop.
+    """
+    levels = (1 << bits) - 1
+    rows = W.shape[0]
+    for j in range(j0, j1):
+        orig = perm[j]
+        k = orig // g
+        d = U[j, j]
+        for i in range(rows):
+            s, z, x = s64[i, k], z64[i, k], W[i, j]
+            q = np.rint(x / s) if s > 0 else 0.0
+            q = min(max(q + z, 0.0), float(levels))
+            deq = np.float64((np.float32(q) - np.float32(z)) * np.float32(s))
+            codes[i, orig] = np.uint8(q)
+            e = (x - deq) / d
+            err_block[i, j - b0] = e
+            for jj in range(j + 1, b1):
+                W[i, jj] -= e * U[j, jj]
+
+
 def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
     """Codes of ``W`` (columns in rounding order), errors fed forward along ``U``.
 
@@ -79,29 +107,38 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
     column comes up, unless fitted up front into ``scales``/``zeros``), and
     its error, scaled by ``U``'s diagonal, is taken off the columns not yet
     rounded: at once within a block of columns, by one product beyond it.
+    Groups along the rows (``axis=1``) round a group's columns in one
+    compiled loop (:func:`_round_span`).
     """
     rows, cols = W.shape
     codes = np.empty((rows, cols), dtype=np.uint8)
     block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
+    if axis == 1:
+        s64, z64 = scales.astype(np.float64), zeros.astype(np.float64)
     for b0 in range(0, cols, block):
         b1 = min(cols, b0 + block)
         err_block = np.empty((rows, b1 - b0))
-        for j in range(b0, b1):
-            orig = perm[j]
-            if axis == 1:
-                if not act_order and (j - b0) % g == 0:
-                    scales[:, j // g], zeros[:, j // g] = grid.fit(W[:, j : j + g])
-                s, z = scales[:, orig // g], zeros[:, orig // g]
-                col = W[:, j : j + 1]
-            else:
+        if axis == 1:
+            for j in range(b0, b1, b1 - b0 if act_order else g):
+                end = b1 if act_order else j + g
+                if not act_order:
+                    k = j // g
+                    scales[:, k], zeros[:, k] = grid.fit(W[:, j:end])
+                    s64[:, k], z64[:, k] = scales[:, k], zeros[:, k]
+                _round_span(
+                    W, U, perm, j, end, b0, b1, g, s64, z64, grid.bits, codes, err_block
+                )
+        else:
+            for j in range(b0, b1):
+                orig = perm[j]
                 col = W[:, j].reshape(-1, g)
                 s, z = scales[orig], zeros[orig] = grid.fit(col)
-            q = _encode(col, s, z, grid.bits)
-            deq = _decode(q, s, z).astype(np.float64).reshape(-1)
-            codes[:, orig] = q.reshape(-1)
-            e = (W[:, j] - deq) / U[j, j]
-            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
-            err_block[:, j - b0] = e
+                q = _encode(col, s, z, grid.bits)
+                deq = _decode(q, s, z).astype(np.float64).reshape(-1)
+                codes[:, orig] = q.reshape(-1)
+                e = (W[:, j] - deq) / U[j, j]
+                W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
+                err_block[:, j - b0] = e
         W[:, b1:] -= err_block @ U[b0:b1, b1:]
     return codes
 

@@ -583,3 +583,70 @@ def test_moments_factored_once_and_kept_read_only():
     a = quantize_calibrated(W, H, 4, 16)
     b = quantize_calibrated(W, H, 4, 16)  # the kept factor: the same codes
     np.testing.assert_array_equal(a.dequantize(), b.dequantize())
+
+
+def _round_columns_reference(W, U, perm, g, axis, act_order, grid, scales, zeros):
+    """The NumPy loop that kflats' compiled rounding must match code for code."""
+    from kflats.quantize._grid import _decode, _encode
+
+    rows, cols = W.shape
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    block = 128 if axis == 0 or act_order else g * max(1, 128 // g)
+    for b0 in range(0, cols, block):
+        b1 = min(cols, b0 + block)
+        err_block = np.empty((rows, b1 - b0))
+        for j in range(b0, b1):
+            orig = perm[j]
+            if axis == 1:
+                if not act_order and (j - b0) % g == 0:
+                    scales[:, j // g], zeros[:, j // g] = grid.fit(W[:, j : j + g])
+                s, z = scales[:, orig // g], zeros[:, orig // g]
+                col = W[:, j : j + 1]
+            else:
+                col = W[:, j].reshape(-1, g)
+                s, z = scales[orig], zeros[orig] = grid.fit(col)
+            q = _encode(col, s, z, grid.bits)
+            deq = _decode(q, s, z).astype(np.float64).reshape(-1)
+            codes[:, orig] = q.reshape(-1)
+            e = (W[:, j] - deq) / U[j, j]
+            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
+            err_block[:, j - b0] = e
+        W[:, b1:] -= err_block @ U[b0:b1, b1:]
+    return codes
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from((2, 3, 4, 8)),
+    st.sampled_from((8, 16, 32)),
+    st.integers(1, 6),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_compiled_rounding_matches_the_numpy_loop(
+    bits, g, groups, act_order, sym, seed
+):
+    from kflats.quantize import _gptq
+    from kflats.quantize._grid import _CLIP_RATIOS
+
+    rng = np.random.default_rng(seed)
+    cols = g * groups
+    W = rng.normal(size=(7, cols)) * rng.exponential(size=(1, cols))
+    X = rng.normal(size=(3 * cols, cols)) @ rng.normal(size=(cols, cols))
+    H = X.T @ X
+    grid = _gptq._Grid(bits, sym, np.float16, _CLIP_RATIOS)
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    U = _gptq._inverse_factor(H[np.ix_(perm, perm)], 0.01)
+    out = []
+    for fn in (_gptq._round_columns, _round_columns_reference):
+        scales = np.empty((7, groups), dtype=np.float16)
+        zeros = np.empty((7, groups), dtype=np.uint8)
+        if act_order:
+            for k in range(groups):
+                scales[:, k], zeros[:, k] = grid.fit(W[:, k * g : (k + 1) * g])
+        Wp = W[:, perm].copy()
+        codes = fn(Wp, U, perm, g, 1, act_order, grid, scales, zeros)
+        out.append((codes, scales, zeros, Wp))
+    for a, b in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, b)
