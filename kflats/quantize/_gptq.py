@@ -234,9 +234,9 @@ def quantize_calibrated(
         # along a row are then fitted up front, on the weights as given
         perm = np.argsort(-np.diag(H), kind="stable")
         H = H[np.ix_(perm, perm)]
-        if axis == 1:
-            for k in range(cols // g):
-                scales[:, k], zeros[:, k] = grid.fit(W[:, k * g : (k + 1) * g])
+        if axis == 1:  # every group of every row in one call
+            s, z = grid.fit(W.reshape(rows * (cols // g), g))
+            scales[:], zeros[:] = s.reshape(scales.shape), z.reshape(zeros.shape)
     else:
         perm = np.arange(cols)
     U = _inverse_factor(H, damping)
