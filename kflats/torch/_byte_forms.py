@@ -390,8 +390,9 @@ class _Partition:
         :func:`kflats.factorize`'s refinement (rows reassigned by weighted
         distance plus the numbers their coefficients cost, ranks shared out
         again), at the level :data:`_REFINE_LEVEL` of the row length, for
-        :data:`_REFINE_ROUNDS` rounds; on all-MiniLM-L6-v2's table (k = 16)
-        it lowers the truncation error by about a fifth at every level.
+        :data:`_REFINE_ROUNDS` rounds. On all-MiniLM-L6-v2's table (k = 16)
+        it lowers the truncation error by 5-15 % at levels 32-192 beyond the
+        shared ranks (12-21 % below equal ranks, both together).
         """
         n, d = A.shape
         sizes = [c.rows.size for c in clusters]
