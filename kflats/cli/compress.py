@@ -348,8 +348,14 @@ def _model_numbers(model):
     """
     from kflats.quantize import quantized_state
 
+    state = model.state_dict()
+    packed = quantized_state(model)
+    # a tied head's weight is the quantized table's tensor: stored packed, once
+    replaced = {state[k].data_ptr() for k in state if k not in packed}
     unique = {}
-    for t in quantized_state(model).values():
+    for key, t in packed.items():
+        if key in state and t.data_ptr() in replaced:
+            continue
         unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t)
     params = sum(p.numel() for p in model.parameters())
     return params, sum(t.numel() * t.element_size() for t in unique.values())

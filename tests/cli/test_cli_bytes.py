@@ -89,3 +89,25 @@ def test_curve_that_is_neither_a_fraction_nor_a_size(tmp_path, capsys):
     code, _, stderr = _run(capsys, "--out", tmp_path / "o", "--curve", "0.3,big")
     assert code == 2
     assert "expected fractions in (0, 1) or sizes such as 6MB, got 'big'" in stderr
+
+
+def test_tied_causal_lm_in_bytes_saves_its_table_once(tmp_path, capsys):
+    from .conftest import save_tiny_causal_lm
+
+    folder = save_tiny_causal_lm(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    # a budget that quantizes the tied table dense: saved packed, once, and
+    # the head follows it on load
+    code, _, stderr = _run(
+        capsys, folder, "--out", out, "--budget", "0.3", "--unit", "bytes",
+        "--targets", "all", "--curve", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["reloaded_outputs_identical"]
+    table = report["compression"]["modules"][0]
+    assert table["name"] == "model.embed_tokens" and table["bits"] is not None
+    totals = report["totals"]
+    on_disk = (out / "model.safetensors").stat().st_size
+    assert totals["bytes_after"] <= on_disk < totals["bytes_after"] + 64_000
+    assert totals["bytes_after"] < totals["bytes_before"]
