@@ -167,9 +167,9 @@ def _baseline(job, budget):
 class _Quantized:
     """What the report reads of the uniform quantization: its bytes and form."""
 
-    def __init__(self, bits, group_sizes, bytes_before, bytes_after):
+    def __init__(self, bits, group_sizes, bytes_after):
         self.bits, self.group_sizes = bits, group_sizes
-        self.bytes_before, self.bytes_after = bytes_before, bytes_after
+        self.bytes_after = bytes_after
 
 
 def _uniform_quantized(model, names, calibration, budget):
@@ -218,7 +218,7 @@ def _uniform_quantized(model, names, calibration, budget):
         kw = _quantize_kw(named[n], objectives[n])
         quantize_module_(named[n], bits, chosen[n].group_size, **kw)
     groups = sorted({f.group_size for f in chosen.values()}, key=str)
-    return _Quantized(bits, groups, total, nbytes)
+    return _Quantized(bits, groups, nbytes)
 
 
 def _around(budget, curve, unit):

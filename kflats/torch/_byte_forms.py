@@ -394,7 +394,7 @@ class _Partition:
         it lowers the truncation error by 5-15 % at levels 32-192 beyond the
         shared ranks (12-21 % below equal ranks, both together).
         """
-        n, d = A.shape
+        d = A.shape[1]
         sizes = [c.rows.size for c in clusters]
         level = max(1, int(d * _REFINE_LEVEL))
         ranks = _shared_ranks(clusters, sizes, d)[level - 1]
