@@ -3,7 +3,7 @@
 The report files exist, and the model that ``kflats.torch.load_compressed``
 builds from the folder alone gives the outputs the command evaluated: its
 mean cosine to the original model on the held-out sentences, measured by the
-same evaluation (:mod:`kflats.torch._evaluation`), is the one in report.json.
+same evaluation (:mod:`kflats.torch.evaluation`), is the one in report.json.
 """
 
 import json
@@ -14,7 +14,7 @@ from sentence_transformers import SentenceTransformer
 
 from kflats.datasets import load_sentences, minilm_model_dir
 from kflats.torch import load_compressed
-from kflats.torch._evaluation import fidelity, sentence_embeddings
+from kflats.torch.evaluation import fidelity, sentence_embeddings
 
 out = Path(sys.argv[1])
 report = json.loads((out / "report.json").read_text())

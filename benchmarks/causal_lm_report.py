@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kflats.datasets import load_sentences  # noqa: E402
 from kflats.torch import calibrate, compress, heal  # noqa: E402
-from kflats.torch._models import adapter_for  # noqa: E402
+from kflats.torch.models import adapter_for  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

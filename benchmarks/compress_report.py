@@ -45,8 +45,8 @@ import torch  # noqa: E402
 
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 from kflats.torch import calibrate, compress, heal  # noqa: E402
-from kflats.torch._evaluation import fidelity  # noqa: E402
-from kflats.torch._evaluation import sentence_embeddings as encode  # noqa: E402
+from kflats.torch.evaluation import fidelity  # noqa: E402
+from kflats.torch.evaluation import sentence_embeddings as encode  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "sentences.txt"
 EMBEDDING = "*word_embeddings"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 from kflats.torch import load_compressed  # noqa: E402
-from kflats.torch._layers import ProjectiveEmbedding, ProjectiveLinear  # noqa: E402
+from kflats.torch.layers import ProjectiveEmbedding, ProjectiveLinear  # noqa: E402
 
 
 def _set_packed(model, packed):

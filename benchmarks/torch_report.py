@@ -43,8 +43,8 @@ from kflats.torch import (  # noqa: E402
     ProjectiveLinear,
     token_frequencies,
 )
-from kflats.torch._evaluation import fidelity  # noqa: E402
-from kflats.torch._evaluation import sentence_embeddings as encode  # noqa: E402
+from kflats.torch.evaluation import fidelity  # noqa: E402
+from kflats.torch.evaluation import sentence_embeddings as encode  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "sentences.txt"
 

@@ -49,7 +49,7 @@ from ._seeding import (
     _random_partition,
 )
 
-__all__ = ["HostOps", "NumpyOps", "backend_ops"]
+__all__ = ["HostOps", "NumpyOps"]
 
 
 class HostOps:
@@ -117,14 +117,3 @@ class NumpyOps(HostOps):
 
     def exact_mind(self, X, xsq, labels, mind, packed, bases, means):
         return _exact_mind(X, xsq, labels, mind, packed, bases, means)
-
-
-def backend_ops(backend, X, xsq, device):
-    """The operations of ``backend`` (validated: "numpy" or "torch") on ``X``."""
-    if backend == "numpy":
-        if device is not None:
-            raise ValueError(f"device={device!r} is only used with backend='torch'.")
-        return NumpyOps()
-    from ._torch_backend import TorchOps  # imports torch
-
-    return TorchOps(X, xsq, device)

@@ -15,7 +15,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
 from . import _dask, _dask_fit
-from ._backend import backend_ops
+from ._backend import NumpyOps
 from ._lloyd import _ksubspaces_single, _row_norms_sq
 
 
@@ -143,3 +143,14 @@ def best_run(est, X, xsq, sample_weight, ops, n_init):
         if best is None or result[1] < best[1]:
             best = result
     return best
+
+
+def backend_ops(backend, X, xsq, device):
+    """The operations of ``backend`` (validated: "numpy" or "torch") on ``X``."""
+    if backend == "numpy":
+        if device is not None:
+            raise ValueError(f"device={device!r} is only used with backend='torch'.")
+        return NumpyOps()
+    from ._torch_backend import TorchOps  # imports torch
+
+    return TorchOps(X, xsq, device)

@@ -36,3 +36,21 @@ def test_each_module_is_listed_once():
     names = listed()
     twice = sorted({m for m in names if names.count(m) > 1})
     assert not twice, f"listed more than once in docs/code_map.rst: {twice}"
+
+
+def test_the_tests_mirror_the_package():
+    # a folder of tests holds the tests of the kflats folder of the same path
+    tests = ROOT / "tests"
+    folders = [
+        p.relative_to(tests)
+        for p in tests.rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(p.glob("test_*.py"))
+    ]
+    unmatched = [
+        f.as_posix()
+        for f in folders
+        if f.parts[0] != "core" and not (ROOT / "kflats" / f).is_dir()
+    ]
+    assert not unmatched, (
+        f"test folders with no kflats folder of that path: {unmatched}"
+    )

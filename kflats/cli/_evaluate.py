@@ -22,7 +22,7 @@ BASELINES = {
 
 def _hushed():
     """The model libraries' logs and progress bars quiet (imports torch)."""
-    from kflats.torch._pretrained import hushed
+    from kflats.torch.io import hushed
 
     return hushed()
 
@@ -112,7 +112,7 @@ _MODEL_TEXTS = 200
 
 def _model_metrics(job):
     """What the model's own outputs say (perplexity, labels), kflats and SVD."""
-    from kflats.torch._models import adapter_for
+    from kflats.torch.models import adapter_for
 
     adapter = adapter_for(job.base)
     kind = adapter.output_kind
@@ -151,74 +151,19 @@ def _lost(kind, scores):
 def _baseline(job, budget):
     """The baseline at budget, and its report: each module truncated by SVD
     (numbers), or every module quantized alike (bytes:
-    :func:`_uniform_quantized`)."""
+    :func:`kflats.torch.compression.quantize_uniformly`)."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
     if job.args.unit == "bytes":
-        return svd, _uniform_quantized(svd, job.names, job.calibration, budget)
+        from kflats.torch.compression import quantize_uniformly
+
+        return svd, quantize_uniformly(svd, job.names, budget, job.calibration)
     report = compress(
         svd, budget, job.names, k=1, allocation="uniform", ranks="uniform",
         random_state=job.args.seed, progress=False,
     )  # fmt: skip
     return svd, report
-
-
-class _Quantized:
-    """What the report reads of the uniform quantization: its bytes and form."""
-
-    def __init__(self, bits, group_sizes, bytes_after):
-        self.bits, self.group_sizes = bits, group_sizes
-        self.bytes_after = bytes_after
-
-
-def _uniform_quantized(model, names, calibration, budget):
-    """Every selected module quantized alike, in place: the user's alternative.
-
-    The bit width and groups (those :func:`kflats.torch.compress` searches
-    with ``unit="bytes"``: 8 bits in groups of 128, 6 bits in 64 or 128, 4
-    and 3 bits in 32 or 128, 2 bits in 32) whose bytes come closest to
-    ``budget`` without exceeding it, or the smallest when none fits; each
-    module rounded as compress rounds its dense forms (error fed along the
-    calibrated input moment, token weights for an embedding).
-    """
-    from kflats.quantize import quantize_module_
-    from kflats.torch import CompressionConfig
-    from kflats.torch._byte_forms import (
-        _DENSE_GROUPS,
-        _budget_bytes,
-        _forms,
-        _quantize_kw,
-    )
-    from kflats.torch._sensitivity import _objectives
-
-    named = dict(model.named_modules())
-    config = CompressionConfig(budget=budget, unit="bytes")
-    forms = {n: _forms(named[n], tuple(_DENSE_GROUPS), None) for n in names}
-    total = sum(f[0].nbytes for f in forms.values())
-    allowed = _budget_bytes(budget, total)
-    choices = []  # (bytes, bits, each module's dense form)
-    for bits, groups in _DENSE_GROUPS.items():
-        for i in range(len(groups)):
-            chosen = {}
-            for n in names:
-                dense = [f for f in forms[n] if f.kind == "dense" and f.bits == bits]
-                chosen[n] = dense[min(i, len(dense) - 1)]
-            choices.append((sum(f.nbytes for f in chosen.values()), bits, chosen))
-    fitting = [c for c in choices if c[0] <= allowed]
-
-    def size(choice):
-        return choice[:2]
-
-    nbytes, bits, chosen = max(fitting, key=size) if fitting else min(choices, key=size)
-    objectives = _objectives(
-        calibration, names, named, config.smoothing, config.damping
-    )
-    for n in names:
-        kw = _quantize_kw(named[n], objectives[n])
-        quantize_module_(named[n], bits, chosen[n].group_size, **kw)
-    groups = sorted({f.group_size for f in chosen.values()}, key=str)
-    return _Quantized(bits, groups, nbytes)
 
 
 def _around(budget, curve, unit):
@@ -290,7 +235,7 @@ def _curve_points(job):
 
 def _probe(job):
     """Probe accuracy on the labelled texts, original and compressed."""
-    from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
+    from kflats.torch.evaluation import probe_accuracy, sentence_embeddings
 
     from ._texts import FOLDS
 

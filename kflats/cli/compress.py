@@ -37,10 +37,10 @@ _budget = budget_type(include_one=False)
 
 
 def _model():
-    """kflats.torch._pretrained, imported when needed (it imports torch)."""
-    from kflats.torch import _pretrained
+    """kflats.torch.io, imported when needed (it imports torch)."""
+    import kflats.torch.io
 
-    return _pretrained
+    return kflats.torch.io
 
 
 def _curve(text):
@@ -242,14 +242,14 @@ def _targets(model, specs):
     ``embedding`` and ``all`` are what the model's adapter names: its word
     embedding, and with it every Linear (or GPT-2 Conv1D) of its block stacks.
     """
-    from kflats.torch._targets import _all_targets, _default_target
+    from kflats.torch.models import all_targets, default_target
 
     names = []
     for spec in specs:
         if spec == EMBEDDING:
-            names += _default_target(model)
+            names += default_target(model)
         elif spec == ALL:
-            names += _all_targets(model)
+            names += all_targets(model)
         else:
             names.append(spec)
     return list(dict.fromkeys(names))
@@ -261,15 +261,15 @@ def _checked_targets(model, args):
     A budget in numbers is checked here; one in bytes by compress, which
     says the smallest size the modules allow.
     """
-    from kflats.torch._compress import _check_budget
-    from kflats.torch._targets import _select
+    from kflats.torch.compression import check_budget
+    from kflats.torch.models import select_modules
 
     try:
-        names, named = _select(model, _targets(model, args.targets))
+        names, named = select_modules(model, _targets(model, args.targets))
     except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
         raise ValueError(f"--targets: {exc}") from None
     if args.unit == "numbers":
-        _check_budget(args.budget, names, named, args.allocation)
+        check_budget(args.budget, names, named, args.allocation)
     return names
 
 
@@ -311,7 +311,7 @@ def _heal(job):
 
     from kflats.datasets import load_sentences
     from kflats.torch import heal
-    from kflats.torch._evaluation import evaluator
+    from kflats.torch.evaluation import evaluator
 
     job.heldout = load_sentences("heldout")
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
@@ -346,7 +346,7 @@ def _model_numbers(model):
     codes and scales (:func:`kflats.quantize.quantized_state`). A tensor
     shared by two modules (tied weights) is counted once.
     """
-    from kflats.quantize import quantized_state
+    from kflats.torch.layers import quantized_state
 
     state = model.state_dict()
     packed = quantized_state(model)

@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from ._spectra import _kept_numbers, _residual, _spectra
+from ._spectra import cluster_spectra, kept_numbers, residual_error
 
 # ranks="adaptive" stops refining when a round gains less than this fraction
 # of the error.
 _REFINE_TOL = 1e-3
 
 
-def _greedy_fill(gains, costs, ranks, room, skip=None):
+def greedy_fill(gains, costs, ranks, room, skip=None):
     """Add steps by decreasing gain per number while they fit: the one allocator.
 
     Item c (a cluster of a matrix, or a module of a model) is at step
@@ -73,9 +73,7 @@ def _improve(gains, costs, ranks, room, max_rounds=50):
             loss = gains[a][r - 1]
             trial = ranks.copy()
             trial[a] -= 1
-            new, added, left = _greedy_fill(
-                gains, costs, trial, room + costs[a], skip=a
-            )
+            new, added, left = greedy_fill(gains, costs, trial, room + costs[a], skip=a)
             if added - loss > 1e-12 * max(loss, 1e-300) and (
                 best is None or added - loss > best[0]
             ):
@@ -97,7 +95,7 @@ def _allocate(clusters, n, d, max_params, affine, start=None):
     sizes = [cl.rows.size for cl in clusters]
     costs = [s + d if s > 0 else 0 for s in sizes]
     gains = [cl.evals for cl in clusters]
-    fixed = _kept_numbers(sizes, [0] * len(sizes), d, affine)
+    fixed = kept_numbers(sizes, [0] * len(sizes), d, affine)
     best_ranks, best_kept = None, -1.0
     starts = [[0] * len(clusters)]
     if start is not None:
@@ -106,7 +104,7 @@ def _allocate(clusters, n, d, max_params, affine, start=None):
         room = max_params - fixed - sum(r * c for r, c in zip(s, costs, strict=True))
         if room < 0:
             continue
-        ranks, _, room = _greedy_fill(gains, costs, s, room)
+        ranks, _, room = greedy_fill(gains, costs, s, room)
         ranks = _improve(gains, costs, ranks, room)
         kept = sum(g[:r].sum() for g, r in zip(gains, ranks, strict=True))
         if kept > best_kept:
@@ -156,7 +154,7 @@ def _reassign(A, w, clusters, ranks, lam, affine):
     return np.argmin(cost, axis=1)
 
 
-def _refine(A, w, labels, clusters, ranks, max_params, affine, n_rounds):
+def refine_partition(A, w, labels, clusters, ranks, max_params, affine, n_rounds):
     """Alternate row reassignment and rank allocation; keep the best feasible.
 
     Rows go to the flat that minimises ``w_i dist^2 + lam * j_c`` (a row of
@@ -167,7 +165,7 @@ def _refine(A, w, labels, clusters, ranks, max_params, affine, n_rounds):
     """
     n, d = A.shape
     k = len(clusters)
-    best = (_residual(clusters, ranks), clusters, ranks)
+    best = (residual_error(clusters, ranks), clusters, ranks)
     for _ in range(n_rounds):
         previous = best[0]
         lam = _threshold(clusters, ranks, d)
@@ -175,11 +173,11 @@ def _refine(A, w, labels, clusters, ranks, max_params, affine, n_rounds):
         if np.array_equal(new_labels, labels):
             break
         labels = new_labels
-        clusters = _spectra(A, labels, k, w, affine)
+        clusters = cluster_spectra(A, labels, k, w, affine)
         ranks = _allocate(clusters, n, d, max_params, affine)
         if ranks is None:
             break
-        res = _residual(clusters, ranks)
+        res = residual_error(clusters, ranks)
         if res < best[0]:
             best = (res, clusters, ranks)
         if previous - best[0] <= _REFINE_TOL * previous:

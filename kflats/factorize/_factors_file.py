@@ -10,8 +10,6 @@ import json
 
 import numpy as np
 
-from ._factors import Candidate
-
 _FORMAT = "kflats.ProjectiveFactors"
 _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -200,9 +198,8 @@ def _read_search(text):
         if not isinstance(ranks, list):
             raise ValueError(f"ranks {ranks!r} is not a list")
         ranks = tuple(integer(r) for r in ranks)
-        search.append(
-            Candidate(integer(k), integer(j), ranks, integer(n_params), real(error))
-        )
+        # a plain tuple: ProjectiveFactors makes each a Candidate
+        search.append((integer(k), integer(j), ranks, integer(n_params), real(error)))
     return tuple(search)
 
 

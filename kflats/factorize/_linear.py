@@ -34,13 +34,13 @@ from scipy import linalg
 from sklearn.utils import check_random_state
 
 from .._size import budget_numbers
-from ._search import _factorize, _search_options
+from ._search import search_factors, search_options
 from ._spectra import _ratio
 from ._validation import (
     _check_budget_fraction,
     _check_matrix,
-    _check_moment,
-    _check_sample_weight,
+    check_moment,
+    check_sample_weight,
 )
 
 SIDES = ("auto", "input", "output")
@@ -89,7 +89,7 @@ def damped_moment(input_moment, n_features, damping=1e-2):
     ([5.0, 1.0], True)
     """
     damping = _check_damping(damping)
-    C = _check_moment(
+    C = check_moment(
         input_moment, n_features, "input_moment", "the layer's in_features"
     )
     scale = float(np.trace(C)) / n_features
@@ -101,10 +101,10 @@ def damped_moment(input_moment, n_features, damping=1e-2):
     if not np.allclose(C, C.T, rtol=1e-5, atol=1e-8 * scale):
         raise ValueError("input_moment must be symmetric (E[x x^T])")
     advice = "pass E[x x^T] of real inputs, or raise damping"
-    return _damped_cholesky(C, damping, scale, "input_moment", advice)
+    return damped_cholesky(C, damping, scale, "input_moment", advice)
 
 
-class _Kept:
+class Kept:
     """Results of a costly step, kept by the content of its inputs.
 
     A budget search factors the same moment many times (each bit width,
@@ -143,17 +143,17 @@ class _Kept:
 
 # the damped moments of the last modules factored (256 MB holds 5 of
 # 1,536 x 1,536, or 1 of 3,072 x 3,072, with their factors)
-_CHOLESKY = _Kept(256 << 20)
+_CHOLESKY = Kept(256 << 20)
 
 
-def _damped_cholesky(C, damping, scale, name, advice):
+def damped_cholesky(C, damping, scale, name, advice):
     """``C`` symmetrized plus ``damping * scale`` on its diagonal, and its factor.
 
     Returns the damped matrix and its lower Cholesky factor (fresh arrays);
     ``name`` and ``advice`` make the error raised when the damped form has
-    none. The factors of the last moments are kept (:class:`_Kept`).
+    none. The factors of the last moments are kept (:class:`Kept`).
     """
-    key = _Kept.key(C, float(damping * scale))
+    key = Kept.key(C, float(damping * scale))
     hit = _CHOLESKY.get(key)
     if hit is not None:
         return hit[0].copy(), hit[1].copy()
@@ -184,12 +184,12 @@ def _weight_of(factors):
     return A.T if factors.transposed else A
 
 
-def _whiten(W, L):
+def whiten(W, L):
     """``W L`` in float64: the weight in the coordinates where C is the identity."""
     return np.asarray(W, dtype=np.float64) @ L
 
 
-def _unwhiten(M, L, dtype=np.float64):
+def unwhiten(M, L, dtype=np.float64):
     """``M L^-1``, by a triangular solve: back from whitened coordinates."""
     M = np.asarray(M, dtype=np.float64)
     out = linalg.solve_triangular(L, M.T, lower=True, trans="T").T
@@ -202,24 +202,24 @@ def _fit_side(W, k, j, max_numbers, side, moment, w, options, what):
     C, L = moment if moment is not None else (None, None)
     if side == "input":
         if C is not None:
-            w = _check_sample_weight(np.diag(C).copy(), W.shape[1])
+            w = check_sample_weight(np.diag(C).copy(), W.shape[1])
         elif w is not None:
-            w = _check_sample_weight(w, W.shape[1])
-        result = _factorize(W.T, w, k, j, max_numbers, options, what)
+            w = check_sample_weight(w, W.shape[1])
+        result = search_factors(W.T, w, k, j, max_numbers, options, what)
         result = replace(result, transposed=True)
     elif L is None:
-        w = None if w is None else _check_sample_weight(w, W.shape[0])
-        result = _factorize(W, w, k, j, max_numbers, options, what)
+        w = None if w is None else check_sample_weight(w, W.shape[0])
+        result = search_factors(W, w, k, j, max_numbers, options, what)
     else:
-        whitened = _factorize(
-            _whiten(W, L).astype(dtype), None, k, j, max_numbers, options, what
+        whitened = search_factors(
+            whiten(W, L).astype(dtype), None, k, j, max_numbers, options, what
         )
         result = replace(
             whitened,
-            V=tuple(_unwhiten(v, L, dtype) for v in whitened.V),
+            V=tuple(unwhiten(v, L, dtype) for v in whitened.V),
             means=None
             if whitened.means is None
-            else _unwhiten(whitened.means, L, dtype),
+            else unwhiten(whitened.means, L, dtype),
         )
     if L is not None:
         error, weight_error = _calibrated(W.astype(np.float64), _weight_of(result), L)
@@ -229,7 +229,7 @@ def _fit_side(W, k, j, max_numbers, side, moment, w, options, what):
     return result
 
 
-def _check_row_weights(sample_weight, moment, side):
+def check_row_weights(sample_weight, moment, side):
     """sample_weight excludes an input moment, and needs one side."""
     if sample_weight is None:
         return
@@ -245,14 +245,14 @@ def _check_row_weights(sample_weight, moment, side):
         )
 
 
-def _shared_seed(random_state):
+def shared_seed(random_state):
     """An int seed for both sides of "auto": one draw from a RandomState."""
     if random_state is not None and not isinstance(random_state, numbers.Integral):
         return check_random_state(random_state).randint(np.iinfo(np.int32).max)
     return random_state
 
 
-def _factorize_linear(W, k, j, max_numbers, side, moment, w, options, what):
+def linear_factors(W, k, j, max_numbers, side, moment, w, options, what):
     """The worker of :func:`factorize_linear`, its inputs checked; ``side``
     is ``"input"``, ``"output"`` or ``"auto"`` (both, the lower error kept)."""
     if side != "auto":
@@ -379,17 +379,17 @@ def factorize_linear(
             "or choose side='input' or side='output' for a given k and j"
         )
     W = _check_matrix(W, "W")
-    _check_row_weights(sample_weight, input_moment, side)
+    check_row_weights(sample_weight, input_moment, side)
     moment = None
     if input_moment is not None:
         moment = damped_moment(input_moment, W.shape[1], damping)
-    random_state = _shared_seed(random_state)
-    options = _search_options(ranks, affine, random_state, n_refine, fit_params)
+    random_state = shared_seed(random_state)
+    options = search_options(ranks, affine, random_state, n_refine, fit_params)
     max_numbers = None
     if budget is not None:
         budget = _check_budget_fraction(budget)
         max_numbers = budget_numbers(budget, *W.shape)
     what = f"budget={budget}"
-    return _factorize_linear(
+    return linear_factors(
         W, k, j, max_numbers, side, moment, sample_weight, options, what
     )

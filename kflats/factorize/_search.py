@@ -9,22 +9,28 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from .._size import budget_numbers, factors_size, uniform_rank
-from ._allocation import _allocate, _refine
+from ._allocation import _allocate, refine_partition
 from ._factors import Candidate
-from ._spectra import _build, _kept_numbers, _residual, _spectra, _total_energy
+from ._spectra import (
+    cluster_spectra,
+    factors_from_spectra,
+    kept_numbers,
+    residual_error,
+    total_energy,
+)
 from ._validation import (
     _check_budget_fraction,
     _check_int,
     _check_matrix,
     _check_ranks,
-    _check_sample_weight,
+    check_sample_weight,
 )
 
 #: Numbers of clusters that a budget search tries when ``k`` is not given.
 K_GRID = (1, 2, 4, 6, 8, 12, 16)
 
 
-def _partition(A, k, j, affine, w, seed, fit_params, quiet):
+def partition_rows(A, k, j, affine, w, seed, fit_params, quiet):
     """Labels of a KSubspaces fit (all zeros for one cluster)."""
     if k == 1:
         return np.zeros(A.shape[0], dtype=np.int64)
@@ -160,13 +166,13 @@ def factorize(
     """
     A = _check_matrix(A, "A")
     n, d = A.shape
-    w = _check_sample_weight(sample_weight, n)
-    options = _search_options(ranks, affine, random_state, n_refine, fit_params)
+    w = check_sample_weight(sample_weight, n)
+    options = search_options(ranks, affine, random_state, n_refine, fit_params)
     max_numbers = None
     if budget is not None:
         budget = _check_budget_fraction(budget)
         max_numbers = budget_numbers(budget, n, d)
-    return _factorize(A, w, k, j, max_numbers, options, f"budget={budget}")
+    return search_factors(A, w, k, j, max_numbers, options, f"budget={budget}")
 
 
 class _SearchOptions(NamedTuple):
@@ -179,7 +185,7 @@ class _SearchOptions(NamedTuple):
     fit_params: dict | None = None  # parameters of KSubspaces
 
 
-def _search_options(ranks, affine, random_state, n_refine, fit_params):
+def search_options(ranks, affine, random_state, n_refine, fit_params):
     """The checked :class:`_SearchOptions` of :func:`factorize`'s parameters."""
     return _SearchOptions(
         ranks=_check_ranks(ranks),
@@ -241,7 +247,7 @@ def _budget_candidates(n, d, k, j, w, max_numbers, affine, what):
     return candidates
 
 
-def _factorize(A, w, k, j, max_numbers, options, what):
+def search_factors(A, w, k, j, max_numbers, options, what):
     """The worker of :func:`factorize`: ``A`` and ``w`` checked, the budget in
     numbers (``None`` for a given k and j), ``what`` names it in errors."""
     n, d = A.shape
@@ -252,21 +258,23 @@ def _factorize(A, w, k, j, max_numbers, options, what):
         candidates = _budget_candidates(n, d, k, j, w, max_numbers, affine, what)
     else:
         candidates, max_numbers = _fixed_candidates(n, d, k, j, affine)
-    denom = _total_energy(A, w)
+    denom = total_energy(A, w)
     seeds = rng.randint(np.iinfo(np.int32).max, size=len(candidates))
     records, best = [], None
     for (kk, jj), seed in zip(candidates, seeds, strict=True):
-        labels = _partition(A, kk, jj, affine, w, seed, options.fit_params, k is None)
-        clusters = _spectra(A, labels, kk, w, affine)
+        labels = partition_rows(
+            A, kk, jj, affine, w, seed, options.fit_params, k is None
+        )
+        clusters = cluster_spectra(A, labels, kk, w, affine)
         sizes = [cl.rows.size for cl in clusters]
         alloc = [min(jj, s) for s in sizes]
         if ranks == "adaptive":
             alloc = _allocate(clusters, n, d, max_numbers, affine, start=alloc)
-        res = _residual(clusters, alloc)
+        res = residual_error(clusters, alloc)
         err = res / denom if denom > 0 else 0.0
         kept_ranks = tuple(r for r, s in zip(alloc, sizes, strict=True) if s > 0)
         records.append(
-            Candidate(kk, jj, kept_ranks, _kept_numbers(sizes, alloc, d, affine), err)
+            Candidate(kk, jj, kept_ranks, kept_numbers(sizes, alloc, d, affine), err)
         )
         if best is None or res < best[0]:
             best = (res, labels, clusters, alloc)
@@ -276,11 +284,11 @@ def _factorize(A, w, k, j, max_numbers, options, what):
             break
     _, labels, clusters, alloc = best
     if ranks == "adaptive" and len(clusters) > 1:
-        clusters, alloc = _refine(
+        clusters, alloc = refine_partition(
             A, w, labels, clusters, alloc, max_numbers, affine, options.n_refine
         )
     search = tuple(records) if searched else ()
-    return _build(A, w, clusters, alloc, affine, denom, search=search)
+    return factors_from_spectra(A, w, clusters, alloc, affine, denom, search=search)
 
 
 def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
@@ -322,7 +330,7 @@ def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
     """
     A = _check_matrix(A, "A")
     n, d = A.shape
-    w = _check_sample_weight(sample_weight, n)
+    w = check_sample_weight(sample_weight, n)
     if (rank is None) == (budget is None):
         raise ValueError("give exactly one of rank and budget")
     if budget is not None:
@@ -335,5 +343,5 @@ def svd_factors(A, rank=None, *, budget=None, sample_weight=None):
                 f"and rank 1 needs {n + d} (budget >= {(n + d) / (n * d):.4g})"
             )
     rank = _check_int(rank, "rank", 1, min(n, d))
-    clusters = _spectra(A, np.zeros(n, dtype=np.int64), 1, w, False)
-    return _build(A, w, clusters, [rank], False, _total_energy(A, w))
+    clusters = cluster_spectra(A, np.zeros(n, dtype=np.int64), 1, w, False)
+    return factors_from_spectra(A, w, clusters, [rank], False, total_energy(A, w))

@@ -50,18 +50,18 @@ def _spectrum(A, rows, w, affine):
     return _Cluster(rows, mean, np.maximum(evals, 0.0), evecs)
 
 
-def _spectra(A, labels, k, w, affine):
+def cluster_spectra(A, labels, k, w, affine):
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(k + 1))
     return [_spectrum(A, order[bounds[c] : bounds[c + 1]], w, affine) for c in range(k)]
 
 
-def _residual(clusters, ranks):
+def residual_error(clusters, ranks):
     """Weighted squared error left by keeping ``ranks`` components per cluster."""
     return float(sum(cl.evals[r:].sum() for cl, r in zip(clusters, ranks, strict=True)))
 
 
-def _kept_numbers(sizes, ranks, d, affine):
+def kept_numbers(sizes, ranks, d, affine):
     """Numbers of factors with these clusters, the empty ones dropped."""
     kept = [c for c, size in enumerate(sizes) if size > 0]
     return factors_size(
@@ -69,7 +69,7 @@ def _kept_numbers(sizes, ranks, d, affine):
     ).numbers
 
 
-def _build(A, w, clusters, ranks, affine, denom, **meta):
+def factors_from_spectra(A, w, clusters, ranks, affine, denom, **meta):
     """ProjectiveFactors from per-cluster spectra; empty clusters are dropped."""
     n, d = A.shape
     dtype = A.dtype
@@ -99,7 +99,7 @@ def _build(A, w, clusters, ranks, affine, denom, **meta):
     if w is None:
         meta.setdefault("weight_error", error)
     else:
-        meta.setdefault("weight_error", _ratio(plain, _total_energy(A, None)))
+        meta.setdefault("weight_error", _ratio(plain, total_energy(A, None)))
     meta.setdefault("objective", "frobenius" if w is None else "weighted")
     return ProjectiveFactors(
         labels=labels,
@@ -116,6 +116,6 @@ def _ratio(numer, denom):
     return numer / denom if denom > 0 else (0.0 if numer == 0 else math.inf)
 
 
-def _total_energy(A, w):
+def total_energy(A, w):
     sq = np.einsum("ij,ij->i", A, A, dtype=np.float64)
     return float(sq.sum() if w is None else w @ sq)

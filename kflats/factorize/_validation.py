@@ -45,7 +45,7 @@ def _check_budget_fraction(budget):
     return budget
 
 
-def _check_sample_weight(sample_weight, n):
+def check_sample_weight(sample_weight, n):
     if sample_weight is None:
         return None
     w = np.asarray(sample_weight)
@@ -69,7 +69,7 @@ def _check_ranks(ranks):
     return ranks
 
 
-def _check_moment(M, n, name, meaning):
+def check_moment(M, n, name, meaning):
     """A real, finite n x n second moment as float64; ``meaning`` says what n is."""
     M = np.asarray(M)
     if M.shape != (n, n):

@@ -11,7 +11,9 @@ outputs after a save and load that store only the codes.
   each group's clipping ratio.
 - :func:`quantize_calibrated`: GPTQ-style rounding with error feedback along a
   Linear layer's input moment ``E[x x^T]``.
-- Layers (needs PyTorch, imported on first use): :func:`quantize_module_`
+- Layers (needs PyTorch; defined in :mod:`kflats.torch.layers` beside the
+  layers they quantize, and imported from there on first use):
+  :func:`quantize_module_`
   quantizes an ``nn.Linear``, ``nn.Embedding``, ``ProjectiveLinear`` or
   ``ProjectiveEmbedding`` in place (its float parameters hold the dequantized
   values); :func:`quantized_state` / :func:`dequantized_state` give the packed
@@ -56,22 +58,22 @@ from ._gptq import quantize_calibrated
 from ._grid import SUPPORTED_BITS
 from ._tensor import QuantizedTensor, quantize, quantized_nbytes
 
-# the layer functions and the module that defines each
-_TORCH_NAMES = {
-    "dequantized_state": "_state",
-    "factors_nbytes": "_nbytes",
-    "form_nbytes": "_nbytes",
-    "quantize_module_": "_modules",
-    "quantized_state": "_state",
-    "quantized_tensors": "_state",
-    "rank_group_size": "_nbytes",
-    "record_quantized_": "_state",
-    "register_straight_through_": "_straight",
-    "requantize_": "_straight",
-    "split_quantized_state": "_state",
-    "state_nbytes": "_state",
-    "straight_through_parameters": "_straight",
-}
+# the layer functions, which live with the layers in kflats.torch.layers
+_TORCH_NAMES = (
+    "dequantized_state",
+    "factors_nbytes",
+    "form_nbytes",
+    "quantize_module_",
+    "quantized_state",
+    "quantized_tensors",
+    "rank_group_size",
+    "record_quantized_",
+    "register_straight_through_",
+    "requantize_",
+    "split_quantized_state",
+    "state_nbytes",
+    "straight_through_parameters",
+)
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -86,6 +88,5 @@ __all__ = [
 def __getattr__(name):
     # the layer functions need torch: import them on first use only
     if name in _TORCH_NAMES:
-        module = importlib.import_module(f".{_TORCH_NAMES[name]}", __name__)
-        return getattr(module, name)
+        return getattr(importlib.import_module("kflats.torch.layers"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,18 +4,18 @@ import numba
 import numpy as np
 from scipy import linalg
 
-from ..factorize._linear import _damped_cholesky, _Kept
-from ..factorize._validation import _check_moment as check_moment
+from ..factorize._linear import Kept, damped_cholesky
+from ..factorize._validation import check_moment
 from ._grid import (
     _CLIP_RATIOS,
     _as_matrix,
     _check_axis,
-    _check_bits,
-    _check_group_size,
-    _check_scale_dtype,
     _decode,
     _encode,
     _fit_and_encode,
+    check_bits,
+    check_group_size,
+    check_scale_dtype,
 )
 from ._tensor import QuantizedTensor
 
@@ -24,8 +24,8 @@ __all__ = ["quantize_calibrated"]
 _BLOCK = 128
 
 
-# the inverse factors of the last moments (see kflats.factorize._linear._Kept)
-_INVERSE = _Kept(128 << 20)
+# the inverse factors of the last moments (see kflats.factorize._linear.Kept)
+_INVERSE = Kept(128 << 20)
 
 
 def _inverse_factor(H, damping):
@@ -33,10 +33,10 @@ def _inverse_factor(H, damping):
 
     Directions the moment never saw (a zero diagonal entry) get a unit
     diagonal: their columns are rounded without feeding error forward. The
-    factors of the last moments are kept, read-only (:class:`_Kept`).
+    factors of the last moments are kept, read-only (:class:`Kept`).
     """
     H = np.array(H, dtype=np.float64)
-    key = _Kept.key(H, float(damping))
+    key = Kept.key(H, float(damping))
     hit = _INVERSE.get(key)
     if hit is not None:
         return hit[0]
@@ -46,7 +46,7 @@ def _inverse_factor(H, damping):
     H[dead, :] = 0.0
     H[:, dead] = 0.0
     H[dead, dead] += scale
-    _, L = _damped_cholesky(H, damping, scale, "moment", "raise damping")
+    _, L = damped_cholesky(H, damping, scale, "moment", "raise damping")
     Hinv = linalg.cho_solve((L, True), np.eye(H.shape[0]))
     return _INVERSE.put(key, (linalg.cholesky(0.5 * (Hinv + Hinv.T), lower=False),))[0]
 
@@ -212,15 +212,15 @@ def quantize_calibrated(
     ...      < err(quantize(W, bits=3, group_size=32)))
     True
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     axis = _check_axis(axis)
-    dtype = _check_scale_dtype(scale_dtype)
+    dtype = check_scale_dtype(scale_dtype)
     W = _as_matrix(W)
     rows, cols = W.shape
     if axis == 1:
-        g = _check_group_size(group_size, cols, "the row length ({})")
+        g = check_group_size(group_size, cols, "the row length ({})")
     else:
-        g = _check_group_size(group_size, rows, "the column length ({})")
+        g = check_group_size(group_size, rows, "the column length ({})")
     damping = float(damping)
     if not damping >= 0 or not np.isfinite(damping):
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")

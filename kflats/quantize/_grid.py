@@ -16,7 +16,7 @@ _SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.6, 9), 3))
 
 
-def _check_bits(bits):
+def check_bits(bits):
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"bits must be an int in {SUPPORTED_BITS}, got {bits!r}")
     if int(bits) not in SUPPORTED_BITS:
@@ -30,7 +30,7 @@ def _check_axis(axis):
     return int(axis)
 
 
-def _check_group_size(group_size, length, what):
+def check_group_size(group_size, length, what):
     """The group size along a dimension of ``length``; ``None`` is the whole row.
 
     ``length=None`` checks only that ``group_size`` is a positive int or None.
@@ -52,7 +52,7 @@ def _check_group_size(group_size, length, what):
     return group_size
 
 
-def _check_scale_dtype(scale_dtype):
+def check_scale_dtype(scale_dtype):
     key = (
         np.dtype(scale_dtype).name if not isinstance(scale_dtype, str) else scale_dtype
     )

@@ -7,13 +7,13 @@ from ._grid import (
     SUPPORTED_BITS,
     _as_matrix,
     _check_axis,
-    _check_bits,
-    _check_group_size,
-    _check_scale_dtype,
     _decode,
     _encode,
     _fit_and_encode,
     _packed_len,
+    check_bits,
+    check_group_size,
+    check_scale_dtype,
     pack_codes,
     unpack_codes,
 )
@@ -78,7 +78,7 @@ class QuantizedTensor:
     """
 
     def __init__(self, codes, scales, zeros, shape, bits, group_size, axis=1):
-        self.bits = _check_bits(bits)
+        self.bits = check_bits(bits)
         self.axis = _check_axis(axis)
         try:
             shape = tuple(int(s) for s in shape)
@@ -89,7 +89,7 @@ class QuantizedTensor:
         self.shape = shape
         lines, length = shape if self.axis == 1 else shape[::-1]
         what = "the row length ({})" if self.axis == 1 else "the column length ({})"
-        self.group_size = _check_group_size(group_size, length, what)
+        self.group_size = check_group_size(group_size, length, what)
         groups = (lines, length // self.group_size)
         codes, scales = np.asarray(codes), np.asarray(scales)
         if codes.dtype != np.uint8 or codes.ndim != 1:
@@ -326,12 +326,12 @@ def quantized_nbytes(
     >>> quantized_nbytes((384, 1536), bits=4, group_size=32)  # codes, scales, zeros
     350208
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     axis = _check_axis(axis)
     lines, length = (int(shape[0]), int(shape[1]))[:: 1 if axis == 1 else -1]
-    g = _check_group_size(group_size, length, "the line length ({})")
+    g = check_group_size(group_size, length, "the line length ({})")
     n_groups = lines * (length // g)
-    per_group = np.dtype(_check_scale_dtype(scale_dtype)).itemsize + (not symmetric)
+    per_group = np.dtype(check_scale_dtype(scale_dtype)).itemsize + (not symmetric)
     return _packed_len(lines * length, bits) + n_groups * per_group
 
 
@@ -395,14 +395,14 @@ def quantize(
     ...
     ValueError: bits must be one of (2, 3, 4, 6, 8), got 5
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     axis = _check_axis(axis)
-    dtype = _check_scale_dtype(scale_dtype)
+    dtype = check_scale_dtype(scale_dtype)
     W = _as_matrix(W)
     M = W if axis == 1 else W.T
     lines, length = M.shape
     what = "the row length ({})" if axis == 1 else "the column length ({})"
-    g = _check_group_size(group_size, length, what)
+    g = check_group_size(group_size, length, what)
     groups = M.reshape(-1, g)
     ratios = _CLIP_RATIOS if clip else (1.0,)
     scale, zero, codes = _fit_and_encode(groups, bits, symmetric, dtype, ratios)

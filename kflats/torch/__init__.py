@@ -31,19 +31,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "`pip install kflats[torch]`."
     ) from exc
 
-from . import functional
-from ._calibration import Calibration, calibrate, token_frequencies
-from ._compress import compress
-from ._config import CompressionConfig
-from ._heal import heal
-from ._io import load_compressed, save_compressed
-from ._layers import (
+from kflats.torch import functional
+from kflats.torch.calibration import Calibration, calibrate, token_frequencies
+from kflats.torch.compression import (
+    CompressionConfig,
+    CompressionReport,
+    ModuleReport,
+    compress,
+    heal,
+)
+from kflats.torch.io import load_compressed, save_compressed
+from kflats.torch.layers import (
     ProjectiveEmbedding,
     ProjectiveLinear,
     ProjectiveTiedHead,
     WeightSpec,
 )
-from ._report import CompressionReport, ModuleReport
 
 __all__ = [
     "Calibration",

@@ -29,12 +29,16 @@ def _one_line(code, stderr, match):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import kflats.torch._pretrained
+    import kflats.torch.io
+    import kflats.torch.io._original
 
     def load_model(source):
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(kflats.torch._pretrained, "load_model", load_model)
+    # kflats compress reads it from the io package; load_pretrained from its
+    # home module
+    for module in (kflats.torch.io, kflats.torch.io._original):
+        monkeypatch.setattr(module, "load_model", load_model)
 
 
 # --- the model that goes in comes out -----------------------------------------------
@@ -128,7 +132,7 @@ def test_a_causal_lm_all_targets_keeps_its_tie_and_reports_perplexity(
 def test_a_model_class_is_taken_from_transformers_only(tmp_path):
     import transformers
 
-    from kflats.torch._pretrained import model_class
+    from kflats.torch.io._original import model_class
 
     config = transformers.BertConfig()
     for names, expected in [
@@ -191,7 +195,7 @@ def test_weights_that_do_not_match_the_config_are_refused(change, tmp_path, caps
 
 
 def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
-    from kflats.torch import _pretrained as _model
+    from kflats.torch.io import _original as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: object())
     (tmp_path / "m.Q4.gguf").write_bytes(b"GGUF")
@@ -209,7 +213,7 @@ def test_a_gguf_file_or_a_folder_holding_one(tmp_path, monkeypatch):
 
 
 def test_a_gguf_file_without_the_gguf_package(tmp_path, capsys, monkeypatch):
-    from kflats.torch import _pretrained as _model
+    from kflats.torch.io import _original as _model
 
     monkeypatch.setattr(_model.importlib.util, "find_spec", lambda name: None)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -233,9 +237,9 @@ def bert(tmp_path_factory):
 def test_a_result_that_lost_the_model_ends_with_a_warning(
     bert, tmp_path, capsys, monkeypatch
 ):
-    import kflats.torch._evaluation
+    import kflats.torch.evaluation
 
-    monkeypatch.setattr(kflats.torch._evaluation, "LOST_COSINE", 1.5)
+    monkeypatch.setattr(kflats.torch.evaluation, "LOST_COSINE", 1.5)
     out = tmp_path / "out"
     code, stdout, stderr = _run(capsys, bert, "--out", out, *QUICK)
     assert code == 0, stderr
@@ -247,7 +251,7 @@ def test_a_result_that_lost_the_model_ends_with_a_warning(
 
 
 def test_warning_threshold():
-    from kflats.torch._evaluation import SentenceEmbeddingEvaluator
+    from kflats.torch.evaluation import SentenceEmbeddingEvaluator
 
     ev = SentenceEmbeddingEvaluator([])
     assert ev.warning({"mean_cosine": 0.5}) is None
@@ -276,7 +280,7 @@ def _labels_csv(path):
 def test_eval_labels_probe(bert, tmp_path, capsys):
     import transformers
 
-    from kflats.torch._evaluation import probe_accuracy, sentence_embeddings
+    from kflats.torch.evaluation import probe_accuracy, sentence_embeddings
 
     labels_file = tmp_path / "labels.csv"
     texts, labels = _labels_csv(labels_file)
@@ -335,7 +339,7 @@ def test_a_dequantized_gguf_model_forgets_its_quantizer(tmp_path):
     import torch
     import transformers
 
-    from kflats.torch._pretrained import _forget_gguf
+    from kflats.torch.io._original import _forget_gguf
 
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,

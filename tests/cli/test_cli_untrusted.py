@@ -131,12 +131,16 @@ def test_sigterm_while_writing_a_file_leaves_nothing(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if kflats compress gets as far as loading the model."""
-    import kflats.torch._pretrained
+    import kflats.torch.io
+    import kflats.torch.io._original
 
     def load_model(source):
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(kflats.torch._pretrained, "load_model", load_model)
+    # kflats compress reads it from the io package; load_pretrained from its
+    # home module
+    for module in (kflats.torch.io, kflats.torch.io._original):
+        monkeypatch.setattr(module, "load_model", load_model)
 
 
 def _compress(capsys, *argv):

@@ -469,7 +469,7 @@ def test_straight_through_gradient_is_identity():
 
 @pytest.mark.parametrize("side", ["input", "output", "embedding"])
 def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypatch):
-    import kflats.quantize._modules as modules
+    import kflats.torch.layers._quantize as modules
 
     rng = np.random.default_rng(8)
     if side == "embedding":
@@ -551,7 +551,7 @@ def test_numpy_core_does_not_import_torch():
     st.integers(0, 2**31 - 1),
 )
 def test_refit_is_the_least_squares_solution(r, d, n, whiten, seed):
-    from kflats.quantize._modules import _lstsq_refit
+    from kflats.torch.layers._quantize import _lstsq_refit
 
     rng = np.random.default_rng(seed)
     U, V = rng.normal(size=(n, r)), rng.normal(size=(r, d))
@@ -574,8 +574,8 @@ def test_moments_factored_once_and_kept_read_only():
     again = _gptq._inverse_factor(H.copy(), 0.01)
     assert again is first and not first.flags.writeable
     assert _gptq._inverse_factor(H, 0.02) is not first  # damping is in the key
-    C, L = _linear._damped_cholesky(H, 0.01, 1.0, "m", "")
-    C2, L2 = _linear._damped_cholesky(H, 0.01, 1.0, "m", "")
+    C, L = _linear.damped_cholesky(H, 0.01, 1.0, "m", "")
+    C2, L2 = _linear.damped_cholesky(H, 0.01, 1.0, "m", "")
     assert C2 is not C and C2.flags.writeable  # fresh arrays for the caller
     np.testing.assert_array_equal(L2, L)
     np.testing.assert_allclose(L @ L.T, C)

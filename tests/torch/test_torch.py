@@ -448,10 +448,10 @@ def test_compress_progress_bar(capsys):
         ({"targets": ["embed", "norm"]}, TypeError, r"norm \(LayerNorm\)"),
         ({"targets": "block"}, TypeError, r"block \(Sequential\)"),
         ({"targets": [nn.Linear], "budget": 0.05}, ValueError, "cannot be met"),
-        ({"allocation": "per-layer"}, ValueError, "allocation must be"),
-        ({"ranks": "equal"}, ValueError, "ranks must be"),
-        ({"targets": "embed", "budget": 1.5}, ValueError, "budget must be"),
-        ({"targets": 3}, TypeError, "targets must be"),
+        ({"allocation": "per-layer"}, ValueError, "'allocation' parameter .* must be"),
+        ({"ranks": "equal"}, ValueError, "'ranks' parameter .* must be"),
+        ({"targets": "embed", "budget": 1.5}, ValueError, "'budget' .* must be"),
+        ({"targets": 3}, TypeError, "'targets' parameter .* must be"),
         ({"targets": None}, ValueError, "get_input_embeddings"),
     ],
 )
@@ -567,7 +567,7 @@ def test_tied_head_follows_the_embedding_through_copies_and_moves():
 
 
 def test_shared_embedding_looks_up_through_its_source():
-    from kflats.torch._layers import SharedEmbedding
+    from kflats.torch.layers import SharedEmbedding
 
     emb = ProjectiveEmbedding(30, 4, ranks=(2, 2), padding_idx=0)
     alias = SharedEmbedding(emb)

@@ -1,0 +1,327 @@
+"""The forms of one module under a budget in bytes, measured: errors and layers.
+
+A selected module may be stored as:
+
+- ``"float"``: kept as it is (float32), error 0;
+- ``"dense"`` at ``b`` bits: its weight quantized group-wise
+  (:func:`kflats.quantize.quantize_module_`, calibrated rounding: error fed
+  forward along a Linear's input moment, token weights for an embedding), in
+  the uniform peers' groups and in wider ones (:data:`_DENSE_GROUPS`);
+- ``"projective"`` with ``k`` clusters at rank ``r``: k = 1 factors (the
+  truncated SVD of the calibrated weight, output side for a Linear), or,
+  for a large Embedding, the factors of its rows clustered into ``k``
+  subspaces (projective clustering, :func:`kflats.factorize.factorize`'s
+  partition), stored in float32 or at ``b`` bits.
+
+Sizes in bytes come from the one formula (:func:`kflats.quantize.form_nbytes`,
+:func:`kflats.quantize.factors_nbytes`): what
+:func:`kflats.quantize.quantized_state` writes. Errors are relative
+calibrated errors (token-weighted for an embedding,
+``||(W - W_hat) L||^2 / ||W L||^2`` for a Linear):
+
+- dense at ``b`` bits: measured, the weight quantized;
+- float factors of rank ``r``: the tail of the spectrum (of the module for
+  k = 1, of each cluster for k > 1: exact);
+- factors of rank ``r`` at ``b`` bits: the truncation error plus relative
+  noise on what the factors keep, ``t(r) + rho_b (1 - t(r))``, with
+  ``rho_b`` measured once per module and bit width on its k = 1 factors at
+  one probe rank (the rank whose truncation error is about 5 %), and taken
+  as well for its factors with k > 1 clusters.
+
+A partition into k > 1 clusters is fitted once per module and k (one
+:class:`kflats.KSubspaces` fit, then two rounds of refinement); the factors
+at every rank are read off its clusters' spectra, so no form is fitted
+twice. A form's rank is then a level: the numbers that rank ``r`` in every
+cluster would keep, shared out among the clusters by error removed per
+number (:func:`_shared_ranks`).
+"""
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from kflats.factorize import damped_moment
+from kflats.factorize._allocation import refine_partition
+from kflats.factorize._linear import shared_seed, unwhiten, whiten
+from kflats.factorize._search import partition_rows
+from kflats.factorize._spectra import (
+    cluster_spectra,
+    factors_from_spectra,
+    kept_numbers,
+    residual_error,
+    total_energy,
+)
+from kflats.torch.compression._fit import _fit_module
+from kflats.torch.compression._forms import (
+    _CLUSTER_BITS,
+    _bias_numel,
+    _capped,
+    _factor_forms,
+    _shared_ranks,
+)
+from kflats.torch.compression._sensitivity import PROBE_ERROR, _rows_cols
+from kflats.torch.layers import (
+    ProjectiveEmbedding,
+    quantize_module_,
+    quantized_tensors,
+    weight_as_numpy,
+)
+
+# the refinement of a partition: at this fraction of the row length, rounds
+_REFINE_LEVEL, _REFINE_ROUNDS = 0.25, 2
+
+# ---------------------------------------------------------------- errors
+
+
+class _Measure:
+    """The relative calibrated error of a module's weight replaced by another."""
+
+    def __init__(self, module, objective):
+        self.W = module.weight.detach().to("cpu", torch.float64).numpy()
+        self.rows = None
+        self.L = None
+        if objective is not None and objective.row_weights is not None:
+            self.rows = np.sqrt(np.asarray(objective.row_weights, dtype=np.float64))
+        elif objective is not None:
+            _, self.L = damped_moment(
+                objective.input_moment, self.W.shape[1], objective.damping
+            )
+        self.total = self._energy(self.W)
+
+    def _energy(self, A):
+        if self.rows is not None:
+            A = A * self.rows[:, None]
+        elif self.L is not None:
+            A = whiten(A, self.L)
+        return float(np.einsum("ij,ij->", A, A))
+
+    def __call__(self, W_hat):
+        W_hat = W_hat.detach().to("cpu", torch.float64).numpy()
+        err = self._energy(self.W - W_hat)
+        return err / self.total if self.total > 0 else 0.0
+
+    def plain(self, W_hat):
+        W_hat = W_hat.detach().to("cpu", torch.float64).numpy()
+        total = float(np.einsum("ij,ij->", self.W, self.W))
+        diff = self.W - W_hat
+        return float(np.einsum("ij,ij->", diff, diff)) / total if total > 0 else 0.0
+
+
+def _quantize_kw(module, objective, method="calibrated"):
+    """Keywords of quantize_module_ for a module's objective."""
+    kw = {"method": method}
+    if objective is None:
+        return kw
+    if isinstance(module, (nn.Embedding,)) or objective.row_weights is not None:
+        kw["token_weights"] = objective.row_weights
+    else:
+        kw["moment"] = objective.input_moment
+        kw["damping"] = objective.damping
+    return kw
+
+
+def _weight_of(layer):
+    """The dense weight a layer computes with (a projective layer's product)."""
+    return layer.to_dense().weight if hasattr(layer, "to_dense") else layer.weight
+
+
+def _fit_factors(module, name, objective, rank, options):
+    """The k = 1 projective layer of a module at ``rank`` (output side)."""
+    layer = _fit_module(module, name, None, objective, 1, "output", options, None, rank)
+    return layer.train(module.training)
+
+
+class _Partition:
+    """An Embedding's rows clustered into k subspaces, its factors at any rank.
+
+    One :class:`kflats.KSubspaces` fit of the rows (weighted by the
+    objective's token weights; columns whitened by a tied head's input
+    moment), then each cluster's spectrum: the truncation error at a rank is
+    exact, and the factors at a rank are built without another fit.
+    """
+
+    def __init__(self, module, objective, k, options):
+        A = weight_as_numpy(module.weight)
+        self.w = None if objective is None else objective.row_weights
+        self.L = None
+        if objective is not None and objective.input_moment is not None:
+            moment, damping = objective.input_moment, objective.damping
+            self.L = damped_moment(moment, A.shape[1], damping)[1]
+            A = whiten(A, self.L).astype(A.dtype)
+        self.A, self.module = A, module
+        n, d = A.shape
+        seed = shared_seed(options.random_state)
+        j = min(d - 1, max(1, d // 6))  # the flats' rank of the clustering
+        labels = partition_rows(A, k, j, False, self.w, seed, options.fit_params, True)
+        clusters = [
+            c for c in cluster_spectra(A, labels, k, self.w, False) if c.rows.size
+        ]
+        clusters = self._refined(A, labels, clusters)
+        self.clusters = [c for c in clusters if c.rows.size]
+        self.sizes = [c.rows.size for c in self.clusters]
+        self.k = len(self.clusters)
+        self.denom = total_energy(A, self.w)
+        self.levels = _shared_ranks(self.clusters, self.sizes, d)
+
+    def _refined(self, A, labels, clusters):
+        """The clusters after rows move to the flat that stores them best.
+
+        :func:`kflats.factorize`'s refinement (rows reassigned by weighted
+        distance plus the numbers their coefficients cost, ranks shared out
+        again), at the level :data:`_REFINE_LEVEL` of the row length, for
+        :data:`_REFINE_ROUNDS` rounds. On all-MiniLM-L6-v2's table (k = 16)
+        it lowers the truncation error by 5-15 % at levels 32-192 beyond the
+        shared ranks (12-21 % below equal ranks, both together).
+        """
+        d = A.shape[1]
+        sizes = [c.rows.size for c in clusters]
+        level = max(1, int(d * _REFINE_LEVEL))
+        ranks = _shared_ranks(clusters, sizes, d)[level - 1]
+        budget = kept_numbers(sizes, _capped(level, sizes), d, False)
+        refined, _ = refine_partition(
+            A, self.w, labels, clusters, ranks, budget, False, _REFINE_ROUNDS
+        )
+        return refined
+
+    def ranks(self, rank):
+        """Each cluster's rank at level ``rank`` (:func:`_shared_ranks`)."""
+        return self.levels[rank - 1]
+
+    def tail(self):
+        """Relative truncation error at ranks 1 ... d (index r - 1)."""
+        d = self.A.shape[1]
+        return np.array(
+            [
+                residual_error(self.clusters, self.ranks(r)) / self.denom
+                if self.denom > 0
+                else 0.0
+                for r in range(1, d + 1)
+            ]
+        )
+
+    def layer(self, rank):
+        """The ProjectiveEmbedding of the clusters' factors at ``rank``."""
+        ranks = self.ranks(rank)
+        factors = factors_from_spectra(
+            self.A, self.w, self.clusters, ranks, False, self.denom
+        )
+        if self.L is not None:
+            V = tuple(unwhiten(v, self.L, self.A.dtype) for v in factors.V)
+            factors = replace(factors, V=V)
+        weight = self.module.weight
+        layer = ProjectiveEmbedding.from_factors(
+            factors,
+            padding_idx=self.module.padding_idx,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        layer.factorization_error = factors.error
+        layer.weight_error = factors.weight_error
+        return layer.train(self.module.training)
+
+
+class _ModuleForms:
+    """One module's forms with their errors, and the layer of each form.
+
+    ``forms`` are the module's k = 1 forms (:func:`_forms`); ``ks`` its
+    numbers of clusters (:func:`_cluster_counts`). Dense forms are
+    quantized and measured; projective forms take their errors from the
+    spectra and the rounding noise measured at one probe rank per k and bit
+    width. Layers are built once and kept (:meth:`layer`).
+    """
+
+    def __init__(self, module, name, objective, spectrum, forms, ks, config, options):
+
+        self.module, self.name = module, name
+        self.objective, self.options = objective, options
+        self.spectrum = spectrum
+        self.measure = _Measure(module, objective)
+        self.dense_q, self._layers = {}, {}
+        self.partitions = {
+            k: _Partition(module, objective, k, options) for k in ks if k > 1
+        }
+        kw = _quantize_kw(module, objective)
+        out = [f for f in forms if f.kind != "projective" or 1 in ks]
+        d = _rows_cols(module)[1]
+        # clusters pay at low bits: wider codes go to dense forms first
+        bits = [b for b in config.bits if b <= _CLUSTER_BITS] or config.bits
+        for k, part in self.partitions.items():
+            bias = _bias_numel(module)
+            out += _factor_forms(
+                part.sizes, d, bits, config.group_size, bias, k, part.ranks
+            )
+        for i, f in enumerate(out):
+            if f.kind == "dense":
+                q = copy.deepcopy(module)
+                quantize_module_(q, f.bits, f.group_size, **kw)
+                self.dense_q[f.bits, f.group_size] = quantized_tensors(q)["weight"]
+                out[i] = f._replace(error=self.measure(q.weight))
+        tails = {1: np.clip(1.0 - np.cumsum(spectrum.gains), 0.0, None)}
+        tails.update({k: p.tail() for k, p in self.partitions.items()})
+        noise = self._rounding_noise(out, tails)
+        for i, f in enumerate(out):
+            if f.kind == "projective":
+                tail = tails[f.k]
+                t = float(tail[f.rank - 1]) if f.rank <= tail.size else 0.0
+                rho = 0.0 if f.bits is None else noise[(f.k, f.bits, f.group_size)]
+                out[i] = f._replace(error=t + rho * (1.0 - t))
+        self.forms = out
+
+    def _rounding_noise(self, forms, tails):
+        """Relative noise of quantized factors per (k, bits, group), at a probe rank.
+
+        Measured on the k = 1 factors; factors with k > 1 clusters take the
+        noise of k = 1 at the same bits and group (measured on their own
+        factors only when k = 1 is not among the forms).
+        """
+
+        by_bits = {}
+        for f in forms:
+            if f.kind == "projective" and f.bits is not None:
+                by_bits.setdefault((f.k, f.bits, f.group_size), []).append(f.rank)
+        kw = _quantize_kw(self.module, self.objective)
+        noise = {}
+        for (k, b, g), ranks in sorted(by_bits.items(), key=lambda kv: kv[0][0]):
+            if k > 1 and (1, b, g) in noise:  # rounding noise, as with k = 1
+                noise[(k, b, g)] = noise[(1, b, g)]
+                continue
+            ranks = np.asarray(ranks)
+            r0 = int(ranks[np.argmin(np.abs(tails[k][ranks - 1] - PROBE_ERROR))])
+            layer = self._float_layer(k, r0)
+            t0 = self.measure(_weight_of(layer))
+            q = copy.deepcopy(layer)
+            quantize_module_(q, b, g, **kw)
+            e = self.measure(_weight_of(q))
+            noise[(k, b, g)] = max(e - t0, 0.0) / max(1.0 - t0, 1e-12)
+        return noise
+
+    def _float_layer(self, k, rank):
+        key = (k, rank)
+        if key not in self._layers:
+            if k == 1:
+                self._layers[key] = _fit_factors(
+                    self.module, self.name, self.objective, rank, self.options
+                )
+            else:
+                self._layers[key] = self.partitions[k].layer(rank)
+        return self._layers[key]
+
+    def layer(self, form):
+        """The projective layer of a form: its factors, quantized at its bits."""
+
+        key = (form.k, form.rank, form.bits, form.group_size)
+        if key not in self._layers:
+            layer = copy.deepcopy(self._float_layer(form.k, form.rank))
+            if form.bits is not None:
+                kw = _quantize_kw(self.module, self.objective)
+                quantize_module_(layer, form.bits, form.group_size, **kw)
+            self._layers[key] = layer
+        return self._layers[key]
+
+    def dense_weight(self, form):
+        """The dequantized weight of a dense form."""
+        qt = self.dense_q[form.bits, form.group_size]
+        return torch.from_numpy(qt.dequantize()).to(self.module.weight.dtype)

@@ -1,0 +1,250 @@
+"""The forms of one module under a budget in bytes: which exist, and their sizes.
+
+A selected module may be stored as:
+
+- ``"float"``: kept as it is (float32), error 0;
+- ``"dense"`` at ``b`` bits: its weight quantized group-wise, in the uniform
+  peers' groups and in wider ones (:data:`_DENSE_GROUPS`);
+- ``"projective"`` with ``k`` clusters at rank ``r``: k = 1 factors, or, for
+  a large Embedding, the factors of its rows clustered into ``k`` subspaces,
+  stored in float32 or at ``b`` bits.
+
+Sizes in bytes come from the one formula (:func:`kflats.torch.layers.form_nbytes`,
+:func:`kflats.torch.layers.factors_nbytes`): what
+:func:`kflats.torch.layers.quantized_state` writes. Their errors are measured
+in :mod:`._form_errors`. The feasibility of a budget in bytes is checked here,
+before anything is fitted.
+"""
+
+import fnmatch
+import math
+from typing import NamedTuple
+
+import numpy as np
+from torch import nn
+
+from kflats.torch.compression._sensitivity import _rows_cols
+from kflats.torch.layers import factors_nbytes, form_nbytes
+
+# group sizes of dense matrices by bit width: first those of the uniform
+# peers, then wider groups (fewer scales: 4.25 bits a number at 4 bits g128
+# against 5 at g32); factors use at most _FACTOR_GROUP, their ranks being
+# its multiples
+_DENSE_GROUPS = {8: (128,), 6: (64, 128), 4: (32, 128), 3: (32, 128), 2: (32,)}
+_FACTOR_GROUP = 32
+_MIN_GROUP = 8
+# float factors: ranks on a grid of about this many steps
+_FLOAT_STEPS = 48
+# clusters tried by default for an Embedding of at least _CLUSTER_ROWS rows
+# (a vocabulary: its rows cluster); other modules take k = 1 factors
+_CLUSTERS = 16
+_CLUSTER_ROWS = 4096
+# factors with k > 1 clusters are stored in float32 or at most this many bits
+# (of those searched; all of them when none is as low)
+_CLUSTER_BITS = 4
+
+
+class _Form(NamedTuple):
+    """One way to store a module: its size in bytes and its relative error."""
+
+    kind: str  # "float", "dense" or "projective"
+    bits: int | None
+    group_size: int | None
+    rank: int | None
+    nbytes: int
+    error: float = math.nan
+    k: int = 1  # clusters of a projective form
+
+
+def _bias_numel(module):
+    bias = getattr(module, "bias", None)
+    return 0 if bias is None else bias.numel()
+
+
+def _group(length, group_size, preferred):
+    """The group size of a matrix with rows of ``length`` (``None``: one per row).
+
+    ``group_size`` when given, else ``preferred`` halved until it divides
+    ``length`` (at least :data:`_MIN_GROUP`).
+    """
+    if group_size is not None:
+        return group_size
+    g = preferred
+    while g >= _MIN_GROUP and length % g:
+        g //= 2
+    return g if g >= _MIN_GROUP else None
+
+
+def _check_group_size(group_size, names, named):
+    """A given group size divides the row length of every selected module."""
+    if group_size is None:
+        return
+    for name in names:
+        n, d = _rows_cols(named[name])
+        if d % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide the row length of "
+                f"{name!r} ({n} x {d}: {d}); give a divisor of every selected "
+                "module's in_features / embedding_dim, or group_size=None"
+            )
+
+
+def _factor_forms(sizes, d, bits, group_size, bias, k=1, ranks_at=None):
+    """Projective forms of clusters of ``sizes`` rows: float, then at each bits.
+
+    A form's rank ``r`` is a level: each cluster's rank at it is
+    ``ranks_at(r)`` (default: ``r``, at most the cluster's rows).
+    """
+    if ranks_at is None:
+        ranks_at = lambda r: _capped(r, sizes)  # noqa: E731
+    top = min(sum(sizes), d) if k == 1 else d
+    forms = []
+    step = max(1, top // _FLOAT_STEPS)
+    for r in range(step, top + 1, step):
+        size = factors_nbytes(sizes, ranks_at(r), d, None, bias=bias)
+        forms.append(_Form("projective", None, None, r, size, k=k))
+    # groups of factors: at most a quarter of the largest rank, so that small
+    # modules have several ranks to choose from
+    cap = min(_FACTOR_GROUP, max(_MIN_GROUP, 1 << max(top // 4, 1).bit_length() - 1))
+    for b in bits:
+        g = _group(d, group_size, min(_DENSE_GROUPS[b][0], cap))
+        step = g if g is not None else max(1, top // _FLOAT_STEPS)
+        for r in range(step, top + 1, step):
+            ranks = ranks_at(r)
+            size = factors_nbytes(sizes, ranks, d, b, g if g else None, bias=bias)
+            forms.append(_Form("projective", b, g, r, size, k=k))
+    return forms
+
+
+def _capped(rank, sizes):
+    """Each cluster's rank: ``rank``, at most its rows."""
+    return [min(rank, s) for s in sizes]
+
+
+def _shared_ranks(clusters, sizes, d):
+    """Each cluster's ranks at every level ``r = 1 ... d`` (index ``r - 1``).
+
+    At level ``r``, the numbers that ranks ``r`` would keep (each cluster at
+    most its rows) are shared out among the clusters by truncation error
+    removed per number: every step (cluster ``c`` from rank ``q`` to
+    ``q + 1``, gaining its ``q``-th eigenvalue for ``n_c + d`` numbers) in one
+    order by gain per number, each level a prefix of it. Every cluster keeps
+    rank 1 at least; a level keeps the uniform ranks where those remove
+    more.
+    """
+    k = len(clusters)
+    cost = np.array([s + d for s in sizes], dtype=np.float64)
+    tails = [np.append(np.cumsum(cl.evals[::-1])[::-1], 0.0) for cl in clusters]
+    tops = [min(s, d, cl.evals.size) for s, cl in zip(sizes, clusters, strict=True)]
+    owner = np.concatenate([np.full(max(t - 1, 0), c) for c, t in enumerate(tops)])
+    ratio = np.concatenate(
+        [
+            cl.evals[1:t] / cost[c]
+            for c, (cl, t) in enumerate(zip(clusters, tops, strict=True))
+        ]
+    )
+    order = np.argsort(-ratio, kind="stable")  # ties: cluster, then rank order
+    spent = np.cumsum(cost[owner[order]])
+
+    def residual(ranks):
+        return sum(
+            tail[min(r, tail.size - 1)] for tail, r in zip(tails, ranks, strict=True)
+        )
+
+    levels = []
+    for r in range(1, d + 1):
+        uniform = [max(1, q) for q in _capped(r, sizes)]
+        room = sum((q - 1) * cost[c] for c, q in enumerate(uniform))
+        taken = int(np.searchsorted(spent, room, side="right"))
+        shared = 1 + np.bincount(owner[order[:taken]], minlength=k)
+        ranks = [int(q) for q in shared]
+        levels.append(uniform if residual(ranks) > residual(uniform) else ranks)
+    return levels
+
+
+def _forms(module, bits, group_size):
+    """Every form of a module with k = 1 factors, with its bytes (no errors)."""
+    n, d = _rows_cols(module)
+    forms = [_Form("float", None, None, None, form_nbytes(module), 0.0)]
+    for b in bits:
+        groups = dict.fromkeys(_group(d, group_size, g) for g in _DENSE_GROUPS[b])
+        for g in groups:
+            forms.append(_Form("dense", b, g, None, form_nbytes(module, b, g)))
+    return forms + _factor_forms([n], d, bits, group_size, _bias_numel(module))
+
+
+def _cluster_counts(name, module, config):
+    """The numbers of clusters of a module's projective forms.
+
+    ``k`` unset: k = 1 and :data:`_CLUSTERS` for an Embedding of at least
+    :data:`_CLUSTER_ROWS` rows under the global allocation, k = 1 for the
+    others. A ``k`` given for the
+    whole config applies to the Embedding modules (a Linear keeps k = 1);
+    an override may give k > 1 to an Embedding only.
+    """
+    k, _ = config.module_settings(name)
+    embedding = isinstance(module, nn.Embedding)
+    overridden = any(
+        "k" in o and fnmatch.fnmatchcase(name, p) for p, o in config.overrides.items()
+    )
+    if not embedding and not overridden:
+        return (1,)
+    if k is None:
+        rows = module.num_embeddings if embedding else 0
+        large = rows >= _CLUSTER_ROWS and config.allocation == "global"
+        return (1, _CLUSTERS) if large else (1,)
+    ks = (k,) if isinstance(k, int) else tuple(k)
+    n, _ = _rows_cols(module)
+    if not embedding and ks != (1,):
+        raise ValueError(
+            f"k={k!r} for {name!r}: with unit='bytes' the projective forms of "
+            "a Linear are k = 1 factors; give k > 1 to Embedding modules only"
+        )
+    if max(ks) > n:
+        raise ValueError(f"k={k!r} for {name!r}: at most its {n} rows (num_embeddings)")
+    return tuple(dict.fromkeys(ks))
+
+
+def _budget_bytes(budget, total):
+    """Bytes a budget allows: a fraction of ``total``, or a byte count."""
+    return math.floor(budget * total) if isinstance(budget, float) else int(budget)
+
+
+def _check_bytes_feasible(config, names, named):
+    """Each module's k = 1 forms (bytes only), checked against the budget.
+
+    Also checks each module's numbers of clusters (:func:`_cluster_counts`).
+    Forms with k > 1 clusters store more than k = 1 at the same rank, so
+    the smallest form of a module is among these.
+    """
+    _check_group_size(config.group_size, names, named)
+    for name in names:
+        _cluster_counts(name, named[name], config)
+    forms = {
+        name: _forms(named[name], config.bits, config.group_size) for name in names
+    }
+    total = sum(f[0].nbytes for f in forms.values())
+    least = {name: min(f.nbytes for f in forms[name]) for name in names}
+    allowed = _budget_bytes(config.budget, total)
+    if config.allocation == "global":
+        need = sum(least.values())
+        if need > allowed:
+            raise ValueError(
+                f"budget={config.budget} cannot be met in bytes for the "
+                f"{len(names)} selected modules: their smallest forms need "
+                f"{need} bytes, the budget allows {allowed} (budget >= "
+                f"{need / total:.4g} of their {total} float32 bytes, or >= "
+                f"{need} bytes)"
+            )
+    else:
+        for name in names:
+            own = forms[name][0].nbytes
+            share = _budget_bytes(config.budget, total) * own / total
+            if least[name] > share:
+                raise ValueError(
+                    f"budget={config.budget} cannot be met in bytes for "
+                    f"{name!r}: its smallest form needs {least[name]} bytes, "
+                    f"its share is {math.floor(share)} (budget >= "
+                    f"{least[name] / own:.4g})"
+                )
+    return forms, allowed, total

@@ -1,0 +1,80 @@
+"""Every module quantized alike: the byte road's baseline, the user's alternative."""
+
+from typing import NamedTuple
+
+from kflats.torch.compression._config import CompressionConfig
+from kflats.torch.compression._form_errors import _quantize_kw
+from kflats.torch.compression._forms import _DENSE_GROUPS, _budget_bytes, _forms
+from kflats.torch.compression._objectives import module_objectives
+from kflats.torch.layers import quantize_module_
+
+
+class UniformQuantization(NamedTuple):
+    """What :func:`quantize_uniformly` chose: its bits, groups and bytes."""
+
+    bits: int
+    group_sizes: list
+    bytes_after: int
+
+
+def quantize_uniformly(model, names, budget, calibration=None):
+    """Every selected module quantized alike, in place: the user's alternative.
+
+    The bit width and groups (those :func:`kflats.torch.compress` searches
+    with ``unit="bytes"``: 8 bits in groups of 128, 6 bits in 64 or 128, 4
+    and 3 bits in 32 or 128, 2 bits in 32) whose bytes come closest to
+    ``budget`` without exceeding it, or the smallest when none fits; each
+    module rounded as compress rounds its dense forms (error fed along the
+    calibrated input moment, token weights for an embedding).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Modified in place.
+    names : list of str
+        The modules to quantize (Embedding or Linear), by qualified name.
+    budget : float in (0, 1] or int
+        A fraction of their float32 bytes, or a size in bytes.
+    calibration : Calibration, default=None
+        Recorded on ``model`` for ``names``; ``None``: plain rounding error.
+
+    Returns
+    -------
+    chosen : UniformQuantization
+        The bits, the group sizes and the bytes of the quantized modules.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch.compression import quantize_uniformly
+    >>> model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    >>> quantize_uniformly(model, ["0"], 0.2)
+    UniformQuantization(bits=4, group_sizes=[32], bytes_after=5160)
+    """
+    named = dict(model.named_modules())
+    config = CompressionConfig(budget=budget, unit="bytes")
+    forms = {n: _forms(named[n], tuple(_DENSE_GROUPS), None) for n in names}
+    total = sum(f[0].nbytes for f in forms.values())
+    allowed = _budget_bytes(budget, total)
+    choices = []  # (bytes, bits, each module's dense form)
+    for bits, groups in _DENSE_GROUPS.items():
+        for i in range(len(groups)):
+            chosen = {}
+            for n in names:
+                dense = [f for f in forms[n] if f.kind == "dense" and f.bits == bits]
+                chosen[n] = dense[min(i, len(dense) - 1)]
+            choices.append((sum(f.nbytes for f in chosen.values()), bits, chosen))
+    fitting = [c for c in choices if c[0] <= allowed]
+
+    def size(choice):
+        return choice[:2]
+
+    nbytes, bits, chosen = max(fitting, key=size) if fitting else min(choices, key=size)
+    objectives = module_objectives(
+        calibration, names, named, config.smoothing, config.damping
+    )
+    for n in names:
+        kw = _quantize_kw(named[n], objectives[n])
+        quantize_module_(named[n], bits, chosen[n].group_size, **kw)
+    groups = sorted({f.group_size for f in chosen.values()}, key=str)
+    return UniformQuantization(bits, groups, nbytes)

@@ -1,0 +1,117 @@
+"""Quantized parameters in a folder: packed on save, checked and unpacked on load.
+
+A parameter quantized by :func:`kflats.quantize.quantize_module_` is stored
+as its codes, scales, zero points and meta (``<key>.codes``, ...), and
+kflats.json records its bits, group size, axis and shape; the load checks
+the packed tensors against that entry before it dequantizes them.
+"""
+
+import json
+
+import torch
+
+from kflats.torch.io._files import _INDEX, _MANIFEST, _read_tensors, _weight_files
+from kflats.torch.layers import quantized_tensors
+
+
+def _quantized(module):
+    """The QuantizedTensor of each quantized parameter, by state-dict key."""
+    return quantized_tensors(module)
+
+
+def _quantized_entry(qt):
+    """The kflats.json entry of a quantized tensor."""
+    return {
+        "bits": qt.bits,
+        "group_size": qt.group_size,
+        "axis": qt.axis,
+        "shape": list(qt.shape),
+        "symmetric": qt.symmetric,
+    }
+
+
+def _packed(key, qt):
+    """The safetensors entries of a quantized tensor: codes, scales, zeros, meta."""
+    return {
+        name: torch.from_numpy(value.copy())
+        for name, value in qt.to_state(key + ".").items()
+    }
+
+
+def _pack_files(folder, quantized, where):
+    """Store each quantized parameter of the folder's weights as its packed form.
+
+    Rewrites the safetensors file(s) that hold those parameters (and the
+    index of a sharded save).
+    """
+    from safetensors.torch import load_file, save_file
+
+    files, weight_map = _weight_files(folder, where)
+    for file in files:
+        state = load_file(str(file))
+        keys = [k for k in state if k in quantized]
+        if not keys:
+            continue
+        for key in keys:
+            del state[key]
+            packed = _packed(key, quantized[key])
+            state.update(packed)
+            if weight_map is not None:
+                del weight_map[key]
+                weight_map.update(dict.fromkeys(packed, file.name))
+        save_file(state, str(file), metadata={"format": "pt"})
+    if weight_map is not None:
+        index = folder / _INDEX
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _check_quantized(quantized, stored, where):
+    """Packed tensors against their kflats.json entries, and ``stored`` unpacked.
+
+    Returns the packed keys of each quantized parameter, and ``stored`` with
+    those keys replaced by the parameter's (shape, float32).
+    """
+    stored = dict(stored)
+    packed = {}
+    for key, entry in quantized.items():
+        parts = {p: f"{key}.{p}" for p in ("codes", "scales", "meta")}
+        if not entry["symmetric"]:
+            parts["zeros"] = f"{key}.zeros"
+        missing = [k for k in parts.values() if k not in stored]
+        if missing or key in stored or f"{key}.zeros" in stored and entry["symmetric"]:
+            raise ValueError(
+                f"{where}: the packed tensors of {key!r} do not match its entry in "
+                f"{_MANIFEST} (missing {missing}, or stored both packed and as floats)"
+            )
+        for name in parts.values():
+            del stored[name]
+        stored[key] = (tuple(entry["shape"]), torch.float32)
+        packed[key] = parts
+    return packed, stored
+
+
+def _unpack(files, quantized, packed, where):
+    """Each quantized parameter as a QuantizedTensor, checked against its entry."""
+    from kflats.quantize import QuantizedTensor
+
+    raw = _read_tensors(
+        files, {name for parts in packed.values() for name in parts.values()}, where
+    )
+    out = {}
+    for key, parts in packed.items():
+        entry = quantized[key]
+        try:
+            qt = QuantizedTensor.from_state(
+                {p: raw[name] for p, name in parts.items()}, ""
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: corrupt packed tensor {key!r}: {exc}") from None
+        if _quantized_entry(qt) != entry:
+            raise ValueError(
+                f"{where}: the packed tensor {key!r} is {_quantized_entry(qt)}; its "
+                f"entry in {_MANIFEST} says {entry}"
+            )
+        out[key] = qt
+    return out

@@ -1,0 +1,88 @@
+"""Which modules of a model a kflats.torch function works on."""
+
+import fnmatch
+
+from torch import nn
+
+from kflats.torch.layers import is_linear
+from kflats.torch.models._registry import adapter_for
+
+
+def default_target(model):
+    """The word-embedding table, as the model's adapter names it."""
+    return [adapter_for(model).embedding()]
+
+
+def all_targets(model):
+    """The word embedding and every Linear (or Conv1D) of the block stacks."""
+    return adapter_for(model).all_targets()
+
+
+def _compressible(module):
+    return type(module) is nn.Embedding or is_linear(module)
+
+
+def select_modules(model, targets, default=default_target):
+    """Names of the selected modules; checks that every target matches.
+
+    ``targets=None`` selects ``default(model)``. A module that shares the
+    word embedding's table (a tied output head, T5's ``embed_tokens``)
+    stands for the embedding: selecting it selects the embedding, and
+    compressing the embedding compresses it too.
+    """
+    named = dict(model.named_modules())
+    if targets is None:
+        names = default(model)
+    else:
+        if isinstance(targets, (str, type)):
+            targets = [targets]
+        try:
+            targets = list(targets)
+        except TypeError:
+            raise TypeError(
+                "targets must be a name pattern (str), a module type, or a list "
+                f"of them, got {type(targets).__name__}"
+            ) from None
+        if not targets:
+            raise ValueError("targets is empty: it selects no module")
+        names = []
+        for target in targets:
+            if isinstance(target, str):
+                hits = [n for n in named if n and fnmatch.fnmatchcase(n, target)]
+            elif isinstance(target, type) and issubclass(target, nn.Module):
+                hits = [n for n, m in named.items() if n and isinstance(m, target)]
+            else:
+                raise TypeError(
+                    "each target must be a name pattern (str) or a subclass of "
+                    f"torch.nn.Module, got {target!r}"
+                )
+            if not hits:
+                raise ValueError(
+                    f"target {target!r} matches no module of {type(model).__name__}"
+                )
+            names.extend(hits)
+    ties = adapter_for(model).ties() if names else {}
+    names = list(dict.fromkeys(ties.get(n, n) for n in names))
+    wrong = [
+        f"{n} ({type(named[n]).__name__})" for n in names if not _compressible(named[n])
+    ]
+    if wrong:
+        raise TypeError(
+            "compress replaces torch.nn.Embedding and torch.nn.Linear modules "
+            f"(and transformers' Conv1D) only; targets select {', '.join(wrong)}"
+        )
+    return names, named
+
+
+def every_layer(model):
+    """Every Embedding, Linear and Conv1D module of a model, in model order.
+
+    A module that shares another's weight (a tied head, an alias of the
+    word embedding) is left out: it stands for its source.
+    """
+    ties = adapter_for(model).ties()
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and _compressible(module) and name not in ties
+    ]

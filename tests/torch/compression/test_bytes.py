@@ -1,0 +1,572 @@
+"""Tests of compress with a budget in bytes: forms, the plan, the report."""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch", reason="kflats.torch needs torch")
+
+from torch import nn  # noqa: E402
+
+from kflats.quantize import (  # noqa: E402
+    factors_nbytes,
+    form_nbytes,
+    quantized_state,
+    quantized_tensors,
+    state_nbytes,
+)
+from kflats.torch import (  # noqa: E402
+    CompressionConfig,
+    ProjectiveLinear,
+    calibrate,
+    compress,
+)
+from kflats.torch.compression._form_errors import _ModuleForms  # noqa: E402
+from kflats.torch.compression._forms import _Form, _forms  # noqa: E402
+from kflats.torch.compression._objectives import module_objectives  # noqa: E402
+from kflats.torch.compression._plan_bytes import _plan_bytes, _predicted  # noqa: E402
+from kflats.torch.compression._sensitivity import _weight_spectrum  # noqa: E402
+
+from .._helpers import (  # noqa: E402
+    SENTENCES,
+    TinyEncoder,
+    assert_unchanged,
+    snapshot,
+    tokenizer_for,
+)
+
+# a tiny encoder with rows of 32, so that groups of 32 divide them
+tokenizer = tokenizer_for(64)
+TEXTS = SENTENCES[:6] * 3
+TARGETS = [nn.Embedding, nn.Linear]
+
+
+def tiny(seed=0, low_rank=False):
+    torch.manual_seed(seed)
+    model = TinyEncoder(vocab=64, d=32).eval()
+    if low_rank:  # weights of rank 4: factors pay
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    n, d = m.weight.shape
+                    m.weight.copy_(torch.randn(n, 4) @ torch.randn(4, d) / 4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cal_model():
+    model = tiny(low_rank=True)
+    return model, calibrate(model, TEXTS, tokenizer=tokenizer, targets=TARGETS)
+
+
+# -- the plan, on synthetic forms -------------------------------------------
+
+
+@st.composite
+def module_forms(draw):
+    """Forms of a few modules: float, dense at each bit width, factors (k >= 1)."""
+    all_forms = []
+    for _ in range(draw(st.integers(1, 4))):
+        full = draw(st.integers(1000, 100_000))
+        forms = [_Form("float", None, None, None, full, 0.0)]
+        for b in (8, 6, 4, 3, 2):
+            err = draw(st.floats(0, 1, allow_nan=False))
+            forms.append(_Form("dense", b, 32, None, full * b // 32 + 40, err))
+        for r in range(draw(st.integers(0, 6))):
+            size = draw(st.integers(10, full))
+            err = draw(st.floats(0, 1, allow_nan=False))
+            k = draw(st.sampled_from((1, 4, 16)))
+            forms.append(_Form("projective", 4, 32, r + 1, size, err, k))
+        all_forms.append(forms)
+    scales = draw(
+        st.lists(
+            st.floats(0, 10, allow_nan=False),
+            min_size=len(all_forms),
+            max_size=len(all_forms),
+        )
+    )
+    return all_forms, scales
+
+
+@settings(max_examples=200, deadline=None)
+@given(module_forms(), st.floats(0, 1.2))
+def test_the_plan_never_exceeds_the_budget(case, fraction):
+    all_forms, scales = case
+    least = sum(min(f.nbytes for f in forms) for forms in all_forms)
+    full = sum(forms[0].nbytes for forms in all_forms)
+    allowed = int(least + fraction * (full - least))
+    chosen = _plan_bytes(all_forms, scales, allowed, (8, 6, 4, 3, 2))
+    assert sum(f[i].nbytes for f, i in zip(all_forms, chosen, strict=True)) <= allowed
+
+
+@settings(max_examples=200, deadline=None)
+@given(module_forms(), st.sampled_from((8, 6, 4, 3, 2)), st.integers(0, 500))
+def test_uniform_quantization_is_a_point_of_the_search(case, bits, extra):
+    all_forms, scales = case
+    uniform = [
+        next(i for i, f in enumerate(forms) if f.kind == "dense" and f.bits == bits)
+        for forms in all_forms
+    ]
+    size = sum(f[i].nbytes for f, i in zip(all_forms, uniform, strict=True))
+    chosen = _plan_bytes(all_forms, scales, size + extra, (8, 6, 4, 3, 2))
+    assert _predicted(all_forms, scales, chosen) <= _predicted(
+        all_forms, scales, uniform
+    )
+
+
+def test_uniform_quantization_wins_where_the_greedy_from_the_smallest_loses():
+    # hull (10, 1.0) -> (20, 0.6) -> (100, 0): at 100 bytes the greedy from
+    # the smallest forms stops at 2 x 0.6, uniform int4 holds 2 x 0.5
+    forms = [
+        _Form("float", None, None, None, 100, 0.0),
+        _Form("dense", 4, 32, None, 50, 0.5),
+        _Form("dense", 2, 32, None, 10, 1.0),
+        _Form("projective", 4, 32, 8, 20, 0.6),
+    ]
+    chosen = _plan_bytes([forms, forms], [1.0, 1.0], 100, (4, 2))
+    assert chosen == [1, 1]
+
+
+def test_uniform_inside_the_search_on_measured_forms(cal_model):
+    model, cal = cal_model
+    named = dict(model.named_modules())
+    names = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Embedding))]
+    objectives = module_objectives(cal, names, named, 1.0, 1e-2)
+    from kflats.torch.compression._config import _search_options_of
+
+    config = CompressionConfig(1.0, unit="bytes", ranks="uniform", random_state=0)
+    options = _search_options_of(config)
+    all_forms = []
+    for name in names:
+        forms = _forms(named[name], (8, 6, 4, 3, 2), None)
+        spectrum = _weight_spectrum(named[name], objectives[name])
+        measured = _ModuleForms(
+            named[name], name, objectives[name], spectrum, forms, (1,), config, options
+        )
+        all_forms.append(measured.forms)
+    scales = [1.0] * len(names)
+    for bits in (8, 4, 2):
+        uniform = [
+            next(i for i, f in enumerate(fs) if f.kind == "dense" and f.bits == bits)
+            for fs in all_forms
+        ]
+        size = sum(f[i].nbytes for f, i in zip(all_forms, uniform, strict=True))
+        chosen = _plan_bytes(all_forms, scales, size, (8, 6, 4, 3, 2))
+        best = _predicted(all_forms, scales, chosen)
+        assert best <= _predicted(all_forms, scales, uniform)
+        # low-rank weights: factors beat uniform quantization outright
+        assert best < 0.5 * _predicted(all_forms, scales, uniform)
+
+
+# -- compress in bytes -------------------------------------------------------
+
+
+def test_factors_nbytes_counts_the_forms_of_the_plan():
+    model = tiny()
+    forms = _forms(model.layers[0].up, (8, 4), None)
+    assert forms[0].nbytes == form_nbytes(model.layers[0].up)
+    r = next(f for f in forms if f.kind == "projective" and f.bits == 4)
+    assert r.group_size == 8 and r.rank == 8
+    assert r.nbytes == factors_nbytes([64], [8], 32, 4, 8, bias=64)
+
+
+def test_dense_forms_include_wider_groups():
+    linear = nn.Linear(256, 16)
+    forms = _forms(linear, (4, 3), None)
+    dense = {(f.bits, f.group_size): f.nbytes for f in forms if f.kind == "dense"}
+    assert set(dense) == {(4, 32), (4, 128), (3, 32), (3, 128)}
+    assert all(n == form_nbytes(linear, b, g) for (b, g), n in dense.items())
+    assert dense[4, 128] < dense[4, 32] and dense[3, 128] < dense[3, 32]
+    # a given group size is the only one
+    forms = _forms(linear, (4,), 64)
+    assert [f.group_size for f in forms if f.kind == "dense"] == [64]
+
+
+def test_a_budget_below_the_peers_groups_takes_wider_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))  # full rank: factors do not pay
+    size = form_nbytes(model[0], 4, 128)
+    assert size < form_nbytes(model[0], 4, 32)
+    report = compress(model, size, [nn.Linear], unit="bytes", bits=(4,))
+    (m,) = report
+    assert (m.form, m.bits, m.group_size) == ("dense", 4, 128)
+    assert state_nbytes(quantized_state(model)) == size
+    assert quantized_tensors(model[0])["weight"].group_size == 128
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.12, 0.08])
+def test_compress_in_bytes_keeps_to_the_budget(cal_model, budget):
+    base, cal = cal_model
+    model = copy.deepcopy(base)
+    report = compress(
+        model, budget, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= budget * report.bytes_before
+    named = dict(model.named_modules())
+    on_disk = 0
+    for m in report:
+        layer = named[m.name]
+        # the report's bytes are those of the packed state a save writes
+        assert m.bytes_after == state_nbytes(quantized_state(layer))
+        on_disk += m.bytes_after
+        if m.bits is not None:
+            tensors = quantized_tensors(layer)
+            assert tensors and all(qt.bits == m.bits for qt in tensors.values())
+        assert m.form in ("dense", "projective")
+        if m.form == "projective":
+            # quantized layers equal their dense reconstruction
+            dense = layer.to_dense()
+            x = torch.randn(3, layer.in_features) if m.kind == "Linear" else None
+            if x is not None:
+                torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-5)
+    assert on_disk == report.bytes_after
+    # low-rank weights: the plan takes factors
+    assert any(m.form == "projective" for m in report)
+    batch = tokenizer(TEXTS[:3])
+    out = model(**batch)["last_hidden_state"]
+    assert torch.isfinite(out).all()
+
+
+def test_a_byte_count_and_the_report_config_round_trip(cal_model):
+    base, cal = cal_model
+    model = copy.deepcopy(base)
+    size = 12_000
+    report = compress(
+        model, size, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= size
+    config = report.config
+    assert config.unit == "bytes" and config.budget == size
+    assert CompressionConfig.from_dict(config.to_dict()) == config
+    entry = report.to_dict()["modules"][0]
+    assert {"form", "bits", "group_size", "bytes_before", "bytes_after"} <= set(entry)
+    again = copy.deepcopy(base)
+    report2 = compress(again, config, calibration=cal)
+    assert [m.bytes_after for m in report2] == [m.bytes_after for m in report]
+    assert [(m.form, m.bits, m.ranks) for m in report2] == [
+        (m.form, m.bits, m.ranks) for m in report
+    ]
+
+
+def test_without_calibration_and_a_projective_layer_is_quantized():
+    model = tiny(low_rank=True)
+    report = compress(model, 0.15, nn.Linear, unit="bytes", bits=(4,))
+    assert report.bytes_after <= 0.15 * report.bytes_before
+    named = dict(model.named_modules())
+    assert any(m.bits == 4 for m in report)
+    for m in report:
+        layer = named[m.name]
+        assert m.bits in (None, 4)
+        assert bool(quantized_tensors(layer)) == (m.bits == 4)
+        assert isinstance(layer, ProjectiveLinear) == (m.form == "projective")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bits": (5,)}, r"'bits' parameter .* must be a non-empty sequence"),
+        ({"bits": ()}, r"'bits' parameter .* must be"),
+        ({"group_size": 24}, r"group_size=24 does not divide"),
+        ({"group_size": 0}, r"'group_size' parameter .* must be"),
+        ({"k": {"layers.0.up": 4}}, r"k=4 for 'layers.0.up': with unit='bytes'"),
+        ({"k": 65}, r"k=65 for 'embed': at most its 64 rows"),
+        ({"affine": True}, r"affine"),
+    ],
+)
+def test_bad_input_names_the_parameter_and_leaves_the_model(kwargs, match):
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compress(model, 0.2, TARGETS, unit="bytes", **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_a_budget_below_the_smallest_forms_says_the_minimum():
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"smallest forms need (\d+) bytes") as info:
+        compress(model, 0.001, TARGETS, unit="bytes")
+    need = int(re.search(r"need (\d+) bytes", str(info.value)).group(1))
+    assert_unchanged(model, snap)
+    # that minimum is met
+    compress(model, need, TARGETS, unit="bytes")
+
+
+def test_a_byte_count_needs_unit_bytes():
+    with pytest.raises(ValueError, match=r"'budget' .* float in the range \(0\.0, 1"):
+        CompressionConfig(5000)
+    assert CompressionConfig(5000, unit="bytes").budget == 5000
+    assert isinstance(CompressionConfig(1, unit="bytes").budget, float)
+
+
+def test_numbers_reports_name_their_forms():
+    model = tiny()
+    report = compress(model, 0.5, nn.Linear, k=1, random_state=0)
+    assert all(m.form in ("projective", "dense") and m.bits is None for m in report)
+    assert np.isfinite([m.error for m in report]).all()
+
+
+# -- save and load: packed codes on disk, the same outputs -------------------
+
+
+def sequential(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Embedding(96, 32),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+    )
+    with torch.no_grad():  # rank 4: some modules take factors
+        model[1].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 32) / 4)
+    return model.eval()
+
+
+def folder_bytes(path):
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("budget", [0.12, 0.3])
+def test_save_load_is_bit_identical_and_stores_the_codes(tmp_path, budget):
+    from safetensors import safe_open
+
+    from kflats.torch import load_compressed, save_compressed
+
+    model = sequential()
+    report = compress(
+        model, budget, [nn.Embedding, nn.Linear], unit="bytes", random_state=0
+    )
+    assert {m.form for m in report} == {"dense", "projective"} or budget == 0.3
+    path = tmp_path / "m"
+    save_compressed(model, path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    for key in quantized_tensors(model):
+        assert key not in keys and {f"{key}.codes", f"{key}.meta"} <= keys
+    # bytes on disk: the report's, and safetensors' header
+    assert 0 <= folder_bytes(path) - report.bytes_after < 4096
+    loaded = load_compressed(path, sequential(seed=1))
+    ids = torch.randint(0, 96, (4, 9))
+    assert torch.equal(loaded(ids), model(ids))
+    # the loaded model knows its codes: a second save writes the same tensors
+    again = tmp_path / "again"
+    save_compressed(loaded, again)
+    assert folder_bytes(again) == folder_bytes(path)
+
+
+def test_load_rejects_a_packed_tensor_that_disagrees_with_kflats_json(tmp_path):
+    import json
+
+    from kflats.torch import load_compressed, save_compressed
+
+    model = sequential()
+    compress(model, 0.12, [nn.Embedding, nn.Linear], unit="bytes", bits=(4,))
+    path = tmp_path / "m"
+    save_compressed(model, path)
+    manifest = json.loads((path / "kflats.json").read_text())
+    key = next(iter(manifest["quantized"]))
+    for field, value, match in [
+        ("bits", 5, "bits must be one of"),
+        ("bits", 8, "entry in kflats.json says"),
+        ("group_size", 7, "group_size must be a divisor"),
+        ("shape", [1], "shape must be a list of 2"),
+    ]:
+        bad = json.loads(json.dumps(manifest))
+        bad["quantized"][key][field] = value
+        (path / "kflats.json").write_text(json.dumps(bad))
+        target = sequential(seed=1)
+        snap = snapshot(target)
+        with pytest.raises(ValueError, match=match):
+            load_compressed(path, target)
+        assert_unchanged(target, snap)
+
+
+def test_tiny_bert_round_trip_in_bytes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kflats.torch import load_compressed, save_compressed
+
+    config = transformers.BertConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    report = compress(
+        model, 0.15, [nn.Embedding, nn.Linear], unit="bytes", random_state=0
+    )
+    path = tmp_path / "bert"
+    save_compressed(model, path)
+    ids = torch.randint(5, 300, (2, 11))
+    loaded = load_compressed(path)
+    assert torch.equal(
+        loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+    )
+    other = sum(
+        v.numel() * v.element_size()
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(m.name + ".") for m in report)
+    )
+    assert 0 <= folder_bytes(path) - report.bytes_after - other < 16384
+
+
+def test_uniform_allocation_keeps_each_module_to_its_share():
+    model = tiny(low_rank=True)
+    report = compress(model, 0.2, TARGETS, unit="bytes", allocation="uniform")
+    for m in report:
+        assert m.bytes_after <= 0.2 * m.bytes_before
+
+
+def probe_distortion(model, base, cal):
+    from kflats.torch.compression._sensitivity import _final_outputs, _output_distortion
+
+    batches = [{k: torch.as_tensor(v) for k, v in b.items()} for b in cal.probe]
+    return _output_distortion(
+        _final_outputs(model, batches), _final_outputs(base, batches)
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_never_worse_than_uniform_quantization_on_the_probe(cal_model, bits):
+    from kflats.quantize import quantize_module_
+    from kflats.torch.compression._form_errors import _quantize_kw
+
+    base, cal = cal_model
+    named = dict(base.named_modules())
+    names = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.Embedding))]
+    objectives = module_objectives(cal, names, named, 1.0, 1e-2)
+    uniform = copy.deepcopy(base)
+    for name, module in uniform.named_modules():
+        if name in names:
+            group = 32 if bits <= 4 else 64
+            quantize_module_(
+                module, bits, group, **_quantize_kw(module, objectives[name])
+            )
+    size = state_nbytes(quantized_state(uniform)) - sum(
+        v.numel() * v.element_size()
+        for k, v in base.state_dict().items()
+        if not any(k.startswith(n + ".") for n in names)
+    )
+    model = copy.deepcopy(base)
+    report = compress(
+        model, size, TARGETS, calibration=cal, unit="bytes", random_state=0
+    )
+    assert report.bytes_after <= size
+    assert probe_distortion(model, base, cal) <= probe_distortion(uniform, base, cal)
+
+
+# -- k > 1 clusters of an embedding's rows ------------------------------------
+
+
+def clustered_table(seed=0, k=8, rank=3, rows=512, d=32):
+    """An Embedding whose rows lie on k random rank-``rank`` subspaces."""
+    rng = np.random.default_rng(seed)
+    blocks = [
+        rng.normal(size=(rows // k, rank)) @ rng.normal(size=(rank, d))
+        for _ in range(k)
+    ]
+    table = nn.Embedding(rows, d)
+    with torch.no_grad():
+        table.weight.copy_(torch.as_tensor(np.vstack(blocks), dtype=torch.float32))
+    return nn.Sequential(table).eval()
+
+
+def test_clustered_forms_count_their_bytes_and_errors_exactly():
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _Partition
+
+    model = clustered_table()
+    table = model[0]
+    config = CompressionConfig(0.1, unit="bytes", k=8, ranks="uniform", random_state=0)
+    part = _Partition(table, None, 8, _search_options_of(config))
+    tail = part.tail()
+    # rows on 8 subspaces of rank 3: exact at rank 3, not at rank 2
+    assert tail[2] < 1e-10 < tail[1]
+    layer = part.layer(2)
+    assert layer.k == 8 and layer.factorization_error == pytest.approx(tail[1])
+    W = table.weight.detach().double()
+    err = ((layer.to_dense().weight.detach().double() - W) ** 2).sum() / (W**2).sum()
+    assert float(err) == pytest.approx(tail[1], rel=1e-4)
+    assert factors_nbytes(part.sizes, [2] * 8, 32, None) == form_nbytes(layer)
+
+
+@pytest.mark.parametrize("bits", [(8,), (4, 3)])
+def test_compress_in_bytes_takes_clusters_where_rows_cluster(bits):
+    model = clustered_table()
+    report = compress(model, 0.2, nn.Embedding, unit="bytes", k=(1, 8), bits=bits)
+    (m,) = report
+    assert m.form == "projective" and m.k == 8 and m.bits in (None, *bits)
+    assert m.bytes_after <= 0.2 * m.bytes_before
+    layer = model[0]
+    assert m.bytes_after == state_nbytes(quantized_state(layer))
+    assert m.error < 0.05
+    ids = torch.arange(512).reshape(8, 64)
+    torch.testing.assert_close(layer(ids), layer.to_dense()(ids))
+
+
+def test_k_one_alone_cannot_take_clusters():
+    model = clustered_table()
+    report = compress(model, 0.2, nn.Embedding, unit="bytes", k=1, bits=(8,))
+    assert report[0].k in (0, 1)
+    assert report[0].error > 0.05
+
+
+def test_clusters_alone_measure_their_own_rounding_noise():
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _ModuleForms
+
+    model = clustered_table()
+    config = CompressionConfig(0.2, unit="bytes", k=8, ranks="uniform")
+    options = _search_options_of(config)
+    table = model[0]
+    forms = _forms(table, config.bits, None)
+    measured = _ModuleForms(
+        table, "0", None, _weight_spectrum(table, None), forms, (8,), config, options
+    )
+    factors = [f for f in measured.forms if f.kind == "projective"]
+    assert factors and {f.k for f in factors} == {8}
+    assert {f.bits for f in factors} == {None, 4, 3, 2}
+    # exact at rank >= 3 in float32, rounding noise only at b bits
+    for f in factors:
+        if f.rank >= 3:
+            assert (f.error < 1e-9) == (f.bits is None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    st.integers(2, 24),
+    st.integers(0, 2**31 - 1),
+)
+def test_shared_ranks_keep_more_than_uniform_ranks_in_as_many_numbers(sizes, d, seed):
+    from kflats.factorize._spectra import _Cluster, kept_numbers, residual_error
+    from kflats.torch.compression._forms import _capped, _shared_ranks
+
+    rng = np.random.default_rng(seed)
+    clusters = []
+    for s in sizes:
+        m = min(s, d)
+        evals = np.sort(rng.exponential(size=m) * rng.exponential())[::-1]
+        clusters.append(_Cluster(np.arange(s), None, evals, np.eye(d)[:, :m]))
+    levels = _shared_ranks(clusters, sizes, d)
+    assert len(levels) == d
+    for r, ranks in enumerate(levels, start=1):
+        uniform = _capped(r, sizes)
+        assert all(1 <= q <= min(s, d) for q, s in zip(ranks, sizes, strict=True))
+        assert kept_numbers(sizes, ranks, d, False) <= kept_numbers(
+            sizes, uniform, d, False
+        )
+        assert residual_error(clusters, ranks) <= residual_error(clusters, uniform) * (
+            1 + 1e-12
+        )
+    # unequal spectra: the numbers go where the error is
+    big = _Cluster(np.arange(10), None, np.full(8, 100.0), np.eye(8))
+    small = _Cluster(np.arange(10), None, np.full(8, 1.0), np.eye(8))
+    assert _shared_ranks([big, small], [10, 10], 8)[3] == [7, 1]

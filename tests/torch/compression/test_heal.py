@@ -1,0 +1,228 @@
+"""heal on quantized layers: training through the rounding, packed forms kept."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch", reason="kflats.torch needs torch")
+
+from torch import nn  # noqa: E402
+
+from kflats.quantize import (  # noqa: E402
+    quantize_module_,
+    quantized_state,
+    quantized_tensors,
+    state_nbytes,
+)
+from kflats.torch import (  # noqa: E402
+    ProjectiveEmbedding,
+    ProjectiveLinear,
+    compress,
+    heal,
+    load_compressed,
+    save_compressed,
+)
+from kflats.torch.compression._heal import _through_the_rounding  # noqa: E402
+
+from .test_calibrated import (  # noqa: E402
+    TEXTS,
+    Wider,
+    assert_unchanged,
+    clone,
+    distance,
+    snapshot,
+    tiny,
+    word_tokenizer,
+)
+
+PROJECTIVE = ["embed", "layers.*.up"]
+DENSE = ["layers.0.down", "layers.1.down"]
+
+
+def quantized_pair(bits=3, group_size=4):
+    """A teacher, and its copy with projective factors and dense weights quantized."""
+    teacher = tiny()
+    model = clone(teacher)
+    compress(
+        model,
+        0.5,
+        PROJECTIVE,
+        calibration=TEXTS,
+        tokenizer=word_tokenizer,
+        random_state=0,
+        progress=False,
+    )
+    for name, module in model.named_modules():
+        if isinstance(module, (ProjectiveEmbedding, ProjectiveLinear)) or name in DENSE:
+            quantize_module_(module, bits, group_size, method="rtn")
+    return teacher, model
+
+
+def forms(model):
+    """Everything of each packed matrix but its codes."""
+    return {
+        name: (qt.shape, qt.bits, qt.group_size, qt.axis, qt.nbytes, qt.scales.copy())
+        for name, qt in quantized_tensors(model).items()
+    }
+
+
+def assert_same_forms(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][:5] == b[name][:5], name
+        np.testing.assert_array_equal(a[name][5], b[name][5])
+
+
+def codes(model):
+    return {n: qt.codes.copy() for n, qt in quantized_tensors(model).items()}
+
+
+def assert_on_the_grid(model):
+    """Each quantized parameter holds exactly its packed tensor's values."""
+    for name, qt in quantized_tensors(model).items():
+        assert torch.equal(model.get_parameter(name), torch.from_numpy(qt.dequantize()))
+
+
+def run_heal(model, teacher, steps=60, **kwargs):
+    torch.manual_seed(0)
+    options = {"batch_size": 4, "lr": 1e-2, "tokenizer": word_tokenizer}
+    return heal(model, teacher, TEXTS, steps=steps, progress=False, **options, **kwargs)
+
+
+def test_heal_through_the_rounding_keeps_bits_groups_and_bytes():
+    teacher, model = quantized_pair()
+    before, before_codes = forms(model), codes(model)
+    nbytes = state_nbytes(quantized_state(model))
+    names = {n for n, _ in model.named_parameters()}
+    start = distance(model, teacher)
+    losses = run_heal(model, teacher)
+    assert len(losses) == 60
+    # the loss goes down on the calibration text
+    assert distance(model, teacher) < 0.8 * start
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    # the same packed forms, the same bytes; new codes, on their grid
+    assert_same_forms(forms(model), before)
+    assert state_nbytes(quantized_state(model)) == nbytes
+    after_codes = codes(model)
+    moved = [
+        n for n in before_codes if not np.array_equal(after_codes[n], before_codes[n])
+    ]
+    assert moved and any(n.endswith(".weight") for n in moved)  # dense ones too
+    assert_on_the_grid(model)
+    # no parametrization left behind, every parameter where it was
+    assert {n for n, _ in model.named_parameters()} == names
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.training
+
+
+def test_healed_quantized_model_round_trips_bit_for_bit(tmp_path):
+    teacher, model = quantized_pair(bits=4)
+    run_heal(model, teacher, steps=20)
+    save_compressed(model, tmp_path / "healed")
+    fresh = load_compressed(tmp_path / "healed", tiny(seed=1))
+    ids = word_tokenizer(TEXTS[:5])
+    with torch.no_grad():
+        a, b = fresh(**ids)["last_hidden_state"], model(**ids)["last_hidden_state"]
+    assert torch.equal(a, b)
+    assert_same_forms(forms(fresh), forms(model))
+
+
+def test_heal_projective_leaves_quantized_dense_layers():
+    teacher, model = quantized_pair()
+    before = codes(model)
+    run_heal(model, teacher, steps=10, trainable="projective")
+    after = codes(model)
+    for name in before:
+        same = np.array_equal(after[name], before[name])
+        assert same == name.startswith(tuple(DENSE)), name
+    assert_on_the_grid(model)
+
+
+def test_heal_trains_a_model_quantized_without_factors():
+    teacher = tiny()
+    model = clone(teacher)
+    for name in ["layers.0.up", *DENSE]:
+        quantize_module_(model.get_submodule(name), 2, 4, method="rtn")
+    with pytest.raises(ValueError, match="no ProjectiveEmbedding"):
+        run_heal(model, teacher, steps=2, trainable="projective")
+    bias = model.layers[0].up.bias.clone()
+    before = forms(model)
+    start = distance(model, teacher)
+    run_heal(model, teacher, steps=40)
+    assert distance(model, teacher) < start
+    assert_same_forms(forms(model), before)
+    assert_on_the_grid(model)
+    assert torch.equal(model.layers[0].up.bias, bias)  # only the weights train
+
+
+def test_heal_all_trains_quantized_weights_through_the_rounding():
+    teacher, model = quantized_pair()
+    norm = model.layers[0].norm.weight.clone()
+    before = forms(model)
+    run_heal(model, teacher, steps=5, trainable="all")
+    assert not torch.equal(norm, model.layers[0].norm.weight)
+    assert_same_forms(forms(model), before)
+    assert_on_the_grid(model)
+
+
+def test_heal_bad_teacher_leaves_a_quantized_model_untouched():
+    teacher, model = quantized_pair()
+    snap, before, before_codes = snapshot(model), forms(model), codes(model)
+    with pytest.raises(ValueError, match="shape"):
+        run_heal(model, Wider(), steps=2)
+    assert_unchanged(model, snap)
+    assert_same_forms(forms(model), before)
+    assert all(np.array_equal(c, before_codes[n]) for n, c in codes(model).items())
+
+
+def test_an_error_while_training_still_writes_back_the_packed_form():
+    teacher, model = quantized_pair()
+    before = forms(model)
+    calls = []
+
+    def failing(texts, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:  # the shape check and two steps went through
+            raise RuntimeError("tokenizer down")
+        return word_tokenizer(texts, **kwargs)
+
+    with pytest.raises(RuntimeError, match="tokenizer down"):
+        heal(model, teacher, TEXTS, steps=9, lr=1e-2, tokenizer=failing)
+    assert_same_forms(forms(model), before)
+    assert_on_the_grid(model)
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    seed=st.integers(0, 2**16),
+    inside=st.floats(0.05, 0.95),
+)
+def test_straight_through_gradient_is_the_identity_within_the_grid(bits, seed, inside):
+    """Inside the grid's range, d(loss)/d(latent) = d(loss)/d(rounded weight)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(3, 8, generator=gen))
+    quantize_module_(layer, bits, 4, method="rtn")
+    qt = quantized_tensors(layer)["weight"]
+    scale = torch.from_numpy(np.repeat(qt.scales.astype(np.float32), 4, axis=1))
+    zero = torch.from_numpy(np.repeat(qt.zeros.astype(np.float32), 4, axis=1))
+    lo, hi = -zero * scale, ((1 << bits) - 1 - zero) * scale
+    x = torch.randn(5, 8, generator=gen)
+    upstream = torch.randn(5, 3, generator=gen)
+    with _through_the_rounding(layer, [layer]) as params:
+        (latent,) = params
+        with torch.no_grad():  # a point strictly inside each group's range
+            latent.copy_(lo + inside * (hi - lo))
+        out = layer(x)
+        out.backward(upstream)
+        rounded = layer.weight.detach()
+        # the forward sees the rounded weight, the latent gets its gradient
+        torch.testing.assert_close(out, x @ rounded.T)
+        torch.testing.assert_close(latent.grad, upstream.T @ x)
+        step = (rounded - latent.detach()).abs()
+        assert torch.all(step <= scale / 2 + 1e-6)
+    assert_on_the_grid(layer)
