@@ -20,7 +20,13 @@ out = Path(sys.argv[1])
 report = json.loads((out / "report.json").read_text())
 for name in ["report.md", *report["pictures"]]:
     assert (out / name).stat().st_size > 0, name
-assert len(report["pictures"]) == 3, report["pictures"]
+assert len(report["pictures"]) >= 2, report["pictures"]
+# a size in bytes is the folder's: its weight files never take more
+asked = report["totals"].get("size_asked")
+if asked is not None:
+    weights = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    assert weights <= asked, (weights, asked)
+    assert weights == report["totals"]["folder_bytes"], report["totals"]
 assert report["evaluation"]["reloaded_outputs_identical"] is True
 assert report["warnings"] == [], report["warnings"]
 

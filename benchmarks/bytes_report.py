@@ -143,18 +143,15 @@ def kflats_quantized(base, calibration, method, bits, group_size):
 def kflats_bytes(base, calibration, ratio, seed, out=None, smoothing=1.0):
     """kflats under one byte budget: ``ratio`` of the whole float32 model.
 
-    Every Embedding and Linear is a target; what they may take is the size
-    less the bytes of the rest of the state (LayerNorms, kept float32).
+    Every Embedding and Linear is a target; a budget in bytes counts the
+    folder's weight files, all of them (the rest of the state, LayerNorms
+    kept float32, and the safetensors headers included).
     """
     from kflats.torch import compress
 
     model = copy.deepcopy(base)
     targets = [torch.nn.Embedding, torch.nn.Linear]
-    fp32 = state_nbytes(model.state_dict())
-    selected = sum(
-        state_nbytes(layer.state_dict()) for _, layer in weight_layers(model)
-    )
-    size = int(ratio * fp32) - (fp32 - selected)
+    size = int(ratio * state_nbytes(model.state_dict()))
     report = compress(
         model,
         size,

@@ -235,36 +235,42 @@ def save_output(out, write, args, what):
 # --- --out, a folder (kflats compress) ------------------------------------------
 
 
-def _refuse_to_replace(out, shown):
-    """Why ``out`` may not be replaced by a kflats folder, or None."""
+def _refuse_to_replace(out, shown, marker=MARKER, option="--out"):
+    """Why ``out`` may not be replaced by a kflats folder, or None.
+
+    ``marker`` is the file that every folder of this kind holds (kflats.json
+    for ``kflats compress``, kflats-export.json for ``kflats export``);
+    ``option`` the option that names the folder, for the messages.
+    """
     if out.is_symlink():
         return (
-            f"--out {shown!r} is a symbolic link; kflats replaces only a folder "
+            f"{option} {shown!r} is a symbolic link; kflats replaces only a folder "
             "it wrote"
         )
     mode = os.lstat(out).st_mode
     if not stat.S_ISDIR(mode):
         what = "a file" if stat.S_ISREG(mode) else "not a folder"
         return (
-            f"--out {shown!r} is {what}; kflats replaces only a folder it wrote "
-            f"(one holding {MARKER})"
+            f"{option} {shown!r} is {what}; kflats replaces only a folder it wrote "
+            f"(one holding {marker})"
         )
-    if not (out / MARKER).is_file() or (out / MARKER).is_symlink():
+    if not (out / marker).is_file() or (out / marker).is_symlink():
         return (
-            f"--out {shown!r} is not a folder kflats wrote (it holds no {MARKER}); "
+            f"{option} {shown!r} is not a folder kflats wrote (it holds no {marker}); "
             "kflats replaces only its own folders: choose another --out"
         )
     cwd = Path.cwd().resolve()
     if out.resolve() == cwd or out.resolve() in cwd.parents:
-        return f"--out {shown!r} holds the current folder; name a folder beside it"
+        return f"{option} {shown!r} holds the current folder; name a folder beside it"
     return None
 
 
-def output_folder(out, overwrite):
+def output_folder(out, overwrite, *, marker=MARKER, option="--out"):
     """The folder ``--out DIR`` will become, checked before any heavy work.
 
     It may exist only with ``overwrite``, and then only as a folder that
-    kflats wrote (it holds ``kflats.json``). Missing parent folders are made
+    kflats wrote (it holds ``marker``, ``kflats.json`` by default). Missing
+    parent folders are made
     when the results are written; the nearest existing one must be a folder
     in which a folder can be made (tried now, and removed). Returns the
     absolute path.
@@ -272,35 +278,42 @@ def output_folder(out, overwrite):
     shown = str(out)
     out = Path(os.path.abspath(out))
     if out.parent == out:
-        raise ValueError(f"--out {shown!r} is the root folder")
+        raise ValueError(f"{option} {shown!r} is the root folder")
     if os.path.lexists(out):
         if not overwrite:
-            raise ValueError(f"--out {shown!r} exists; pass --overwrite to replace it")
-        refused = _refuse_to_replace(out, shown)
+            raise ValueError(
+                f"{option} {shown!r} exists; pass --overwrite to replace it"
+            )
+        refused = _refuse_to_replace(out, shown, marker, option)
         if refused:
             raise ValueError(refused)
     ancestor = out.parent
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"--out {shown!r}: {str(ancestor)!r} is a file, not a folder")
+        raise ValueError(
+            f"{option} {shown!r}: {str(ancestor)!r} is a file, not a folder"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.kflats-probe-", dir=ancestor))
     except OSError as exc:
         raise ValueError(
-            f"--out {shown!r}: cannot write in {str(ancestor)!r}: {_reason(exc)}"
+            f"{option} {shown!r}: cannot write in {str(ancestor)!r}: {_reason(exc)}"
         ) from None
     return out
 
 
-def write_folder_atomically(out, fill, *, overwrite, shown=None):
+def write_folder_atomically(
+    out, fill, *, overwrite, shown=None, marker=MARKER, option="--out"
+):
     """Call ``fill(folder)`` on a hidden temporary folder, then rename it to ``out``.
 
     ``out`` comes from :func:`output_folder`. The temporary folder is made
     beside ``out`` (with any missing parents) and removed on any failure,
     Ctrl-C or SIGTERM included; ``out`` is replaced only once the new folder
-    is complete, and only if it is still a folder kflats wrote. Returns what
-    ``fill`` returns.
+    is complete, and only if it is still a folder kflats wrote (holding
+    ``marker``; ``option`` names it in messages). Returns what ``fill``
+    returns.
     """
     shown = str(out) if shown is None else shown
     tmp = _hidden(out, "")
@@ -310,11 +323,11 @@ def write_folder_atomically(out, fill, *, overwrite, shown=None):
             result = fill(tmp)
         except OSError as exc:
             reason = _reason(exc).replace(str(tmp), shown)
-            raise OSError(f"cannot write --out {shown!r}: {reason}") from None
+            raise OSError(f"cannot write {option} {shown!r}: {reason}") from None
         except ValueError as exc:  # a message that names the hidden folder
             raise ValueError(str(exc).replace(str(tmp), shown)) from None
         with _uninterrupted():
-            _replace(tmp, out, overwrite, shown)
+            _replace(tmp, out, overwrite, shown, marker, option)
         return result
     except BaseException:
         with _uninterrupted():
@@ -322,15 +335,18 @@ def write_folder_atomically(out, fill, *, overwrite, shown=None):
         raise
 
 
-def _replace(tmp, out, overwrite, shown):
+def _replace(tmp, out, overwrite, shown, marker, option):
     """Rename tmp to out; an existing out (a kflats folder) is removed after."""
     if not os.path.lexists(out):
         os.replace(tmp, out)
         return
     refused = (
-        None if overwrite else f"--out {shown!r} exists; pass --overwrite to replace it"
+        None
+        if overwrite
+        else f"{option} {shown!r} exists; pass --overwrite to replace it"
     )
-    refused = refused or _refuse_to_replace(out, shown)  # it may have changed
+    # it may have changed meanwhile
+    refused = refused or _refuse_to_replace(out, shown, marker, option)
     if refused:
         raise ValueError(refused)
     old = _hidden(out, "-old")

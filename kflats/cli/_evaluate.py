@@ -4,8 +4,9 @@ On held-out text: the compressed model beside the original, the baseline
 at the same size (truncated SVD of each module for a budget in numbers;
 every module quantized alike, at the widest bits that fit, for a budget in
 bytes), both at other budgets (``--curve``; in bytes, each point a size of
-its own, its bytes recorded), the model's own outputs (perplexity, labels),
-a probe on the user's labels, and the latency of both models.
+the folder of its own, its bytes recorded), the model's own outputs
+(perplexity, labels), a probe on the user's labels, and the latency of both
+models.
 """
 
 import copy
@@ -181,10 +182,11 @@ def _around(budget, curve, unit):
 
 
 def _point(job, budget, fidelities, reports):
-    """One point of the curve; in bytes, with the bytes each model took."""
+    """One point of the curve; in bytes, with the bytes each model's folder
+    takes (its weight files, the headers at their bound)."""
     point = {"budget": budget, **fidelities}
     if job.args.unit == "bytes":
-        point["bytes"] = {key: r.bytes_after for key, r in reports.items()}
+        point["bytes"] = {key: r.folder_bytes for key, r in reports.items()}
     return point
 
 

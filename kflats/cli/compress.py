@@ -34,6 +34,9 @@ from ._steps import Steps
 
 EMBEDDING, ALL = "embedding", "all"
 _budget = budget_type(include_one=False)
+# the budget without --budget or --size: the folder at 0.15 of the float32
+# model's bytes (the default unit), or 0.6 of the numbers with --unit numbers
+_DEFAULT_BUDGET = {"bytes": 0.15, "numbers": 0.6}
 
 
 def _model():
@@ -64,16 +67,18 @@ def _curve(text):
 
 _OPTIONS = (
     (("--budget",), {"type": _budget, "default": None,
-     "help": "fraction of the selected modules' numbers (or, with --unit bytes, "
-     "of their float32 bytes) to keep (0.6)"}),
+     "help": "a fraction of the whole model's float32 bytes that the folder's "
+     "weight files may take (default 0.15); with --unit numbers, the fraction "
+     "of the selected modules' numbers to keep (default 0.6)"}),
     (("--unit",), {"choices": ["numbers", "bytes"], "default": None,
-     "help": "what --budget counts: numbers (default; each module kept in "
-     "float32 as projective factors), or bytes (each module in the form, "
+     "help": "what --budget counts: bytes (default; each module in the form, "
      "float32 or quantized to 8, 6, 4, 3 or 2 bits, dense or as factors, that "
-     "the allocation chooses)"}),
+     "the allocation chooses), or numbers (each module kept in float32 as "
+     "projective factors)"}),
     (("--size",), {"type": size_type, "default": None, "metavar": "SIZE",
-     "help": "the selected modules' size in bytes, such as 9MB or 9.5MiB "
-     "(implies --unit bytes; instead of --budget)"}),
+     "help": "the size of the folder's weight files, such as 9MB or 9.5MiB: "
+     "every tensor (the modules left float too) and header (implies --unit "
+     "bytes; instead of --budget)"}),
     (("--out",), {"required": True, "metavar": "DIR",
      "help": "folder to write the compressed model and its report to; an "
      "existing one is replaced (with --overwrite) only if kflats wrote it"}),
@@ -98,8 +103,8 @@ _OPTIONS = (
     (("--curve",), {"type": _curve, "default": None, "metavar": "B,B,...",
      "help": "budgets besides --budget at which the report compares kflats and "
      "the baseline (default: --budget +- 0.1; 'none' skips them). With --unit "
-     "bytes or --size: fractions of the float32 bytes or sizes such as 6MB, "
-     "none by default; the report plots fidelity against bytes"}),
+     "bytes or --size: fractions of the model's float32 bytes or sizes such "
+     "as 6MB, none by default; the report plots fidelity against bytes"}),
     (("--eval-labels",), {"metavar": "FILE.csv",
      "help": "labelled texts (CSV: text,label) on which the report compares the "
      "accuracy of a logistic-regression probe (5-fold) on the original's and "
@@ -159,6 +164,7 @@ class _Job:
     baseline: str = ""
     latency: dict | None = None
     model_metrics: dict | None = None
+    folder_bytes: int | None = None
 
 
 def run(args):
@@ -191,9 +197,9 @@ def _budget_and_unit(args):
         if args.unit == "numbers":
             raise ValueError("--size is a number of bytes: it takes --unit bytes")
         args.budget, args.unit = args.size, "bytes"
-    elif args.budget is None:
-        args.budget = 0.6
-    args.unit = args.unit or "numbers"
+    args.unit = args.unit or "bytes"
+    if args.budget is None:  # a size of 0.15 of the model, or 0.6 of its numbers
+        args.budget = _DEFAULT_BUDGET[args.unit]
     sizes = [b for b in args.curve or () if b >= 1]
     if args.unit == "numbers" and sizes:
         raise ValueError(
@@ -258,8 +264,8 @@ def _targets(model, specs):
 def _checked_targets(model, args):
     """Selected module names, checked with the budget before any heavy work.
 
-    A budget in numbers is checked here; one in bytes by compress, which
-    says the smallest size the modules allow.
+    A size in bytes below the smallest the folder reaches stops here, before
+    the calibration, in one line naming that size.
     """
     from kflats.torch.compression import check_budget
     from kflats.torch.models import select_modules
@@ -268,8 +274,7 @@ def _checked_targets(model, args):
         names, named = select_modules(model, _targets(model, args.targets))
     except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
         raise ValueError(f"--targets: {exc}") from None
-    if args.unit == "numbers":
-        check_budget(args.budget, names, named, args.allocation)
+    check_budget(args.budget, names, named, args.allocation, args.unit, args.k)
     return names
 
 
@@ -342,23 +347,20 @@ def _heal(job):
 def _model_numbers(model):
     """(parameters, bytes) of a model's state dict, buffers included.
 
-    Bytes are those the folder stores: quantized matrices as their packed
-    codes and scales (:func:`kflats.quantize.quantized_state`). A tensor
-    shared by two modules (tied weights) is counted once.
+    Bytes are those the folder's tensors take
+    (:func:`kflats.torch.compression.saved_nbytes`): quantized matrices as
+    their packed codes and scales, a tensor shared by two modules (tied
+    weights) once.
     """
-    from kflats.torch.layers import quantized_state
+    from kflats.torch.compression import saved_nbytes
 
-    state = model.state_dict()
-    packed = quantized_state(model)
-    # a tied head's weight is the quantized table's tensor: stored packed, once
-    replaced = {state[k].data_ptr() for k in state if k not in packed}
-    unique = {}
-    for key, t in packed.items():
-        if key in state and t.data_ptr() in replaced:
-            continue
-        unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t)
     params = sum(p.numel() for p in model.parameters())
-    return params, sum(t.numel() * t.element_size() for t in unique.values())
+    return params, saved_nbytes(model)
+
+
+def _weight_file_bytes(folder):
+    """Bytes of a folder's weight files (its safetensors files), as on disk."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
 def _write(job):
@@ -369,6 +371,7 @@ def _write(job):
 
         with _model().hushed(), job.steps("save", "writing"):
             save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
+            job.folder_bytes = _weight_file_bytes(folder)
             reloaded = load_compressed(folder)
             identical = bool(
                 np.array_equal(job.evaluator.outputs(reloaded), job.compressed)
@@ -441,6 +444,7 @@ def _data(job, identical):
         "totals": {
             "params_before": before_params, "params_after": after_params,
             "bytes_before": before_bytes, "bytes_after": after_bytes,
+            "folder_bytes": job.folder_bytes, "size_asked": job.report.size_asked,
         },
         "fidelity": job.fidelity,
         "baseline": job.baseline or BASELINES[args.unit],

@@ -1,7 +1,8 @@
 """The ``kflats`` command: its parser and :func:`main`, the entry point.
 
 Each subcommand lives in a module of its own (:mod:`kflats.cli.fit`,
-:mod:`kflats.cli.factorize`, :mod:`kflats.cli.compress`) exposing
+:mod:`kflats.cli.factorize`, :mod:`kflats.cli.compress`,
+:mod:`kflats.cli.export`) exposing
 ``add_parser(subparsers, common)``: it adds a subparser, sets
 ``func=<callable(args) -> int>`` as its default, and imports nothing heavy
 (torch goes inside the command).
@@ -19,7 +20,7 @@ import sys
 
 from kflats import __version__
 
-from . import compress, factorize, fit
+from . import compress, export, factorize, fit
 from ._arrays import MATRIX_HELP
 from ._common import ArgumentParser, Terminated, sigterm_raises
 
@@ -36,6 +37,8 @@ _EXTRAS = {
     "sklearn": "nlp",
     "dask": "dask",
     "distributed": "dask",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
 }
 
 
@@ -71,6 +74,7 @@ def build_parser():
     factorize.add_parser(sub, common)
     fit.add_parser(sub, common)
     compress.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -31,9 +31,16 @@ def _in_bytes(data):
 
 
 def _budget_bytes(data):
-    """The budget in bytes of the selected modules (a size, or a fraction)."""
+    """The size asked, in bytes: the folder's (before, the selected modules')."""
+    if _whole_folder(data):
+        return data["totals"]["size_asked"]
     budget = data["settings"]["budget"]
     return budget if budget > 1 else budget * data["compression"]["bytes_before"]
+
+
+def _whole_folder(data):
+    """Whether the report's sizes are the folder's (not the selected modules')."""
+    return data["totals"].get("size_asked") is not None
 
 
 def _fidelity_picture(ax, data):
@@ -52,8 +59,9 @@ def _fidelity_picture(ax, data):
     if in_bytes:
         at = _budget_bytes(data) / 1e6
     if "kflats_before_heal" in data["fidelity"]:
+        c = data["compression"]
         ax.plot(
-            [data["compression"]["bytes_after"] / 1e6 if in_bytes else at],
+            [c.get("folder_bytes", c["bytes_after"]) / 1e6 if in_bytes else at],
             [data["fidelity"]["kflats"]["mean_cosine"]],
             "*",
             markersize=14,
@@ -61,10 +69,11 @@ def _fidelity_picture(ax, data):
         )
     ax.axvline(at, color="0.7", lw=1, zorder=0)
     ax.set_xlabel(
-        "MB of the selected modules"
+        ("MB of the folder's weight files" if _whole_folder(data) else "MB of the "
+         "selected modules")
         if in_bytes
         else "budget: fraction of the selected modules' numbers kept"
-    )
+    )  # fmt: skip
     ax.set_ylabel("mean cosine to the original's embeddings")
     ax.set_title(
         f"Held-out text ({data['evaluation']['texts']} texts, never calibrated on)"
@@ -79,7 +88,11 @@ def _shares_picture(fig, data):
     budget = data["settings"]["budget"]
     if data["settings"].get("unit") == "bytes":  # the budget counts bytes
         unit, before, after, key = "bytes", "bytes_before", "bytes_after", "bytes_share"
-        if budget > 1:  # a size: the fraction of the modules' float32 bytes
+        c = data["compression"]
+        if "size_asked" in c:  # what the rest of the folder leaves the modules
+            rest = c["model_bytes"] - c["bytes_after"] + c["header_bytes"]
+            budget = (c["size_asked"] - rest) / c["bytes_before"]
+        elif budget > 1:  # a size: the fraction of the modules' float32 bytes
             budget /= sum(m["bytes_before"] for m in modules)
     else:
         unit, before, after, key = "numbers", "params_before", "params_after", "share"
@@ -180,7 +193,9 @@ def _mb(n):
 def _budget_text(settings):
     budget, unit = settings["budget"], settings.get("unit", "numbers")
     if unit == "bytes" and budget > 1:
-        return f"{_mb(budget)} (a size in bytes)"
+        return f"{_mb(budget)} (a size in bytes: the folder's weight files)"
+    if unit == "bytes":
+        return f"{budget:g} of the whole model's bytes (the folder's weight files)"
     return f"{budget:g} of the {unit}"
 
 
@@ -209,11 +224,23 @@ def _md_totals(data):
         "|---|---|---|---|",
         f"| parameters, whole model | {t['params_before']:,} | "
         f"{t['params_after']:,} | {t['params_after'] / t['params_before']:.3f} |",
-        f"| bytes, whole model | {_mb(t['bytes_before'])} | {_mb(t['bytes_after'])} "
+        f"| bytes of the tensors, whole model | {_mb(t['bytes_before'])} "
+        f"| {_mb(t['bytes_after'])} "
         f"| {t['bytes_after'] / t['bytes_before']:.3f} |",
+        *_md_folder(t),
         f"| numbers of the compressed modules | {c['params_before']:,} | "
         f"{c['params_after']:,} | {c['params_after'] / c['params_before']:.3f} |",
         "",
+    ]
+
+
+def _md_folder(t):
+    """Rows: the folder's weight files (headers included), and the size asked."""
+    rows = (("the folder's weight files", "folder_bytes"), ("size asked", "size_asked"))
+    return [
+        f"| {label} | | {t[key]:,} bytes | {t[key] / t['bytes_before']:.3f} |"
+        for label, key in rows
+        if t.get(key) is not None
     ]
 
 
@@ -261,7 +288,12 @@ def _md_curve(data):
     lines = [
         "",
         "Fidelity against bytes (each size a compress of its own, no heal; "
-        f"the baseline: {data.get('baseline')}); bytes of the selected modules:",
+        f"the baseline: {data.get('baseline')}); "
+        + (
+            "bytes of the folder's weight files (headers at their bound):"
+            if _whole_folder(data)
+            else "bytes of the selected modules:"
+        ),
         "",
         "| budget | kflats bytes | kflats mean cosine | baseline bytes "
         "| baseline mean cosine |",
@@ -425,9 +457,11 @@ def summary(data, out, files):
         f"{_human(totals['params_after'])} "
         f"({totals['params_after'] / totals['params_before']:.3f} of the model)"
     )
+    asked = totals.get("size_asked")
+    asked = "" if asked is None else f"; size asked {_human(asked, 'B')}"
     print(
         f"bytes: {_human(totals['bytes_before'], 'B')} -> "
-        f"{_human(totals['bytes_after'], 'B')}"
+        f"{_human(totals['folder_bytes'], 'B')} (the folder's weight files{asked})"
     )
     print(
         f"fidelity on {data['evaluation']['texts']} held-out texts: mean cosine "

@@ -76,7 +76,9 @@ def projective_embedding(
     sizes : sequence of int
         Number of tokens of each cluster.
     coefficients : sequence of Tensor
-        ``coefficients[c]`` has shape (sizes[c], ranks[c]).
+        ``coefficients[c]`` has shape (sizes[c], ranks[c]); a table held
+        packed (:class:`~kflats.torch.layers.PackedTensor`) gives the rows
+        looked up, dequantized.
     bases : Tensor of shape (sum(ranks), d)
         The clusters' bases, stacked.
     means : Tensor of shape (k, d), default=None
@@ -127,7 +129,9 @@ def projective_embedding(
         lo, hi = cuts[c], cuts[c + 1]
         if hi == lo:
             continue
-        coeff = U.index_select(0, unique[lo:hi] - starts[c])
+        index = unique[lo:hi] - starts[c]
+        # a table held packed dequantizes the rows it gives, no others
+        coeff = U.index_select(0, index) if torch.is_tensor(U) else U.rows(index)
         if grad:
             part = coeff @ V if means is None else torch.addmm(means[c], coeff, V)
             parts.append(part)

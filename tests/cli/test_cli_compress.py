@@ -17,6 +17,7 @@ from kflats.__main__ import main  # noqa: E402
 from kflats.datasets import load_sentences, minilm_model_dir  # noqa: E402
 
 QUICK = ("--targets", "embedding", "--k", "1", "--curve", "none", "--quiet")
+QUICK += ("--unit", "numbers")
 PNG = b"\x89PNG\r\n\x1a\n"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -114,6 +115,8 @@ def test_compress_writes_a_loadable_model_and_its_report(st_dir, tmp_path, capsy
     code, stdout, stderr = _run(
         capsys,
         st_dir,
+        "--unit",
+        "numbers",
         "--budget",
         "0.5",
         "--out",
@@ -203,6 +206,8 @@ def test_compress_a_hugging_face_folder_with_heal(hf_dir, tmp_path, capsys):
     code, stdout, stderr = _run(
         capsys,
         hf_dir,
+        "--unit",
+        "numbers",
         "--budget",
         "0.6",
         "--out",

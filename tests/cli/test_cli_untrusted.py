@@ -242,7 +242,8 @@ def test_sigterm_during_save_leaves_nothing_behind(tmp_path):
     work.mkdir()
     marker = tmp_path / "marker"
     argv = ["compress", "--out", str(work / "out"), "--targets", "embedding"]
-    argv += ["--k", "1", "--budget", "0.3", "--curve", "none", "--quiet"]
+    argv += ["--k", "1", "--budget", "0.3", "--unit", "numbers"]
+    argv += ["--curve", "none", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-c", _TERMINATED_IN_SAVE, str(marker), *argv],

@@ -14,6 +14,8 @@ Where each step lives:
   the global allocation, every module fitted);
 - ``_plan_bytes.py``: the planner of a budget in bytes (every module's form
   chosen among ``_forms.py``'s, measured by ``_form_errors.py``);
+- ``_folder_bytes.py``: a budget in bytes as the size of the folder's weight
+  files: the tensors outside the selected modules, and the headers' bound;
 - ``_uniform.py``: every module quantized alike, the byte road's baseline;
 - ``_fit.py``: one module fitted as a projective layer, and its report;
 - ``_report.py``: :class:`CompressionReport` and :class:`ModuleReport`;
@@ -22,6 +24,7 @@ Where each step lives:
 
 from kflats.torch.compression._compress import PLANNERS, check_budget, compress
 from kflats.torch.compression._config import CompressionConfig
+from kflats.torch.compression._folder_bytes import saved_nbytes
 from kflats.torch.compression._heal import heal
 from kflats.torch.compression._objectives import module_objectives
 from kflats.torch.compression._report import CompressionReport, ModuleReport
@@ -37,4 +40,5 @@ __all__ = [
     "heal",
     "module_objectives",
     "quantize_uniformly",
+    "saved_nbytes",
 ]

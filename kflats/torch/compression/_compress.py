@@ -29,7 +29,8 @@ __all__ = ["compress"]
 
 # the planner of each unit: check(config, names, named, sample_weight) before
 # anything is measured, then compress(model, names, named, config, objectives,
-# calibration, sample_weight, progress)
+# calibration, sample_weight, progress); ``named`` maps every module's
+# qualified name to it, the model itself under ""
 PLANNERS = {planner.unit: planner for planner in (NumbersPlanner, BytesPlanner)}
 
 
@@ -63,8 +64,9 @@ def compress(
     budget : float in (0, 1], int, or CompressionConfig
         What to keep: see :class:`CompressionConfig`'s ``budget`` (with
         ``unit="numbers"``, the default, a fraction of the selected modules'
-        weight numbers; with ``unit="bytes"``, a fraction of their float32
-        bytes or a size in bytes). Or a whole :class:`CompressionConfig`,
+        weight numbers; with ``unit="bytes"``, the size of the saved
+        folder's weight files, all of them: a fraction of the whole model's
+        float32 bytes, or a size in bytes). Or a whole :class:`CompressionConfig`,
         which holds the budget and every setting: ``compress(model,
         config)``, the settings then not given again as keywords.
     targets : str, type, or list of them, default=None
@@ -113,8 +115,10 @@ def compress(
     Raises
     ------
     ValueError
-        If ``budget`` is out of range or too small for the selected modules,
-        a target matches no module, or the calibration is empty or was
+        If ``budget`` is out of range or too small for the selected modules
+        (in bytes: below the smallest folder reachable, whose size the
+        message gives; raised before anything is calibrated or fitted), a
+        target matches no module, or the calibration is empty or was
         recorded on another model or for other targets.
     TypeError
         If a selected module is neither an Embedding nor a Linear, or a target
@@ -141,9 +145,19 @@ def compress(
     alike. A module may stay dense when that pays. ``"uniform"``: each
     module keeps ``budget`` of its own numbers.
 
-    What ``unit="bytes"`` does: a float in (0, 1] is a fraction
-    of the selected modules' float32 bytes (weights and biases), an int
-    >= 2 a size in bytes. Each module then takes the form the global
+    What ``unit="bytes"`` does: the budget is a size of the folder that
+    :func:`kflats.torch.save_compressed` writes, its weight files, all of
+    them: every tensor of the model (the modules left float too: position
+    embeddings, norms, the biases of modules not selected) and the
+    safetensors headers (counted by an upper bound, a few bytes a tensor
+    above the header written). A float in (0, 1] is a fraction of the
+    bytes of every tensor of the model as it is (float32 for most models),
+    an int >= 2 a size in bytes. The folder's weight files are never
+    larger; when even the smallest forms cannot make them fit, compress
+    raises before anything is calibrated or fitted, naming the smallest
+    size reachable. The report gives the size asked and the folder's bytes
+    (``report.size_asked``, ``report.folder_bytes``). The selected modules
+    share what the rest of the folder leaves: each takes the form the global
     allocation chooses, by calibrated error gained per byte, among:
     kept float32; dense at one of ``bits`` (group-wise, calibrated
     rounding: GPTQ-style error feedback along a Linear's input moment,
@@ -180,15 +194,16 @@ def compress(
     >>> type(model[0]).__name__, report[0].name, report[0].params_after <= 4800
     ('ProjectiveEmbedding', '0', True)
 
-    A budget in bytes: a tenth of the float32 bytes of both modules, each
-    stored dense at a few bits or as quantized factors:
+    A budget in bytes: the saved folder's weight files to a tenth of the
+    model's float32 bytes, both modules stored dense at a few bits or as
+    quantized factors:
 
     >>> small = torch.nn.Sequential(torch.nn.Embedding(300, 32),
     ...                             torch.nn.Linear(32, 64))
     >>> in_bytes = compress(small, 0.1, [torch.nn.Embedding, torch.nn.Linear],
     ...                     unit="bytes")
-    >>> in_bytes.bytes_after <= 0.1 * in_bytes.bytes_before
-    True
+    >>> in_bytes.size_asked, in_bytes.folder_bytes <= in_bytes.size_asked
+    (4684, True)
     >>> sorted({m.form for m in in_bytes} - {"dense", "projective"})
     []
 
@@ -305,12 +320,22 @@ def _check_sample_weight_use(sample_weight, names, calibration):
         )
 
 
-def check_budget(budget, names, named, allocation):
-    """A budget in numbers checked, and feasible for these modules.
+def check_budget(budget, names, named, allocation, unit="numbers", k=None):
+    """A budget checked, and feasible for these modules.
 
-    The command line's check, before any heavy work; returns the budget as a
-    float.
+    The command line's check, before any heavy work (no calibration, no
+    fit). In numbers, returns the budget as a float. In bytes (``named``
+    holds the model under ``""``, as :func:`~kflats.torch.models.select_modules`
+    returns it), the budget is a size of the whole folder: below the
+    smallest size reachable it raises, naming that size; returns the budget
+    as the config holds it.
     """
+    if unit == "bytes":
+        config = CompressionConfig(
+            budget, names, unit="bytes", allocation=allocation, k=k
+        )
+        BytesPlanner.check(config, names, named, None)
+        return config.budget
     _check("budget", budget, _CONSTRAINTS["budget"])
     _check_feasible(float(budget), names, named, allocation)
     return float(budget)

@@ -170,10 +170,14 @@ class CompressionConfig:
         With ``unit="numbers"``: fraction of the selected modules' weight
         numbers to keep (cluster ids included, biases excluded): of all of
         them together with ``allocation="global"``, of each with
-        ``"uniform"``. With ``unit="bytes"``: a float in (0, 1] is a fraction
-        of the selected modules' float32 bytes (weights and biases, as their
-        state dicts store them); an int >= 2 is a size in bytes (``9_000_000``
-        for 9 MB).
+        ``"uniform"``. With ``unit="bytes"``, a size of the folder
+        :func:`kflats.torch.save_compressed` writes: its weight files, all
+        of them (every tensor of the model, the modules left float included:
+        position embeddings, norms, biases; and the safetensors headers). A
+        float in (0, 1] is a fraction of the bytes of every tensor of the
+        model as it is (float32 for most models); an int >= 2 is a size in
+        bytes (``9_000_000`` for 9 MB). The selected modules share what the
+        rest leaves.
     targets : str, type, list of them, or None, default=None
         Which modules to replace (see :func:`compress`).
     unit : {"numbers", "bytes"}, default="numbers"

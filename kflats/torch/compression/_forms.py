@@ -12,8 +12,9 @@ A selected module may be stored as:
 Sizes in bytes come from the one formula (:func:`kflats.torch.layers.form_nbytes`,
 :func:`kflats.torch.layers.factors_nbytes`): what
 :func:`kflats.torch.layers.quantized_state` writes. Their errors are measured
-in :mod:`._form_errors`. The feasibility of a budget in bytes is checked here,
-before anything is fitted.
+in :mod:`._form_errors`. The feasibility of a budget in bytes, a size of the
+whole folder (:mod:`._folder_bytes`), is checked here, before anything is
+fitted.
 """
 
 import fnmatch
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from torch import nn
 
+from kflats.torch.compression._folder_bytes import FolderBudget
 from kflats.torch.compression._sensitivity import _rows_cols
 from kflats.torch.layers import factors_nbytes, form_nbytes
 
@@ -205,17 +207,37 @@ def _cluster_counts(name, module, config):
     return tuple(dict.fromkeys(ks))
 
 
-def _budget_bytes(budget, total):
-    """Bytes a budget allows: a fraction of ``total``, or a byte count."""
-    return math.floor(budget * total) if isinstance(budget, float) else int(budget)
+def _smallest(budget, forms, allocation):
+    """The smallest size the folder reaches, in bytes, at ``budget``'s digits.
+
+    Every module in its smallest form (its tensors and header entries), the
+    other tensors as they are, the headers; with ``allocation="uniform"``,
+    the size at which each module's smallest form fits its share.
+    """
+    priced = {
+        name: [budget.priced(name, f) for f in module_forms]
+        for name, module_forms in forms.items()
+    }
+    least = {name: min(f.nbytes for f in fs) for name, fs in priced.items()}
+    if allocation == "global":
+        room = sum(least.values())
+    else:
+        full = {name: fs[0].nbytes for name, fs in priced.items()}
+        room = (
+            math.ceil(max(least[n] / full[n] for n in forms) * sum(full.values())) + 1
+        )  # the shares are real numbers: a byte for their rounding
+    return budget.rest + budget.frame + room
 
 
 def _check_bytes_feasible(config, names, named):
-    """Each module's k = 1 forms (bytes only), checked against the budget.
+    """Each module's k = 1 forms, and the budget as a size of the folder, checked.
 
     Also checks each module's numbers of clusters (:func:`_cluster_counts`).
-    Forms with k > 1 clusters store more than k = 1 at the same rank, so
-    the smallest form of a module is among these.
+    The budget pays for the whole folder's weight files
+    (:class:`~._folder_bytes.FolderBudget`: the model is ``named[""]``);
+    forms with k > 1 clusters store more than k = 1 at the same rank, so
+    the smallest form of a module is among these. A budget below the
+    smallest size reachable raises, naming that size.
     """
     _check_group_size(config.group_size, names, named)
     for name in names:
@@ -223,28 +245,20 @@ def _check_bytes_feasible(config, names, named):
     forms = {
         name: _forms(named[name], config.bits, config.group_size) for name in names
     }
-    total = sum(f[0].nbytes for f in forms.values())
-    least = {name: min(f.nbytes for f in forms[name]) for name in names}
-    allowed = _budget_bytes(config.budget, total)
-    if config.allocation == "global":
-        need = sum(least.values())
-        if need > allowed:
-            raise ValueError(
-                f"budget={config.budget} cannot be met in bytes for the "
-                f"{len(names)} selected modules: their smallest forms need "
-                f"{need} bytes, the budget allows {allowed} (budget >= "
-                f"{need / total:.4g} of their {total} float32 bytes, or >= "
-                f"{need} bytes)"
-            )
-    else:
-        for name in names:
-            own = forms[name][0].nbytes
-            share = _budget_bytes(config.budget, total) * own / total
-            if least[name] > share:
-                raise ValueError(
-                    f"budget={config.budget} cannot be met in bytes for "
-                    f"{name!r}: its smallest form needs {least[name]} bytes, "
-                    f"its share is {math.floor(share)} (budget >= "
-                    f"{least[name] / own:.4g})"
-                )
-    return forms, allowed, total
+    budget = FolderBudget(named[""], names, config.budget)
+    need, digits = _smallest(budget, forms, config.allocation), budget.digits
+    while len(str(need)) > digits:  # the offsets of a larger folder: more digits
+        digits = len(str(need))
+        need = _smallest(budget.with_digits(digits), forms, config.allocation)
+    if need > budget.asked:
+        shares = "" if config.allocation == "global" else ", each within its share"
+        raise ValueError(
+            f"budget={config.budget} cannot be met in bytes: it allows "
+            f"{budget.asked} bytes for the folder's weight files, and the smallest "
+            f"size reachable is {need} bytes (the {len(names)} selected "
+            f"module{'s' * (len(names) > 1)} in their smallest forms{shares}, the "
+            f"other {budget.rest} bytes of "
+            "tensors as they are, and the safetensors headers; the model's "
+            f"tensors hold {budget.total} bytes)"
+        )
+    return forms, budget

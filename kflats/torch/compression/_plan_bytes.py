@@ -1,9 +1,13 @@
 """Budgets in bytes: one plan of every module's form, fitted and swapped in.
 
-Each selected module's forms (:mod:`kflats.torch.compression._byte_forms`: float32,
-dense at ``b`` bits, projective factors with k clusters at rank ``r`` and
-``b`` bits) come with their bytes and calibrated errors, weighed by the
-module's sensitivity as in the allocation of numbers.
+The budget is a size of the folder's weight files
+(:mod:`kflats.torch.compression._folder_bytes`): the tensors outside the
+selected modules and the headers are paid first, and the modules share what
+is left. Each selected module's forms (:mod:`kflats.torch.compression._forms`:
+float32, dense at ``b`` bits, projective factors with k clusters at rank
+``r`` and ``b`` bits) come with their bytes in the folder (tensors and header
+entries) and calibrated errors, weighed by the module's sensitivity as in the
+allocation of numbers.
 
 The plan is the greedy "error gained per byte" of the allocation of numbers
 (one allocator), over each module's lower convex hull of (bytes, error)
@@ -254,10 +258,10 @@ def _check_bytes_config(config, sample_weight):
 
 def _compress_bytes(model, names, named, config, objectives, calibration, progress):
     """compress with a budget in bytes: measure the forms, plan, fit, swap in."""
-    forms, allowed, total = _check_bytes_feasible(config, names, named)
+    forms, budget = _check_bytes_feasible(config, names, named)
     measured = _measure_all(names, named, forms, objectives, config, progress)
     probe = calibration.probe if calibration is not None else None
-    choice = _choose(model, names, named, measured, config, probe, allowed, total)
+    choice = _choose(model, names, named, measured, config, probe, budget)
     # every chosen form built and reported; the model changes only after
     reports, layers, records = [], {}, {}
     for name in names:
@@ -268,8 +272,21 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
         elif report.bits is not None:
             records[name] = measured[name].dense_q[report.bits, report.group_size]
         reports.append(report._replace(seconds=time.perf_counter() - start))
+    tensors = budget.rest + sum(r.bytes_after for r in reports)
+    headers = budget.frame + sum(budget.header(n, choice[n]) for n in names)
+    if tensors + headers > budget.asked:  # pragma: no cover - a kflats bug
+        raise RuntimeError(
+            f"the plan's folder ({tensors} bytes of tensors, {headers} of headers) "
+            f"is over the {budget.asked} bytes asked; the model is unchanged"
+        )
     _swap_in(model, named, records, layers)
-    return CompressionReport(reports, config=config)
+    return CompressionReport(
+        reports,
+        config=config,
+        size_asked=budget.asked,
+        model_bytes=tensors,
+        header_bytes=headers,
+    )
 
 
 def _measure_all(names, named, forms, objectives, config, progress):
@@ -300,19 +317,25 @@ def _measure_all(names, named, forms, objectives, config, progress):
     return measured
 
 
-def _choose(model, names, named, measured, config, probe, allowed, total):
-    """The chosen form of each module: the plan, checked on the probe."""
+def _choose(model, names, named, measured, config, probe, budget):
+    """The chosen form of each module: the plan, checked on the probe.
+
+    Each form is priced at its bytes in the folder, its tensors and header
+    entries (:meth:`~._folder_bytes.FolderBudget.priced`); the modules share
+    the budget's room, what the rest of the folder leaves.
+    """
     order = sorted(names)  # ties do not depend on the order of the targets
-    all_forms = [measured[n].forms for n in order]
+    all_forms = [[budget.priced(n, f) for f in measured[n].forms] for n in order]
     if config.allocation != "global":
-        picks = [_plan_uniform(f, allowed * f[0].nbytes / total) for f in all_forms]
+        total = sum(f[0].nbytes for f in all_forms)
+        picks = [_plan_uniform(f, budget.room * f[0].nbytes / total) for f in all_forms]
         return {n: f[i] for n, f, i in zip(order, all_forms, picks, strict=True)}
     scale = {}
     if probe and len(names) > 1:
         spectra = {n: measured[n].spectrum for n in names}
         scale = _sensitivities(model, names, named, spectra, probe)
     scales = [scale.get(n, 1.0) for n in order]
-    candidates = _plan_candidates(all_forms, scales, allowed, config.bits)
+    candidates = _plan_candidates(all_forms, scales, budget.room, config.bits)
     plans = [
         {n: f[i] for n, f, i in zip(order, all_forms, c, strict=True)}
         for c in candidates

@@ -84,11 +84,26 @@ class CompressionReport(tuple):
     config : CompressionConfig, default=None
         The configuration of the run, with its targets resolved to the
         selected module names: ``compress(model, report.config)`` repeats it.
+    size_asked : int, default=None
+        With a budget in bytes: the size it allows the folder's weight
+        files, in bytes.
+    model_bytes : int, default=None
+        With a budget in bytes: the bytes of every tensor the folder holds
+        (the selected modules in their forms, every other tensor as it is).
+    header_bytes : int, default=None
+        With a budget in bytes: the bytes of the folder's safetensors
+        headers, at most.
 
     Attributes
     ----------
     config : CompressionConfig or None
         As given.
+    size_asked, model_bytes, header_bytes : int or None
+        As given (``None`` with a budget in numbers).
+    folder_bytes : int or None
+        The folder's weight files, at most: ``model_bytes + header_bytes``,
+        never above ``size_asked``. A save writes the tensors' bytes
+        exactly, and headers within a few bytes a tensor of their bound.
     params_before, params_after : int
         Totals over the replaced modules.
     bytes_before, bytes_after : int
@@ -108,13 +123,34 @@ class CompressionReport(tuple):
     0.2500  0.0
     """
 
-    def __new__(cls, modules=(), config=None):
+    def __new__(
+        cls,
+        modules=(),
+        config=None,
+        size_asked=None,
+        model_bytes=None,
+        header_bytes=None,
+    ):
         report = super().__new__(cls, modules)
         report.config = config
+        report.size_asked, report.model_bytes = size_asked, model_bytes
+        report.header_bytes = header_bytes
         return report
 
     def __getnewargs__(self):
-        return (tuple(self), self.config)
+        return (
+            tuple(self),
+            self.config,
+            self.size_asked,
+            self.model_bytes,
+            self.header_bytes,
+        )
+
+    @property
+    def folder_bytes(self):
+        if self.model_bytes is None or self.header_bytes is None:
+            return None
+        return self.model_bytes + self.header_bytes
 
     @property
     def params_before(self):
@@ -142,7 +178,9 @@ class CompressionReport(tuple):
             "bytes_before": ..., "bytes_after": ..., "config": ...}``;
             ``"config"`` is :meth:`CompressionConfig.to_dict` of the run's
             config (``None`` when there is none, or when its ``random_state``
-            is a RandomState instance, which no file can hold).
+            is a RandomState instance, which no file can hold). With a
+            budget in bytes, also ``"size_asked"``, ``"model_bytes"``,
+            ``"header_bytes"`` and ``"folder_bytes"``.
         """
         modules = []
         for m in self:
@@ -152,7 +190,7 @@ class CompressionReport(tuple):
             entry["share"] = m.params_after / max(self.params_after, 1)
             entry["bytes_share"] = m.bytes_after / max(self.bytes_after, 1)
             modules.append(entry)
-        return {
+        out = {
             "modules": modules,
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -160,6 +198,12 @@ class CompressionReport(tuple):
             "bytes_after": self.bytes_after,
             "config": _config_dict(self.config),
         }
+        if self.size_asked is not None:
+            out["size_asked"] = self.size_asked
+            out["model_bytes"] = self.model_bytes
+            out["header_bytes"] = self.header_bytes
+            out["folder_bytes"] = self.folder_bytes
+        return out
 
     def __repr__(self):
         return f"CompressionReport({list(self)!r})"
@@ -208,10 +252,17 @@ class CompressionReport(tuple):
                     str(m.bytes_after),
                 )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        return "\n".join(
+        lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
             for r in rows
-        )
+        ]
+        if self.size_asked is not None:
+            lines.append(
+                f"folder: {self.folder_bytes} bytes at most ({self.model_bytes} of "
+                f"tensors, {self.header_bytes} of headers at most), "
+                f"{self.size_asked} asked"
+            )
+        return "\n".join(lines)
 
 
 def _config_dict(config):

@@ -3,18 +3,24 @@
 from typing import NamedTuple
 
 from kflats.torch.compression._config import CompressionConfig
+from kflats.torch.compression._folder_bytes import FolderBudget
 from kflats.torch.compression._form_errors import _quantize_kw
-from kflats.torch.compression._forms import _DENSE_GROUPS, _budget_bytes, _forms
+from kflats.torch.compression._forms import _DENSE_GROUPS, _forms
 from kflats.torch.compression._objectives import module_objectives
-from kflats.torch.layers import quantize_module_
+from kflats.torch.layers import form_nbytes, quantize_module_
 
 
 class UniformQuantization(NamedTuple):
-    """What :func:`quantize_uniformly` chose: its bits, groups and bytes."""
+    """What :func:`quantize_uniformly` chose: its bits, groups and bytes.
+
+    ``bytes_after``: the quantized modules' bytes; ``folder_bytes``: the
+    folder's weight files, at most (every tensor, and the headers' bound).
+    """
 
     bits: int
     group_sizes: list
     bytes_after: int
+    folder_bytes: int
 
 
 def quantize_uniformly(model, names, budget, calibration=None):
@@ -22,10 +28,12 @@ def quantize_uniformly(model, names, budget, calibration=None):
 
     The bit width and groups (those :func:`kflats.torch.compress` searches
     with ``unit="bytes"``: 8 bits in groups of 128, 6 bits in 64 or 128, 4
-    and 3 bits in 32 or 128, 2 bits in 32) whose bytes come closest to
+    and 3 bits in 32 or 128, 2 bits in 32) whose folder comes closest to
     ``budget`` without exceeding it, or the smallest when none fits; each
     module rounded as compress rounds its dense forms (error fed along the
-    calibrated input moment, token weights for an embedding).
+    calibrated input moment, token weights for an embedding). The budget
+    counts as compress's does: the folder's weight files, every tensor and
+    the headers.
 
     Parameters
     ----------
@@ -34,7 +42,8 @@ def quantize_uniformly(model, names, budget, calibration=None):
     names : list of str
         The modules to quantize (Embedding or Linear), by qualified name.
     budget : float in (0, 1] or int
-        A fraction of their float32 bytes, or a size in bytes.
+        A fraction of the bytes of every tensor of the model (float32 for
+        most models), or a size in bytes of the folder's weight files.
     calibration : Calibration, default=None
         Recorded on ``model`` for ``names``; ``None``: plain rounding error.
 
@@ -49,22 +58,21 @@ def quantize_uniformly(model, names, budget, calibration=None):
     >>> from kflats.torch.compression import quantize_uniformly
     >>> model = torch.nn.Sequential(torch.nn.Linear(128, 64))
     >>> quantize_uniformly(model, ["0"], 0.2)
-    UniformQuantization(bits=4, group_sizes=[32], bytes_after=5160)
+    UniformQuantization(bits=4, group_sizes=[32], bytes_after=5160, folder_bytes=5577)
     """
     named = dict(model.named_modules())
     config = CompressionConfig(budget=budget, unit="bytes")
+    folder = FolderBudget(model, names, config.budget)
     forms = {n: _forms(named[n], tuple(_DENSE_GROUPS), None) for n in names}
-    total = sum(f[0].nbytes for f in forms.values())
-    allowed = _budget_bytes(budget, total)
-    choices = []  # (bytes, bits, each module's dense form)
+    choices = []  # (bytes in the folder, bits, each module's dense form)
     for bits, groups in _DENSE_GROUPS.items():
         for i in range(len(groups)):
             chosen = {}
             for n in names:
                 dense = [f for f in forms[n] if f.kind == "dense" and f.bits == bits]
-                chosen[n] = dense[min(i, len(dense) - 1)]
+                chosen[n] = folder.priced(n, dense[min(i, len(dense) - 1)])
             choices.append((sum(f.nbytes for f in chosen.values()), bits, chosen))
-    fitting = [c for c in choices if c[0] <= allowed]
+    fitting = [c for c in choices if c[0] <= folder.room]
 
     def size(choice):
         return choice[:2]
@@ -77,4 +85,5 @@ def quantize_uniformly(model, names, budget, calibration=None):
         kw = _quantize_kw(named[n], objectives[n])
         quantize_module_(named[n], bits, chosen[n].group_size, **kw)
     groups = sorted({f.group_size for f in chosen.values()}, key=str)
-    return UniformQuantization(bits, groups, nbytes)
+    data = sum(form_nbytes(named[n], bits, f.group_size) for n, f in chosen.items())
+    return UniformQuantization(bits, groups, data, folder.rest + folder.frame + nbytes)

@@ -32,13 +32,18 @@ from kflats.torch.io._files import (
     _weight_files,
 )
 from kflats.torch.io._manifest import _LAYERS, _probe, _qualname, _read_manifest
-from kflats.torch.io._quantized_files import _check_quantized, _unpack
+from kflats.torch.io._quantized_files import (
+    _check_quantized,
+    _pack_model,
+    _read_quantized,
+)
 from kflats.torch.io._quiet import _quiet
 from kflats.torch.layers import (
     ProjectiveEmbedding,
     ProjectiveLinear,
     dense_features,
     is_conv1d,
+    record_quantized_,
 )
 
 
@@ -298,12 +303,12 @@ def _verify(plans, modules, state, where):
             continue
         prefix = name + "."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if layer.bases.device.type == "meta":
+        if layer.weight.device.type == "meta":
             continue
         layer.load_state_dict(own, strict=True)
         got = _probe(layer)
         # float32 rounds at 1e-7, float16 at 1e-3 (relative to each output)
-        tol = (1e-2 if layer.bases.dtype.itemsize <= 2 else 1e-4) * check[2] + 1e-6
+        tol = (1e-2 if layer.weight.dtype.itemsize <= 2 else 1e-4) * check[2] + 1e-6
         if any(abs(a - b) > tol for a, b in zip(got, check, strict=True)):
             side = modules[name]["side"]
             raise ValueError(
@@ -413,32 +418,39 @@ def _transformer_of(model, manifest, where):
     return hf
 
 
-def _read_state(headers, manifest, tied, where):
+def _read_state(headers, manifest, tied, where, unpack):
     """The state dict to load, and each quantized parameter as a QuantizedTensor.
 
     ``tied`` maps each key that safetensors stored once to the key it is
-    stored under (see :func:`_match`).
+    stored under (see :func:`_match`). With ``unpack``, a quantized
+    parameter's entry holds its dequantized floats; without, the state holds
+    no entry for it: its packed tensors (which the QuantizedTensor's arrays
+    share) go in with the layers that hold them (:func:`_pack_plans`,
+    :func:`_pack_model`), and so do the aliases of a tied one.
     """
     state = _read_tensors(
         headers.files, set(headers.stored) - set(headers.packed), where
     )
     quantized = manifest.get("quantized", {})
-    tensors = _unpack(headers.files, quantized, headers.packed, where)
-    # the floats a quantized layer held: one multiply per entry, bit-identical
+    tensors = _read_quantized(headers.files, quantized, headers.packed, where)
+    if unpack:
+        # the floats a quantized layer held: one multiply per entry, bit-identical
+        state.update(
+            {key: torch.from_numpy(qt.dequantize()) for key, qt in tensors.items()}
+        )
     state.update(
-        {key: torch.from_numpy(qt.dequantize()) for key, qt in tensors.items()}
+        {key: state[source] for key, source in tied.items() if source in state}
     )
-    state.update({key: state[source] for key, source in tied.items()})
     return state, tensors
 
 
-def _swap_in(hf, plans, state, tensors):
+def _swap_in(hf, plans, state, tensors, unpack):
     """Place the checked layers in ``hf`` and load every tensor, strictly."""
     for name, layer in plans.items():
         parent, _, child = name.rpartition(".")
         setattr(hf.get_submodule(parent), child, layer)
+    if not unpack:
+        _pack_model(hf, plans, tensors, state)
     hf.load_state_dict(state, strict=True)
-    if tensors:
-        from kflats.torch.layers import record_quantized_
-
+    if tensors and unpack:
         record_quantized_(hf, tensors)  # a save writes the same codes again

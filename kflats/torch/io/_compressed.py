@@ -34,7 +34,12 @@ from kflats.torch.io._build import (
 )
 from kflats.torch.io._files import _MANIFEST, _WEIGHTS, _match, _stored, _weight_files
 from kflats.torch.io._manifest import _manifest_of
-from kflats.torch.io._quantized_files import _pack_files, _packed, _quantized
+from kflats.torch.io._quantized_files import (
+    _pack_files,
+    _pack_plans,
+    _packed,
+    _quantized,
+)
 from kflats.torch.io._quiet import _quiet
 from kflats.torch.layers import ProjectiveEmbedding, ProjectiveLinear
 
@@ -88,7 +93,9 @@ def save_compressed(model, directory, *, tokenizer=None):
     unit="bytes")`` leaves them) is stored packed, its codes, scales and zero
     points (:func:`kflats.quantize.quantized_state`), and ``kflats.json``
     records its bits, group size, axis and shape; :func:`load_compressed`
-    dequantizes them to the very floats the saved layer held.
+    keeps them so (or, with ``unpack=True``, dequantizes them to the very
+    floats the saved layer held). A model loaded packed saves the same
+    folder again.
 
     Parameters
     ----------
@@ -287,11 +294,13 @@ def _check_saved(directory, folder, hf, quantized):
     if quantized:
         _pack_files(folder, quantized, str(directory))
         for key, qt in quantized.items():
-            tensor = expected.pop(key, None)
-            # a tied head's weight is the same tensor: stored once, packed
-            for alias in [k for k, t in expected.items() if t is tensor]:
+            packed = _packed(key, qt)
+            # its float tensor, or the buffers of a model loaded packed; a
+            # tied head's weight is the same tensor: stored once, packed
+            held = {id(expected[k]) for k in (key, *packed) if k in expected}
+            for alias in [k for k, t in expected.items() if id(t) in held]:
                 del expected[alias]
-            expected.update(_packed(key, qt))
+            expected.update(packed)
     _match(
         expected,
         _stored(_weight_files(folder, str(directory))[0], str(directory)),
@@ -315,7 +324,7 @@ def _undo(directory, created):
 # -- load ----------------------------------------------------------------------
 
 
-def load_compressed(directory, model=None, *, device=None):
+def load_compressed(directory, model=None, *, device=None, unpack=False):
     """Load a model from a folder written by :func:`save_compressed`.
 
     Nothing is fitted and no original weights are needed: the projective
@@ -336,6 +345,17 @@ def load_compressed(directory, model=None, *, device=None):
     manifest and the model (nothing is cast), and sizes against a model
     built on the meta device before any memory is taken.
 
+    A quantized weight or factor stays in memory as it is stored: its codes,
+    scales and zero points, in a :class:`~kflats.torch.layers.PackedTensor`
+    that takes the parameter's place. The layer dequantizes it at each use,
+    into floats it drops after the call (a dense embedding table, the rows
+    it looks up only), and computes the same outputs, bit for bit, as the
+    layer holding the floats: the memory a model takes is that of its
+    folder. Such a layer does not train: ``unpack=True`` loads the floats
+    instead, as :func:`~kflats.torch.compress` leaves them, for training or
+    :func:`~kflats.torch.heal`
+    (:func:`~kflats.torch.layers.unpack_quantized_` converts a loaded model).
+
     Parameters
     ----------
     directory : str or path-like
@@ -350,6 +370,9 @@ def load_compressed(directory, model=None, *, device=None):
         Where the model goes. ``None``: where it is built (the CPU for a
         transformers model, the device sentence-transformers picks for
         one of its models) or where the given ``model`` already is.
+    unpack : bool, default=False
+        Hold quantized parameters as float parameters (their dequantized
+        values) rather than packed.
 
     Returns
     -------
@@ -400,9 +423,9 @@ def load_compressed(directory, model=None, *, device=None):
     """
     if isinstance(directory, nn.Module):
         raise TypeError(
-            "load_compressed(directory, model=None, *, device=None) takes the folder "
-            "first: call load_compressed(folder, model) (the order changed when "
-            "compressed models became self-contained folders)"
+            "load_compressed(directory, model=None, *, device=None, unpack=False) "
+            "takes the folder first: call load_compressed(folder, model) (the order "
+            "changed when compressed models became self-contained folders)"
         )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -415,10 +438,12 @@ def load_compressed(directory, model=None, *, device=None):
         model = _build(cls, directory, folder, manifest, headers, device, where)
     hf = _transformer_of(model, manifest, where)
     plans, tied = _fit(hf, modules, headers.files, headers.stored, where, ties)
-    state, tensors = _read_state(headers, manifest, tied, where)
+    state, tensors = _read_state(headers, manifest, tied, where, unpack)
+    if not unpack:
+        _pack_plans(plans, tensors, state)  # the new layers, still apart
     _verify(plans, modules, state, where)
     # checked: from here on nothing can fail on the user's input
-    _swap_in(hf, plans, state, tensors)
+    _swap_in(hf, plans, state, tensors, unpack)
     model.eval()
     if device is not None:
         model.to(device)

@@ -40,7 +40,7 @@ def _probe(layer):
     the layer computes with the transpose and the sums move by about the
     norm; rounding moves them by far less.
     """
-    weight = layer.bases
+    weight = layer.weight  # dtype and device, whether the factors are packed or not
     with torch.no_grad():
         n = torch.arange(1, layer.in_features + 1, dtype=torch.float64)
         x = torch.sin(n).to(weight.device, weight.dtype)

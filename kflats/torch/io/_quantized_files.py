@@ -1,9 +1,11 @@
-"""Quantized parameters in a folder: packed on save, checked and unpacked on load.
+"""Quantized parameters in a folder: packed on save, checked and placed on load.
 
 A parameter quantized by :func:`kflats.quantize.quantize_module_` is stored
 as its codes, scales, zero points and meta (``<key>.codes``, ...), and
 kflats.json records its bits, group size, axis and shape; the load checks
-the packed tensors against that entry before it dequantizes them.
+the packed tensors against that entry, then either dequantizes them
+(``unpack=True``) or places them, as they are, in the layers that read them
+(:func:`kflats.torch.layers.pack_quantized_`).
 """
 
 import json
@@ -11,7 +13,7 @@ import json
 import torch
 
 from kflats.torch.io._files import _INDEX, _MANIFEST, _read_tensors, _weight_files
-from kflats.torch.layers import quantized_tensors
+from kflats.torch.layers import PackedTensor, pack_quantized_, quantized_tensors
 
 
 def _quantized(module):
@@ -42,8 +44,11 @@ def _pack_files(folder, quantized, where):
     """Store each quantized parameter of the folder's weights as its packed form.
 
     Rewrites the safetensors file(s) that hold those parameters (and the
-    index of a sharded save).
+    index of a sharded save). A model loaded packed was saved packed: a file
+    is rewritten only to drop the names of a tied tensor's aliases that
+    safetensors records in its metadata, as the rewrite of a float save does.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     files, weight_map = _weight_files(folder, where)
@@ -51,6 +56,11 @@ def _pack_files(folder, quantized, where):
         state = load_file(str(file))
         keys = [k for k in state if k in quantized]
         if not keys:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata()
+            held = any(f"{k}.codes" in state for k in quantized)
+            if held and metadata != {"format": "pt"}:
+                save_file(state, str(file), metadata={"format": "pt"})
             continue
         for key in keys:
             del state[key]
@@ -92,7 +102,7 @@ def _check_quantized(quantized, stored, where):
     return packed, stored
 
 
-def _unpack(files, quantized, packed, where):
+def _read_quantized(files, quantized, packed, where):
     """Each quantized parameter as a QuantizedTensor, checked against its entry."""
     from kflats.quantize import QuantizedTensor
 
@@ -115,3 +125,48 @@ def _unpack(files, quantized, packed, where):
             )
         out[key] = qt
     return out
+
+
+def _under(name, tensors):
+    """The tensors of the module ``name``, by their names within it."""
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _packed_entries(module, prefix=""):
+    """The state entries of the packed tensors of ``module``, under every name."""
+    return {
+        f"{prefix}{name}.{key}": value
+        for name, sub in module.named_modules(remove_duplicate=False)
+        if isinstance(sub, PackedTensor)
+        for key, value in sub._buffers.items()
+        if value is not None
+    }
+
+
+def _pack_plans(plans, tensors, state):
+    """The new layers' quantized factors held as codes, their entries in ``state``.
+
+    The layers are still apart from the model; the packed tensors share the
+    arrays read from the folder.
+    """
+    for name, layer in plans.items():
+        own = _under(name, tensors)
+        if own:
+            pack_quantized_(layer, own)
+            state.update(_packed_entries(layer, name + "."))
+
+
+def _pack_model(hf, plans, tensors, state):
+    """The model's other quantized parameters held as codes, their entries in ``state``.
+
+    ``plans`` (the new layers, already packed by :func:`_pack_plans`) are
+    in ``hf`` by now; everything has been checked.
+    """
+    rest = {
+        key: qt
+        for key, qt in tensors.items()
+        if not any(key.startswith(name + ".") for name in plans)
+    }
+    pack_quantized_(hf, rest)  # a tied head shares its table's codes
+    state.update(_packed_entries(hf))

@@ -10,8 +10,14 @@
   (``_quantize.py``), the record of a layer's quantized tensors and state
   dicts holding them packed (``_quantized_state.py``), their bytes counted
   without quantizing (``_quantized_bytes.py``), and training through the
-  rounding (``_straight_through.py``). :mod:`kflats.quantize` holds the
-  matrix-level quantization these build on, and re-exports these functions.
+  rounding (``_straight_through.py``).
+- Quantized parameters held packed in memory: :class:`PackedTensor`
+  (``_packed_tensor.py``) over torch unpacking and dequantization
+  (``_dequantize.py``), placed in layers by :func:`pack_quantized_` and
+  taken out by :func:`unpack_quantized_` (``_packed_layers.py``).
+
+:mod:`kflats.quantize` holds the matrix-level quantization these build on,
+and re-exports the quantization functions.
 
 The rest of kflats imports them from here.
 """
@@ -27,6 +33,12 @@ from kflats.torch.layers._dense import (
 )
 from kflats.torch.layers._embedding import ProjectiveEmbedding
 from kflats.torch.layers._linear import ProjectiveLinear
+from kflats.torch.layers._packed_layers import (
+    is_packed,
+    pack_quantized_,
+    unpack_quantized_,
+)
+from kflats.torch.layers._packed_tensor import PackedTensor
 from kflats.torch.layers._quantize import quantize_module_
 from kflats.torch.layers._quantized_bytes import (
     factors_nbytes,
@@ -51,6 +63,7 @@ from kflats.torch.layers._tied import ProjectiveTiedHead, SharedEmbedding
 
 __all__ = [
     "QUANTIZED_RECORD",
+    "PackedTensor",
     "ProjectiveEmbedding",
     "ProjectiveLinear",
     "ProjectiveTiedHead",
@@ -64,7 +77,9 @@ __all__ = [
     "form_nbytes",
     "is_conv1d",
     "is_linear",
+    "is_packed",
     "label_dtype",
+    "pack_quantized_",
     "quantize_module_",
     "quantized_state",
     "quantized_tensors",
@@ -75,5 +90,6 @@ __all__ = [
     "split_quantized_state",
     "state_nbytes",
     "straight_through_parameters",
+    "unpack_quantized_",
     "weight_as_numpy",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 from kflats._size import factors_size
 from kflats.factorize import ProjectiveFactors
 from kflats.torch.layers._packed import PackedCache, cacheable
+from kflats.torch.layers._packed_tensor import PackedTensor
 
 
 class WeightSpec:
@@ -54,15 +55,15 @@ class WeightSpec:
 
     @property
     def dtype(self):
-        return self._layer.bases.dtype
+        return self._layer._bases_held().dtype
 
     @property
     def device(self):
-        return self._layer.bases.device
+        return self._layer._bases_held().device
 
     @property
     def requires_grad(self):
-        return self._layer.bases.requires_grad
+        return self._layer._bases_held().requires_grad
 
     @property
     def ndim(self):
@@ -140,6 +141,9 @@ class _Projective(nn.Module):
     # inference (no gradient for the factors) runs the packed form
     # (kflats.torch.layers._packed), built once and kept until a factor changes
     _packed_inference = True
+    # whether the forward reads the rows in cluster order (``_order``, n int64:
+    # a Linear's input features); every layer reads each row's place in it
+    _reads_order = True
 
     def _init_factors(self, n, d, ranks, labels, affine, device, dtype, name_n):
         factory = {"device": device, "dtype": dtype}
@@ -160,29 +164,51 @@ class _Projective(nn.Module):
         else:
             self.register_parameter("means", None)
         order, place = _order(self.labels)
-        self.register_buffer("_order", order, persistent=False)
+        if self._reads_order:
+            self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_place", place, persistent=False)
         self._packed_cache = PackedCache()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
-    def _packed(self, build):
+    def _packed(self, build, coefficients, bases, means):
         """The packed form (``build(coefficients, bases, means)``), or None.
 
         None when the forward must record gradients for the factors (it then
         runs the grouped form), or when a factor is recomputed at each
-        access (a parametrization).
+        access (a parametrization). Factors held as their codes
+        (:meth:`_holds_codes`) take the form the same layer holding
+        trainable floats takes (grouped while gradients are recorded, so
+        that both compute the same floats) and a packed form built for this
+        call alone: no float copy of them is kept between calls.
         """
-        coefficients = list(self.coefficients)
-        tensors = (self.bases, self.means, *coefficients)
-        if not self._packed_inference or not cacheable(tensors):
+        tensors = (bases, means, *coefficients)
+        if not self._packed_inference:
             return None
+        if self._holds_codes():
+            if torch.is_grad_enabled():
+                return None
+            return build(coefficients, bases, means)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors
         ):
             return None
+        if not cacheable(tensors):
+            return None
         return self._packed_cache.get(
-            tensors, lambda: build(coefficients, self.bases, self.means)
+            tensors, lambda: build(coefficients, bases, means)
         )
+
+    def _holds_codes(self):
+        """Whether a factor is held packed, as codes dequantized on use."""
+        return any(
+            isinstance(m, PackedTensor)
+            for m in (*self._modules.values(), *self.coefficients._modules.values())
+        )
+
+    def _bases_held(self):
+        """The bases, or their PackedTensor: their dtype and device, no floats made."""
+        packed = self._modules.get("bases")
+        return packed if isinstance(packed, PackedTensor) else self.bases
 
     def _apply(self, fn, *args, **kwargs):
         self._packed_cache.clear()
@@ -200,7 +226,7 @@ class _Projective(nn.Module):
         Counted like :attr:`kflats.factorize.ProjectiveFactors.n_params` (the
         cluster ids count when k > 1); a Linear layer's bias is not included.
         """
-        d = self.bases.shape[1]
+        d = self._bases_held().shape[1]
         return factors_size(self.sizes, self.ranks, d, self.affine).numbers
 
     def _bases_of(self, c):
@@ -276,7 +302,7 @@ class _Projective(nn.Module):
         return f"{self._get_name()}({self.extra_repr()})"
 
     def _factor_repr(self):
-        n, d = len(self.labels), self.bases.shape[1]
+        n, d = len(self.labels), self._bases_held().shape[1]
         ranks = self.ranks
         shown = ranks if len(ranks) <= 8 else (*ranks[:8], "...")
         text = f"k={self.k}, ranks={tuple(shown)}".replace("'...'", "...")
@@ -298,6 +324,7 @@ def _refresh_after_load(module, incompatible_keys):
             f"for {module.sizes}; build the layer with the same labels"
         )
     order, place = _order(labels)
-    module._order.copy_(order)
+    if module._reads_order:
+        module._order.copy_(order)
     module._place.copy_(place)
     module._packed_cache.clear()

@@ -27,7 +27,10 @@ def is_conv1d(module):
 
 def is_linear(module):
     """A dense layer computing ``x W^T + b``: a Linear, or a Conv1D (``x W + b``)."""
-    return type(module) is nn.Linear or is_conv1d(module)
+    cls = type(module)
+    # a Linear holding its weight packed is a subclass made for it
+    cls = getattr(cls, "_kflats_unpacked_class", cls)
+    return cls is nn.Linear or is_conv1d(module)
 
 
 def dense_weight(module):

@@ -10,6 +10,7 @@ from kflats.torch.layers._base import WeightSpec, _Projective
 from kflats.torch.layers._dense import weight_as_numpy
 from kflats.torch.layers._packed import (
     EMBEDDING_PACKED_TOKENS,
+    lookup_by_cluster,
     pack_embedding,
     packed_embedding,
 )
@@ -93,6 +94,9 @@ class ProjectiveEmbedding(_Projective):
     >>> layer.to_dense()
     Embedding(100, 16, padding_idx=0)
     """
+
+    # a lookup reads each token's place in the cluster-ordered table only
+    _reads_order = False
 
     def __init__(
         self,
@@ -265,11 +269,18 @@ class ProjectiveEmbedding(_Projective):
         return layer
 
     def forward(self, input):
+        if self._holds_codes():
+            return self._lookup_codes(input)
+        coefficients = list(self.coefficients)
+        bases, means = self.bases, self.means
         if input.numel() <= EMBEDDING_PACKED_TOKENS:
             packed = self._packed(
                 lambda U, V, mu: pack_embedding(
                     self.labels, self._place, self.sizes, U, V, mu
-                )
+                ),
+                coefficients,
+                bases,
+                means,
             )
             if packed is not None:
                 return packed_embedding(input, *packed)
@@ -277,11 +288,74 @@ class ProjectiveEmbedding(_Projective):
             input,
             self._place,
             self.sizes,
-            list(self.coefficients),
-            self.bases,
-            self.means,
+            coefficients,
+            bases,
+            means,
             self.padding_idx if self.training else None,
         )
+
+    def _lookup_codes(self, input):
+        """A lookup with factors held as codes: of each table, the tokens' rows.
+
+        The operations of the float layer's forward on the same values (so
+        the same floats), but of each quantized coefficient table only the
+        rows looked up are dequantized, and no table is kept. In the short
+        form, each token's cluster and row are computed for the tokens
+        looked up, and of the bases only the rows of their clusters are
+        dequantized; the grouped form dequantizes the bases whole.
+        """
+        tables = [
+            self.coefficients._modules.get(str(c)) or self.coefficients[c]
+            for c in range(self.k)
+        ]
+        means = self.means
+        bases_packed = self._modules.get("bases")
+        # the form the float layer takes: grouped while gradients are
+        # recorded (its factors train) or for many tokens
+        short = 0 < input.numel() <= EMBEDDING_PACKED_TOKENS and self._packed_inference
+        if not short or torch.is_grad_enabled():
+            return F.projective_embedding(
+                input,
+                self._place,
+                self.sizes,
+                tables,
+                self.bases,
+                means,
+                self.padding_idx if self.training else None,
+            )
+        flat = input.reshape(-1)
+        ids = self.labels.index_select(0, flat).to(torch.int64)
+        order = torch.argsort(ids)
+        tokens = flat.index_select(0, order)
+        starts = torch.tensor([0, *self.sizes[:-1]], device=flat.device).cumsum(0)
+        rows = self._place.index_select(0, tokens) - starts.index_select(
+            0, ids.index_select(0, order)
+        )
+        blocks = self._present_bases(ids, bases_packed, means)
+        out = lookup_by_cluster(ids, order, rows, tables, blocks)
+        return out.reshape(*input.shape, out.shape[1])
+
+    def _present_bases(self, ids, bases_packed, means):
+        """Each cluster's bases (and mean), dequantized for the clusters in ``ids``.
+
+        ``(None, None)`` for a cluster no token of ``ids`` belongs to.
+        """
+        counts = torch.bincount(ids, minlength=self.k).tolist()
+        offsets = [sum(self.ranks[:c]) for c in range(self.k)]
+        present = [c for c in range(self.k) if counts[c]]
+        spans = [(offsets[c], self.ranks[c]) for c in present]
+        if bases_packed is None:
+            bases = self.bases
+            parts = [bases[o : o + r] for o, r in spans]
+        else:  # the rows of the clusters present, no others
+            index = torch.cat(
+                [torch.arange(o, o + r, device=ids.device) for o, r in spans]
+            )
+            parts = bases_packed.rows(index).split([r for _, r in spans])
+        blocks = [(None, None)] * self.k
+        for c, V in zip(present, parts, strict=True):
+            blocks[c] = (V, None if means is None else means[c])
+        return blocks
 
     def to_dense(self):
         """A plain :class:`torch.nn.Embedding` holding the reconstructed table.

@@ -290,28 +290,23 @@ class ProjectiveLinear(_Projective):
         return layer
 
     def forward(self, input):
+        # read once: a factor held packed is dequantized at each read
+        coefficients = list(self.coefficients)
+        bases, means = self.bases, self.means
         packed = self._packed(
-            lambda U, V, mu: pack_linear(self.side, self._order, self.sizes, U, V, mu)
+            lambda U, V, mu: pack_linear(self.side, self._order, self.sizes, U, V, mu),
+            coefficients,
+            bases,
+            means,
         )
         if packed is not None:
             return packed_linear(input, *packed, self.bias)
         if self.side == "output":
             return F.projective_linear_output(
-                input,
-                self._place,
-                list(self.coefficients),
-                self.bases,
-                self.bias,
-                self.means,
+                input, self._place, coefficients, bases, self.bias, means
             )
         return F.projective_linear(
-            input,
-            self._order,
-            self.sizes,
-            list(self.coefficients),
-            self.bases,
-            self.bias,
-            self.means,
+            input, self._order, self.sizes, coefficients, bases, self.bias, means
         )
 
     def to_dense(self):

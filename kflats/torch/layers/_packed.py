@@ -180,21 +180,36 @@ def packed_embedding(input, labels, within, coefficients, blocks):
     flat = input.reshape(-1)
     ids = labels.index_select(0, flat)
     order = torch.argsort(ids)
-    counts = torch.bincount(ids, minlength=len(blocks)).tolist()
     rows = within.index_select(0, flat.index_select(0, order))
-    d = blocks[0][0].shape[1]
-    ordered = blocks[0][0].new_empty((flat.numel(), d))
+    out = lookup_by_cluster(ids, order, rows, coefficients, blocks)
+    return out.reshape(*input.shape, out.shape[1])
+
+
+def lookup_by_cluster(ids, order, rows, coefficients, blocks):
+    """The embeddings of tokens of clusters ``ids``, rows ``rows`` in ``order``.
+
+    ``rows`` are the tokens' rows within their clusters' coefficients, taken
+    in ``order`` (which sorts ``ids``); a coefficient table may be a tensor
+    or a packed one (anything with ``rows(index)``: only those rows are
+    dequantized), and the blocks of clusters no token belongs to None.
+    """
+    counts = torch.bincount(ids, minlength=len(blocks)).tolist()
+    like = next(V for V, _ in blocks if V is not None)
+    ordered = like.new_empty((ids.numel(), like.shape[1]))
     lo = 0
     for c, count in enumerate(counts):
         if not count:
             continue
         hi = lo + count
-        coeff = coefficients[c].index_select(0, rows[lo:hi])
+        table = coefficients[c]
+        if isinstance(table, torch.Tensor):
+            coeff = table.index_select(0, rows[lo:hi])
+        else:
+            coeff = table.rows(rows[lo:hi])
         V, mean = blocks[c]
         if mean is None:
             torch.mm(coeff, V, out=ordered[lo:hi])
         else:
             torch.addmm(mean, coeff, V, out=ordered[lo:hi])
         lo = hi
-    out = torch.empty_like(ordered).index_copy_(0, order, ordered)
-    return out.reshape(*input.shape, d)
+    return torch.empty_like(ordered).index_copy_(0, order, ordered)

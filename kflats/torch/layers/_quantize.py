@@ -3,9 +3,10 @@
 A quantized layer keeps its float parameters, which hold exactly the
 dequantized values: its forward is the float forward (no slower than the
 original, and ``to_dense()`` still works), and what a save writes is the
-packed codes and scales (:func:`quantized_state`). A load dequantizes them to
-the same floats (:func:`dequantized_state`), so outputs are bit-identical
-after the round trip.
+packed codes and scales (:func:`quantized_state`). A load keeps them packed,
+the layer dequantizing them on use (:func:`pack_quantized_`), or
+dequantizes them to the same floats (``unpack=True``); either way outputs
+are bit-identical after the round trip.
 
 Factors of a projective layer (``W[R_c] = U_c V_c``)
 ----------------------------------------------------

@@ -5,7 +5,9 @@ its dequantized values and records its
 :class:`~kflats.quantize.QuantizedTensor` on the layer; a save writes the
 records as packed codes and scales (:func:`quantized_state`), a load reads
 them back (:func:`split_quantized_state`, :func:`dequantized_state`) and
-records them again (:func:`record_quantized_`).
+records them again (:func:`record_quantized_`). A layer holding its
+quantized parameters packed (:func:`~kflats.torch.layers.pack_quantized_`)
+records them as a view of its codes, and its state dict is already packed.
 """
 
 import numpy as np
@@ -142,13 +144,15 @@ def quantized_state(module):
     """
     state = dict(module.state_dict())
     for full, qt in quantized_tensors(module).items():
-        if full not in state:
+        packed = qt.to_state(full + ".")
+        if full in state:
+            del state[full]
+        elif not all(key in state for key in packed):  # held packed: already in
             raise ValueError(
                 f"{full!r} is recorded as quantized but is not in the state "
                 "dict (still parametrized for training? call requantize_ first)"
             )
-        del state[full]
-        for key, value in qt.to_state(full + ".").items():
+        for key, value in packed.items():
             state[key] = torch.from_numpy(np.ascontiguousarray(value))
     return state
 

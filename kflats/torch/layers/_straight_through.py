@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kflats.torch.layers._packed_layers import is_packed
 from kflats.torch.layers._quantized_state import QUANTIZED_RECORD, _assign, _np
 
 __all__ = [
@@ -78,6 +79,14 @@ def register_straight_through_(module):
     >>> hasattr(layer, "parametrizations")
     False
     """
+    packed = [name for name, sub in module.named_modules() if is_packed(sub)]
+    if packed:
+        raise ValueError(
+            f"{len(packed)} layer(s) hold their quantized weights packed (such "
+            f"as {packed[0] or type(module).__name__!r}), which do not train: "
+            "load the model with load_compressed(..., unpack=True), or call "
+            "kflats.torch.layers.unpack_quantized_(model) first"
+        )
     for _, sub in module.named_modules():
         for name, qt in getattr(sub, QUANTIZED_RECORD, {}).items():
             owner, attr = _split(sub, name)
@@ -138,7 +147,7 @@ def requantize_(module):
     """
     for _, sub in module.named_modules():
         record = getattr(sub, QUANTIZED_RECORD, None)
-        if not record:
+        if not record or is_packed(sub):  # packed: its codes are the grid's
             continue
         for name in record:
             owner, attr = _split(sub, name)
