@@ -23,7 +23,6 @@ which picks its operator.
 import numpy as np
 from torch import nn
 
-from kflats.torch.export._graph import Pieces
 from kflats.torch.layers import (
     ProjectiveEmbedding,
     ProjectiveLinear,
@@ -207,7 +206,7 @@ def build_module(p, x, name, module, tensors, slots):
 
     Parameters
     ----------
-    p : Pieces
+    p : kflats.torch.export._graph.Pieces
     x : str
         The name of the module's input in the graph.
     name : str
@@ -219,7 +218,6 @@ def build_module(p, x, name, module, tensors, slots):
         Every slotted module, ``name -> (module, tensors)`` (a tied head
         reads its embedding's).
     """
-    assert isinstance(p, Pieces)
     if isinstance(module, ProjectiveTiedHead):
         emb = module.embedding
         owner = next((n for n, (m, _) in slots.items() if m is emb), None)
