@@ -254,8 +254,17 @@ def _compress(
 
 
 # compress's keywords that are fields of the config (None: the field's default)
-_FIELDS = ("allocation", "k", "ranks", "side", "smoothing", "damping", "unit", "bits")
-_FIELDS += ("group_size",)
+_FIELDS = (
+    "allocation",
+    "k",
+    "ranks",
+    "side",
+    "smoothing",
+    "damping",
+    "unit",
+    "bits",
+    "group_size",
+)
 # fields whose None is a value of its own (not "the default")
 _FIT_FIELDS = ("random_state", "affine", "n_refine")
 

@@ -402,10 +402,8 @@ def test_load_rejects_a_packed_tensor_that_disagrees_with_kflats_json(tmp_path):
         assert_unchanged(target, snap)
 
 
-def test_tiny_bert_round_trip_in_bytes(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from kflats.torch import load_compressed, save_compressed
-
+def _tiny_bert(transformers):
+    """A tiny BertModel, seeded, in eval mode."""
     config = transformers.BertConfig(
         vocab_size=300,
         hidden_size=32,
@@ -415,7 +413,14 @@ def test_tiny_bert_round_trip_in_bytes(tmp_path):
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    return transformers.BertModel(config).eval()
+
+
+def test_tiny_bert_round_trip_in_bytes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kflats.torch import load_compressed, save_compressed
+
+    model = _tiny_bert(transformers)
     report = compress(
         model, 0.15, [nn.Embedding, nn.Linear], unit="bytes", random_state=0
     )
@@ -684,16 +689,7 @@ def test_a_size_for_a_tiny_bert_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     from kflats.torch import save_compressed
 
-    config = transformers.BertConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    base = transformers.BertModel(config).eval()
+    base = _tiny_bert(transformers)
     need = smallest_size(base, nn.Linear)
     float32 = saved_nbytes(base)
     for i, size in enumerate((need, (need + float32) // 2, float32)):
