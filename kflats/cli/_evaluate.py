@@ -7,6 +7,15 @@ bytes), both at other budgets (``--curve``; in bytes, each point a size of
 the folder of its own, its bytes recorded), the model's own outputs
 (perplexity, labels), a probe on the user's labels, and the latency of both
 models.
+
+A causal LM is read a token at a time over a whole vocabulary: its
+calibration takes the first :data:`CAUSAL_CALIBRATION` of kflats' own
+calibration sentences (a user's ``--calibration`` file whole), the heal the
+sentences the calibration left (:func:`text_splits`), the fidelity of its
+hidden states the first :data:`CAUSAL_HELDOUT` held-out sentences, and its
+own outputs (perplexity, KL divergence and top-1 agreement of the
+next-token distributions against the original's) are scored on text from
+another source than the calibration's: kflats' ``"outside"`` sentences.
 """
 
 import copy
@@ -28,6 +37,39 @@ def _hushed():
     return hushed()
 
 
+# kflats' calibration sentences a causal LM is calibrated on (about 4,300
+# tokens for SmolLM2's tokenizer), held-out sentences its hidden states are
+# compared on, and outside sentences its next-token predictions are scored on
+CAUSAL_CALIBRATION, CAUSAL_HELDOUT, CAUSAL_OUTSIDE = 256, 64, 160
+
+
+def _causal(job):
+    from kflats.torch.models import adapter_for
+
+    return adapter_for(job.base).output_kind == "causal_lm"
+
+
+def text_splits(job):
+    """The texts of the calibration and of the heal, apart.
+
+    A causal LM calibrated on kflats' own sentences takes the first
+    :data:`CAUSAL_CALIBRATION` and heals on the others; else both read every
+    text (a user's file is used whole).
+    """
+    own = job.args.calibration is None
+    if _causal(job) and own and len(job.texts) > CAUSAL_CALIBRATION:
+        return job.texts[:CAUSAL_CALIBRATION], job.texts[CAUSAL_CALIBRATION:]
+    return job.texts, job.texts
+
+
+def heldout_texts(job):
+    """The held-out sentences the fidelity is measured on (fewer for a causal LM)."""
+    from kflats.datasets import load_sentences
+
+    texts = load_sentences("heldout")
+    return texts[:CAUSAL_HELDOUT] if _causal(job) else texts
+
+
 def compress_options(job):
     """The keywords of the run's :func:`kflats.torch.compress`, at any budget."""
     args = job.args
@@ -39,6 +81,7 @@ def compress_options(job):
         "ranks": args.ranks,
         "tokenizer": job.tokenizer,
         "random_state": args.seed,
+        "format": getattr(args, "format", "kflats"),
     }
 
 
@@ -63,6 +106,7 @@ def evaluate(job):
     if warning:
         job.warnings.append(warning)
     job.model_metrics = _model_metrics(job)
+    job.svd_model = None  # the baseline's scores are kept; its weights freed
     with _hushed(), job.steps("latency", "timing both models", bar=False):
         job.latency = _latency(job)
 
@@ -119,12 +163,17 @@ def _model_metrics(job):
     kind = adapter.output_kind
     if kind not in _LOGIT_KINDS:
         return None
-    texts = job.heldout[:_MODEL_TEXTS]
-    metrics = {"kind": kind, "texts": len(texts)}
+    texts, source = job.heldout[:_MODEL_TEXTS], "kflats.datasets: heldout"
+    if kind == "causal_lm":  # text from another source than the calibration's
+        from kflats.datasets import load_sentences
+
+        texts = load_sentences("outside")[:CAUSAL_OUTSIDE]
+        source = "kflats.datasets: outside"
+    metrics = {"kind": kind, "texts": len(texts), "source": source}
     with _hushed(), job.steps("model", f"evaluating the {kind} outputs"):
         for key, model in (("kflats", job.model), ("svd", job.svd_model)):
             metrics[key] = adapter.evaluate(
-                job.base, model, texts, tokenizer=job.tokenizer
+                job.base, model, texts, tokenizer=job.tokenizer, batch_size=8
             )
     lost = _lost(kind, metrics["kflats"])
     if lost:

@@ -29,7 +29,14 @@ from ._common import (
     size_type,
     write_folder_atomically,
 )
-from ._evaluate import BASELINES, compress_options, evaluate
+from ._evaluate import (
+    BASELINES,
+    compress_options,
+    evaluate,
+    heldout_texts,
+    text_splits,
+)
+from ._formats import FORMATS, check_budget_of, check_format, check_input, marker
 from ._steps import Steps
 
 EMBEDDING, ALL = "embedding", "all"
@@ -78,7 +85,13 @@ _OPTIONS = (
     (("--size",), {"type": size_type, "default": None, "metavar": "SIZE",
      "help": "the size of the folder's weight files, such as 9MB or 9.5MiB: "
      "every tensor (the modules left float too) and header (implies --unit "
-     "bytes; instead of --budget)"}),
+     "bytes; instead of --budget); with --format onnx or gguf, of its file"}),
+    (("--format",), {"choices": list(FORMATS), "default": "kflats",
+     "help": "the file written: kflats' compressed folder (default); onnx: only "
+     "the forms an ONNX file holds in its operators' own forms (float32, 4-bit "
+     "MatMulNBits, 2-, 4- and 8-bit GatherBlockQuantized), --out the folder kflats "
+     "export --onnx writes; gguf (MODEL_DIR a .gguf file): only float32, Q8_0, "
+     "Q4_0, Q4_1, model.gguf in the folder. Both take a size in bytes, of that file"}),
     (("--out",), {"required": True, "metavar": "DIR",
      "help": "folder to write the compressed model and its report to; an "
      "existing one is replaced (with --overwrite) only if kflats wrote it"}),
@@ -165,6 +178,7 @@ class _Job:
     latency: dict | None = None
     model_metrics: dict | None = None
     folder_bytes: int | None = None
+    exported: dict | None = None
 
 
 def run(args):
@@ -211,7 +225,8 @@ def _check(args):
     from ._texts import read_labels, read_texts
 
     _budget_and_unit(args)
-    out = output_folder(args.out, args.overwrite)
+    check_format(args)
+    out = output_folder(args.out, args.overwrite, marker=marker(args.format))
     if args.calibration is not None:
         texts, text_source = read_texts(args.calibration), str(args.calibration)
     else:
@@ -222,8 +237,10 @@ def _check(args):
     labelled = None if args.eval_labels is None else read_labels(args.eval_labels)
     source = _model().model_source(args.model_dir)
     skeleton = _model().skeleton(source)
+    check_input(args.format, source, skeleton)
     if skeleton is not None:  # checked before the weights are loaded
-        _checked_targets(skeleton, args)
+        # (an ONNX file's bytes are measured on a trace: once loaded)
+        _checked_targets(skeleton, args, budget=args.format != "onnx")
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
 
 
@@ -261,20 +278,21 @@ def _targets(model, specs):
     return list(dict.fromkeys(names))
 
 
-def _checked_targets(model, args):
+def _checked_targets(model, args, budget=True):
     """Selected module names, checked with the budget before any heavy work.
 
-    A size in bytes below the smallest the folder reaches stops here, before
-    the calibration, in one line naming that size.
+    A size in bytes below the smallest the folder (or the ``--format``
+    file) reaches stops here, before the calibration, in one line naming
+    that size.
     """
-    from kflats.torch.compression import check_budget
     from kflats.torch.models import select_modules
 
     try:
         names, named = select_modules(model, _targets(model, args.targets))
     except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
         raise ValueError(f"--targets: {exc}") from None
-    check_budget(args.budget, names, named, args.allocation, args.unit, args.k)
+    if budget:
+        check_budget_of(args, names, named)
     return names
 
 
@@ -287,7 +305,7 @@ def _calibrate(job):
     with _model().hushed(), job.steps("calibrate", "calibrating", bar=False):
         job.calibration = calibrate(
             job.base,
-            job.texts,
+            text_splits(job)[0],
             tokenizer=job.tokenizer,
             targets=job.names,
             progress=job.steps.show,
@@ -314,11 +332,10 @@ def _heal(job):
     """Measure the original (and the unhealed model), then heal if asked."""
     import torch
 
-    from kflats.datasets import load_sentences
     from kflats.torch import heal
     from kflats.torch.evaluation import evaluator
 
-    job.heldout = load_sentences("heldout")
+    job.heldout = heldout_texts(job)
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
     with _model().hushed(), job.steps("evaluate", "evaluating the original"):
         job.reference = job.evaluator.outputs(job.base)
@@ -333,7 +350,7 @@ def _heal(job):
             heal(
                 job.model,
                 job.base,
-                job.texts,
+                text_splits(job)[1],
                 steps=job.args.heal_steps,
                 tokenizer=job.tokenizer,
                 progress=job.steps.show,
@@ -358,21 +375,21 @@ def _model_numbers(model):
     return params, saved_nbytes(model)
 
 
-def _weight_file_bytes(folder):
-    """Bytes of a folder's weight files (its safetensors files), as on disk."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
-
-
 def _write(job):
-    """Save, reload and check, write the report; all in one atomic folder."""
+    """Save, reload and check, export (--format), write the report; all in one
+    atomic folder."""
+    from . import _formats
+
+    fmt = job.args.format
 
     def fill(folder):
         from kflats.torch import load_compressed, save_compressed
 
+        saved = _formats.saved_folder(fmt, folder)
         with _model().hushed(), job.steps("save", "writing"):
-            save_compressed(job.model, folder, tokenizer=job.saved_tokenizer)
-            job.folder_bytes = _weight_file_bytes(folder)
-            reloaded = load_compressed(folder)
+            save_compressed(job.model, saved, tokenizer=job.saved_tokenizer)
+            job.folder_bytes = _formats.weight_file_bytes("kflats", saved)
+            reloaded = load_compressed(saved)
             identical = bool(
                 np.array_equal(job.evaluator.outputs(reloaded), job.compressed)
             )
@@ -380,6 +397,14 @@ def _write(job):
                 raise RuntimeError(
                     "the saved model's outputs differ from the evaluated model's"
                 )
+        if fmt != "kflats":
+            with _model().hushed(), job.steps("export", f"writing the {fmt} file"):
+                gguf = fmt == "gguf" and job.source.gguf_file  # its path
+                source = job.source.folder / gguf if gguf else None
+                job.exported = _formats.export(fmt, saved, folder, source)
+                job.exported["folder_bytes"] = job.folder_bytes
+                # the size is the exported file's
+                job.folder_bytes = _formats.weight_file_bytes(fmt, folder)
         data = _data(job, identical)
         with job.steps("pictures", "drawing the pictures"):
             pictures = _report.draw_pictures(
@@ -392,7 +417,11 @@ def _write(job):
         return data, _report.write_report(folder, data, pictures)
 
     return write_folder_atomically(
-        job.out, fill, overwrite=job.args.overwrite, shown=str(job.args.out)
+        job.out,
+        fill,
+        overwrite=job.args.overwrite,
+        shown=str(job.args.out),
+        marker=marker(fmt),
     )
 
 
@@ -431,9 +460,11 @@ def _data(job, identical):
         "settings": {
             "budget": args.budget, "unit": args.unit, "targets": list(args.targets),
             "allocation": args.allocation, "k": args.k, "ranks": args.ranks,
-            "heal_steps": args.heal_steps,
+            "heal_steps": args.heal_steps, "format": args.format,
         },
-        "calibration": {"source": job.text_source, "texts": len(job.texts)},
+        "calibration": {
+            "source": job.text_source, "texts": len(text_splits(job)[0]),
+        },
         "evaluation": {
             "source": "kflats.datasets.load_sentences('heldout')",
             "kind": job.evaluator.kind,
@@ -457,4 +488,7 @@ def _data(job, identical):
         data["model_metrics"] = job.model_metrics
     if job.latency is not None:
         data["latency"] = job.latency
+    if job.exported is not None:  # the file of --format, and the folder it came from
+        data[args.format] = job.exported
+        data["totals"]["format"] = args.format
     return data

@@ -10,6 +10,8 @@ _PICTURES = {
     "module_shares.png": "Each module's share of the budget",
     "embedding_spectra.png": "Singular values of the embedding's clusters",
 }
+# what folder_bytes counts, by --format
+_FILES = {"onnx": "the ONNX model file", "gguf": "the GGUF file, model.gguf"}
 
 
 def _short_names(names):
@@ -236,7 +238,8 @@ def _md_totals(data):
 
 def _md_folder(t):
     """Rows: the folder's weight files (headers included), and the size asked."""
-    rows = (("the folder's weight files", "folder_bytes"), ("size asked", "size_asked"))
+    files = _FILES.get(t.get("format"), "the folder's weight files")
+    rows = ((files, "folder_bytes"), ("size asked", "size_asked"))
     return [
         f"| {label} | | {t[key]:,} bytes | {t[key] / t['bytes_before']:.3f} |"
         for label, key in rows
@@ -459,9 +462,10 @@ def summary(data, out, files):
     )
     asked = totals.get("size_asked")
     asked = "" if asked is None else f"; size asked {_human(asked, 'B')}"
+    counted = _FILES.get(totals.get("format"), "the folder's weight files")
     print(
         f"bytes: {_human(totals['bytes_before'], 'B')} -> "
-        f"{_human(totals['folder_bytes'], 'B')} (the folder's weight files{asked})"
+        f"{_human(totals['folder_bytes'], 'B')} ({counted}{asked})"
     )
     print(
         f"fidelity on {data['evaluation']['texts']} held-out texts: mean cosine "

@@ -16,6 +16,7 @@ from ._grid import (
     check_bits,
     check_group_size,
     check_scale_dtype,
+    check_zero_dtype,
 )
 from ._tensor import QuantizedTensor
 
@@ -59,22 +60,35 @@ def _check_moment(moment, n):
 
 
 class _Grid:
-    """How a group's grid is fitted: bits, symmetry, scale dtype, clip ratios."""
+    """How a group's grid is fitted: bits, symmetry, scale dtype, clip ratios,
+    and the dtype of its zero points."""
 
-    def __init__(self, bits, symmetric, dtype, ratios):
+    def __init__(self, bits, symmetric, dtype, ratios, zero_dtype=np.uint8):
         self.bits, self.symmetric = bits, symmetric
         self.dtype, self.ratios = dtype, ratios
+        self.zero_dtype = zero_dtype
+
+    @property
+    def float_zeros(self):
+        return not self.symmetric and self.zero_dtype is np.float16
 
     def fit(self, groups):
         """(scales, zero points) of the groups, one a row of ``groups``."""
         s, z, _ = _fit_and_encode(
-            groups, self.bits, self.symmetric, self.dtype, self.ratios
+            groups,
+            self.bits,
+            self.symmetric,
+            self.dtype,
+            self.ratios,
+            zero_dtype=self.zero_dtype,
         )
         return s, z
 
 
 @numba.njit(cache=True, nogil=True)
-def _round_span(W, U, perm, j0, j1, b0, b1, g, s64, z64, bits, codes, err_block):
+def _round_span(
+    W, U, perm, j0, j1, b0, b1, g, s64, z64, bits, codes, err_block, float_zeros
+):
     """Columns ``j0 ... j1 - 1`` of ``W`` rounded on grids already fitted.
 
     Each column's codes go to ``codes[:, perm[j]]``; its error, scaled by
@@ -84,17 +98,22 @@ def _round_span(W, U, perm, j0, j1, b0, b1, g, s64, z64, bits, codes, err_block)
     """
     levels = (1 << bits) - 1
     rows = W.shape[0]
-    for j in range(j0, j1):
-        orig = perm[j]
-        k = orig // g
-        d = U[j, j]
-        for i in range(rows):
+    # rows are independent: one row at a time keeps its block of columns and
+    # the block of U in cache (4-5x faster than a column at a time over the
+    # rows, 1536 x 576 at 4 bits; the same operations in the same order)
+    for i in range(rows):
+        for j in range(j0, j1):
+            orig = perm[j]
+            k = orig // g
             s, z, x = s64[i, k], z64[i, k], W[i, j]
-            q = np.rint(x / s) if s > 0 else 0.0
-            q = min(max(q + z, 0.0), float(levels))
+            if float_zeros:  # a float zero point: added before the rounding
+                q = np.rint(x / s + z) if s > 0 else np.rint(z)
+            else:
+                q = (np.rint(x / s) if s > 0 else 0.0) + z
+            q = min(max(q, 0.0), float(levels))
             deq = np.float64((np.float32(q) - np.float32(z)) * np.float32(s))
             codes[i, orig] = np.uint8(q)
-            e = (x - deq) / d
+            e = (x - deq) / U[j, j]
             err_block[i, j - b0] = e
             for jj in range(j + 1, b1):
                 W[i, jj] -= e * U[j, jj]
@@ -126,8 +145,9 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
                     scales[:, k], zeros[:, k] = grid.fit(W[:, j:end])
                     s64[:, k], z64[:, k] = scales[:, k], zeros[:, k]
                 _round_span(
-                    W, U, perm, j, end, b0, b1, g, s64, z64, grid.bits, codes, err_block
-                )
+                    W, U, perm, j, end, b0, b1, g, s64, z64, grid.bits, codes,
+                    err_block, grid.float_zeros,
+                )  # fmt: skip
         else:
             for j in range(b0, b1):
                 orig = perm[j]
@@ -155,6 +175,7 @@ def quantize_calibrated(
     damping=0.01,
     act_order=False,
     scale_dtype="float16",
+    zero_dtype="uint8",
 ):
     """GPTQ-style quantization: columns rounded in order, errors fed forward.
 
@@ -188,6 +209,9 @@ def quantize_calibrated(
         ``act_order``; with groups along the rows, each group's grid is then
         fitted up front on ``W`` itself ("static groups").
     scale_dtype : {"float16", "float32"}, default="float16"
+    zero_dtype : {"uint8", "float16"}, default="uint8"
+        Integer zero points, or float16 ones (see
+        :func:`~kflats.quantize.quantize`).
 
     Returns
     -------
@@ -225,10 +249,12 @@ def quantize_calibrated(
     if not damping >= 0 or not np.isfinite(damping):
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
     H = _check_moment(moment, cols)
-    grid = _Grid(bits, bool(symmetric), dtype, _CLIP_RATIOS if clip else (1.0,))
+    zdtype = check_zero_dtype(zero_dtype)
+    ratios = _CLIP_RATIOS if clip else (1.0,)
+    grid = _Grid(bits, bool(symmetric), dtype, ratios, zdtype)
     n_scales = (rows, cols // g) if axis == 1 else (cols, rows // g)
     scales = np.empty(n_scales, dtype=dtype)
-    zeros = np.empty(n_scales, dtype=np.uint8)
+    zeros = np.empty(n_scales, dtype=np.uint8 if symmetric else zdtype)
     if act_order:
         # the columns with the most input energy first; the grids of groups
         # along a row are then fitted up front, on the weights as given
@@ -239,8 +265,11 @@ def quantize_calibrated(
             scales[:], zeros[:] = s.reshape(scales.shape), z.reshape(zeros.shape)
     else:
         perm = np.arange(cols)
-    U = _inverse_factor(H, damping)
-    codes = _round_columns(W[:, perm], U, perm, g, axis, act_order, grid, scales, zeros)
+    # row-major: each row's columns (and U's) are read in order, in cache
+    # (column-major, as the column selection returns them: 8x slower)
+    U = np.ascontiguousarray(_inverse_factor(H, damping))
+    W = np.ascontiguousarray(W[:, perm])
+    codes = _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros)
     if axis == 0:
         codes = codes.T
     return QuantizedTensor._from_codes(

@@ -14,6 +14,7 @@ from ._grid import (
     check_bits,
     check_group_size,
     check_scale_dtype,
+    check_zero_dtype,
     pack_codes,
     unpack_codes,
 )
@@ -43,9 +44,11 @@ class QuantizedTensor:
     scales : ndarray of float16 or float32, shape (n_groups_per_line, ...)
         One scale per group, shape ``(lines, length // group_size)`` where a
         line is a row (``axis=1``) or a column (``axis=0``).
-    zeros : ndarray of uint8 or None
-        Zero point of each group, same shape as ``scales``; ``None`` for a
-        symmetric grid, whose zero point is ``2**(bits - 1)``.
+    zeros : ndarray of uint8 or float16, or None
+        Zero point of each group, same shape as ``scales``: integers (uint8),
+        or float16 values (a grid that spans the group's own range, as a
+        GGUF Q4_1 block's scale and minimum do); ``None`` for a symmetric
+        grid, whose zero point is ``2**(bits - 1)``.
     shape : tuple of int
         ``(rows, cols)`` of the matrix.
     bits : int
@@ -111,12 +114,18 @@ class QuantizedTensor:
             raise ValueError("scales must be finite and non-negative")
         if zeros is not None:
             zeros = np.asarray(zeros)
-            if zeros.dtype != np.uint8 or zeros.shape != groups:
+            if zeros.dtype not in (np.uint8, np.float16) or zeros.shape != groups:
                 raise ValueError(
-                    f"zeros must be None or uint8 of shape {groups}, got "
-                    f"{zeros.dtype} {zeros.shape}"
+                    f"zeros must be None or uint8 or float16 of shape {groups}, "
+                    f"got {zeros.dtype} {zeros.shape}"
                 )
-            if zeros.size and int(zeros.max()) >= 1 << self.bits:
+            if zeros.dtype == np.float16 and not np.all(np.isfinite(zeros)):
+                raise ValueError("zeros must be finite")
+            if (
+                zeros.dtype == np.uint8
+                and zeros.size
+                and int(zeros.max()) >= 1 << self.bits
+            ):
                 raise ValueError(
                     f"zeros must lie in 0..{(1 << self.bits) - 1} for {self.bits} bits"
                 )
@@ -150,6 +159,11 @@ class QuantizedTensor:
     def symmetric(self):
         """Whether the grid is symmetric (no zero points stored)."""
         return self.zeros is None
+
+    @property
+    def zero_dtype(self):
+        """``"uint8"`` (integer zero points), ``"float16"``, or None (symmetric)."""
+        return None if self.zeros is None else self.zeros.dtype.name
 
     @property
     def nbytes(self):
@@ -302,7 +316,14 @@ class QuantizedTensor:
 
 
 def quantized_nbytes(
-    shape, bits, group_size, *, axis=1, symmetric=False, scale_dtype="float16"
+    shape,
+    bits,
+    group_size,
+    *,
+    axis=1,
+    symmetric=False,
+    scale_dtype="float16",
+    zero_dtype="uint8",
 ):
     """Bytes a :class:`QuantizedTensor` of this shape takes, without building it.
 
@@ -315,6 +336,8 @@ def quantized_nbytes(
     axis : {0, 1}, default=1
     symmetric : bool, default=False
     scale_dtype : {"float16", "float32"}, default="float16"
+    zero_dtype : {"uint8", "float16"}, default="uint8"
+        Of the zero points (none stored when ``symmetric``).
 
     Returns
     -------
@@ -325,13 +348,16 @@ def quantized_nbytes(
     >>> from kflats.quantize import quantized_nbytes
     >>> quantized_nbytes((384, 1536), bits=4, group_size=32)  # codes, scales, zeros
     350208
+    >>> quantized_nbytes((384, 1536), bits=4, group_size=32, zero_dtype="float16")
+    368640
     """
     bits = check_bits(bits)
     axis = _check_axis(axis)
     lines, length = (int(shape[0]), int(shape[1]))[:: 1 if axis == 1 else -1]
     g = check_group_size(group_size, length, "the line length ({})")
     n_groups = lines * (length // g)
-    per_group = np.dtype(check_scale_dtype(scale_dtype)).itemsize + (not symmetric)
+    zero = 0 if symmetric else np.dtype(check_zero_dtype(zero_dtype)).itemsize
+    per_group = np.dtype(check_scale_dtype(scale_dtype)).itemsize + zero
     return _packed_len(lines * length, bits) + n_groups * per_group
 
 
@@ -344,6 +370,7 @@ def quantize(
     symmetric=False,
     clip=False,
     scale_dtype="float16",
+    zero_dtype="uint8",
 ):
     """Round-to-nearest group-wise quantization of a matrix.
 
@@ -370,6 +397,12 @@ def quantize(
         Search the clipping ratio per group (lower error, no longer the
         ``scale / 2`` bound for the clipped entries).
     scale_dtype : {"float16", "float32"}, default="float16"
+    zero_dtype : {"uint8", "float16"}, default="uint8"
+        Integer zero points, the grid covering the group's range and zero;
+        or float16 zero points, the grid spanning the group's own range
+        (one more byte a group; a matrix already on such a grid, as the
+        Q4_1 blocks of a GGUF file hold it, keeps its codes). Not used
+        when ``symmetric``.
 
     Returns
     -------
@@ -398,6 +431,7 @@ def quantize(
     bits = check_bits(bits)
     axis = _check_axis(axis)
     dtype = check_scale_dtype(scale_dtype)
+    zdtype = check_zero_dtype(zero_dtype)
     W = _as_matrix(W)
     M = W if axis == 1 else W.T
     lines, length = M.shape
@@ -405,7 +439,9 @@ def quantize(
     g = check_group_size(group_size, length, what)
     groups = M.reshape(-1, g)
     ratios = _CLIP_RATIOS if clip else (1.0,)
-    scale, zero, codes = _fit_and_encode(groups, bits, symmetric, dtype, ratios)
+    scale, zero, codes = _fit_and_encode(
+        groups, bits, symmetric, dtype, ratios, zero_dtype=zdtype
+    )
     n_groups = (lines, length // g)
     return QuantizedTensor._from_codes(
         codes.reshape(lines, length),

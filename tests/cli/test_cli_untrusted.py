@@ -285,3 +285,45 @@ def test_a_failed_write_names_out_not_the_hidden_folder(error, tmp_path):
         write_folder_atomically(out, fill, overwrite=False, shown="out")
     assert ".kflats" not in str(caught.value) and "'out'" in str(caught.value)
     assert os.listdir(tmp_path) == []
+
+
+# --- MODEL_DIR a crafted GGUF file: its header checked before anything is read ----
+
+
+def _crafted_ggufs():
+    import struct
+
+    from ..torch._gguf_models import gguf_bytes, gguf_kv, gguf_string, gguf_tensor_info
+
+    arch = gguf_kv("general.architecture", 8, gguf_string("llama"))
+    tokens = struct.pack("<IQ", 8, 10**8)  # 10**8 strings declared
+    return {
+        "array": (gguf_bytes([arch, gguf_kv("tokenizer.ggml.tokens", 9, tokens)]),
+                  "metadata entry 'tokenizer.ggml.tokens' declares 100000000 "
+                  "entries of STRING"),
+        "beyond": (gguf_bytes([arch], [gguf_tensor_info("token_embd.weight",
+                   (64, 10**6), 0, 0)], b"\0" * 64), "lies beyond the end"),
+        "type": (gguf_bytes([arch], [gguf_tensor_info("token_embd.weight",
+                 (64, 1), 99, 0)], b"\0" * 256), "has the unknown type 99"),
+        "mamba": (gguf_bytes([gguf_kv("general.architecture", 8,
+                  gguf_string("mamba"))]), "architecture 'mamba', for which "
+                  "kflats has no adapter"),
+        "q8_k": (gguf_bytes([arch], [gguf_tensor_info("token_embd.weight",
+                 (256, 1), 15, 0)], b"\0" * 512), "of the GGUF type Q8_K"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["array", "beyond", "type", "mamba", "q8_k"])
+def test_crafted_gguf_is_one_line(case, tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    crafted, match = _crafted_ggufs()[case]
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(crafted)
+    code = main(["compress", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"kflats: MODEL_DIR '{path}'")
+    assert match in err
+    assert sorted(os.listdir(tmp_path)) == ["crafted.gguf"]

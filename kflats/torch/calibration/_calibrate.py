@@ -95,6 +95,38 @@ _PROGRESS_BATCHES = 8
 _PROBE_SEQUENCES = 64
 
 
+class _MomentSum:
+    """The sum of ``x x^T`` over input rows, shared by the modules that read them.
+
+    Several layers often read the same input tensor (a block's queries, keys
+    and values; a gated MLP's gate and up projections): they share one sum,
+    float32, added once per batch. A module that reads another tensor in a
+    later batch than its partners takes a sum of its own (:meth:`add`).
+    """
+
+    def __init__(self, n_in):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float32)
+        self.n_rows = 0
+        self.since = None  # the first batch added
+        self.batch, self.last, self.last_n = -1, None, 0  # the last one added
+
+    def add(self, moment, n, batch):
+        """Add one batch's moment; the sum that holds it (a new one, split off
+        from this, if this one already took another moment in this batch)."""
+        target = self
+        if self.batch == batch:  # partners read another tensor: part ways
+            target = _MomentSum.__new__(_MomentSum)
+            target.sum = self.sum - self.last
+            target.n_rows = self.n_rows - self.last_n
+            target.since = self.since if target.n_rows else None
+        if target.since is None:
+            target.since = batch
+        target.sum += moment
+        target.n_rows += n
+        target.batch, target.last, target.last_n = batch, moment, n
+        return target
+
+
 class _Observer:
     """Accumulates one module's statistics from its forward inputs."""
 
@@ -104,9 +136,8 @@ class _Observer:
         if self.kind == "Embedding":
             self.counts = torch.zeros(module.num_embeddings, dtype=torch.int64)
         else:
-            n_in = dense_features(module)[0]
-            self.moment_sum = torch.zeros(n_in, n_in, dtype=torch.float64)
-            self.n_rows = 0
+            self.n_in = dense_features(module)[0]
+            self.moments = None  # a _MomentSum, shared with the same input's
 
     def _rows(self, x):
         """The rows of x at real (not padding) positions."""
@@ -126,8 +157,8 @@ class _Observer:
             self.counts += torch.bincount(ids, minlength=self.counts.numel())
             return
         # several layers often read the same input tensor (queries, keys and
-        # values): one product serves them. The weak reference tells a live
-        # tensor from a new one that reuses a freed tensor's id.
+        # values): one product and one sum serve them. The weak reference
+        # tells a live tensor from a new one that reuses a freed tensor's id.
         cache = self.state["moments"]
         hit = cache.get(id(args[0]))
         if hit is None or hit[0]() is not args[0]:
@@ -137,22 +168,30 @@ class _Observer:
                 torch.bfloat16,
             ):
                 rows = rows.float()
-            # float32 products per batch, summed in float64 across batches
-            moment = (rows.T @ rows).to("cpu", torch.float64)
-            hit = (weakref.ref(args[0]), moment, rows.shape[0])
+            moment = (rows.T @ rows).to("cpu", torch.float32)
+            hit = (weakref.ref(args[0]), moment, rows.shape[0], set())
             cache[id(args[0])] = hit
-        _, moment, n = hit
-        self.moment_sum += moment
-        self.n_rows += n
+        _, moment, n, added = hit
+        if self.moments is None:  # its first batch: share a reader's that
+            # began with this batch too
+            batch = self.state["batch"]
+            first = next((m for m in added if m.since == batch), None)
+            self.moments = first if first is not None else _MomentSum(self.n_in)
+        if self.moments not in added:
+            self.moments = self.moments.add(moment, n, self.state["batch"])
+            added.add(self.moments)
+            self.state["added"].add(self.moments)
 
     def record(self):
         if self.kind == "Embedding":
             return {"kind": self.kind, "counts": self.counts.numpy()}
-        return {
-            "kind": self.kind,
-            "moment_sum": self.moment_sum.numpy(),
-            "n_rows": self.n_rows,
-        }
+        sums = self.moments
+        if sums is None:  # never called
+            sums = _MomentSum(self.n_in)
+        sums.last = None  # the last batch's moment: no longer needed
+        if getattr(sums, "array", None) is None:  # one array for its readers
+            sums.array = sums.sum.numpy()
+        return {"kind": self.kind, "moment_sum": sums.array, "n_rows": sums.n_rows}
 
 
 def check_count(value, name):
@@ -183,6 +222,11 @@ def _batches(adapter, data, tokenizer, batch_size, max_length):
             adapter.check_tokenizer(tokenizer)
 
         n = -(-len(texts) // batch_size)
+        # the probe's batches first, as given; the rest by length, so that a
+        # batch pads its texts to a length near theirs (moments and counts
+        # are sums: the order does not change them)
+        first = -(-_PROBE_SEQUENCES // batch_size) * batch_size
+        texts = texts[:first] + sorted(texts[first:], key=len)
         chunks = (texts[i : i + batch_size] for i in range(0, len(texts), batch_size))
         return (adapter.tokenize(c, tokenizer, max_length) for c in chunks), n
     if isinstance(data, (list, tuple)) and not data:
@@ -215,7 +259,9 @@ def calibrate(
     the table has its input moment recorded under its own name, for the
     table's fit), and for each target
     :class:`torch.nn.Linear` (or transformers ``Conv1D``) the second moment
-    of its input, ``sum x x^T`` (float64, d_in x d_in) and the number of rows. No
+    of its input, ``sum x x^T`` (float32, d_in x d_in; one array for the
+    modules that read the same input, such as a block's queries, keys and
+    values) and the number of rows. No
     activation is kept, padding positions are left out, and no gradient is
     computed. Records are keyed by qualified module name, so a calibration
     of one copy of a model serves any copy of the same architecture, and
@@ -304,7 +350,7 @@ def calibrate(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    state = {"mask": None, "moments": {}}
+    state = {"mask": None, "moments": {}, "batch": -1, "added": set()}
     ties = adapter.ties()
     observers = _observers(names, named, ties, state)
     bar = _progress_bar(progress, n_batches)
@@ -312,6 +358,9 @@ def calibrate(
     was_training = model.training
     try:
         _attach(handles, observers, named, ties)
+        head = adapter.output_head()
+        if head is not None:  # its input is the last one read: stop there
+            handles.append(named[head].register_forward_pre_hook(_stop))
         model.eval()
         n_sequences, probe = _record(adapter, batches, device, state, bar)
     finally:
@@ -365,6 +414,14 @@ def _attach(handles, observers, named, ties):
             handles.append(named[follower].register_forward_pre_hook(hook))
 
 
+class _Stopped(Exception):
+    """Raised at the output head: the rest of the forward pass is not needed."""
+
+
+def _stop(module, args):
+    raise _Stopped
+
+
 def _record(adapter, batches, device, state, bar):
     """Run the model over every batch, the observers hooked.
 
@@ -386,8 +443,15 @@ def _record(adapter, batches, device, state, bar):
             mask = batch.get("attention_mask")
             state["mask"] = None if mask is None else mask.bool()
             state["moments"] = {}
+            state["batch"] += 1
+            for sums in state["added"]:  # their last batch's moment: over
+                sums.last = None
+            state["added"] = set()
             # a copy: sentence-transformers writes its outputs into the dict
-            adapter.run(dict(batch))
+            try:
+                adapter.run(dict(batch))
+            except _Stopped:
+                pass
             if probe_rows < _PROBE_SEQUENCES and all(
                 torch.is_tensor(v) or isinstance(v, str) for v in batch.values()
             ):

@@ -23,7 +23,9 @@ class Calibration:
 
     For each :class:`torch.nn.Embedding`, how often each row (token id) was
     looked up; for each :class:`torch.nn.Linear`, the sum of ``x x^T`` over
-    its input rows ``x`` (float64) and their number. Padding positions are
+    its input rows ``x`` (float32 as :func:`calibrate` records it, one array
+    for the modules that read the same input; float64 kept as given) and
+    their number. Padding positions are
     left out. No activation is kept.
 
     Parameters
@@ -76,7 +78,9 @@ class Calibration:
                     )
                 checked[name] = {"kind": kind, "counts": counts.astype(np.int64)}
             elif kind == "Linear":
-                S = np.asarray(rec["moment_sum"], dtype=np.float64)
+                S = np.asarray(rec["moment_sum"])  # shared arrays stay shared
+                if S.dtype not in (np.float32, np.float64):
+                    S = S.astype(np.float64)
                 if S.ndim != 2 or S.shape[0] != S.shape[1]:
                     raise ValueError(
                         f"moment_sum of {name!r} must be square, got {S.shape}"
@@ -173,7 +177,7 @@ class Calibration:
         rec = self._get(name, "Linear")
         if rec["n_rows"] == 0:
             raise ValueError(f"the calibration saw no input of {name!r}")
-        return rec["moment_sum"] / rec["n_rows"]
+        return np.divide(rec["moment_sum"], rec["n_rows"], dtype=np.float64)
 
     def _check_covers(self, model, names):
         """Raise unless every module in ``names`` was recorded with its shape."""

@@ -9,6 +9,7 @@ calibrate, and hand the rest (plan, fit every module, swap them in) to the
 planner.
 """
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -237,10 +238,13 @@ def _compress(
     config.check_overrides_match(names)
     _check_sample_weight_use(sample_weight, names, calibration)
     # what each module's fit minimises
+    seconds = {}
     if calibration is not None and not isinstance(calibration, Calibration):
+        start = time.perf_counter()
         calibration = calibrate(
             model, calibration, tokenizer=tokenizer, targets=names, progress=progress
         )
+        seconds["calibrate"] = time.perf_counter() - start
     objectives = module_objectives(
         calibration, names, named, config.smoothing, config.damping
     )
@@ -248,9 +252,11 @@ def _compress(
         ranks = "uniform" if calibration is None else "adaptive"
         config = replace(config, ranks=ranks)
     config = replace(config, targets=tuple(names))
-    return planner.compress(
+    report = planner.compress(
         model, names, named, config, objectives, calibration, sample_weight, progress
     )
+    report.seconds = {**seconds, **getattr(report, "seconds", {})}
+    return report
 
 
 # compress's keywords that are fields of the config (None: the field's default)
@@ -263,6 +269,7 @@ _FIELDS = (
     "damping",
     "unit",
     "bits",
+    "format",
     "group_size",
 )
 # fields whose None is a value of its own (not "the default")
@@ -329,7 +336,9 @@ def _check_sample_weight_use(sample_weight, names, calibration):
         )
 
 
-def check_budget(budget, names, named, allocation, unit="numbers", k=None):
+def check_budget(
+    budget, names, named, allocation, unit="numbers", k=None, format="kflats"
+):
     """A budget checked, and feasible for these modules.
 
     The command line's check, before any heavy work (no calibration, no
@@ -337,11 +346,13 @@ def check_budget(budget, names, named, allocation, unit="numbers", k=None):
     holds the model under ``""``, as :func:`~kflats.torch.models.select_modules`
     returns it), the budget is a size of the whole folder: below the
     smallest size reachable it raises, naming that size; returns the budget
-    as the config holds it.
+    as the config holds it. ``format``: that of
+    :class:`CompressionConfig` (another than ``"kflats"`` needs a model
+    with its weights, to trace).
     """
     if unit == "bytes":
         config = CompressionConfig(
-            budget, names, unit="bytes", allocation=allocation, k=k
+            budget, names, unit="bytes", allocation=allocation, k=k, format=format
         )
         BytesPlanner.check(config, names, named, None)
         return config.budget

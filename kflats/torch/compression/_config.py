@@ -98,6 +98,7 @@ _CONSTRAINTS = {
         )
     ],
     "group_size": [None, _K],
+    "format": [StrOptions({"kflats", "onnx", "gguf"})],
 }
 #: A budget in bytes may also be a byte count.
 _BYTES_BUDGET = [
@@ -235,6 +236,25 @@ class CompressionConfig:
         for 6, 32 below) and in groups of 128 (6, 4 and 3 bits); factors in
         groups of 32 at most; each halved until it divides the row length
         (one group per row when none of 8 or more does).
+    format : {"kflats", "onnx", "gguf"}, default="kflats"
+        The file the folder will be exported to, with ``unit="bytes"``.
+        ``"kflats"``: the folder itself (:func:`kflats.torch.save_compressed`).
+        ``"onnx"``: :func:`kflats.torch.export.export_onnx`'s model file; the
+        search keeps only the forms that file holds packed, in its
+        operators' own forms (float32; a Linear's weight or its k = 1
+        factors at 4 bits, as ``MatMulNBits``; an embedding table at 2, 4
+        or 8 bits, or its k = 1 factors' coefficients at 4, as
+        ``GatherBlockQuantized``, those factors' small bases dequantized
+        when the session starts; groups of a power of two from 16), each
+        counted at its bytes in that file, and the budget is a size of that
+        file (``onnx/model.onnx``). ``"gguf"``: the GGUF file
+        :func:`kflats.torch.export.export_gguf` writes of a causal LM read
+        from a GGUF file (:func:`kflats.torch.io.gguf_source`); the search
+        keeps float32 and, in groups of 32, Q8_0's, Q4_0's and Q4_1's
+        grids (8 and 4 bits symmetric, 4 bits with float16 zero points),
+        and the budget is a size of that file, the source's metadata
+        included, counted exactly. Another format than ``"kflats"`` needs
+        ``unit="bytes"``.
 
     Raises
     ------
@@ -275,6 +295,7 @@ class CompressionConfig:
     fit_params: dict = field(default_factory=dict)
     bits: tuple = (8, 6, 4, 3, 2)
     group_size: int | None = None
+    format: str = "kflats"
 
     def __post_init__(self):
         _check("unit", self.unit, _CONSTRAINTS["unit"])
@@ -284,6 +305,13 @@ class CompressionConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         validate_parameter_constraints(constraints, values, "CompressionConfig")
         _check_overrides(self.overrides)
+        if self.format != "kflats" and self.unit != "bytes":
+            raise InvalidParameterError(
+                f"format={self.format!r} takes unit='bytes': the forms a file "
+                "format holds are chosen under a size in bytes (a budget in "
+                "numbers keeps float factors, which any format writes: leave "
+                "format='kflats' and export the folder)"
+            )
         unknown = sorted(set(self.fit_params) - set(_FIT_PARAMS))
         if unknown:
             raise InvalidParameterError(

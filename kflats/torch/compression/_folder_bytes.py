@@ -91,23 +91,25 @@ def entry_nbytes(key, dtype, shape, digits):
 
 
 @functools.cache
-def _packed_parts(bits):
-    """(suffix, dtype, ndim) of each entry of a matrix packed at ``bits``."""
-    probe = quantize(np.zeros((1, 8), dtype=np.float32), bits, 8)
+def _packed_parts(bits, zero_dtype="uint8"):
+    """(suffix, dtype, ndim) of each entry of a matrix packed at ``bits``, its
+    zero points of ``zero_dtype`` (None: a symmetric grid, no zero points)."""
+    grid = {"symmetric": True} if zero_dtype is None else {"zero_dtype": zero_dtype}
+    probe = quantize(np.zeros((1, 8), dtype=np.float32), bits, 8, **grid)
     return tuple(
         (key, torch.from_numpy(np.ascontiguousarray(value)).dtype, value.ndim)
         for key, value in probe.to_state().items()
     )
 
 
-def _matrix(key, rows, cols, bits, dtype):
+def _matrix(key, rows, cols, bits, dtype, zero_dtype="uint8"):
     """Header entries (key, dtype, shape bound) of a matrix, float or packed."""
     if bits is None:
         return [(key, dtype, (rows, cols))]
     side = max(rows, cols)
     return [
         (f"{key}.{suffix}", part, (rows * cols,) if ndim == 1 else (side,) * ndim)
-        for suffix, part, ndim in _packed_parts(bits)
+        for suffix, part, ndim in _packed_parts(bits, zero_dtype)
     ]
 
 
@@ -119,9 +121,11 @@ def _form_entries(name, module, form):
     if form.kind == "float":
         return [(f"{name}.weight", weight.dtype, tuple(weight.shape)), *others]
     if form.kind == "dense":
-        return (
-            _matrix(f"{name}.weight", *weight.shape, form.bits, weight.dtype) + others
+        zeros = getattr(form, "zero_dtype", "uint8")
+        entries = _matrix(
+            f"{name}.weight", *weight.shape, form.bits, weight.dtype, zeros
         )
+        return entries + others
     n, d = _rows_cols(module)
     side = max(n, d)
     entries = [(f"{name}.labels", label_dtype(form.k), (side,))]
@@ -262,7 +266,7 @@ class FolderBudget:
 
     def header(self, name, form):
         """Header bytes of module ``name`` stored in ``form``, at most."""
-        key = (name, form.kind, form.bits, form.k)
+        key = (name, form.kind, form.bits, form.k, getattr(form, "zero_dtype", None))
         if key not in self._headers:
             entries = _form_entries(name, self._named[name], form)
             self._headers[key] = sum(

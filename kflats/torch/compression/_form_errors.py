@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kflats._threads import map_threads
 from kflats.factorize import damped_moment
 from kflats.factorize._allocation import refine_partition
 from kflats.factorize._linear import shared_seed, unwhiten, whiten
@@ -61,10 +62,12 @@ from kflats.torch.compression._forms import (
     _capped,
     _factor_forms,
     _shared_ranks,
+    grid_options,
 )
 from kflats.torch.compression._sensitivity import PROBE_ERROR, _rows_cols
 from kflats.torch.layers import (
     ProjectiveEmbedding,
+    dense_weight,
     quantize_module_,
     quantized_tensors,
     weight_as_numpy,
@@ -77,10 +80,14 @@ _REFINE_LEVEL, _REFINE_ROUNDS = 0.25, 2
 
 
 class _Measure:
-    """The relative calibrated error of a module's weight replaced by another."""
+    """The relative calibrated error of a module's weight replaced by another.
+
+    Weights are compared as ``(out, in)`` matrices (an embedding's table as
+    it is): a Conv1D's as :func:`~kflats.torch.layers.dense_weight` reads it.
+    """
 
     def __init__(self, module, objective):
-        self.W = module.weight.detach().to("cpu", torch.float64).numpy()
+        self.W = dense_weight(module).detach().to("cpu", torch.float64).numpy()
         self.rows = None
         self.L = None
         if objective is not None and objective.row_weights is not None:
@@ -124,8 +131,11 @@ def _quantize_kw(module, objective, method="calibrated"):
 
 
 def _weight_of(layer):
-    """The dense weight a layer computes with (a projective layer's product)."""
-    return layer.to_dense().weight if hasattr(layer, "to_dense") else layer.weight
+    """The dense ``(out, in)`` weight a layer computes with (a projective
+    layer's product)."""
+    return (
+        layer.to_dense().weight if hasattr(layer, "to_dense") else dense_weight(layer)
+    )
 
 
 def _fit_factors(module, name, objective, rank, options):
@@ -233,12 +243,14 @@ class _ModuleForms:
     width. Layers are built once and kept (:meth:`layer`).
     """
 
-    def __init__(self, module, name, objective, spectrum, forms, ks, config, options):
+    def __init__(
+        self, module, name, objective, spectrum, forms, ks, config, options, lazy=False
+    ):
 
         self.module, self.name = module, name
         self.objective, self.options = objective, options
         self.spectrum = spectrum
-        self.measure = _Measure(module, objective)
+        self._measure = None
         self.dense_q, self._layers = {}, {}
         self.partitions = {
             k: _Partition(module, objective, k, options) for k in ks if k > 1
@@ -253,22 +265,80 @@ class _ModuleForms:
             out += _factor_forms(
                 part.sizes, d, bits, config.group_size, bias, k, part.ranks
             )
-        for i, f in enumerate(out):
-            if f.kind == "dense":
-                q = copy.deepcopy(module)
-                quantize_module_(q, f.bits, f.group_size, **kw)
-                self.dense_q[f.bits, f.group_size] = quantized_tensors(q)["weight"]
-                out[i] = f._replace(error=self.measure(q.weight))
+        dense = [i for i, f in enumerate(out) if f.kind == "dense"]
+        measure = self.measure
+        if dense:  # the first alone: it factors the moment the others reuse
+            out[dense[0]] = self._dense(out[dense[0]], kw, measure)
+        done = map_threads(lambda i: self._dense(out[i], kw, measure), dense[1:])
+        for i, f in zip(dense[1:], done, strict=True):
+            out[i] = f
         tails = {1: np.clip(1.0 - np.cumsum(spectrum.gains), 0.0, None)}
         tails.update({k: p.tail() for k, p in self.partitions.items()})
-        noise = self._rounding_noise(out, tails)
-        for i, f in enumerate(out):
+        self.tails, self.noise = tails, {}
+        self.forms = _undominated(out, tails)
+        # the rounding noise of each (k, bits, group) of quantized factors
+        self.pending = {
+            _noise_key(f)
+            for f in self.forms
+            if f.kind == "projective" and f.bits is not None
+        }
+        if not lazy:
+            self.measure_noise(set(self.pending))
+        else:  # their truncation error, a lower bound, until measured
+            self._set_errors({})
+
+    def measure_noise(self, keys):
+        """Measure the rounding noise of the quantized factors of ``keys``
+        (``(k, bits, group_size)``), and set their forms' errors."""
+        keys = set(keys) & self.pending
+        if keys:
+            forms = [f for f in self.forms if _noise_key(f) in keys]
+            self.noise.update(self._rounding_noise(forms, self.tails))
+            self.pending -= keys
+        self._set_errors(self.noise)
+
+    def _set_errors(self, noise):
+        """Each factor form's error: truncation error and rounding noise
+        (none until measured: the truncation error alone)."""
+        out = []
+        for f in self.forms:
             if f.kind == "projective":
-                tail = tails[f.k]
+                tail = self.tails[f.k]
                 t = float(tail[f.rank - 1]) if f.rank <= tail.size else 0.0
-                rho = 0.0 if f.bits is None else noise[(f.k, f.bits, f.group_size)]
-                out[i] = f._replace(error=t + rho * (1.0 - t))
+                rho = 0.0 if f.bits is None else noise.get(_noise_key(f), 0.0)
+                f = f._replace(error=t + rho * (1.0 - t))
+            out.append(f)
         self.forms = out
+
+    def is_pending(self, form):
+        """Whether a form's error is still its lower bound (noise not measured)."""
+        return form.kind == "projective" and _noise_key(form) in self.pending
+
+    def _dense(self, form, kw, measure):
+        """A dense form quantized, kept, and its error measured."""
+        q = copy.deepcopy(self.module)
+        quantize_module_(q, form.bits, form.group_size, **grid_options(form), **kw)
+        self.dense_q[_dense_key(form)] = quantized_tensors(q)["weight"]
+        return form._replace(error=measure(dense_weight(q)))
+
+    @property
+    def measure(self):
+        """The module's :class:`_Measure` (made again after :meth:`release`)."""
+        if self._measure is None:
+            self._measure = _Measure(self.module, self.objective)
+        return self._measure
+
+    def release(self, keep, spectrum=False):
+        """Drop what the plan no longer needs: a module's weight in float64, its
+        moment's factor, the layers fitted to measure noise, the spectrum's
+        directions (unless ``spectrum``), and the quantized dense forms
+        other than ``keep`` (forms)."""
+        self._measure = None
+        self._layers = {}
+        if not spectrum and self.spectrum is not None:
+            self.spectrum = self.spectrum._replace(V=None, L=None)
+        wanted = {_dense_key(f) for f in keep if f.kind == "dense"}
+        self.dense_q = {k: q for k, q in self.dense_q.items() if k in wanted}
 
     def _rounding_noise(self, forms, tails):
         """Relative noise of quantized factors per (k, bits, group), at a probe rank.
@@ -322,6 +392,40 @@ class _ModuleForms:
         return self._layers[key]
 
     def dense_weight(self, form):
-        """The dequantized weight of a dense form."""
-        qt = self.dense_q[form.bits, form.group_size]
+        """The dequantized weight of a dense form, as the module stores it."""
+        qt = self.dense_q[_dense_key(form)]
         return torch.from_numpy(qt.dequantize()).to(self.module.weight.dtype)
+
+
+# bytes by which a form must be smaller than a factor form to rule it out: more
+# than the difference of their header entries in the folder
+_HEADER_SLACK = 1024
+
+
+def _undominated(forms, tails):
+    """The forms, less the factor forms that a measured form beats outright.
+
+    A factor form's error is at least its truncation error (the tail of the
+    spectrum at its rank): a float or dense form as small (by
+    :data:`_HEADER_SLACK` bytes, its header entries included) and no worse
+    than that is never worse than it, and no plan takes it. Their rounding
+    noise is then not measured.
+    """
+    measured = [(f.nbytes, f.error) for f in forms if f.kind != "projective"]
+
+    def beaten(f):
+        tail = tails[f.k]
+        least = float(tail[f.rank - 1]) if f.rank <= tail.size else 0.0
+        return any(b + _HEADER_SLACK <= f.nbytes and e <= least for b, e in measured)
+
+    return [f for f in forms if f.kind != "projective" or not beaten(f)]
+
+
+def _noise_key(form):
+    """What a factor form's rounding noise is measured for: k, bits, groups."""
+    return form.k, form.bits, form.group_size
+
+
+def _dense_key(form):
+    """What tells a module's dense forms apart: bits, groups, zero points."""
+    return form.bits, form.group_size, form.zero_dtype

@@ -15,16 +15,32 @@ Sizes in bytes come from the one formula (:func:`kflats.torch.layers.form_nbytes
 in :mod:`._form_errors`. The feasibility of a budget in bytes, a size of the
 whole folder (:mod:`._folder_bytes`), is checked here, before anything is
 fitted.
+
+File formats (:data:`FORMATS`)
+------------------------------
+``CompressionConfig.format`` names the file the folder will be exported
+to. Each format has one rule, a :class:`FileFormat`: which forms it holds in
+its operator's own form (``holds(module, form)``, applied wherever forms
+are enumerated: dense, k = 1 factors, factors with k clusters), a check of
+the settings it cannot take, and how the budget counts bytes (the folder's
+weight files, or the exported model file). To add a format: one entry.
 """
 
 import fnmatch
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 from torch import nn
 
 from kflats.torch.compression._folder_bytes import FolderBudget
+from kflats.torch.compression._gguf_bytes import (
+    GgufBudget,
+    gguf_check,
+    gguf_grids,
+    gguf_holds,
+)
 from kflats.torch.compression._sensitivity import _rows_cols
 from kflats.torch.layers import factors_nbytes, form_nbytes
 
@@ -33,6 +49,10 @@ from kflats.torch.layers import factors_nbytes, form_nbytes
 # against 5 at g32); factors use at most _FACTOR_GROUP, their ranks being
 # its multiples
 _DENSE_GROUPS = {8: (128,), 6: (64, 128), 4: (32, 128), 3: (32, 128), 2: (32,)}
+# dense forms whose zero points are float16 (the grid spans each group's own
+# range), by bits: their groups. 4 bits in groups of 32 is GGUF's Q4_1
+# layout: a model read from such a file keeps its weights as they are
+_FLOAT_ZERO_GROUPS = {4: (32,)}
 _FACTOR_GROUP = 32
 _MIN_GROUP = 8
 # float factors: ranks on a grid of about this many steps
@@ -56,6 +76,133 @@ class _Form(NamedTuple):
     nbytes: int
     error: float = math.nan
     k: int = 1  # clusters of a projective form
+    zero_dtype: str | None = "uint8"  # of a quantized form's zero points;
+    # None: a symmetric grid (no zero points stored)
+
+
+def grid_options(form):
+    """The keywords of a quantized form's grid for ``quantize_module_`` and
+    ``form_nbytes``: symmetric, or its zero points' dtype."""
+    if form.zero_dtype is None:
+        return {"symmetric": True}
+    return {"zero_dtype": form.zero_dtype}
+
+
+# ---------------------------------------------------------------- file formats
+
+
+class FileFormat(NamedTuple):
+    """What one file format holds, and how a budget counts its bytes.
+
+    Attributes
+    ----------
+    holds : callable
+        ``holds(module, form) -> bool``: whether the format writes ``form``
+        of ``module`` (a ``_Form``) in its operator's own form; the search
+        keeps only those.
+    check : callable
+        ``check(config)``: raises ValueError for settings the format cannot
+        take (before anything is measured).
+    budget : callable
+        ``budget(model, names, budget) -> FolderBudget``-like: the size
+        asked and what each form costs in that file (:meth:`priced`).
+    grids : callable
+        ``grids(bits) -> tuple of (bits, group_size, zero_dtype)``: dense
+        grids the search tries besides its own (a symmetric grid: zero
+        points ``None``); none by default.
+    """
+
+    holds: Callable
+    check: Callable
+    budget: Callable
+    grids: Callable = lambda bits: ()  # noqa: E731
+
+
+def _holds_all(module, form):
+    return True
+
+
+def _no_check(config):
+    return None
+
+
+# ONNX (onnxruntime's CPU operators, float32 activations, what kflats export
+# writes by default): MatMulNBits takes 4-bit codes (2 and 3 bits are widened
+# to 4 in the file, 6 and 8 dequantized when the session starts);
+# GatherBlockQuantized, a table's rows, 2, 4 and 8 bits; both in blocks of a
+# power of two from 16 along the product's inner side (K) or the table's
+# rows. Groups wider than a block would repeat their scales: only groups
+# that are a block themselves are kept.
+_ONNX_MATMUL_BITS = (4,)
+_ONNX_GATHER_BITS = (2, 4, 8)
+_ONNX_MIN_BLOCK = 16
+
+
+def _onnx_block(group_size):
+    g = group_size
+    return g is not None and g >= _ONNX_MIN_BLOCK and g & (g - 1) == 0
+
+
+def _onnx_holds(module, form):
+    """Whether :func:`kflats.torch.export.export_onnx` writes ``form`` packed in
+    the ONNX file, each matrix in its operator's own form but one.
+
+    Float forms always (float32 MatMul and Gather). A dense Linear weight
+    at 4 bits (``MatMulNBits``), a dense table at 2, 4 or 8 bits
+    (``GatherBlockQuantized``), in groups of a power of two from 16. The
+    k = 1 factors of a module at 4 bits: a Linear's (output side: the
+    bases' groups run along the input features, the coefficients' along
+    the rank, both the product's K) as two ``MatMulNBits``; an Embedding's
+    coefficients as ``GatherBlockQuantized``, and its bases, whose groups
+    run along the product's output side, packed in the file and
+    dequantized when the session starts: the one matrix not in its
+    operator's own form (``rank x d`` float32 in memory, at most 0.6 MB on
+    all-MiniLM-L6-v2). Without those, the table has only its dense forms
+    and float factors, and at 0.10 and 0.07 of MiniLM's float32 bytes the
+    search kept it as float factors of rank 8: mean cosine 0.165 and 0.172
+    on held-out text (measured once, ``benchmarks/data/sentences.txt``),
+    against those of ``benchmarks/deploy_report.py`` with them. Not
+    factors with k > 1 clusters quantized: each cluster's rank takes a
+    group no block may divide.
+    """
+    if form.bits is None:
+        return True
+    if not _onnx_block(form.group_size) or form.zero_dtype != "uint8":
+        return False  # (the operators pack integer zero points only)
+    embedding = isinstance(module, nn.Embedding)
+    if form.kind == "dense":
+        return form.bits in (_ONNX_GATHER_BITS if embedding else _ONNX_MATMUL_BITS)
+    return form.k == 1 and form.bits in _ONNX_MATMUL_BITS
+
+
+def _onnx_check(config):
+    g = config.group_size
+    if g is not None and not _onnx_block(g):
+        raise ValueError(
+            f"group_size={g}: format='onnx' holds quantized matrices in blocks "
+            f"of a power of two from {_ONNX_MIN_BLOCK} (MatMulNBits, "
+            "GatherBlockQuantized); give 16, 32, 64, 128 ..., or group_size=None"
+        )
+
+
+def _onnx_budget(model, names, budget):
+    from kflats.torch.compression._onnx_bytes import OnnxBudget
+
+    return OnnxBudget(model, names, budget)
+
+
+#: Each file format a folder may be exported to, by ``CompressionConfig.format``.
+FORMATS = {
+    "kflats": FileFormat(_holds_all, _no_check, FolderBudget),
+    "onnx": FileFormat(_onnx_holds, _onnx_check, _onnx_budget),
+    # GGUF (llama.cpp): its rule and its bytes in ._gguf_bytes
+    "gguf": FileFormat(gguf_holds, gguf_check, GgufBudget, gguf_grids),
+}
+
+
+def _file_format(config):
+    """The :class:`FileFormat` of a config (``"kflats"`` when it names none)."""
+    return FORMATS[getattr(config, "format", "kflats")]
 
 
 def _bias_numel(module):
@@ -164,15 +311,35 @@ def _shared_ranks(clusters, sizes, d):
     return levels
 
 
-def _forms(module, bits, group_size):
-    """Every form of a module with k = 1 factors, with its bytes (no errors)."""
+def _forms(module, bits, group_size, holds=_holds_all, grids=()):
+    """Every form of a module with k = 1 factors, with its bytes (no errors).
+
+    Only those a file format ``holds`` (:attr:`FileFormat.holds`); the
+    float form first, always held. ``grids``: dense grids ``(bits,
+    group_size, zero_dtype)`` tried besides these (:attr:`FileFormat.grids`).
+    """
     n, d = _rows_cols(module)
     forms = [_Form("float", None, None, None, form_nbytes(module), 0.0)]
+    tried = set()
+
+    def dense(b, g, zeros="uint8"):
+        if (b, g, zeros) not in tried:
+            tried.add((b, g, zeros))
+            form = _Form("dense", b, g, None, 0, zero_dtype=zeros)
+            size = form_nbytes(module, b, g, **grid_options(form))
+            forms.append(form._replace(nbytes=size))
+
     for b in bits:
-        groups = dict.fromkeys(_group(d, group_size, g) for g in _DENSE_GROUPS[b])
-        for g in groups:
-            forms.append(_Form("dense", b, g, None, form_nbytes(module, b, g)))
-    return forms + _factor_forms([n], d, bits, group_size, _bias_numel(module))
+        for g in dict.fromkeys(_group(d, group_size, g) for g in _DENSE_GROUPS[b]):
+            dense(b, g)
+        for g in _FLOAT_ZERO_GROUPS.get(b, ()):
+            if group_size in (None, g) and d % g == 0:
+                dense(b, g, "float16")
+    for b, g, zeros in grids:
+        if b in bits and group_size in (None, g) and d % g == 0:
+            dense(b, g, zeros)
+    forms += _factor_forms([n], d, bits, group_size, _bias_numel(module))
+    return [f for f in forms if f.kind == "float" or holds(module, f)]
 
 
 def _cluster_counts(name, module, config):
@@ -194,7 +361,7 @@ def _cluster_counts(name, module, config):
     if k is None:
         rows = module.num_embeddings if embedding else 0
         large = rows >= _CLUSTER_ROWS and config.allocation == "global"
-        return (1, _CLUSTERS) if large else (1,)
+        return (1, _CLUSTERS) if large and _quantized_clusters(module, config) else (1,)
     ks = (k,) if isinstance(k, int) else tuple(k)
     n, _ = _rows_cols(module)
     if not embedding and ks != (1,):
@@ -205,6 +372,28 @@ def _cluster_counts(name, module, config):
     if max(ks) > n:
         raise ValueError(f"k={k!r} for {name!r}: at most its {n} rows (num_embeddings)")
     return tuple(dict.fromkeys(ks))
+
+
+def _held(module, forms, config):
+    """The forms that the config's file format holds (the float form always)."""
+    holds = _file_format(config).holds
+    return [f for f in forms if f.kind == "float" or holds(module, f)]
+
+
+def _quantized_clusters(module, config):
+    """Whether the config's format holds factors with k > 1 clusters quantized.
+
+    Float factors with k > 1 store more than the dense table at the widest
+    bits a format holds: by default they are searched only where their
+    quantized forms are held.
+    """
+    holds = _file_format(config).holds
+    return any(
+        holds(module, _Form("projective", b, g, g, 0, k=_CLUSTERS))
+        for b in config.bits
+        if b <= _CLUSTER_BITS
+        for g in (config.group_size or _FACTOR_GROUP,)
+    )
 
 
 def _smallest(budget, forms, allocation):
@@ -239,26 +428,41 @@ def _check_bytes_feasible(config, names, named):
     the smallest form of a module is among these. A budget below the
     smallest size reachable raises, naming that size.
     """
+    file_format = _file_format(config)
+    file_format.check(config)
     _check_group_size(config.group_size, names, named)
     for name in names:
         _cluster_counts(name, named[name], config)
+    grids = file_format.grids(config.bits)
     forms = {
-        name: _forms(named[name], config.bits, config.group_size) for name in names
+        name: _forms(
+            named[name], config.bits, config.group_size, file_format.holds, grids
+        )
+        for name in names
     }
-    budget = FolderBudget(named[""], names, config.budget)
+    budget = file_format.budget(named[""], names, config.budget)
     need, digits = _smallest(budget, forms, config.allocation), budget.digits
     while len(str(need)) > digits:  # the offsets of a larger folder: more digits
         digits = len(str(need))
         need = _smallest(budget.with_digits(digits), forms, config.allocation)
     if need > budget.asked:
         shares = "" if config.allocation == "global" else ", each within its share"
+        what = getattr(budget, "describes", "the folder's weight files")
+        frame = getattr(budget, "frame_describes", None) or (
+            "the file's graph" if config.format == "onnx" else "the safetensors headers"
+        )
         raise ValueError(
             f"budget={config.budget} cannot be met in bytes: it allows "
-            f"{budget.asked} bytes for the folder's weight files, and the smallest "
+            f"{budget.asked} bytes for {what}, and the smallest "
             f"size reachable is {need} bytes (the {len(names)} selected "
-            f"module{'s' * (len(names) > 1)} in their smallest forms{shares}, the "
-            f"other {budget.rest} bytes of "
-            "tensors as they are, and the safetensors headers; the model's "
+            f"module{'s' * (len(names) > 1)} in their smallest forms{shares}"
+            + (
+                ""
+                if config.format == "kflats"
+                else f" that format={config.format!r} holds"
+            )
+            + f", the other {budget.rest} bytes of "
+            f"tensors as they are, and {frame}; the model's "
             f"tensors hold {budget.total} bytes)"
         )
     return forms, budget

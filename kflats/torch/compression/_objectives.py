@@ -1,14 +1,11 @@
 """What each module's fit minimises under a calibration: its objective."""
 
-from typing import NamedTuple
-
-import numpy as np
 from torch import nn
 
 from kflats.torch.models import adapter_for
 
 
-class _Objective(NamedTuple):
+class _Objective:
     """What a module's fit minimises under a calibration.
 
     An Embedding: its rows weighted by ``row_weights`` (smoothed token
@@ -16,11 +13,36 @@ class _Objective(NamedTuple):
     whitened by the head's ``input_moment``. A Linear: the expected output
     error under its input second moment, damped by ``damping`` (see
     :func:`kflats.factorize.damped_moment`).
+
+    ``input_moment`` is a float64 ``(in, in)`` array, given, or read from a
+    calibration when asked for (``moments``: the calibrated modules whose
+    mean moment it is): the objectives of a model's 200 modules hold no
+    moment of their own until one is used.
     """
 
-    row_weights: np.ndarray | None = None
-    input_moment: np.ndarray | None = None
-    damping: float = 0.0
+    def __init__(
+        self, row_weights=None, input_moment=None, damping=0.0, *, moments=None
+    ):
+        self.row_weights = row_weights
+        self.damping = damping
+        self._moment = input_moment
+        self._moments = moments  # (calibration, names), read on demand
+
+    @property
+    def input_moment(self):
+        if self._moment is not None or self._moments is None:
+            return self._moment
+        calibration, names = self._moments
+        moment = calibration.input_moment(names[0])
+        for name in names[1:]:
+            moment += calibration.input_moment(name)
+        if len(names) > 1:
+            moment /= len(names)
+        return moment
+
+    def __repr__(self):
+        kind = "row weights" if self.row_weights is not None else "moment"
+        return f"_Objective({kind}, damping={self.damping})"
 
 
 def module_objectives(calibration, names, named, smoothing, damping):
@@ -36,8 +58,8 @@ def module_objectives(calibration, names, named, smoothing, damping):
                 **_tied_head_moment(named[""], name, calibration, damping),
             )
         else:
-            moment = calibration.input_moment(name)
-            out[name] = _Objective(input_moment=moment, damping=damping)
+            moments = (calibration, [name])
+            out[name] = _Objective(damping=damping, moments=moments)
     return out
 
 
@@ -55,5 +77,4 @@ def _tied_head_moment(model, name, calibration, damping):
     ]
     if not heads:
         return {}
-    moment = sum(calibration.input_moment(h) for h in heads) / len(heads)
-    return {"input_moment": moment, "damping": damping}
+    return {"moments": (calibration, heads), "damping": damping}

@@ -32,20 +32,30 @@ from torch import nn
 
 from kflats.factorize._allocation import greedy_fill
 from kflats.torch.compression._config import _search_options_of
-from kflats.torch.compression._form_errors import _ModuleForms
+from kflats.torch.compression._fisher import fisher_sensitivities, has_logits
+from kflats.torch.compression._form_errors import (
+    _dense_key,
+    _ModuleForms,
+    _noise_key,
+)
 from kflats.torch.compression._forms import (
     _bias_numel,
     _check_bytes_feasible,
     _cluster_counts,
+    _held,
+    grid_options,
 )
-from kflats.torch.compression._report import CompressionReport, ModuleReport
+from kflats.torch.compression._probe_plans import best_on_probe
+from kflats.torch.compression._report import CompressionReport, ModuleReport, Phases
 from kflats.torch.compression._sensitivity import (
+    _PROGRESS_NUMBERS,
     _bar,
+    _probe_batches,
     _rows_cols,
     _sensitivities,
     _weight_spectrum,
 )
-from kflats.torch.layers import form_nbytes, record_quantized_
+from kflats.torch.layers import form_nbytes, is_conv1d, record_quantized_
 from kflats.torch.models import swap
 
 
@@ -164,6 +174,10 @@ def _plan_candidates(all_forms, scales, allowed, bits):
         candidates.append(chosen)
     fitting = []
     for b in bits:
+        if not all(
+            any(f.kind == "dense" and f.bits == b for f in fs) for fs in all_forms
+        ):
+            continue  # a width the file format does not hold for every module
         for smallest in (False, True):
             starts = _uniform(all_forms, b, smallest)
             hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
@@ -199,53 +213,6 @@ def _plan_uniform(forms, allowed_share):
 # ---------------------------------------------------------------- compress
 
 
-def _best_on_probe(model, named, plans, measured, probe):
-    """Index of the plan whose model moves least from the original on the probe.
-
-    Each plan is put in place in turn (dense forms as their dequantized
-    weights, projective forms as their layers), the calibration's probe
-    batches run, and the model is always restored.
-    """
-    from kflats.torch.compression._sensitivity import (
-        _final_outputs,
-        _output_distortion,
-        _probe_batches,
-    )
-
-    batches = _probe_batches(model, probe)
-    was_training = model.training
-    model.eval()
-    saved = {n: named[n].weight.detach().clone() for n in plans[0]}
-    scores = []
-    try:
-        reference = _final_outputs(model, batches)
-        for plan in plans:
-            swapped = {}
-            try:
-                with torch.no_grad():
-                    for name, form in plan.items():
-                        if form.kind == "dense":
-                            w = measured[name].dense_weight(form)
-                            named[name].weight.copy_(w.to(saved[name].dtype))
-                        elif form.kind == "projective":
-                            layer = measured[name].layer(form)
-                            parent, _, child = name.rpartition(".")
-                            owner = model.get_submodule(parent)
-                            swapped[name] = (owner, child, getattr(owner, child))
-                            setattr(owner, child, layer)
-                outputs = _final_outputs(model, batches)
-                scores.append(_output_distortion(outputs, reference))
-            finally:
-                for owner, child, original in swapped.values():
-                    setattr(owner, child, original)
-                with torch.no_grad():
-                    for name, weight in saved.items():
-                        named[name].weight.copy_(weight)
-    finally:
-        model.train(was_training)
-    return int(np.argmin(scores))
-
-
 def _check_bytes_config(config, sample_weight):
     """Settings that the forms of a budget in bytes do not take."""
     if config.affine:
@@ -258,20 +225,28 @@ def _check_bytes_config(config, sample_weight):
 
 def _compress_bytes(model, names, named, config, objectives, calibration, progress):
     """compress with a budget in bytes: measure the forms, plan, fit, swap in."""
+    phases = Phases(_shown(names, named, progress))
     forms, budget = _check_bytes_feasible(config, names, named)
-    measured = _measure_all(names, named, forms, objectives, config, progress)
     probe = calibration.probe if calibration is not None else None
-    choice = _choose(model, names, named, measured, config, probe, budget)
+    # the spectra's directions serve the probe of sensitivities only
+    spectra = bool(probe) and not has_logits(model)
+    with phases("form errors"):
+        measured = _measure_all(
+            names, named, forms, objectives, config, progress, budget, spectra
+        )
+    choice = _choose(model, names, named, measured, config, probe, budget, phases)
     # every chosen form built and reported; the model changes only after
     reports, layers, records = [], {}, {}
-    for name in names:
-        start = time.perf_counter()
-        report, layer = _chosen(name, named[name], choice[name], measured[name])
-        if report.form == "projective":
-            layers[name] = layer
-        elif report.bits is not None:
-            records[name] = measured[name].dense_q[report.bits, report.group_size]
-        reports.append(report._replace(seconds=time.perf_counter() - start))
+    with phases("fit"):
+        for name in names:
+            start = time.perf_counter()
+            report, layer = _chosen(name, named[name], choice[name], measured[name])
+            if report.form == "projective":
+                layers[name] = layer
+            elif report.bits is not None:
+                records[name] = measured[name].dense_q[_dense_key(choice[name])]
+            reports.append(report._replace(seconds=time.perf_counter() - start))
+            measured[name].release(())
     tensors = budget.rest + sum(r.bytes_after for r in reports)
     headers = budget.frame + sum(budget.header(n, choice[n]) for n in names)
     if tensors + headers > budget.asked:  # pragma: no cover - a kflats bug
@@ -286,11 +261,28 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
         size_asked=budget.asked,
         model_bytes=tensors,
         header_bytes=headers,
+        seconds=phases.seconds,
     )
 
 
-def _measure_all(names, named, forms, objectives, config, progress):
-    """Each module's :class:`_ModuleForms`, behind a progress bar."""
+def _shown(names, named, progress):
+    """Whether the phases are printed: as the progress bars are shown."""
+    if progress is not None:
+        return bool(progress)
+    return sum(named[n].weight.numel() for n in names) > _PROGRESS_NUMBERS
+
+
+def _measure_all(
+    names, named, forms, objectives, config, progress, budget, spectra=True
+):
+    """Each module's :class:`_ModuleForms`, behind a progress bar.
+
+    Once a module is measured, it keeps what a plan may take of it: its
+    forms, the quantized dense forms that a plan can choose (those on its
+    hulls, :func:`_plannable`), and its spectrum's directions when
+    ``spectra`` (for the probe of sensitivities); the rest is freed, so
+    that memory does not grow with the modules measured.
+    """
     options = _search_options_of(config)
     measured = {}
     bar = _bar(names, named, progress, "kflats compress")
@@ -308,7 +300,16 @@ def _measure_all(names, named, forms, objectives, config, progress):
                 _cluster_counts(name, module, config),
                 config,
                 options,
+                lazy=True,
             )
+            # the k > 1 forms too: only those the file format holds
+            held = measured[name].forms = _held(module, measured[name].forms, config)
+            # a plan takes a dense form on the hulls of the measured forms (the
+            # factor forms whose noise is pending can only lose ground)
+            known = [f for f in held if not measured[name].is_pending(f)]
+            priced = [budget.priced(name, f) for f in known]
+            keep = [known[i] for i in _plannable(priced, config.bits)]
+            measured[name].release(keep, spectrum=spectra)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -317,32 +318,101 @@ def _measure_all(names, named, forms, objectives, config, progress):
     return measured
 
 
-def _choose(model, names, named, measured, config, probe, budget):
+def _plannable(forms, bits):
+    """Indices of the forms a plan can take: on the module's lower hull, or
+    on its hull from a uniform start (:func:`_plan_candidates`), those
+    starts included."""
+    keep = set(_hull(forms))
+    for b in bits:
+        if any(f.kind == "dense" and f.bits == b for f in forms):
+            for smallest in (False, True):
+                keep.update(_hull(forms, _uniform([forms], b, smallest)[0]))
+    return sorted(keep)
+
+
+def _choose(model, names, named, measured, config, probe, budget, phases):
     """The chosen form of each module: the plan, checked on the probe.
 
     Each form is priced at its bytes in the folder, its tensors and header
     entries (:meth:`~._folder_bytes.FolderBudget.priced`); the modules share
-    the budget's room, what the rest of the folder leaves.
+    the budget's room, what the rest of the folder leaves. A module's
+    errors are weighed by its sensitivity: from the Fisher information of
+    the output distribution (:func:`~._fisher.fisher_sensitivities`, one
+    backward pass per probe batch) for a model whose output is one (a
+    causal LM's logits), else measured module by module on the probe.
+
+    The rounding noise of quantized factors is measured only for the forms
+    a candidate plan takes (:func:`_measured_plans`).
+    """
+    scale = {}
+    batches = _probe_batches(model, probe) if probe else None
+    if probe and len(names) > 1 and config.allocation == "global":
+        with phases("sensitivity"):
+            scale = _scales(model, names, named, measured, config, probe, batches)
+    with phases("allocation"):
+        plans = _measured_plans(names, measured, config, budget, scale)
+    if probe and len(plans) > 1:
+        with phases("probe"):
+            best, _ = best_on_probe(model, named, plans, measured, batches)
+        return plans[best]
+    return plans[0]
+
+
+def _scales(model, names, named, measured, config, probe, batches):
+    """Each module's sensitivity: Fisher for a distribution, else the probe."""
+    if has_logits(model):
+        weights = {
+            n: measured[n].objective.row_weights
+            for n in names
+            if measured[n].objective is not None
+        }
+        return fisher_sensitivities(
+            model, names, named, batches, row_weights=weights, seed=_seed(config)
+        )
+    spectra = {n: measured[n].spectrum for n in names}
+    return _sensitivities(model, names, named, spectra, probe)
+
+
+def _measured_plans(names, measured, config, budget, scale):
+    """The candidate plans, each form in them with its error measured.
+
+    A quantized factor form holds its truncation error, a lower bound, until
+    its rounding noise is measured: the plans are made, the noise of the
+    factor forms they take measured, and the plans made again, until they
+    take only measured forms. A form left unmeasured was not taken even at
+    its lower bound.
     """
     order = sorted(names)  # ties do not depend on the order of the targets
-    all_forms = [[budget.priced(n, f) for f in measured[n].forms] for n in order]
-    if config.allocation != "global":
-        total = sum(f[0].nbytes for f in all_forms)
-        picks = [_plan_uniform(f, budget.room * f[0].nbytes / total) for f in all_forms]
-        return {n: f[i] for n, f, i in zip(order, all_forms, picks, strict=True)}
-    scale = {}
-    if probe and len(names) > 1:
-        spectra = {n: measured[n].spectrum for n in names}
-        scale = _sensitivities(model, names, named, spectra, probe)
-    scales = [scale.get(n, 1.0) for n in order]
-    candidates = _plan_candidates(all_forms, scales, budget.room, config.bits)
-    plans = [
-        {n: f[i] for n, f, i in zip(order, all_forms, c, strict=True)}
-        for c in candidates
-    ]
-    if probe and len(plans) > 1:
-        return plans[_best_on_probe(model, named, plans, measured, probe)]
-    return plans[0]
+    while True:
+        all_forms = [[budget.priced(n, f) for f in measured[n].forms] for n in order]
+        if config.allocation != "global":
+            total = sum(f[0].nbytes for f in all_forms)
+            share = [budget.room * f[0].nbytes / total for f in all_forms]
+            candidates = [
+                [_plan_uniform(f, s) for f, s in zip(all_forms, share, strict=True)]
+            ]
+        else:
+            scales = [scale.get(n, 1.0) for n in order]
+            candidates = _plan_candidates(all_forms, scales, budget.room, config.bits)
+        plans = [
+            {n: f[i] for n, f, i in zip(order, all_forms, c, strict=True)}
+            for c in candidates
+        ]
+        pending = {}
+        for plan in plans:
+            for n, form in plan.items():
+                if measured[n].is_pending(form):
+                    pending.setdefault(n, set()).add(_noise_key(form))
+        if not pending:
+            return plans
+        for n, keys in pending.items():
+            measured[n].measure_noise(keys)
+
+
+def _seed(config):
+    """An int seed of the run's random_state (0 when it is not an int)."""
+    state = config.random_state
+    return state if isinstance(state, int) and not isinstance(state, bool) else 0
 
 
 def _chosen(name, module, form, measured):
@@ -357,8 +427,13 @@ def _chosen(name, module, form, measured):
         entry.update(error=0.0, weight_error=0.0, bytes_after=before)
     elif form.kind == "dense":
         w = measured.dense_weight(form)
+        if is_conv1d(module):  # stored (in, out): measured as (out, in)
+            w = w.T
         entry.update(error=form.error, weight_error=measured.measure.plain(w))
-        entry["bytes_after"] = form_nbytes(module, form.bits, form.group_size)
+        entry["bytes_after"] = form_nbytes(
+            module, form.bits, form.group_size, **grid_options(form)
+        )
+        entry["zero_dtype"] = form.zero_dtype
     else:
         layer = measured.layer(form)
         w = layer.to_dense().weight

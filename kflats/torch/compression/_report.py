@@ -1,10 +1,38 @@
 """What compress did: one ModuleReport per module, and the CompressionReport."""
 
+import contextlib
+import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["CompressionReport", "ModuleReport"]
+
+
+class Phases:
+    """Wall seconds of each phase of a compression, printed as each ends.
+
+    Parameters
+    ----------
+    show : bool
+        Print a line to standard error when a phase ends.
+    """
+
+    def __init__(self, show=False):
+        self.show = bool(show)
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+            if self.show:
+                print(f"kflats compress: {name} {seconds:.1f} s", file=sys.stderr)
 
 
 class ModuleReport(NamedTuple):
@@ -52,6 +80,11 @@ class ModuleReport(NamedTuple):
     group_size : int or None
         Entries per scale of the quantized matrices (``None``: float32, or
         one group per row when ``bits`` is set).
+    zero_dtype : str or None
+        Of the zero points of a quantized weight kept dense: ``"uint8"``
+        (integers) or ``"float16"`` (the grid spanning each group's own
+        range, GGUF's Q4_1 layout); ``None`` otherwise (a symmetric grid
+        stores none: GGUF's Q8_0 and Q4_0).
     """
 
     name: str
@@ -70,6 +103,7 @@ class ModuleReport(NamedTuple):
     form: str | None = None
     bits: int | None = None
     group_size: int | None = None
+    zero_dtype: str | None = None
 
 
 class CompressionReport(tuple):
@@ -93,6 +127,10 @@ class CompressionReport(tuple):
     header_bytes : int, default=None
         With a budget in bytes: the bytes of the folder's safetensors
         headers, at most.
+    seconds : dict, default=None
+        Wall seconds of each phase of the run (``"calibrate"``, ``"form
+        errors"``, ``"sensitivity"``, ``"allocation"``, ``"probe"``,
+        ``"fit"``: those it went through).
 
     Attributes
     ----------
@@ -100,6 +138,8 @@ class CompressionReport(tuple):
         As given.
     size_asked, model_bytes, header_bytes : int or None
         As given (``None`` with a budget in numbers).
+    seconds : dict
+        As given (empty when not given).
     folder_bytes : int or None
         The folder's weight files, at most: ``model_bytes + header_bytes``,
         never above ``size_asked``. A save writes the tensors' bytes
@@ -130,11 +170,13 @@ class CompressionReport(tuple):
         size_asked=None,
         model_bytes=None,
         header_bytes=None,
+        seconds=None,
     ):
         report = super().__new__(cls, modules)
         report.config = config
         report.size_asked, report.model_bytes = size_asked, model_bytes
         report.header_bytes = header_bytes
+        report.seconds = dict(seconds or {})
         return report
 
     def __getnewargs__(self):
@@ -144,6 +186,7 @@ class CompressionReport(tuple):
             self.size_asked,
             self.model_bytes,
             self.header_bytes,
+            self.seconds,
         )
 
     @property
@@ -180,7 +223,8 @@ class CompressionReport(tuple):
             config (``None`` when there is none, or when its ``random_state``
             is a RandomState instance, which no file can hold). With a
             budget in bytes, also ``"size_asked"``, ``"model_bytes"``,
-            ``"header_bytes"`` and ``"folder_bytes"``.
+            ``"header_bytes"`` and ``"folder_bytes"``; ``"seconds"`` when
+            the phases were timed.
         """
         modules = []
         for m in self:
@@ -198,6 +242,8 @@ class CompressionReport(tuple):
             "bytes_after": self.bytes_after,
             "config": _config_dict(self.config),
         }
+        if self.seconds:
+            out["seconds"] = {k: round(v, 2) for k, v in self.seconds.items()}
         if self.size_asked is not None:
             out["size_asked"] = self.size_asked
             out["model_bytes"] = self.model_bytes

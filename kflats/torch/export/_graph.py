@@ -138,9 +138,15 @@ def _parts(qt):
     scales = qt.scales
     if qt.zeros is None:  # a symmetric grid: its zero point is the middle
         zeros = np.full(qt.scales.shape, 1 << (qt.bits - 1), dtype=np.uint8)
-    else:
-        zeros = np.asarray(qt.zeros, dtype=np.uint8)
+    else:  # integers (uint8), or float16 values, kept as they are
+        zeros = np.asarray(qt.zeros)
     return codes, scales, zeros
+
+
+def _float_zeros(qt):
+    """Whether the zero points are float16 values (a grid on each group's own
+    range), which the operators' packed zero points cannot hold."""
+    return qt.zeros is not None and qt.zeros.dtype != np.uint8
 
 
 class Pieces:
@@ -237,9 +243,11 @@ class Pieces:
         along_k = (qt.axis == 1) == transpose
         block = _block(qt.group_size) if along_k else None
         widths = _NBITS if self.accuracy_level >= 4 else _NBITS_FLOAT
-        if block is not None and qt.bits in widths:
+        if block is not None and qt.bits in widths and not _float_zeros(qt):
             return self._matmul_nbits(x, qt, name, block, widths[qt.bits], bias)
-        if not along_k:
+        if _float_zeros(qt):
+            why = "float16 zero points, which MatMulNBits' packed ones cannot hold"
+        elif not along_k:
             why = "groups along the product's output side (N), which MatMulNBits "
             why += "cannot take"
         elif block is None:
@@ -367,6 +375,10 @@ class Pieces:
         is given a row of zeros at its end). ``lead``: a function giving
         ``Shape(ids)``'s name, where the caller shares one.
         """
+        if hasattr(table, "unpacked_codes") and _float_zeros(table):
+            why = "float16 zero points, which GatherBlockQuantized cannot take"
+            self._form(name, table, "float32", None, None, f"{why}; dequantized")
+            table = table.dequantize()
         if hasattr(table, "unpacked_codes"):
             qt = table
             if qt.axis == 1:

@@ -1,8 +1,10 @@
 """The ONNX form of each module a slot stands for, built from its own tensors.
 
-- a Linear with a quantized weight: ``x @ W^T + b``, one ``MatMulNBits``
-  (bias included) where the weight's groups allow it;
-- an Embedding with a quantized table: ``GatherBlockQuantized``;
+- a Linear: ``x @ W^T + b``, one ``MatMulNBits`` (bias included) for a
+  quantized weight where its groups allow it, a float32 ``MatMul`` and
+  ``Add`` for a float one (as torch's exporter writes it);
+- an Embedding: ``GatherBlockQuantized`` for a quantized table, a
+  ``Gather`` for a float one;
 - a :class:`~kflats.torch.ProjectiveLinear` as its factor products, as
   :mod:`kflats.torch.functional` computes them: input features clustered,
   each cluster's features gathered (``Gather``) through its coefficients,
@@ -246,15 +248,15 @@ def build_module(p, x, name, module, tensors, slots):
     if isinstance(module, ProjectiveEmbedding):
         return _embedding(p, x, module, tensors, name)
     if isinstance(module, nn.Linear):
-        return p.matmul(x, tensors["weight"], f"{name}.weight", transpose=True,
-                        bias=_bias(p, module, name))  # fmt: skip
+        return p.matmul(x, _factor(tensors, "weight", module.weight), f"{name}.weight",
+                        transpose=True, bias=_bias(p, module, name))  # fmt: skip
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
             raise ValueError(
                 f"{name!r}: an Embedding with max_norm renormalises its rows; "
                 "kflats export cannot write it"
             )
-        return p.gather(x, tensors["weight"], f"{name}.weight")
+        return p.gather(x, _factor(tensors, "weight", module.weight), f"{name}.weight")
     raise ValueError(
         f"{name!r} is a {type(module).__name__}; kflats export writes projective "
         "and quantized Linear and Embedding layers (not a shared embedding)"

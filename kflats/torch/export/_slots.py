@@ -24,7 +24,7 @@ from kflats.torch.layers import (
     quantized_tensors,
 )
 
-__all__ = ["DOMAIN", "SLOT", "Slot", "slot_modules_"]
+__all__ = ["DOMAIN", "SLOT", "Slot", "slot_modules_", "unslot_"]
 
 DOMAIN = "kflats.export"
 SLOT = "Slot"
@@ -92,17 +92,49 @@ class Slot(nn.Module):
         return _SlotFunction.apply(input, self.key, self)
 
 
+def _plain(module):
+    """A float Linear or Embedding that kflats writes as torch's exporter would."""
+    if type(module) is nn.Linear:
+        return True
+    return type(module) is nn.Embedding and module.max_norm is None
+
+
+def unslot_(model, slots):
+    """Put back the modules :func:`slot_modules_` swapped out."""
+    for name, (module, _) in slots.items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, module)
+
+
 def _parent(model, name):
     parent, _, child = name.rpartition(".")
     return model.get_submodule(parent), child
+
+
+def _shared_weights(model):
+    """The ids of the weights that several modules of the model hold (ties)."""
+    seen, shared = set(), set()
+    for module in model.modules():
+        weight = getattr(module, "_parameters", {}).get("weight")
+        if weight is None:
+            continue
+        if id(weight) in seen:
+            shared.add(id(weight))
+        seen.add(id(weight))
+    return shared
 
 
 def slot_modules_(model):
     """Swap every module whose ONNX form kflats writes for a :class:`Slot`.
 
     Those are the projective layers (embeddings, linears, tied heads), an
-    embedding shared with one of them (T5's), and the Linear and Embedding
-    layers holding a quantized weight.
+    embedding shared with one of them (T5's), the Linear and Embedding
+    layers holding a quantized weight, and every other
+    :class:`torch.nn.Linear` and :class:`torch.nn.Embedding` (of those
+    exact types) whose weight no other module holds: so that the ONNX
+    model's bytes are a frame (what the exporter traces) and one graph per
+    such module, each known from the module's form alone (what
+    ``CompressionConfig(format="onnx")`` counts before fitting).
 
     Parameters
     ----------
@@ -117,6 +149,7 @@ def slot_modules_(model):
         ``(module, tensors)``.
     """
     quantized = quantized_tensors(model)
+    shared = _shared_weights(model)
     chosen = {}
     for name, module in model.named_modules():
         if not name:
@@ -126,6 +159,8 @@ def slot_modules_(model):
         elif isinstance(module, (nn.Linear, nn.Embedding)) and (
             f"{name}.weight" in quantized
         ):
+            chosen[name] = module
+        elif _plain(module) and id(module.weight) not in shared:
             chosen[name] = module
     # a slot's own submodules (a projective layer holds none that matter)
     # are left inside it

@@ -8,7 +8,8 @@
   weights, :func:`load_model` loads it (:class:`Source` and :class:`Loaded`
   are what they return); :func:`load_pretrained` does both for a
   transformers model; :func:`model_class` is the class its config names;
-  :func:`hushed` keeps the libraries quiet meanwhile.
+  :func:`hushed` keeps the libraries quiet meanwhile; :func:`gguf_source`
+  is the GGUF file a model was read from.
 
 The files of this package:
 
@@ -28,6 +29,7 @@ from kflats.torch.io._compressed import load_compressed, save_compressed
 from kflats.torch.io._original import (
     Loaded,
     Source,
+    gguf_source,
     hushed,
     load_model,
     load_pretrained,
@@ -39,6 +41,7 @@ from kflats.torch.io._original import (
 __all__ = [
     "Loaded",
     "Source",
+    "gguf_source",
     "hushed",
     "load_compressed",
     "load_model",

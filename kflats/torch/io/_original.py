@@ -4,6 +4,10 @@
   sentence-transformers folder (``modules.json``), a Hugging Face folder
   (``config.json`` and weights), or a GGUF file (or a folder holding one);
   the tokenizer files must be there.
+- A GGUF file's header is read first, as untrusted data
+  (:mod:`._gguf_check`): counts, lengths, types and offsets bounded by the
+  file, the architecture one kflats has an adapter for, every tensor of a
+  type it dequantizes.
 - :func:`load_model` loads it: a sentence-transformers model as a
   ``SentenceTransformer``; a Hugging Face model as the class its config names
   in ``architectures`` (looked up in the ``transformers`` package only, never
@@ -31,6 +35,8 @@ from kflats.torch.io._config_files import _TOKENIZER_FILES, _with_portable_atten
 SENTENCE_TRANSFORMERS, TRANSFORMERS = "sentence-transformers", "transformers"
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*/*.safetensors", "*/*.bin")
+# the attribute of a model read from a GGUF file that holds the file's path
+_GGUF_SOURCE = "kflats_gguf_source"
 
 
 class Source(NamedTuple):
@@ -216,7 +222,8 @@ def skeleton(source):
         concrete = issubclass(cls, transformers.PreTrainedModel)
         build = cls._from_config if concrete else cls.from_config
         with torch.device("meta"):
-            return build(config, attn_implementation="eager")
+            model = build(config, attn_implementation="eager")
+    return _remember_gguf(model, source)
 
 
 def load_model(source):
@@ -252,9 +259,18 @@ def _options(source):
 
 @functools.lru_cache(maxsize=4)
 def _config(source):
-    """The source's config, read once (a GGUF file's takes seconds)."""
+    """The source's config, read once (a GGUF file's takes seconds).
+
+    A GGUF file is untrusted: its header is checked, bounded by the file's
+    size, and its architecture and tensor types against what kflats reads,
+    before transformers reads anything of it.
+    """
     import transformers
 
+    if source.gguf_file:
+        from kflats.torch.io._gguf_check import check_gguf_model
+
+        check_gguf_model(source.folder / source.gguf_file, source.what)
     return transformers.AutoConfig.from_pretrained(
         str(source.folder), **_options(source)
     )
@@ -286,7 +302,44 @@ def _load_transformers(source, what):
     options.pop("quantization_config", None)
     saved = transformers.AutoTokenizer.from_pretrained(folder, **options)
     tokenizer, note = _with_pad_token(saved)
-    return Loaded(model.eval(), tokenizer, TRANSFORMERS, saved, note)
+    model = _remember_gguf(model.eval(), source)
+    return Loaded(model, tokenizer, TRANSFORMERS, saved, note)
+
+
+def _remember_gguf(model, source):
+    """``model`` marked with the GGUF file it was read from (none: unmarked)."""
+    if source.gguf_file:
+        setattr(model, _GGUF_SOURCE, str(source.folder / source.gguf_file))
+    return model
+
+
+def gguf_source(model):
+    """The GGUF file a model was read from, or None.
+
+    :func:`load_pretrained`, :func:`load_model` and :func:`skeleton` mark a
+    model read from a GGUF file with that file's path (a copy of the model
+    keeps it). Its tokenizer and metadata are what a GGUF export carries
+    over, and what ``CompressionConfig(format="gguf")`` counts in the size
+    asked.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    path : pathlib.Path or None
+        None for a model read from anything else, or built in memory.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kflats.torch.io import gguf_source
+    >>> gguf_source(torch.nn.Linear(4, 2)) is None
+    True
+    """
+    path = getattr(model, _GGUF_SOURCE, None)
+    return None if path is None else Path(path)
 
 
 def _forget_gguf(model, what):

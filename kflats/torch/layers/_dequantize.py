@@ -3,8 +3,9 @@
 The torch twin of :func:`kflats.quantize._grid.unpack_codes` and
 :meth:`kflats.quantize.QuantizedTensor.dequantize`: the same codes, and the
 same float32 values, ``(q - z) * s`` with one rounding (the subtraction of
-two small integers is exact), so that a layer that dequantizes on the fly
-computes what the same layer holding the float parameters computes.
+a small integer and an integer or float16 zero point is exact), so that a
+layer that dequantizes on the fly computes what the same layer holding the
+float parameters computes.
 
 Two paths give those values. On the CPU, the Numba kernels of
 ``_dequantize_kernels.py`` read the packed stream once and write the
@@ -143,8 +144,9 @@ def kernel_operands(codes, scales, zeros, bits):
     """What a CPU kernel reads: views of the tensors, or None off the CPU.
 
     The codes, the scales (float16 as their uint16 bits), the zero points
-    and their step (a symmetric grid: one midpoint for every group, step
-    0). A caller that dequantizes the same tensors again may keep them.
+    (uint8, or float16 as their uint16 bits) and their step (a symmetric
+    grid: one midpoint for every group, step 0). A caller that dequantizes
+    the same tensors again may keep them.
     """
     if not _on_cpu(codes, scales, zeros):
         return None
@@ -153,7 +155,10 @@ def kernel_operands(codes, scales, zeros, bits):
         s = s.view(np.uint16)
     if zeros is None:
         return codes.numpy(), s, np.full(1, 1 << (bits - 1), dtype=np.uint8), 0
-    return codes.numpy(), s, zeros.reshape(-1).numpy(), 1
+    z = zeros.reshape(-1).numpy()
+    if z.dtype == np.float16:
+        z = z.view(np.uint16)
+    return codes.numpy(), s, z, 1
 
 
 def dequantize_matrix(

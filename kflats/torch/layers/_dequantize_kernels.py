@@ -47,7 +47,10 @@ def half_to_float(h):
 
 
 def _scale(scales, j):
-    """Scale ``j``: float32, or float16 held as its uint16 bits."""
+    """Scale (or zero point) ``j``: float32, or float16 held as its uint16 bits.
+
+    Integer zero points (uint8) are read as float32, exactly.
+    """
     # what runs with NUMBA_DISABLE_JIT=1; compiled, the overload below
     if scales.dtype == np.uint16:
         return half_to_float(scales[j])
@@ -71,7 +74,7 @@ def _word_kernel(bits):
 
         One scale and zero point per group, groups line after line; the
         zero point of group ``j`` is ``zeros[j * zstep]`` (``zstep=0``: one
-        for all, a symmetric grid's midpoint). ``length`` and
+        for all, a symmetric grid's midpoint), uint8 or float16 bits. ``length`` and
         ``group_size`` are multiples of the codes a word holds
         (:data:`WORDS`).
         """
@@ -82,7 +85,7 @@ def _word_kernel(bits):
             for j in range(groups):
                 g = line * groups + j
                 s = _scale(scales, g)
-                z = np.float32(zeros[g * zstep])
+                z = _scale(zeros, g * zstep)
                 first = (line * length + j * group_size) // per_word
                 o = r * length + j * group_size
                 for w in range(words):
@@ -104,7 +107,7 @@ def _word_kernel(bits):
         words = group_size // per_word
         for j in range(scales.shape[0]):
             s = _scale(scales, j)
-            z = np.float32(zeros[j * zstep])
+            z = _scale(zeros, j * zstep)
             for w in range(words):
                 p = (j * words + w) * width
                 word = np.int32(codes[p])
@@ -131,7 +134,7 @@ def dequantize_lines_any(
         for j in range(groups):
             g = line * groups + j
             s = _scale(scales, g)
-            z = np.float32(zeros[g * zstep])
+            z = _scale(zeros, g * zstep)
             start = line * length + j * group_size
             o = r * length + j * group_size
             for t in range(group_size):

@@ -29,7 +29,8 @@ class PackedTensor(nn.Module):
     ----------
     codes : uint8 Tensor of shape (n_bytes,)
     scales : float16 or float32 Tensor of shape (lines, groups per line)
-    zeros : uint8 Tensor of the shape of ``scales``, or None (symmetric grid)
+    zeros : uint8 or float16 Tensor of the shape of ``scales``, or None
+        (symmetric grid)
     meta : int64 Tensor of shape (5,)
         bits, group size, axis, rows, cols (see
         :meth:`kflats.quantize.QuantizedTensor.to_state`).

@@ -37,8 +37,14 @@ from scipy import linalg
 from torch import nn
 
 from kflats.quantize._gptq import quantize_calibrated
-from kflats.quantize._grid import check_bits, check_group_size, check_scale_dtype
+from kflats.quantize._grid import (
+    check_bits,
+    check_group_size,
+    check_scale_dtype,
+    check_zero_dtype,
+)
 from kflats.quantize._tensor import QuantizedTensor, quantize
+from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
 from kflats.torch.layers._linear import ProjectiveLinear
 from kflats.torch.layers._quantized_bytes import (
@@ -182,7 +188,11 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
 
 
 def _rtn_kw(kw):
-    return {"symmetric": kw["symmetric"], "scale_dtype": kw["scale_dtype"]}
+    return {
+        "symmetric": kw["symmetric"],
+        "scale_dtype": kw["scale_dtype"],
+        "zero_dtype": kw["zero_dtype"],
+    }
 
 
 def quantize_module_(
@@ -197,6 +207,7 @@ def quantize_module_(
     damping=0.01,
     act_order=True,
     scale_dtype="float16",
+    zero_dtype="uint8",
 ):
     """Quantize a layer's weight matrices in place (storage quantization).
 
@@ -208,6 +219,10 @@ def quantize_module_(
     Parameters
     ----------
     module : nn.Linear, nn.Embedding, ProjectiveLinear or ProjectiveEmbedding
+        Or transformers' ``Conv1D`` (GPT-2), a Linear whose weight is stored
+        transposed: its codes are grouped along the input features too (the
+        recorded tensor has the stored weight's shape, grouped along its
+        columns: ``axis=0``).
     bits : {2, 3, 4, 6, 8}
     group_size : int or None, default=128
         Entries per scale, along the input features of a Linear weight, a
@@ -239,6 +254,11 @@ def quantize_module_(
         Linear layers of all-MiniLM-L6-v2 at 3 and 4 bits, g32, it lowers the
         held-out output error by 8-9 % over the natural order).
     scale_dtype : {"float16", "float32"}, default="float16"
+    zero_dtype : {"uint8", "float16"}, default="uint8"
+        Of the zero points: integers, the grid covering each group's range
+        and zero; or float16, the grid spanning the group's own range (one
+        byte more a group: the layout of a GGUF Q4_1 block, whose weights
+        it keeps as they are). Not used when ``symmetric``.
 
     Returns
     -------
@@ -269,11 +289,13 @@ def quantize_module_(
     bits = check_bits(bits)
     _check_method(method)
     check_scale_dtype(scale_dtype)
+    check_zero_dtype(zero_dtype)
     kw = {
         "symmetric": bool(symmetric),
         "damping": damping,
         "act_order": bool(act_order),
         "scale_dtype": scale_dtype,
+        "zero_dtype": zero_dtype,
     }
     calibrated = method == "calibrated"
     if isinstance(module, (ProjectiveEmbedding, ProjectiveLinear)):
@@ -290,17 +312,18 @@ def quantize_module_(
         tensors = _quantize_projective(
             module, bits, group_size, method, moment, weights, kw
         )
-    elif isinstance(module, nn.Linear):
-        moment = _check_moment_shape(moment, module.in_features)
+    elif isinstance(module, nn.Linear) or is_conv1d(module):
+        W = _np(dense_weight(module))  # (out, in): a Conv1D's transposed
+        moment = _check_moment_shape(moment, W.shape[1])
         if token_weights is not None:
             raise ValueError("token_weights are for embeddings; got a Linear")
-        W = _np(module.weight)
         check_group_size(group_size, W.shape[1], "in_features={}")
         if calibrated and moment is not None:
             qt = quantize_calibrated(W, moment, bits, group_size, **kw)
         else:
             qt = quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))
-        tensors = {"weight": qt}
+        # a Conv1D stores W^T: the same codes, read along the columns
+        tensors = {"weight": qt.T if is_conv1d(module) else qt}
     elif isinstance(module, nn.Embedding):
         if moment is not None:
             raise ValueError("moment is for Linear layers; got an embedding")
@@ -312,8 +335,9 @@ def quantize_module_(
         }
     else:
         raise TypeError(
-            "module must be a torch.nn.Linear, torch.nn.Embedding, "
-            f"ProjectiveLinear or ProjectiveEmbedding, got {type(module).__name__}"
+            "module must be a torch.nn.Linear, torch.nn.Embedding, transformers "
+            "Conv1D, ProjectiveLinear or ProjectiveEmbedding, got "
+            f"{type(module).__name__}"
         )
     _assign(module, tensors)
     return module

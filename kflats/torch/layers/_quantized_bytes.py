@@ -7,6 +7,7 @@ from torch import nn
 from kflats.quantize._grid import check_group_size
 from kflats.quantize._tensor import quantized_nbytes
 from kflats.torch.layers._base import label_dtype
+from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
 from kflats.torch.layers._linear import ProjectiveLinear
 from kflats.torch.layers._quantized_state import state_nbytes
@@ -51,7 +52,13 @@ def rank_group_size(rank, group_size):
 
 
 def form_nbytes(
-    module, bits=None, group_size=128, *, symmetric=False, scale_dtype="float16"
+    module,
+    bits=None,
+    group_size=128,
+    *,
+    symmetric=False,
+    scale_dtype="float16",
+    zero_dtype="uint8",
 ):
     """Bytes a layer's state takes once quantized, without quantizing it.
 
@@ -63,10 +70,12 @@ def form_nbytes(
     Parameters
     ----------
     module : nn.Linear, nn.Embedding, ProjectiveLinear or ProjectiveEmbedding
+        Or transformers' ``Conv1D``.
     bits : {2, 3, 4, 6, 8} or None, default=None
     group_size : int or None, default=128
     symmetric : bool, default=False
     scale_dtype : {"float16", "float32"}, default="float16"
+    zero_dtype : {"uint8", "float16"}, default="uint8"
 
     Returns
     -------
@@ -79,6 +88,8 @@ def form_nbytes(
     >>> linear = torch.nn.Linear(384, 1536)
     >>> form_nbytes(linear), form_nbytes(linear, bits=4, group_size=32)
     (2365440, 356392)
+    >>> form_nbytes(linear, bits=4, group_size=32, zero_dtype="float16")
+    374824
     """
     state = module.state_dict()
     total = state_nbytes(state)
@@ -93,6 +104,7 @@ def form_nbytes(
             g,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
+            zero_dtype=zero_dtype,
         )
 
     def plain(t):
@@ -107,11 +119,12 @@ def form_nbytes(
                 gu = rank_group_size(u.shape[1], group_size)
                 total += packed(tuple(u.shape), gu) - plain(u)
         return total
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        return total + packed(tuple(module.weight.shape)) - plain(module.weight)
+    if isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module):
+        shape = tuple(dense_weight(module).shape)  # grouped along in_features
+        return total + packed(shape) - plain(module.weight)
     raise TypeError(
-        "module must be a torch.nn.Linear, torch.nn.Embedding, ProjectiveLinear "
-        f"or ProjectiveEmbedding, got {type(module).__name__}"
+        "module must be a torch.nn.Linear, torch.nn.Embedding, transformers "
+        f"Conv1D, ProjectiveLinear or ProjectiveEmbedding, got {type(module).__name__}"
     )
 
 

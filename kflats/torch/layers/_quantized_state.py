@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kflats.quantize._tensor import QuantizedTensor
+from kflats.torch.layers._dense import is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
 from kflats.torch.layers._linear import ProjectiveLinear
 
@@ -109,7 +110,7 @@ def _owner(module, full):
             continue
         if isinstance(
             sub, (ProjectiveEmbedding, ProjectiveLinear, nn.Linear, nn.Embedding)
-        ):
+        ) or is_conv1d(sub):
             return owner, "", ".".join(parts[cut:])
     raise ValueError(f"{full!r} is not a parameter of a quantizable layer")
 

@@ -152,6 +152,16 @@ class ModelAdapter:
                     out[name] = source
         return out
 
+    def output_head(self):
+        """Name of the module whose output is the model's final output, or None.
+
+        Nothing after it matters to the calibration, which reads module
+        inputs only: it stops the forward pass there (a causal LM's head
+        computes logits over the whole vocabulary, a fifth of SmolLM2's
+        forward pass and its largest tensor). The base adapter knows none.
+        """
+        return None
+
     def tied_heads(self):
         """Names of the output heads tied to the word embedding."""
         named = dict(self.model.named_modules())

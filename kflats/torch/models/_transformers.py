@@ -63,6 +63,14 @@ class TransformersAdapter(ModelAdapter):
                 return kind
         return "hidden"
 
+    def output_head(self):
+        """The head of a causal LM (``get_output_embeddings()``), else None."""
+        if self.output_kind != "causal_lm":
+            return None
+        getter = getattr(self.model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        return None if head is None else _module_name(self.model, head)
+
     def _base(self):
         """Name of the base model inside the model (``""``: the model itself)."""
         base = getattr(self.model, "base_model", self.model)

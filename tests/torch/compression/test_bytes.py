@@ -180,10 +180,19 @@ def test_factors_nbytes_counts_the_forms_of_the_plan():
 def test_dense_forms_include_wider_groups():
     linear = nn.Linear(256, 16)
     forms = _forms(linear, (4, 3), None)
-    dense = {(f.bits, f.group_size): f.nbytes for f in forms if f.kind == "dense"}
+    dense = {
+        (f.bits, f.group_size): f.nbytes
+        for f in forms
+        if f.kind == "dense" and f.zero_dtype == "uint8"
+    }
     assert set(dense) == {(4, 32), (4, 128), (3, 32), (3, 128)}
     assert all(n == form_nbytes(linear, b, g) for (b, g), n in dense.items())
     assert dense[4, 128] < dense[4, 32] and dense[3, 128] < dense[3, 32]
+    # and GGUF's Q4_1 layout: 4 bits in groups of 32, float16 zero points
+    (q41,) = [f for f in forms if f.zero_dtype == "float16"]
+    assert (q41.kind, q41.bits, q41.group_size) == ("dense", 4, 32)
+    assert q41.nbytes == form_nbytes(linear, 4, 32, zero_dtype="float16")
+    assert q41.nbytes == dense[4, 32] + 16 * 256 // 32  # a byte more a group
     # a given group size is the only one
     forms = _forms(linear, (4,), 64)
     assert [f.group_size for f in forms if f.kind == "dense"] == [64]
@@ -764,7 +773,7 @@ def test_each_form_header_bounds_its_layer_header():
             options,
         )  # fmt: skip
         for form in measured.forms:
-            kind = (name, form.kind, form.bits, form.k)
+            kind = (name, form.kind, form.bits, form.k, form.zero_dtype)
             if kind in seen:
                 continue
             seen.add(kind)
@@ -773,7 +782,7 @@ def test_each_form_header_bounds_its_layer_header():
             elif form.kind == "dense":
                 state = dict(module.state_dict())
                 del state["weight"]
-                qt = measured.dense_q[form.bits, form.group_size]
+                qt = measured.dense_q[form.bits, form.group_size, form.zero_dtype]
                 state.update(
                     {k: torch.from_numpy(v) for k, v in qt.to_state("weight.").items()}
                 )

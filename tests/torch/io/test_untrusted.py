@@ -1301,3 +1301,162 @@ def test_mutated_npz_loads_or_is_refused(loader, data):
         load(loader, out)
     except ValueError as exc:
         assert "mutant.npz" in str(exc)
+
+
+# -- crafted GGUF files: the header read as untrusted data ---------------------------
+#
+# Each file is a few hundred bytes whose header lies (a count, a length, a type,
+# an offset). It must be refused with a message naming the file and the field,
+# before transformers reads it and before memory is taken: the check walks the
+# header through a memory map, every count bounded by the bytes left (measured:
+# under 0.001 s for these, 0.1 s for SmolLM2's 98 MB file and its 49,152 tokens).
+
+
+def _gguf_cases():
+    import struct
+
+    from .._gguf_models import gguf_bytes, gguf_kv, gguf_string, gguf_tensor_info
+
+    def arch(name="llama"):
+        return gguf_kv("general.architecture", 8, gguf_string(name))
+
+    def u32(key, value):
+        return gguf_kv(key, 4, struct.pack("<I", value))
+
+    def array(key, item, count, payload=b""):
+        return gguf_kv(key, 9, struct.pack("<IQ", item, count) + payload)
+
+    f32 = 0  # the F32 tensor type
+    one = [gguf_tensor_info("token_embd.weight", (64, 2), f32, 0)]
+    data = b"\0" * 512
+    return [
+        ("array_1e8_uint32", gguf_bytes([arch(), array("tokenizer.ggml.tokens", 4,
+         10**8)]), "declares 100000000 entries of UINT32"),
+        ("array_1e8_strings", gguf_bytes([arch(), array("tokenizer.ggml.merges", 8,
+         10**8)]), "declares 100000000 entries of STRING"),
+        ("string_in_array_past_end", gguf_bytes([arch(), array("t", 8, 1,
+         struct.pack("<Q", 2**62))]), "past the end of the file"),
+        ("nested_arrays", gguf_bytes([arch(), gguf_kv("t", 9, struct.pack(
+         "<IQ", 9, 1) + struct.pack("<IQ", 9, 1) * 12)]), "nests arrays more than"),
+        ("tensor_beyond_end", gguf_bytes([arch()], [gguf_tensor_info(
+         "token_embd.weight", (64, 10**6), f32, 0)], data),
+         "lies beyond the end of the file"),
+        ("tensor_of_2_64_entries", gguf_bytes([arch()], [gguf_tensor_info(
+         "token_embd.weight", (2**32, 2**32), f32, 0)], data), "beyond the end"),
+        ("tensor_offset_far", gguf_bytes([arch()], [gguf_tensor_info(
+         "token_embd.weight", (64, 1), f32, 2**40)], data), "beyond the end"),
+        ("tensor_type_unknown", gguf_bytes([arch()], [gguf_tensor_info(
+         "token_embd.weight", (64, 1), 99, 0)], data), "has the unknown type 99"),
+        ("tensor_dims_9", gguf_bytes([arch()], [gguf_tensor_info(
+         "w", (1,) * 9, f32, 0)], data), "has 9 dimensions"),
+        ("tensor_rows_not_blocks", gguf_bytes([arch()], [gguf_tensor_info(
+         "w", (33, 1), 2, 0)], data), "not a multiple of its blocks of 32"),
+        ("tensor_twice", gguf_bytes([arch()], one * 2, data), "appears twice"),
+        ("tensors_overlap", gguf_bytes([arch()], [*one, gguf_tensor_info(
+         "w", (64,), f32, 256)], data), "overlap"),
+        ("tensor_misaligned", gguf_bytes([arch()], [gguf_tensor_info(
+         "w", (8,), f32, 4)], data), "not a multiple of the alignment 32"),
+        ("tensor_name_long", gguf_bytes([arch()], [gguf_tensor_info(
+         "w" * 65, (8,), f32, 0)], data), "more than 64"),
+        ("count_1e12_tensors", gguf_bytes([arch()], counts=(10**12, 1)),
+         "declares 1000000000000 tensors"),
+        ("count_1e12_entries", gguf_bytes([arch()], counts=(0, 10**12)),
+         "more than its .* bytes can describe"),
+        ("key_2_40_long", gguf_bytes([struct.pack("<Q", 2**40)], data=data),
+         "is 1099511627776 bytes long, more than 65535"),
+        ("key_twice", gguf_bytes([arch(), arch()]), "appears twice"),
+        ("value_type_unknown", gguf_bytes([gguf_kv("x", 77, b"")]),
+         "unknown value type 77"),
+        ("string_2_62_long", gguf_bytes([gguf_kv("general.architecture", 8,
+         struct.pack("<Q", 2**62))]), "past the end of the file"),
+        ("string_not_utf8", gguf_bytes([gguf_kv("general.architecture", 8,
+         gguf_string(b"\xff\xfe"))]), "is not UTF-8 text"),
+        ("alignment_3", gguf_bytes([arch(), u32("general.alignment", 3)]),
+         "general.alignment must be a power of 2"),
+        ("magic_other", gguf_bytes([arch()], magic=b"GGML"), "not b'GGUF'"),
+        ("version_1", gguf_bytes([arch()], version=1), "version 1;"),
+        ("big_endian", gguf_bytes([arch()], version=3 << 24), "big-endian"),
+        ("truncated", b"GGUF\3\0\0\0", "shorter than a GGUF header"),
+        ("no_architecture", gguf_bytes([u32("llama.block_count", 2)]),
+         "names no general.architecture"),
+        ("architecture_mamba", gguf_bytes([arch("mamba")]),
+         "architecture 'mamba', for which kflats has no adapter"),
+        ("type_q8_k", gguf_bytes([arch()], [gguf_tensor_info(
+         "token_embd.weight", (256, 1), 15, 0)], data),
+         r"1 tensor\(s\) of the GGUF type Q8_K .* which kflats cannot dequantize"),
+    ]  # fmt: skip
+
+
+GGUF_CASES = [pytest.param(b, m, id=n) for n, b, m in _gguf_cases()]
+
+
+@pytest.mark.parametrize("crafted, match", GGUF_CASES)
+def test_crafted_gguf_is_refused_before_memory_is_taken(crafted, match, tmp_path):
+    pytest.importorskip("gguf")
+    from kflats.torch.io import load_pretrained
+
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(crafted)
+    assert len(crafted) < 2000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match) as info:
+            load_pretrained(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"'{path}'" in str(info.value)
+    assert peak < 5 * 2**20, peak  # nothing of what the header declares
+    assert path.read_bytes() == crafted
+    assert os.listdir(tmp_path) == ["crafted.gguf"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from .._gguf_models import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    return path.read_bytes()
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=hst.data())
+def test_mutated_gguf_header_reads_or_is_refused(tiny_gguf, data, tmp_path):
+    # cut or overwrite bytes of a valid file's header: a clear ValueError or a
+    # header whose every tensor lies inside the file, never another error
+    from kflats.torch.io._gguf_check import read_gguf_header
+
+    header_end = read_gguf_header_end(tiny_gguf)
+    crafted = bytearray(tiny_gguf)
+    if data.draw(hst.booleans()):
+        crafted = crafted[: data.draw(hst.integers(0, header_end))]
+    else:
+        for _ in range(data.draw(hst.integers(1, 4))):
+            at = data.draw(hst.integers(0, header_end - 1))
+            crafted[at] = data.draw(hst.integers(0, 255))
+    path = tmp_path / "mutant.gguf"
+    path.write_bytes(bytes(crafted))
+    try:
+        header = read_gguf_header(path)
+    except ValueError as exc:
+        assert "mutant.gguf" in str(exc)
+        return
+    for t in header.tensors:
+        assert header.data_offset + t.offset + t.nbytes <= len(crafted)
+
+
+def read_gguf_header_end(data):
+    import tempfile
+
+    from kflats.torch.io._gguf_check import read_gguf_header
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(data)
+        f.flush()
+        return read_gguf_header(f.name).data_offset

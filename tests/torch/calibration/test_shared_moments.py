@@ -1,0 +1,111 @@
+"""Input moments shared by the modules that read the same input, float32."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kflats.torch import calibrate
+
+from .._helpers import SENTENCES, tokenizer_for
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def reference_moments(model, batches, names):
+    """sum x x^T of each module's input over real positions, float64, by hand."""
+    named = dict(model.named_modules())
+    sums = {n: 0.0 for n in names}
+    mask = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().double()
+            rows = x[mask["m"]] if x.dim() == 3 else x
+            sums[name] = sums[name] + rows.T @ rows
+
+        return record
+
+    handles = [named[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask["m"] = batch["attention_mask"].bool()
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.numpy() for n, s in sums.items()}
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_queries_keys_and_values_share_one_float32_sum():
+    model = tiny_llama()
+    tokenizer = tokenizer_for(60)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    cal = calibrate(model, SENTENCES * 2, tokenizer=tokenizer, batch_size=5)
+    records = cal._records
+    layer = "model.layers.0."
+    sums = [records[layer + f"self_attn.{p}_proj"]["moment_sum"] for p in "qkv"]
+    assert sums[0].dtype == np.float32 and sums[0] is sums[1] is sums[2]
+    gate, up = (records[layer + f"mlp.{p}_proj"]["moment_sum"] for p in ("gate", "up"))
+    assert gate is up and gate is not sums[0]
+    texts = SENTENCES * 2
+    batches = [tokenizer(texts[i : i + 5]) for i in range(0, len(texts), 5)]
+    expected = reference_moments(model, batches, names)
+    for name in names:  # the tied head's input moment too
+        np.testing.assert_allclose(
+            records[name]["moment_sum"], expected[name], rtol=2e-5, atol=1e-4
+        )
+        assert records[name]["n_rows"] == int(
+            sum(b["attention_mask"].sum() for b in batches)
+        )
+
+
+def test_the_calibration_stops_at_the_head():
+    model = tiny_llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    cal = calibrate(model, SENTENCES, tokenizer=tokenizer_for(60))
+    assert not calls  # the logits were never computed
+    assert cal.input_moment("lm_head").shape == (32, 32)
+    model(**tokenizer_for(60)(SENTENCES[:2]))  # the model still runs whole
+    assert calls
+
+
+class Fork(nn.Module):
+    """Two Linear layers that read one tensor in the first batch only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, input_ids):
+        x = input_ids.float()
+        self.calls += 1
+        self.a(x)
+        self.b(x if self.calls == 1 else 2 * x)
+        return x
+
+
+def test_modules_that_part_ways_keep_their_own_sums():
+    model = Fork()
+    batches = [{"input_ids": torch.arange(8.0).reshape(2, 4) + i} for i in range(3)]
+    cal = calibrate(model, batches)
+    x = [b["input_ids"].double() for b in batches]
+    a = sum(t.T @ t for t in x)
+    b = x[0].T @ x[0] + sum((2 * t).T @ (2 * t) for t in x[1:])
+    np.testing.assert_allclose(cal._records["a"]["moment_sum"], a.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(cal._records["b"]["moment_sum"], b.numpy(), rtol=1e-6)
+    assert cal._records["a"]["moment_sum"] is not cal._records["b"]["moment_sum"]
