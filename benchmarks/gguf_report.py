@@ -133,7 +133,7 @@ def _kflats_gguf(model, size, out, seed):
     cmd = [
         sys.executable, "-m", "kflats.cli.main", "compress", str(model),
         "--size", size, "--format", "gguf", "--out", str(out), "--overwrite",
-        "--random-state", str(seed), "--quiet",
+        "--seed", str(seed), "--quiet",
     ]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
