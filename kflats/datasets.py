@@ -142,8 +142,7 @@ def load_sentences(split="calibration"):
     """
     if split not in ("calibration", "heldout", "all", "outside"):
         raise ValueError(
-            "split must be 'calibration', 'heldout', 'all' or 'outside', got "
-            f"{split!r}"
+            f"split must be 'calibration', 'heldout', 'all' or 'outside', got {split!r}"
         )
     source = _OUTSIDE if split == "outside" else _SENTENCES
     lines = source.read_text(encoding="utf-8").splitlines()

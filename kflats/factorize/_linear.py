@@ -141,9 +141,12 @@ class Kept:
         return sum(a.nbytes for arrays in self._items.values() for a in arrays)
 
 
-# the damped moments of the last modules factored (256 MB holds 5 of
-# 1,536 x 1,536, or 1 of 3,072 x 3,072, with their factors)
-_CHOLESKY = Kept(256 << 20)
+# the damped moments of the last modules factored: a module's forms, and the
+# modules that read its input (queries, keys, values), factor the same one.
+# 64 MB holds one of 1,536 x 1,536 with its factor and several of 576 x 576;
+# 256 MB held 241 MB of SmolLM2's 211 modules' to no use (a module's moment
+# is not factored again once its forms are measured)
+_CHOLESKY = Kept(64 << 20)
 
 
 def damped_cholesky(C, damping, scale, name, advice):

@@ -26,7 +26,7 @@ _BLOCK = 128
 
 
 # the inverse factors of the last moments (see kflats.factorize._linear.Kept)
-_INVERSE = Kept(128 << 20)
+_INVERSE = Kept(32 << 20)  # one of 1,536 x 1,536 and several smaller
 
 
 def _inverse_factor(H, damping):

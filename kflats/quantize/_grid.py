@@ -296,7 +296,9 @@ def _fit_and_encode(
     return best[1], best[2], best[3]
 
 
-def _as_matrix(W, name="W"):
+def _as_matrix(W, name="W", copy=True):
+    """``W`` checked: a finite real 2-D array, in float64 (``copy=False``: a
+    float array as it is, others in float64)."""
     if hasattr(W, "detach"):
         W = W.detach().cpu().numpy()
     W = np.asarray(W)
@@ -304,7 +306,8 @@ def _as_matrix(W, name="W"):
         raise ValueError(f"{name} must be a non-empty 2-D array, got shape {W.shape}")
     if W.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {W.dtype}")
-    W = W.astype(np.float64)
+    if copy or W.dtype.kind != "f":
+        W = W.astype(np.float64)
     if not np.all(np.isfinite(W)):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     return W

@@ -22,6 +22,7 @@ from ._grid import (
 __all__ = ["SUPPORTED_BITS", "QuantizedTensor", "quantize", "quantized_nbytes"]
 
 _META_LEN = 5  # bits, group_size, axis, rows, cols
+_CHUNK = 1 << 20  # entries quantized at once
 
 
 class QuantizedTensor:
@@ -432,23 +433,29 @@ def quantize(
     axis = _check_axis(axis)
     dtype = check_scale_dtype(scale_dtype)
     zdtype = check_zero_dtype(zero_dtype)
-    W = _as_matrix(W)
+    W = _as_matrix(W, copy=False)
     M = W if axis == 1 else W.T
     lines, length = M.shape
     what = "the row length ({})" if axis == 1 else "the column length ({})"
     g = check_group_size(group_size, length, what)
-    groups = M.reshape(-1, g)
     ratios = _CLIP_RATIOS if clip else (1.0,)
-    scale, zero, codes = _fit_and_encode(
-        groups, bits, symmetric, dtype, ratios, zero_dtype=zdtype
-    )
-    n_groups = (lines, length // g)
+    # lines by chunks of about _CHUNK entries, each in float64: a 49,152 x 576
+    # table takes a few MB beside its codes, not a float64 copy of itself
+    step = max(1, _CHUNK // length)
+    codes = np.empty((lines, length), dtype=np.uint8)
+    scale = np.empty((lines, length // g), dtype=dtype)
+    zero = np.empty((lines, length // g), dtype=np.uint8 if symmetric else zdtype)
+    for a in range(0, lines, step):
+        groups = np.asarray(M[a : a + step], dtype=np.float64).reshape(-1, g)
+        s, z, c = _fit_and_encode(
+            groups, bits, symmetric, dtype, ratios, zero_dtype=zdtype
+        )
+        n = min(step, lines - a)
+        codes[a : a + n], scale[a : a + n], zero[a : a + n] = (
+            c.reshape(n, length),
+            s.reshape(n, -1),
+            z.reshape(n, -1),
+        )
     return QuantizedTensor._from_codes(
-        codes.reshape(lines, length),
-        scale.reshape(n_groups),
-        None if symmetric else zero.reshape(n_groups),
-        W.shape,
-        bits,
-        g,
-        axis,
+        codes, scale, None if symmetric else zero, W.shape, bits, g, axis
     )

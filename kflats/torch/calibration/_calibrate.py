@@ -100,31 +100,54 @@ class _MomentSum:
 
     Several layers often read the same input tensor (a block's queries, keys
     and values; a gated MLP's gate and up projections): they share one sum,
-    float32, added once per batch. A module that reads another tensor in a
-    later batch than its partners takes a sum of its own (:meth:`add`).
+    float32, each batch's rows added once, in place (no moment of a batch is
+    kept). A module that reads another tensor in a later batch than its
+    partners takes a sum of its own (:meth:`add`).
     """
 
     def __init__(self, n_in):
         self.sum = torch.zeros(n_in, n_in, dtype=torch.float32)
         self.n_rows = 0
         self.since = None  # the first batch added
-        self.batch, self.last, self.last_n = -1, None, 0  # the last one added
+        # the last batch added: how to read its rows again (a weak reference
+        # to the input and its reader), and their number
+        self.batch, self.last = -1, None
 
-    def add(self, moment, n, batch):
-        """Add one batch's moment; the sum that holds it (a new one, split off
-        from this, if this one already took another moment in this batch)."""
+    def add(self, rows, batch, source):
+        """Add one batch's rows; the sum that holds them (a new one, split off
+        from this, if this one already took other rows in this batch).
+
+        ``source``: the input tensor the rows come from, and its reader.
+        """
         target = self
         if self.batch == batch:  # partners read another tensor: part ways
+            (ref, reader), n = self.last
+            earlier = ref()
+            if earlier is None:
+                raise RuntimeError(
+                    "calibrate: modules that read one input in a batch read "
+                    "different inputs in a later one, the earlier input gone; "
+                    "calibrate them in separate calls"
+                )
             target = _MomentSum.__new__(_MomentSum)
-            target.sum = self.sum - self.last
-            target.n_rows = self.n_rows - self.last_n
+            target.sum = self.sum - _moment(reader.rows(earlier))
+            target.n_rows = self.n_rows - n
             target.since = self.since if target.n_rows else None
         if target.since is None:
             target.since = batch
-        target.sum += moment
-        target.n_rows += n
-        target.batch, target.last, target.last_n = batch, moment, n
+        if rows.device.type == "cpu" and rows.dtype == torch.float32:
+            target.sum.addmm_(rows.T, rows)
+        else:
+            target.sum += _moment(rows)
+        target.n_rows += rows.shape[0]
+        tensor, reader = source
+        target.batch, target.last = batch, ((weakref.ref(tensor), reader), len(rows))
         return target
+
+
+def _moment(rows):
+    """``rows^T rows`` in float32, on the CPU."""
+    return (rows.T @ rows).to("cpu", torch.float32)
 
 
 class _Observer:
@@ -162,25 +185,27 @@ class _Observer:
         cache = self.state["moments"]
         hit = cache.get(id(args[0]))
         if hit is None or hit[0]() is not args[0]:
-            rows = self._rows(x).reshape(-1, x.shape[-1])
-            if not rows.dtype.is_floating_point or rows.dtype in (
-                torch.float16,
-                torch.bfloat16,
-            ):
-                rows = rows.float()
-            moment = (rows.T @ rows).to("cpu", torch.float32)
-            hit = (weakref.ref(args[0]), moment, rows.shape[0], set())
+            hit = (weakref.ref(args[0]), set())
             cache[id(args[0])] = hit
-        _, moment, n, added = hit
+        added = hit[1]
+        batch = self.state["batch"]
         if self.moments is None:  # its first batch: share a reader's that
             # began with this batch too
-            batch = self.state["batch"]
             first = next((m for m in added if m.since == batch), None)
             self.moments = first if first is not None else _MomentSum(self.n_in)
         if self.moments not in added:
-            self.moments = self.moments.add(moment, n, self.state["batch"])
+            self.moments = self.moments.add(self.rows(x), batch, (args[0], self))
             added.add(self.moments)
-            self.state["added"].add(self.moments)
+
+    def rows(self, x):
+        """The real rows of an input, 2-D, in float32 (or float64)."""
+        rows = self._rows(x.detach()).reshape(-1, x.shape[-1])
+        if not rows.dtype.is_floating_point or rows.dtype in (
+            torch.float16,
+            torch.bfloat16,
+        ):
+            rows = rows.float()
+        return rows
 
     def record(self):
         if self.kind == "Embedding":
@@ -188,7 +213,7 @@ class _Observer:
         sums = self.moments
         if sums is None:  # never called
             sums = _MomentSum(self.n_in)
-        sums.last = None  # the last batch's moment: no longer needed
+        sums.last = None
         if getattr(sums, "array", None) is None:  # one array for its readers
             sums.array = sums.sum.numpy()
         return {"kind": self.kind, "moment_sum": sums.array, "n_rows": sums.n_rows}
@@ -350,7 +375,7 @@ def calibrate(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    state = {"mask": None, "moments": {}, "batch": -1, "added": set()}
+    state = {"mask": None, "moments": {}, "batch": -1}
     ties = adapter.ties()
     observers = _observers(names, named, ties, state)
     bar = _progress_bar(progress, n_batches)
@@ -444,9 +469,6 @@ def _record(adapter, batches, device, state, bar):
             state["mask"] = None if mask is None else mask.bool()
             state["moments"] = {}
             state["batch"] += 1
-            for sums in state["added"]:  # their last batch's moment: over
-                sums.last = None
-            state["added"] = set()
             # a copy: sentence-transformers writes its outputs into the dict
             try:
                 adapter.run(dict(batch))

@@ -57,9 +57,11 @@ from kflats.torch.models import adapter_for
 
 # output kinds whose distortion is a KL divergence of distributions
 LOGIT_KINDS = ("causal_lm", "masked_lm", "seq2seq", "classifier")
-# sequences per forward (and backward) pass: the logits of a 49,152-token
-# vocabulary, their softmax and gradient, about 4 x 8 x 41 x 49,152 floats
-_MICRO_BATCH = 8
+# sequences per forward pass (the logits of a 49,152-token vocabulary, their
+# softmax and gradient: about 4 x 8 x 41 x 49,152 floats), and per backward
+# pass (which also keeps every block's activations); positions whose
+# distributions over a vocabulary are summed at once
+_MICRO_BATCH, _BACKWARD_BATCH, _POSITIONS = 8, 4, 64
 
 
 def has_logits(model):
@@ -114,11 +116,13 @@ class _HeadMoments:
         self.a = self.b = self.xx = 0.0
 
     def add(self, h, z):
-        hh = (h * h).sum(-1)
-        p = torch.softmax(z, dim=-1)
-        self.a += float((hh * ((p * (1 - p)) @ self.e2)).sum())
-        self.b += float(((z * z) @ self.w).sum())
-        self.xx += float(hh.sum())
+        for a in range(0, len(z), _POSITIONS):  # a vocabulary's width at a time
+            hc, zc = h[a : a + _POSITIONS], z[a : a + _POSITIONS]
+            hh = (hc * hc).sum(-1)
+            p = torch.softmax(zc, dim=-1)
+            self.a += float((hh * (p @ self.e2 - (p * p) @ self.e2)).sum())
+            self.b += float(((zc * zc) @ self.w).sum())
+            self.xx += float(hh.sum())
 
     def sensitivity(self, positions):
         denom = positions * self.xx * float((self.w * self.e2).sum())
@@ -239,7 +243,7 @@ def fisher_sensitivities(model, names, named, probe, *, row_weights=None, seed=0
         for p in saved:
             p.requires_grad_(False)
         with hooks.attached(first):
-            for batch in micro_batches(probe):
+            for batch in micro_batches(probe, _BACKWARD_BATCH):
                 positions += _backward(adapter, batch, hooks, generator)
     finally:
         for p, flag in saved.items():

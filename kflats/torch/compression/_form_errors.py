@@ -87,7 +87,8 @@ class _Measure:
     """
 
     def __init__(self, module, objective):
-        self.W = dense_weight(module).detach().to("cpu", torch.float64).numpy()
+        # as the module holds it (float32): rows are taken in float64 by chunks
+        self.W = dense_weight(module).detach().to("cpu", torch.float32).numpy()
         self.rows = None
         self.L = None
         if objective is not None and objective.row_weights is not None:
@@ -98,23 +99,45 @@ class _Measure:
             )
         self.total = self._energy(self.W)
 
-    def _energy(self, A):
-        if self.rows is not None:
-            A = A * self.rows[:, None]
-        elif self.L is not None:
-            A = whiten(A, self.L)
-        return float(np.einsum("ij,ij->", A, A))
+    def _chunks(self, A, B=None):
+        """Rows of ``A - B`` in float64, by chunks of about ``_CHUNK`` entries."""
+        step = max(1, _CHUNK // A.shape[1])
+        for a in range(0, A.shape[0], step):
+            D = np.asarray(A[a : a + step], dtype=np.float64)
+            if B is not None:
+                D = D - B[a : a + step]
+            yield a, D
+
+    def _energy(self, A, B=None):
+        total = 0.0
+        for a, D in self._chunks(A, B):
+            if self.rows is not None:
+                D = D * self.rows[a : a + len(D), None]
+            elif self.L is not None:
+                D = whiten(D, self.L)
+            total += float(np.einsum("ij,ij->", D, D))
+        return total
 
     def __call__(self, W_hat):
-        W_hat = W_hat.detach().to("cpu", torch.float64).numpy()
-        err = self._energy(self.W - W_hat)
+        err = self._energy(self.W, _as_numpy(W_hat))
         return err / self.total if self.total > 0 else 0.0
 
     def plain(self, W_hat):
-        W_hat = W_hat.detach().to("cpu", torch.float64).numpy()
-        total = float(np.einsum("ij,ij->", self.W, self.W))
-        diff = self.W - W_hat
-        return float(np.einsum("ij,ij->", diff, diff)) / total if total > 0 else 0.0
+        W_hat = _as_numpy(W_hat)
+        total = sum(float(np.einsum("ij,ij->", D, D)) for _, D in self._chunks(self.W))
+        diff = sum(
+            float(np.einsum("ij,ij->", D, D)) for _, D in self._chunks(self.W, W_hat)
+        )
+        return diff / total if total > 0 else 0.0
+
+
+# entries of a matrix measured at once, in float64
+_CHUNK = 1 << 20
+
+
+def _as_numpy(W):
+    """A weight as a numpy array, as it is (float32 stays float32)."""
+    return W.detach().to("cpu").numpy() if torch.is_tensor(W) else np.asarray(W)
 
 
 def _quantize_kw(module, objective, method="calibrated"):
@@ -154,15 +177,14 @@ class _Partition:
     """
 
     def __init__(self, module, objective, k, options):
-        A = weight_as_numpy(module.weight)
+        self.module = module
         self.w = None if objective is None else objective.row_weights
         self.L = None
         if objective is not None and objective.input_moment is not None:
             moment, damping = objective.input_moment, objective.damping
-            self.L = damped_moment(moment, A.shape[1], damping)[1]
-            A = whiten(A, self.L).astype(A.dtype)
-        self.A, self.module = A, module
-        n, d = A.shape
+            self.L = damped_moment(moment, module.weight.shape[1], damping)[1]
+        A = self._matrix()  # not kept: a table's whitened copy (113 MB)
+        n, d = self.shape = A.shape
         seed = shared_seed(options.random_state)
         j = min(d - 1, max(1, d // 6))  # the flats' rank of the clustering
         labels = partition_rows(A, k, j, False, self.w, seed, options.fit_params, True)
@@ -175,6 +197,11 @@ class _Partition:
         self.k = len(self.clusters)
         self.denom = total_energy(A, self.w)
         self.levels = _shared_ranks(self.clusters, self.sizes, d)
+
+    def _matrix(self):
+        """The rows clustered: the table, whitened by a tied head's moment."""
+        A = weight_as_numpy(self.module.weight)
+        return A if self.L is None else whiten(A, self.L).astype(A.dtype)
 
     def _refined(self, A, labels, clusters):
         """The clusters after rows move to the flat that stores them best.
@@ -202,7 +229,7 @@ class _Partition:
 
     def tail(self):
         """Relative truncation error at ranks 1 ... d (index r - 1)."""
-        d = self.A.shape[1]
+        d = self.shape[1]
         return np.array(
             [
                 residual_error(self.clusters, self.ranks(r)) / self.denom
@@ -215,11 +242,12 @@ class _Partition:
     def layer(self, rank):
         """The ProjectiveEmbedding of the clusters' factors at ``rank``."""
         ranks = self.ranks(rank)
+        A = self._matrix()
         factors = factors_from_spectra(
-            self.A, self.w, self.clusters, ranks, False, self.denom
+            A, self.w, self.clusters, ranks, False, self.denom
         )
         if self.L is not None:
-            V = tuple(unwhiten(v, self.L, self.A.dtype) for v in factors.V)
+            V = tuple(unwhiten(v, self.L, A.dtype) for v in factors.V)
             factors = replace(factors, V=V)
         weight = self.module.weight
         layer = ProjectiveEmbedding.from_factors(
@@ -265,13 +293,7 @@ class _ModuleForms:
             out += _factor_forms(
                 part.sizes, d, bits, config.group_size, bias, k, part.ranks
             )
-        dense = [i for i, f in enumerate(out) if f.kind == "dense"]
-        measure = self.measure
-        if dense:  # the first alone: it factors the moment the others reuse
-            out[dense[0]] = self._dense(out[dense[0]], kw, measure)
-        done = map_threads(lambda i: self._dense(out[i], kw, measure), dense[1:])
-        for i, f in zip(dense[1:], done, strict=True):
-            out[i] = f
+        out = self._dense_forms(out, kw)
         tails = {1: np.clip(1.0 - np.cumsum(spectrum.gains), 0.0, None)}
         tails.update({k: p.tail() for k, p in self.partitions.items()})
         self.tails, self.noise = tails, {}
@@ -282,10 +304,37 @@ class _ModuleForms:
             for f in self.forms
             if f.kind == "projective" and f.bits is not None
         }
+        large = module.weight.numel() > _MEASURED_NOISE
+        if lazy and (large or not isinstance(module, nn.Embedding)):
+            self.noise.update(self._dense_noise(any_k=large))
+            self.pending -= set(self.noise)
         if not lazy:
             self.measure_noise(set(self.pending))
         else:  # their truncation error, a lower bound, until measured
-            self._set_errors({})
+            self._set_errors(self.noise)
+
+    def _dense_noise(self, any_k=False):
+        """A Linear's factors at ``b`` bits: the relative rounding noise of its
+        own weight at ``b`` bits (its dense form of the nearest groups).
+
+        Measuring each module's factors costs a fit and a quantization per
+        bit width (about 5 s a module on SmolLM2's, against 2 s for all its
+        dense forms), and a model's many Linear modules rarely keep factors
+        under a budget in bytes; the noise of the same matrix rounded at the
+        same width stands for it. Tables, whose clusters pay, are measured,
+        but for those of more than :data:`_MEASURED_NOISE` entries
+        (``any_k``: their factors with k clusters too), whose measure takes
+        a gigabyte (SmolLM2's 49,152 x 576 table: its coefficients rounded
+        in float64, refitted, rounded again).
+        """
+        out = {}
+        dense = [f for f in self.forms if f.kind == "dense" and f.zero_dtype == "uint8"]
+        for k, b, g in self.pending:
+            same = [f for f in dense if f.bits == b]
+            if (k == 1 or any_k) and same:
+                near = min(same, key=lambda f: abs(np.log(f.group_size / (g or 1))))
+                out[k, b, g] = near.error
+        return out
 
     def measure_noise(self, keys):
         """Measure the rounding noise of the quantized factors of ``keys``
@@ -295,6 +344,7 @@ class _ModuleForms:
             forms = [f for f in self.forms if _noise_key(f) in keys]
             self.noise.update(self._rounding_noise(forms, self.tails))
             self.pending -= keys
+            self._layers, self._measure = {}, None  # made to measure it
         self._set_errors(self.noise)
 
     def _set_errors(self, noise):
@@ -313,6 +363,40 @@ class _ModuleForms:
     def is_pending(self, form):
         """Whether a form's error is still its lower bound (noise not measured)."""
         return form.kind == "projective" and _noise_key(form) in self.pending
+
+    def _dense_forms(self, forms, kw):
+        """The forms, the dense ones quantized and measured, side by side.
+
+        By size: once a form's error is negligible (:data:`_NEGLIGIBLE`: a
+        weight already on its grid, as a GGUF file's Q4_1 weights are on
+        4 bits with float16 zero points), the larger dense forms, which can
+        do no better, are dropped unmeasured.
+        """
+        measure = self.measure
+        dense = sorted(
+            (i for i, f in enumerate(forms) if f.kind == "dense"),
+            key=lambda i: forms[i].nbytes,
+        )
+        out, exact, done = list(forms), None, 0
+        while done < len(dense):
+            # the first alone (it factors the moment the others reuse), then
+            # the forms of at most 4 bits, then the wider
+            if done == 0:
+                wave = dense[:1]
+            else:
+                wave = [i for i in dense[done:] if forms[i].bits <= 4] or dense[done:]
+            results = map_threads(lambda i: self._dense(forms[i], kw, measure), wave)
+            for i, f in zip(wave, results, strict=True):
+                out[i] = f
+                if f.error <= _NEGLIGIBLE and exact is None:
+                    exact = f.nbytes
+            dense = dense[:done] + wave + [i for i in dense[done:] if i not in wave]
+            done += len(wave)
+            if exact is not None:  # the rest, larger: dropped
+                rest = [i for i in dense[done:] if forms[i].nbytes > exact]
+                dense = [i for i in dense if i not in rest]
+        measured = {i for i in dense}
+        return [f for i, f in enumerate(out) if f.kind != "dense" or i in measured]
 
     def _dense(self, form, kw, measure):
         """A dense form quantized, kept, and its error measured."""
@@ -397,6 +481,12 @@ class _ModuleForms:
         return torch.from_numpy(qt.dequantize()).to(self.module.weight.dtype)
 
 
+# modules above this many entries take the rounding noise of their factors
+# from their dense forms (see _ModuleForms._dense_noise)
+_MEASURED_NOISE = 1 << 24
+# a relative error this small is a weight kept as it is (a float16 offset of a
+# GGUF Q4_1 block: about 3e-7 of SmolLM2's weights)
+_NEGLIGIBLE = 1e-6
 # bytes by which a form must be smaller than a factor form to rule it out: more
 # than the difference of their header entries in the folder
 _HEADER_SLACK = 1024

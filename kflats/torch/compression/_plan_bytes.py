@@ -46,7 +46,12 @@ from kflats.torch.compression._forms import (
     grid_options,
 )
 from kflats.torch.compression._probe_plans import best_on_probe
-from kflats.torch.compression._report import CompressionReport, ModuleReport, Phases
+from kflats.torch.compression._report import (
+    CompressionReport,
+    ModuleReport,
+    Phases,
+    _trim,
+)
 from kflats.torch.compression._sensitivity import (
     _PROGRESS_NUMBERS,
     _bar,
@@ -310,6 +315,8 @@ def _measure_all(
             priced = [budget.priced(name, f) for f in known]
             keep = [known[i] for i in _plannable(priced, config.bits)]
             measured[name].release(keep, spectrum=spectra)
+            if module.weight.numel() > 1 << 22:  # a table's temporaries: back
+                _trim()
             if bar is not None:
                 bar.update(1)
     finally:
@@ -394,10 +401,12 @@ def _measured_plans(names, measured, config, budget, scale):
         else:
             scales = [scale.get(n, 1.0) for n in order]
             candidates = _plan_candidates(all_forms, scales, budget.room, config.bits)
-        plans = [
-            {n: f[i] for n, f, i in zip(order, all_forms, c, strict=True)}
-            for c in candidates
-        ]
+        plans = _checked(
+            [
+                {n: f[i] for n, f, i in zip(order, all_forms, c, strict=True)}
+                for c in candidates
+            ]
+        )
         pending = {}
         for plan in plans:
             for n, form in plan.items():
@@ -405,8 +414,26 @@ def _measured_plans(names, measured, config, budget, scale):
                     pending.setdefault(n, set()).add(_noise_key(form))
         if not pending:
             return plans
-        for n, keys in pending.items():
+        for n, keys in sorted(pending.items()):
             measured[n].measure_noise(keys)
+
+
+# candidate plans run on the probe: the lowest predicted errors, and uniform
+# quantization (each run costs a pass over the probe)
+_CHECKED = 4
+
+
+def _checked(plans):
+    """The plans worth running on the probe: the first :data:`_CHECKED` (the
+    lowest predicted errors first) and any uniform quantization among the
+    others (every module dense at the same bits), so that the plan kept is
+    never worse on the probe than uniform quantization that fits."""
+
+    def uniform(plan):
+        grids = {(f.kind, f.bits, f.zero_dtype) for f in plan.values()}
+        return len(grids) == 1 and next(iter(grids))[0] == "dense"
+
+    return plans[:_CHECKED] + [p for p in plans[_CHECKED:] if uniform(p)]
 
 
 def _seed(config):

@@ -6,18 +6,20 @@ far; so each candidate plan is put in place and run on the probe batches,
 and the one whose output is nearest the original's is kept.
 
 The probe runs in batches of at most 8 sequences
-(:func:`~._fisher.micro_batches`). The
-original's outputs are kept for every batch, so that each plan is put in
-place once; its log-probabilities are kept in float32, or, past 16 MB a
-batch (a vocabulary of 49,152 tokens by 41 positions by 8 sequences: 64 MB),
-in float16, which moves every plan's KL divergence alike (the same rounding
-of the same reference) and leaves their order as it is.
+(:func:`~._fisher.micro_batches`), the original and every plan on one batch
+before the next: no output outlives its batch, and a plan's dense weights
+are dequantized as their modules run (:func:`placed`). The original's
+log-probabilities are kept for the batch in float32, or, past 16 MB (a
+vocabulary of 49,152 tokens by 41 positions by 8 sequences: 64 MB), in
+float16, which moves every plan's KL divergence alike (the same rounding of
+the same reference) and leaves their order as it is.
 """
 
 import contextlib
 
 import numpy as np
 import torch
+from torch import nn
 
 from kflats.torch.compression._fisher import LOGIT_KINDS, micro_batches
 from kflats.torch.models import adapter_for, tie_replacements
@@ -51,40 +53,69 @@ def _distortion(adapter, out, reference, batch):
 
 @contextlib.contextmanager
 def placed(model, named, plan, measured):
-    """The model with a plan's forms in place (dense weights dequantized,
-    projective layers swapped in with the modules tied to them), restored on
-    exit."""
-    saved, swapped = {}, {}
+    """The model with a plan's forms in place, restored on exit.
+
+    A dense form's weight is dequantized when its module runs and dropped
+    after (a forward pre-hook puts it in the place of the parameter, in every
+    module that holds that parameter, a tied head too; a forward hook puts
+    the parameter back), so that no copy of the model's weights is kept;
+    projective layers are swapped in, with the modules tied to them.
+    """
+    handles, swapped = [], {}
+    holders = _holders(model)
     try:
-        with torch.no_grad():
-            layers = {}
-            for name, form in plan.items():
-                if form.kind == "dense":
-                    weight = named[name].weight
-                    saved[name] = weight.detach().clone()
-                    weight.copy_(measured[name].dense_weight(form).to(weight.dtype))
-                elif form.kind == "projective":
-                    layers[name] = measured[name].layer(form)
-            layers.update(tie_replacements(model, layers))
-            for name, layer in layers.items():
-                parent, _, child = name.rpartition(".")
-                owner = model.get_submodule(parent)
-                swapped[name] = (owner, child, getattr(owner, child))
-                setattr(owner, child, layer)
+        layers = {}
+        for name, form in plan.items():
+            if form.kind == "dense":
+                weight = named[name]._parameters["weight"]
+                source = (measured[name], form)
+                for module in holders.get(id(weight), [named[name]]):
+                    handles += _dequantized_in(module, weight, source)
+            elif form.kind == "projective":
+                layers[name] = measured[name].layer(form)
+        layers.update(tie_replacements(model, layers))
+        for name, layer in layers.items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            swapped[name] = (owner, child, getattr(owner, child))
+            setattr(owner, child, layer)
         yield model
     finally:
         for owner, child, original in swapped.values():
             setattr(owner, child, original)
-        with torch.no_grad():
-            for name, weight in saved.items():
-                named[name].weight.copy_(weight)
+        for handle in handles:
+            handle.remove()
+
+
+def _holders(model):
+    """The modules holding each parameter, by the parameter's id."""
+    out = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None and module not in out.setdefault(id(weight), []):
+            out[id(weight)].append(module)
+    return out
+
+
+def _dequantized_in(module, weight, source):
+    """Hooks that hold the dequantized form in ``module.weight`` while it runs."""
+    measured, form = source
+
+    def put(mod, args):
+        w = measured.dense_weight(form).to(weight.dtype)
+        mod._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+
+    def back(mod, args, output):
+        mod._parameters["weight"] = weight
+
+    return [module.register_forward_pre_hook(put), module.register_forward_hook(back)]
 
 
 def best_on_probe(model, named, plans, measured, batches):
     """Index of the plan whose model moves least from the original on ``batches``.
 
-    Each plan is put in place in turn (:func:`placed`) and run on the
-    batches (model inputs on the model's device); the model is always
+    Batch by batch, the original runs, then each plan put in place in turn
+    (:func:`placed`): no output is kept beyond its batch. The model is always
     restored.
 
     Returns
@@ -97,17 +128,17 @@ def best_on_probe(model, named, plans, measured, batches):
     batches = list(micro_batches(batches))
     was_training = model.training
     model.eval()
-    scores = []
+    totals = np.zeros(len(plans))
     try:
         with torch.no_grad():
-            reference = [_reference(adapter, b) for b in batches]
-            for plan in plans:
-                with placed(model, named, plan, measured):
-                    total = 0.0
-                    for batch, ref in zip(batches, reference, strict=True):
+            for batch in batches:
+                reference = _reference(adapter, batch)
+                for i, plan in enumerate(plans):
+                    with placed(model, named, plan, measured):
                         out = adapter.final(adapter.run(dict(batch)))
-                        total += _distortion(adapter, out, ref, batch)
-                scores.append(total / len(batches))
+                    totals[i] += _distortion(adapter, out, reference, batch)
+                    del out
     finally:
         model.train(was_training)
+    scores = [float(t) / len(batches) for t in totals]
     return int(np.argmin(scores)), scores

@@ -328,7 +328,7 @@ def quantize_module_(
         if moment is not None:
             raise ValueError("moment is for Linear layers; got an embedding")
         _check_weights(token_weights, module.num_embeddings)
-        W = _np(module.weight)
+        W = module.weight.detach().to("cpu", torch.float32).numpy()  # no copy
         check_group_size(group_size, W.shape[1], "embedding_dim={}")
         tensors = {
             "weight": quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))

@@ -275,3 +275,34 @@ def test_a_plan_is_chosen_on_the_kl_and_the_phases_are_timed(calibrated, capsys)
     assert re.search(r"kflats compress: sensitivity \d+\.\d s", printed)
     assert report.to_dict()["seconds"].keys() == report.seconds.keys()
     assert adapter_for(model).output_kind == "causal_lm"
+
+
+def test_a_q4_1_weight_keeps_its_grid_and_skips_the_wider_forms():
+    """A Linear read from a GGUF Q4_1 file: 4 bits with float16 zero points
+    holds it as it is, and the wider dense forms are not measured."""
+    from kflats.torch import CompressionConfig
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _ModuleForms
+    from kflats.torch.compression._forms import _forms
+    from kflats.torch.compression._sensitivity import _weight_spectrum
+
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0.001, 0.05, size=(64 * 128 // 32, 1)).astype(np.float16)
+    m = (-rng.uniform(0, 16, size=d.shape) * d).astype(np.float16)
+    q = rng.integers(0, 16, size=(d.size, 32))
+    q[:, :2] = 0, 15  # llama.cpp's blocks span their codes
+    W = (q * d.astype(np.float32) + m.astype(np.float32)).reshape(64, 128)
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(W))
+    config = CompressionConfig(0.5, unit="bytes", ranks="adaptive")
+    measured = _ModuleForms(
+        linear, "q", None, _weight_spectrum(linear, None),
+        _forms(linear, config.bits, None), (1,), config,
+        _search_options_of(config), lazy=True,
+    )  # fmt: skip
+    dense = {
+        (f.bits, f.zero_dtype): f.error for f in measured.forms if f.kind == "dense"
+    }
+    assert dense[4, "float16"] < 1e-6 < dense[4, "uint8"]
+    assert not any(bits > 4 for bits, _ in dense)
