@@ -18,6 +18,12 @@ downloaded. Run from the repository root::
         --model SmolLM2-135M-Instruct.Q4_1.gguf --types Q4_K_M,Q3_K_M,Q3_K_S
     python benchmarks/gguf_report.py --model M.gguf --kflats out88/model.gguf
     python benchmarks/gguf_report.py --model M.gguf --sizes 88MB,70MB,55MB
+    python benchmarks/gguf_report.py --model M.gguf --types "" --folders out70
+
+A kflats folder (``--folders``: one that ``kflats compress MODEL.gguf
+--size S`` wrote in kflats' own format, for sizes no GGUF type reaches)
+cannot run in llama.cpp: it is scored by torch on the same tokens, against
+the input file loaded by transformers, and its bytes are its weight files.
 
 The load average is printed beside the times, since the machine may be
 shared.
@@ -128,6 +134,61 @@ def _tokens(model, texts, max_tokens, threads):
     return out
 
 
+def _torch_logp(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        ids = torch.tensor([tokens])
+        logits = model(input_ids=ids).logits[0, :-1].double().numpy()
+    return _log_softmax(logits)
+
+
+def score_folders(model_path, folders, token_lists):
+    """Each kflats folder scored by torch against the input file (transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kflats.torch.io import load_compressed
+
+    torch.set_num_threads(2)
+    path = Path(model_path)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
+    reference = [_torch_logp(base, t) for t in token_lists]
+    del base
+    count = sum(len(t) - 1 for t in token_lists)
+    nll0 = -sum(
+        lp[np.arange(len(t) - 1), t[1:]].sum()
+        for lp, t in zip(reference, token_lists, strict=True)
+    )
+    rows = []
+    for folder in folders:
+        model = load_compressed(folder).eval()
+        nll, kl, agree = 0.0, 0.0, 0
+        for rp, tokens in zip(reference, token_lists, strict=True):
+            lp = _torch_logp(model, tokens)
+            nll -= lp[np.arange(len(tokens) - 1), tokens[1:]].sum()
+            kl += (np.exp(rp) * (rp - lp)).sum()
+            agree += int((rp.argmax(-1) == lp.argmax(-1)).sum())
+        weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        rows.append(
+            {
+                "file": str(folder),
+                "type": "kflats folder (torch)",
+                "bytes": weights,
+                "perplexity": float(np.exp(nll / count)),
+                "ppl_ratio": float(np.exp((nll - nll0) / count)),
+                "kl": float(kl / count),
+                "top1": agree / count,
+                "tokens": count,
+            }
+        )
+        print(json.dumps(rows[-1]))
+        del model
+    return rows
+
+
 def _kflats_gguf(model, size, out, seed):
     """``kflats compress model --size size --format gguf`` into ``out``."""
     cmd = [
@@ -149,6 +210,9 @@ def main(argv=None):
     parser.add_argument("--types", default="Q4_K_M,Q3_K_M,Q3_K_S,Q2_K")
     parser.add_argument("--kflats", default="", help="kflats GGUF files, commas")
     parser.add_argument("--sizes", default="", help="sizes to compress to, commas")
+    parser.add_argument(
+        "--folders", default="", help="kflats folders scored by torch, commas"
+    )
     parser.add_argument("--texts", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -188,6 +252,9 @@ def main(argv=None):
                 args.model, size, Path(tmp) / f"kflats-{size}", args.seed
             )
             add(path, f"kflats --size {size}", seconds)
+    folders = list(filter(None, args.folders.split(",")))
+    if folders:
+        rows += score_folders(args.model, folders, tokens)
     rows[0]["bytes"] = Path(args.model).stat().st_size
     print()
     print("| file | bytes | perplexity | × input | KL | top-1 |")

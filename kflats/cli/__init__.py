@@ -9,10 +9,12 @@
   interruption (SIGTERM), the safe writing of ``--out`` (a file or a folder);
 - :mod:`kflats.cli._arrays`: reading ``--matrix`` (fit, factorize);
 - :mod:`kflats.cli._texts`: the calibration text and labels of ``kflats
-  compress``; :mod:`kflats.cli._evaluate`: its evaluation (fidelity, the
-  baseline, the curve, probe, latency);
-- :mod:`kflats.cli.report`: report.json, report.md, the pictures and the
-  summary of ``kflats compress``; :mod:`kflats.cli._steps`: its progress.
+  compress``; :mod:`kflats.cli._evaluate`: its evaluation (fidelity on
+  held-out text and on text from another source, the baseline, the curve,
+  probe, latency);
+- :mod:`kflats.cli.report`: report.json, report.md and the pictures of
+  ``kflats compress``; :mod:`kflats.cli._summary`: the summary it prints;
+  :mod:`kflats.cli._steps`: its progress.
 
 Importing this package imports neither torch nor transformers: the commands
 import them when they run.

@@ -357,3 +357,18 @@ def _replace(tmp, out, overwrite, shown, marker, option):
         os.replace(old, out)
         raise
     shutil.rmtree(old)
+
+
+def versions():
+    """The versions of kflats and the model libraries, for a report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kflats
+
+    out = {"kflats": kflats.__version__}
+    for package in ("torch", "transformers", "sentence-transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:  # pragma: no cover - all in the nlp extra
+            out[package] = None
+    return out

@@ -100,6 +100,7 @@ def evaluate(job):
             groups = ", ".join(str(g) for g in q.group_sizes)
             job.baseline += f": {q.bits} bits, groups of {groups}"
         job.fidelity["svd"] = ev.compare(job.reference, ev.outputs(job.svd_model))
+    job.outside = _outside(job)
     job.curve = _curve_points(job)
     job.probe = _probe(job) if job.labelled else None
     warning = ev.warning(job.fidelity["kflats"])
@@ -109,6 +110,28 @@ def evaluate(job):
     job.svd_model = None  # the baseline's scores are kept; its weights freed
     with _hushed(), job.steps("latency", "timing both models", bar=False):
         job.latency = _latency(job)
+
+
+def _outside(job):
+    """Fidelity of kflats and of the baseline on text from another source than
+    the calibration's (kflats' ``"outside"`` sentences), and how far kflats'
+    falls from its fidelity on the held-out sentences, which share the
+    calibration's register."""
+    from kflats.datasets import load_sentences
+    from kflats.torch.evaluation import evaluator
+
+    texts = load_sentences("outside")
+    if _causal(job):
+        texts = texts[:CAUSAL_OUTSIDE]
+    ev = evaluator(texts, tokenizer=job.tokenizer)
+    out = {"texts": len(texts), "source": "kflats.datasets: outside"}
+    with _hushed(), job.steps("outside", "on text from another source"):
+        reference = ev.outputs(job.base)
+        for key, model in (("kflats", job.model), ("svd", job.svd_model)):
+            out[key] = ev.compare(reference, ev.outputs(model))
+    heldout = job.fidelity["kflats"]["mean_cosine"]
+    out["drop"] = heldout - out["kflats"]["mean_cosine"]
+    return out
 
 
 # the forward passes timed for the report: 2 threads, batch 32 and batch 1
@@ -207,8 +230,10 @@ def _baseline(job, budget):
     svd = copy.deepcopy(job.base)
     if job.args.unit == "bytes":
         from kflats.torch.compression import quantize_uniformly
+        from kflats.torch.layers import pack_quantized_
 
-        return svd, quantize_uniformly(svd, job.names, budget, job.calibration)
+        report = quantize_uniformly(svd, job.names, budget, job.calibration)
+        return pack_quantized_(svd), report
     report = compress(
         svd, budget, job.names, k=1, allocation="uniform", ranks="uniform",
         random_state=job.args.seed, progress=False,

@@ -9,8 +9,8 @@
   The compressed folder is saved, reloaded and checked in a hidden folder
   inside the one being written, exported from, then removed.
 - ``gguf``: the search keeps only the forms a GGUF file holds
-  (``CompressionConfig(format="gguf")``: float32, Q8_0, Q4_0, Q4_1), the
-  size is that of ``model.gguf``, written in the compressed folder
+  (``CompressionConfig(format="gguf")``: float32, Q8_0, Q5_0, Q5_1, Q4_0,
+  Q4_1), the size is that of ``model.gguf``, written in the compressed folder
   (:func:`kflats.torch.export.export_gguf`), its tokenizer and metadata
   from the GGUF file compressed: the input must be one, of a family the
   export writes (checked before the model is loaded).

@@ -27,6 +27,7 @@ from ._common import (
     integer_at_least,
     output_folder,
     size_type,
+    versions,
     write_folder_atomically,
 )
 from ._evaluate import (
@@ -38,6 +39,7 @@ from ._evaluate import (
 )
 from ._formats import FORMATS, check_budget_of, check_format, check_input, marker
 from ._steps import Steps
+from ._summary import summary
 
 EMBEDDING, ALL = "embedding", "all"
 _budget = budget_type(include_one=False)
@@ -91,7 +93,8 @@ _OPTIONS = (
      "the forms an ONNX file holds in its operators' own forms (float32, 4-bit "
      "MatMulNBits, 2-, 4- and 8-bit GatherBlockQuantized), --out the folder kflats "
      "export --onnx writes; gguf (MODEL_DIR a .gguf file): only float32, Q8_0, "
-     "Q4_0, Q4_1, model.gguf in the folder. Both take a size in bytes, of that file"}),
+     "Q5_1, Q5_0, Q4_1, Q4_0, model.gguf in the folder. Both take a size in "
+     "bytes, of that file"}),
     (("--out",), {"required": True, "metavar": "DIR",
      "help": "folder to write the compressed model and its report to; an "
      "existing one is replaced (with --overwrite) only if kflats wrote it"}),
@@ -177,6 +180,7 @@ class _Job:
     baseline: str = ""
     latency: dict | None = None
     model_metrics: dict | None = None
+    outside: dict | None = None
     folder_bytes: int | None = None
     exported: dict | None = None
 
@@ -196,7 +200,7 @@ def run(args):
     _heal(job)
     evaluate(job)
     data, files = _write(job)
-    _report.summary(data, args.out, files)
+    summary(data, args.out, files)
     return 0
 
 
@@ -334,6 +338,7 @@ def _heal(job):
 
     from kflats.torch import heal
     from kflats.torch.evaluation import evaluator
+    from kflats.torch.layers import pack_quantized_
 
     job.heldout = heldout_texts(job)
     job.evaluator = evaluator(job.heldout, tokenizer=job.tokenizer)
@@ -356,6 +361,9 @@ def _heal(job):
                 progress=job.steps.show,
             )
     job.model.eval()
+    # packed, as a loaded folder holds it (outputs bit for bit; SmolLM2's 538 MB
+    # of float copies freed): the evaluation runs what a user loads
+    pack_quantized_(job.model)
 
 
 # --- 5. write -----------------------------------------------------------------------
@@ -370,8 +378,12 @@ def _model_numbers(model):
     weights) once.
     """
     from kflats.torch.compression import saved_nbytes
+    from kflats.torch.layers import quantized_tensors
 
-    params = sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())  # packed matrices are not parameters
+    packed = {id(t): t for n, t in quantized_tensors(model).items() if n not in named}
+    params = sum(p.numel() for p in named.values())
+    params += sum(int(np.prod(t.shape)) for t in packed.values())  # a tie: once
     return params, saved_nbytes(model)
 
 
@@ -425,20 +437,6 @@ def _write(job):
     )
 
 
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-
-    import kflats
-
-    out = {"kflats": kflats.__version__}
-    for package in ("torch", "transformers", "sentence-transformers"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:  # pragma: no cover - all in the nlp extra
-            out[package] = None
-    return out
-
-
 def _data(job, identical):
     """report.json's content."""
     args, base = job.args, job.base
@@ -454,7 +452,7 @@ def _data(job, identical):
         model["gguf_file"] = job.source.gguf_file
     data = {
         "command": shlex.join(["kflats", *(sys.argv[1:] if argv is None else argv)]),
-        "versions": _versions(),
+        "versions": versions(),
         "seed": args.seed,
         "model": model,
         "settings": {
@@ -482,6 +480,8 @@ def _data(job, identical):
         "curve": job.curve,
         "warnings": job.warnings,
     }  # fmt: skip
+    if job.outside is not None:
+        data["outside"] = job.outside
     if job.probe is not None:
         data["probe"] = job.probe
     if job.model_metrics is not None:

@@ -34,8 +34,8 @@ def add_parser(subparsers, common=None):
             "reads (onnx/model.onnx beside the tokenizer, config and pooling "
             "files), or, for a causal LM, as a GGUF file that llama.cpp runs. "
             "Quantized matrices keep kflats' own codes and scales (MatMulNBits, "
-            "GatherBlockQuantized; GGUF's Q4_1, Q4_0, Q8_0 blocks); nothing is "
-            "rounded again."
+            "GatherBlockQuantized; GGUF's Q4_1, Q4_0, Q5_1, Q5_0, Q8_0 blocks); "
+            "nothing is rounded again."
         ),
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""The report of ``kflats compress``: report.json, report.md, pictures, summary."""
+"""The report of ``kflats compress``: report.json, report.md and the pictures."""
 
 import json
 import os
@@ -11,7 +11,7 @@ _PICTURES = {
     "embedding_spectra.png": "Singular values of the embedding's clusters",
 }
 # what folder_bytes counts, by --format
-_FILES = {"onnx": "the ONNX model file", "gguf": "the GGUF file, model.gguf"}
+FILES = {"onnx": "the ONNX model file", "gguf": "the GGUF file, model.gguf"}
 
 
 def _short_names(names):
@@ -238,7 +238,7 @@ def _md_totals(data):
 
 def _md_folder(t):
     """Rows: the folder's weight files (headers included), and the size asked."""
-    files = _FILES.get(t.get("format"), "the folder's weight files")
+    files = FILES.get(t.get("format"), "the folder's weight files")
     rows = ((files, "folder_bytes"), ("size asked", "size_asked"))
     return [
         f"| {label} | | {t[key]:,} bytes | {t[key] / t['bytes_before']:.3f} |"
@@ -262,8 +262,13 @@ def _md_fidelity(data):
     if "kflats_before_heal" in f:
         rows = [("kflats_before_heal", "kflats, before heal"), ("kflats", "kflats")]
     rows.append(("svd", data.get("baseline", "truncated SVD, same size")))
+    outside = data.get("outside")
+    if outside is not None:  # text from another source than the calibration's
+        n, seen = outside["texts"], outside["source"]
+        for key, what in (("kflats", "kflats"), ("svd", "the baseline")):
+            rows.append((outside[key], f"{what}, {n} texts from elsewhere ({seen})"))
     for key, label in rows:
-        v = f[key]
+        v = f[key] if isinstance(key, str) else key
         lines.append(
             f"| {label} | {v['mean_cosine']:.4f} | {v['worst_cosine']:.4f} "
             f"| {v['top5_overlap']:.3f} |"
@@ -439,62 +444,3 @@ def write_report(folder, data, pictures):
     with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(_markdown(data, pictures))
     return ["report.md", "report.json", *pictures]
-
-
-def _human(n, unit=""):
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix}{unit}"
-    return f"{n}{unit}"
-
-
-def summary(data, out, files):
-    """Print the summary, the last lines of ``kflats compress``: numbers and fidelity.
-
-    A warning that the result lost most of the model comes last, loud.
-    """
-    totals, fid = data["totals"], data["fidelity"]
-    k, s = fid["kflats"], fid["svd"]
-    print(
-        f"parameters: {_human(totals['params_before'])} -> "
-        f"{_human(totals['params_after'])} "
-        f"({totals['params_after'] / totals['params_before']:.3f} of the model)"
-    )
-    asked = totals.get("size_asked")
-    asked = "" if asked is None else f"; size asked {_human(asked, 'B')}"
-    counted = _FILES.get(totals.get("format"), "the folder's weight files")
-    print(
-        f"bytes: {_human(totals['bytes_before'], 'B')} -> "
-        f"{_human(totals['folder_bytes'], 'B')} ({counted}{asked})"
-    )
-    print(
-        f"fidelity on {data['evaluation']['texts']} held-out texts: mean cosine "
-        f"1.000 -> {k['mean_cosine']:.4f} (worst {k['worst_cosine']:.3f}, top-5 "
-        f"overlap {k['top5_overlap']:.3f}); "
-        f"{data.get('baseline', 'truncated SVD, same size')}: "
-        f"{s['mean_cosine']:.4f}"
-    )
-    metrics = data.get("model_metrics")
-    if metrics is not None:
-        shown = ", ".join(
-            f"{key.replace('_', ' ')} {value:.4g}"
-            for key, value in metrics["kflats"].items()
-            if key != "n_texts"
-        )
-        print(f"{metrics['kind'].replace('_', ' ')} outputs: {shown}")
-    probe = data.get("probe")
-    if probe is not None:
-        print(
-            f"probe accuracy on {probe['texts']} labelled texts: "
-            f"{probe['original']:.4f} -> {probe['kflats']:.4f}"
-        )
-    latency = data.get("latency")
-    if latency is not None:
-        print(
-            "latency, compressed / original: batch 32 "
-            f"{latency['batch_32']['ratio']:.2f}, batch 1 "
-            f"{latency['batch_1']['ratio']:.2f}"
-        )
-    print(f"written to {out}: the model, {', '.join(files)}")
-    for warning in data.get("warnings", ()):
-        print(f"WARNING: {warning.upper()[:1]}{warning[1:]}.")

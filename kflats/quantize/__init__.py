@@ -1,6 +1,6 @@
 """Group-wise quantization of matrices, plain and calibrated.
 
-A matrix is stored as integer codes of 2, 3, 4, 6 or 8 bits, packed tightly,
+A matrix is stored as integer codes of 2, 3, 4, 5, 6 or 8 bits, packed tightly,
 with one scale (float16) and one zero point (uint8) per group of
 ``group_size`` consecutive entries (:class:`QuantizedTensor`). Dequantizing is
 one float32 multiply per entry, the same bits on every machine, so a layer

@@ -194,7 +194,7 @@ def quantize_calibrated(
     W : array-like of shape (rows, cols)
     moment : array-like of shape (cols, cols)
         Symmetric positive semi-definite.
-    bits : {2, 3, 4, 6, 8}
+    bits : {2, 3, 4, 5, 6, 8}
     group_size : int or None, default=128
         Must divide ``cols`` (``axis=1``) or ``rows`` (``axis=0``).
     axis : {0, 1}, default=1

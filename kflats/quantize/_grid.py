@@ -11,10 +11,10 @@ import numbers
 import numba
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 6, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
 # zero points: integers (uint8, the grid covers zero) or float16 (the grid
-# spans the group's own range, the layout of a GGUF Q4_1 block)
+# spans the group's own range, the layout of a GGUF Q4_1 or Q5_1 block)
 _ZERO_DTYPES = {"uint8": np.uint8, "float16": np.float16}
 # a float16 zero point is kept within this many steps of the grid (beyond,
 # its rounding would move the group by more than 1/64 of a step)
@@ -90,8 +90,9 @@ def pack_codes(codes, bits):
     """Pack integer codes ``< 2**bits`` into ``ceil(n * bits / 8)`` bytes.
 
     Bit ``i`` of code ``t`` is bit ``t * bits + i`` of the little-endian bit
-    stream, so 3- and 6-bit codes run across byte boundaries and the stream
-    holds no padding except in its last byte.
+    stream, so 3-, 5- and 6-bit codes run across byte boundaries (a code
+    spans two bytes at most: its first bit at offset 0-7 of a byte, 8 bits
+    at most) and the stream holds no padding except in its last byte.
     """
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     if bits == 8:

@@ -33,8 +33,8 @@ class QuantizedTensor:
     group has one scale ``s`` and one integer zero point ``z``; its entries are
     the codes ``q`` in ``0 .. 2**bits - 1`` and dequantize to
     ``(q - z) * s``, computed in float32 (deterministic: one rounding). The
-    codes are packed tightly: ``bits * size / 8`` bytes, 3- and 6-bit codes
-    running across byte boundaries.
+    codes are packed tightly: ``bits * size / 8`` bytes, 3-, 5- and 6-bit
+    codes running across byte boundaries.
 
     Build one with :func:`quantize` or :func:`quantize_calibrated`.
 
@@ -48,12 +48,12 @@ class QuantizedTensor:
     zeros : ndarray of uint8 or float16, or None
         Zero point of each group, same shape as ``scales``: integers (uint8),
         or float16 values (a grid that spans the group's own range, as a
-        GGUF Q4_1 block's scale and minimum do); ``None`` for a symmetric
+        GGUF Q4_1 or Q5_1 block's scale and minimum do); ``None`` for a symmetric
         grid, whose zero point is ``2**(bits - 1)``.
     shape : tuple of int
         ``(rows, cols)`` of the matrix.
     bits : int
-        One of 2, 3, 4, 6, 8.
+        One of 2, 3, 4, 5, 6, 8.
     group_size : int
         Divides the length of a line.
     axis : {0, 1}, default=1
@@ -332,7 +332,7 @@ def quantized_nbytes(
     ----------
     shape : (int, int)
     bits : int
-        One of 2, 3, 4, 6, 8.
+        One of 2, 3, 4, 5, 6, 8.
     group_size : int or None
     axis : {0, 1}, default=1
     symmetric : bool, default=False
@@ -386,7 +386,7 @@ def quantize(
     ----------
     W : array-like of shape (rows, cols)
         Real, finite.
-    bits : {2, 3, 4, 6, 8}
+    bits : {2, 3, 4, 5, 6, 8}
     group_size : int or None, default=128
         Must divide the line length (cols for ``axis=1``); ``None``: one
         group per line.
@@ -424,10 +424,10 @@ def quantize(
     >>> err = np.abs(W - qt.dequantize())
     >>> bool(np.all(err <= qt.scales.repeat(32, axis=1) / 2 + 1e-6))
     True
-    >>> quantize(W, bits=5)
+    >>> quantize(W, bits=7)
     Traceback (most recent call last):
     ...
-    ValueError: bits must be one of (2, 3, 4, 6, 8), got 5
+    ValueError: bits must be one of (2, 3, 4, 5, 6, 8), got 7
     """
     bits = check_bits(bits)
     axis = _check_axis(axis)

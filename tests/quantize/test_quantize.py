@@ -63,6 +63,31 @@ def test_three_bit_codes_cross_byte_boundaries():
     np.testing.assert_array_equal(pack_codes(codes, 3), expected)
 
 
+def test_five_bit_codes_cross_byte_boundaries():
+    # eight 5-bit codes fill five bytes: a 40-bit little-endian stream, each
+    # code starting at another offset of its byte (0, 5, 2, 7, 4, 1, 6, 3)
+    codes = np.array([31, 1, 17, 8, 30, 3, 16, 5, 22], dtype=np.uint8)
+    stream = sum(int(c) << (5 * i) for i, c in enumerate(codes))
+    expected = np.array([(stream >> (8 * b)) & 0xFF for b in range(6)], np.uint8)
+    np.testing.assert_array_equal(pack_codes(codes, 5), expected)
+    np.testing.assert_array_equal(unpack_codes(expected, 5, 9), codes)
+
+
+def test_a_symmetric_five_bit_grid_has_its_midpoint_at_16():
+    # codes 0 .. 31 stand for -16 .. 15 steps: zero is code 16, the largest
+    # magnitude of each group at most 15.5 steps
+    W = np.random.default_rng(9).normal(size=(4, 64))
+    W[:, ::8] = 0.0
+    qt = quantize(W, 5, 32, symmetric=True, scale_dtype="float32")
+    codes = qt.unpacked_codes()
+    assert qt.zeros is None and np.all(codes[:, ::8] == 16)
+    steps = np.repeat(qt.scales.astype(np.float64), 32, axis=1)
+    np.testing.assert_array_equal(
+        qt.dequantize(), ((codes.astype(np.float32) - 16) * steps).astype(np.float32)
+    )
+    assert np.allclose(np.abs(W).reshape(-1, 32).max(1) / qt.scales.reshape(-1), 15.5)
+
+
 # ---------------------------------------------------------------- round-to-nearest
 
 matrix_st = st.tuples(
@@ -141,7 +166,7 @@ def test_dequantize_is_float32_multiply():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("bits", [1, 5, 7, 16, 0])
+@pytest.mark.parametrize("bits", [1, 7, 9, 16, 0])
 def test_unsupported_bits(bits):
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize(np.ones((2, 8)), bits, 8)
@@ -201,7 +226,7 @@ def _corrupt(key, value):
 @pytest.mark.parametrize(
     ("state", "match"),
     [
-        (_corrupt("meta", np.array([5, 16, 1, 6, 32])), "bits must be one of"),
+        (_corrupt("meta", np.array([7, 16, 1, 6, 32])), "bits must be one of"),
         (_corrupt("meta", np.array([3, 16, 2, 6, 32])), "axis must be 0 or 1"),
         (_corrupt("meta", np.array([3, 7, 1, 6, 32])), "group_size=7"),
         (_corrupt("meta", np.array([3.0, 16, 1, 6, 32])), "meta must be 5 integers"),
@@ -308,7 +333,7 @@ LAYER_IDS = [name for name, *_ in _layers(np.random.default_rng(0))]
 
 @pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
 @pytest.mark.parametrize("method", ["rtn", "calibrated"])
-@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("bits", [3, 5, 8])
 def test_layer_round_trip_is_bit_identical(tmp_path, index, method, bits):
     from safetensors.torch import load_file, save_file
 
@@ -389,7 +414,7 @@ def test_layer_bad_input_leaves_it_unchanged():
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         quantize_module_(layer, 4, 0)
     with pytest.raises(ValueError, match="bits must be one of"):
-        quantize_module_(layer, 5, 2)
+        quantize_module_(layer, 7, 2)
     with pytest.raises(ValueError, match="token_weights must be 30"):
         quantize_module_(layer, 4, 2, token_weights=np.ones(3))
     with pytest.raises(ValueError, match=r"moment must have shape \(16, 16\)"):
@@ -496,7 +521,7 @@ def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypa
 
 
 @pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
-@pytest.mark.parametrize("bits", [None, 2, 6])
+@pytest.mark.parametrize("bits", [None, 2, 5, 6])
 def test_factors_nbytes_counts_like_the_built_layer(index, bits):
     _, layer, _ = list(_layers(np.random.default_rng(index)))[index]
     if not isinstance(layer, (ProjectiveEmbedding, ProjectiveLinear)):
@@ -617,7 +642,7 @@ def _round_columns_reference(W, U, perm, g, axis, act_order, grid, scales, zeros
 
 @settings(max_examples=25, deadline=None)
 @given(
-    st.sampled_from((2, 3, 4, 8)),
+    st.sampled_from((2, 3, 4, 5, 8)),
     st.sampled_from((8, 16, 32)),
     st.integers(1, 6),
     st.booleans(),

@@ -91,14 +91,23 @@ _CONSTRAINTS = {
     ],
     "fit_params": [Mapping],
     "bits": [
+        None,
         _SequenceOf(
             Options(numbers.Integral, set(SUPPORTED_BITS)),
             f"a non-empty sequence of distinct ints among {SUPPORTED_BITS}",
             distinct=True,
-        )
+        ),
     ],
     "group_size": [None, _K],
     "format": [StrOptions({"kflats", "onnx", "gguf"})],
+}
+#: The bit widths searched when ``bits`` is None, by format: GGUF's also 5
+#: bits (its Q5_0 and Q5_1 blocks); no operator of the ONNX file nor any
+#: uniform peer of the folder stores 5-bit codes.
+DEFAULT_BITS = {
+    "kflats": (8, 6, 4, 3, 2),
+    "onnx": (8, 6, 4, 3, 2),
+    "gguf": (8, 6, 5, 4, 3, 2),
 }
 #: A budget in bytes may also be a byte count.
 _BYTES_BUDGET = [
@@ -224,16 +233,17 @@ class CompressionConfig:
         Further parameters of :class:`kflats.KSubspaces` (``init``,
         ``n_init``, ``max_iter``, ``tol``, ``verbose``, ``backend``,
         ``device``).
-    bits : sequence of int, default=(8, 6, 4, 3, 2)
+    bits : sequence of int or None, default=None
         Bit widths the forms of ``unit="bytes"`` may store their matrices
-        in (among 2, 3, 4, 6 and 8).
+        in (among 2, 3, 4, 5, 6 and 8). ``None``: 8, 6, 4, 3 and 2, and 5
+        too with ``format="gguf"`` (its Q5_0 and Q5_1 blocks).
     group_size : int or None, default=None
         Entries per scale of a quantized matrix, with ``unit="bytes"``; it
         must divide the row length of every selected module (its
         ``in_features`` or ``embedding_dim``), and the ranks of projective
         forms are then its multiples. ``None``: dense matrices are tried in
         the groups of uniform quantization by bit width (128 for 8 bits, 64
-        for 6, 32 below) and in groups of 128 (6, 4 and 3 bits); factors in
+        for 6, 32 below) and in groups of 128 (6, 5, 4 and 3 bits); factors in
         groups of 32 at most; each halved until it divides the row length
         (one group per row when none of 8 or more does).
     format : {"kflats", "onnx", "gguf"}, default="kflats"
@@ -250,11 +260,11 @@ class CompressionConfig:
         file (``onnx/model.onnx``). ``"gguf"``: the GGUF file
         :func:`kflats.torch.export.export_gguf` writes of a causal LM read
         from a GGUF file (:func:`kflats.torch.io.gguf_source`); the search
-        keeps float32 and, in groups of 32, Q8_0's, Q4_0's and Q4_1's
-        grids (8 and 4 bits symmetric, 4 bits with float16 zero points),
-        and the budget is a size of that file, the source's metadata
-        included, counted exactly. Another format than ``"kflats"`` needs
-        ``unit="bytes"``.
+        keeps float32 and, in groups of 32, Q8_0's, Q5_0's, Q5_1's, Q4_0's
+        and Q4_1's grids (8, 5 and 4 bits symmetric, 5 and 4 bits with
+        float16 zero points), and the budget is a size of that file, the
+        source's metadata included, counted exactly. Another format than
+        ``"kflats"`` needs ``unit="bytes"``.
 
     Raises
     ------
@@ -293,7 +303,7 @@ class CompressionConfig:
     n_refine: int = 10
     random_state: object = None
     fit_params: dict = field(default_factory=dict)
-    bits: tuple = (8, 6, 4, 3, 2)
+    bits: tuple | None = None
     group_size: int | None = None
     format: str = "kflats"
 
@@ -323,6 +333,8 @@ class CompressionConfig:
             set_(self, "budget", float(self.budget))
         else:  # a byte count
             set_(self, "budget", int(self.budget))
+        if self.bits is None:
+            set_(self, "bits", DEFAULT_BITS[self.format])
         set_(self, "bits", tuple(int(b) for b in self.bits))
         if self.group_size is not None:
             set_(self, "group_size", int(self.group_size))

@@ -4,7 +4,7 @@ A selected module may be stored as:
 
 - ``"float"``: kept as it is (float32), error 0;
 - ``"dense"`` at ``b`` bits: its weight quantized group-wise, in the uniform
-  peers' groups and in wider ones (:data:`_DENSE_GROUPS`);
+  peers' groups and in wider ones (:data:`_DENSE_GROUPS`; 5 bits as 4);
 - ``"projective"`` with ``k`` clusters at rank ``r``: k = 1 factors, or, for
   a large Embedding, the factors of its rows clustered into ``k`` subspaces,
   stored in float32 or at ``b`` bits.
@@ -49,6 +49,9 @@ from kflats.torch.layers import factors_nbytes, form_nbytes
 # against 5 at g32); factors use at most _FACTOR_GROUP, their ranks being
 # its multiples
 _DENSE_GROUPS = {8: (128,), 6: (64, 128), 4: (32, 128), 3: (32, 128), 2: (32,)}
+# and at 5 bits, which no uniform peer stores (GGUF does: Q5_0, Q5_1), those
+# of 4 bits
+_GROUPS = {**_DENSE_GROUPS, 5: _DENSE_GROUPS[4]}
 # dense forms whose zero points are float16 (the grid spans each group's own
 # range), by bits: their groups. 4 bits in groups of 32 is GGUF's Q4_1
 # layout: a model read from such a file keeps its weights as they are
@@ -128,7 +131,7 @@ def _no_check(config):
 
 # ONNX (onnxruntime's CPU operators, float32 activations, what kflats export
 # writes by default): MatMulNBits takes 4-bit codes (2 and 3 bits are widened
-# to 4 in the file, 6 and 8 dequantized when the session starts);
+# to 4 in the file, 5, 6 and 8 dequantized when the session starts);
 # GatherBlockQuantized, a table's rows, 2, 4 and 8 bits; both in blocks of a
 # power of two from 16 along the product's inner side (K) or the table's
 # rows. Groups wider than a block would repeat their scales: only groups
@@ -256,7 +259,7 @@ def _factor_forms(sizes, d, bits, group_size, bias, k=1, ranks_at=None):
     # modules have several ranks to choose from
     cap = min(_FACTOR_GROUP, max(_MIN_GROUP, 1 << max(top // 4, 1).bit_length() - 1))
     for b in bits:
-        g = _group(d, group_size, min(_DENSE_GROUPS[b][0], cap))
+        g = _group(d, group_size, min(_GROUPS[b][0], cap))
         step = g if g is not None else max(1, top // _FLOAT_STEPS)
         for r in range(step, top + 1, step):
             ranks = ranks_at(r)
@@ -330,7 +333,7 @@ def _forms(module, bits, group_size, holds=_holds_all, grids=()):
             forms.append(form._replace(nbytes=size))
 
     for b in bits:
-        for g in dict.fromkeys(_group(d, group_size, g) for g in _DENSE_GROUPS[b]):
+        for g in dict.fromkeys(_group(d, group_size, g) for g in _GROUPS[b]):
             dense(b, g)
         for g in _FLOAT_ZERO_GROUPS.get(b, ()):
             if group_size in (None, g) and d % g == 0:

@@ -13,7 +13,7 @@ model. Its bytes are known exactly before anything is fitted:
   was read from (:func:`kflats.torch.io.gguf_source`);
 - each tensor's data padded to the alignment: a float tensor 4 bytes a
   number (F32; 2 for float16 weights, F16), a quantized matrix its blocks
-  of 32 numbers (Q8_0: 34 bytes, Q4_0: 18, Q4_1: 20);
+  of 32 numbers (Q8_0: 34 bytes, Q5_1: 24, Q5_0: 22, Q4_1: 20, Q4_0: 18);
 - a head tied to the word embedding is not written (llama.cpp computes
   the logits with ``token_embd``).
 
@@ -38,19 +38,26 @@ from kflats.torch.compression._folder_bytes import saved_tensors
 _BLOCK = 32  # numbers per block of every GGUF type kflats writes
 _WHERE = "format='gguf': the model"
 # the dense forms a GGUF file holds, (bits, zero points) -> the block type:
-# symmetric grids (zero points None) are Q8_0's and Q4_0's; 4-bit codes
-# with float16 zero points are Q4_1's layout (its float16 scale and
-# minimum): the grid a Q4_1 file's weights already lie on
-GGUF_GRIDS = {(8, None): "Q8_0", (4, None): "Q4_0", (4, "float16"): "Q4_1"}
+# symmetric grids (zero points None) are Q8_0's, Q5_0's and Q4_0's; 5- and
+# 4-bit codes with float16 zero points are Q5_1's and Q4_1's layout (their
+# float16 scale and minimum): the grid a Q4_1 file's weights already lie on
+GGUF_GRIDS = {
+    (8, None): "Q8_0",
+    (5, None): "Q5_0",
+    (5, "float16"): "Q5_1",
+    (4, None): "Q4_0",
+    (4, "float16"): "Q4_1",
+}
 
 
 def gguf_holds(module, form):
     """Whether :func:`kflats.torch.export.export_gguf` writes ``form`` exactly.
 
     Float forms (F32), and a dense weight in groups of 32 on a grid of
-    :data:`GGUF_GRIDS`: 8-bit symmetric codes (Q8_0), 4-bit symmetric codes
-    (Q4_0), 4-bit codes with float16 zero points (Q4_1). Codes and scales
-    go into the blocks as they are. Projective factors have no GGUF form.
+    :data:`GGUF_GRIDS`: 8-bit symmetric codes (Q8_0), 5- and 4-bit
+    symmetric codes (Q5_0, Q4_0), 5- and 4-bit codes with float16 zero
+    points (Q5_1, Q4_1). Codes and scales go into the blocks as they are.
+    Projective factors have no GGUF form.
     """
     if form.bits is None:
         return form.kind == "float"
@@ -66,15 +73,15 @@ def gguf_check(config):
     if config.group_size is not None and config.group_size != _BLOCK:
         raise ValueError(
             f"group_size={config.group_size}: format='gguf' holds quantized "
-            f"matrices in blocks of {_BLOCK} (Q8_0, Q4_0, Q4_1); give {_BLOCK} or "
-            "None"
+            f"matrices in blocks of {_BLOCK} (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1); give "
+            f"{_BLOCK} or None"
         )
     held = sorted({b for b, _ in GGUF_GRIDS})
     if not set(config.bits) & set(held):
         raise ValueError(
-            f"bits={config.bits}: format='gguf' holds 8-bit codes (Q8_0), 4-bit "
-            "codes (Q4_0, Q4_1), in groups of 32, and float tensors; include 8 or "
-            "4 in bits"
+            f"bits={config.bits}: format='gguf' holds 8-bit codes (Q8_0), 5-bit "
+            "codes (Q5_0, Q5_1), 4-bit codes (Q4_0, Q4_1), in groups of 32, and "
+            "float tensors; include 8, 5 or 4 in bits"
         )
 
 

@@ -100,8 +100,8 @@ class ModuleReport(NamedTuple):
     zero_dtype : str or None
         Of the zero points of a quantized weight kept dense: ``"uint8"``
         (integers) or ``"float16"`` (the grid spanning each group's own
-        range, GGUF's Q4_1 layout); ``None`` otherwise (a symmetric grid
-        stores none: GGUF's Q8_0 and Q4_0).
+        range, GGUF's Q4_1 and Q5_1 layout); ``None`` otherwise (a
+        symmetric grid stores none: GGUF's Q8_0, Q5_0 and Q4_0).
     """
 
     name: str

@@ -4,8 +4,8 @@ from typing import NamedTuple
 
 from kflats.torch.compression._config import CompressionConfig
 from kflats.torch.compression._folder_bytes import FolderBudget
-from kflats.torch.compression._form_errors import _quantize_kw
 from kflats.torch.compression._forms import _DENSE_GROUPS, _forms
+from kflats.torch.compression._measure import _quantize_kw
 from kflats.torch.compression._objectives import module_objectives
 from kflats.torch.layers import form_nbytes, quantize_module_
 

@@ -7,8 +7,8 @@
   :class:`OnnxExport` is what it wrote, a :class:`TensorForm` per
   quantized matrix (and what fell back, and why).
 - :func:`export_gguf` writes a causal LM as one GGUF file that llama.cpp
-  runs, each quantized matrix as kflats' own codes in Q4_1, Q4_0 or Q8_0
-  blocks, the tokenizer and metadata carried over from the source GGUF
+  runs, each quantized matrix as kflats' own codes in Q4_1, Q4_0, Q5_1,
+  Q5_0 or Q8_0 blocks, the tokenizer and metadata carried over from the source GGUF
   file; :class:`GgufExport` is what it wrote.
 
 Needs onnx and onnxruntime (``pip install kflats[onnx]``) for ONNX, the

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kflats.torch.export._gguf_blocks import q4_1_offset_bound
+from kflats.torch.export._gguf_blocks import minimum_offset_bound
 from kflats.torch.export._gguf_meta import (
     MARKER_KEY,
     check_source,
@@ -33,7 +33,7 @@ from kflats.torch.io._gguf_check import read_gguf_header
 __all__ = ["GgufExport", "export_gguf"]
 
 # the check of the blocks against kflats' values: float32 rounding of
-# ``d * q + m`` on top of Q4_1's float16 minimum
+# ``d * q + m`` on top of a Q4_1 or Q5_1 block's float16 minimum
 _CHECK_SLACK = 1e-6
 
 
@@ -55,8 +55,9 @@ class GgufExport:
     file_bytes : int
         The file's size.
     max_offset : float
-        The largest move of a weight by a Q4_1 block's float16 minimum
-        (0.0 when no matrix is Q4_1): every other value is kflats' own.
+        The largest move of a weight by a Q4_1 or Q5_1 block's float16
+        minimum (0.0 when no matrix is either): every other value is
+        kflats' own.
     """
 
     path: Path
@@ -84,7 +85,7 @@ class GgufExport:
                 f"tokenizer and metadata from {self.source}",
                 "codes and scales as kflats stored them"
                 + (
-                    f" (Q4_1 minimums in float16: weights moved by at most "
+                    f" (Q4_1/Q5_1 minimums in float16: weights moved by at most "
                     f"{self.max_offset:.1e})"
                     if self.max_offset
                     else ""
@@ -156,11 +157,11 @@ def _load(folder, where):
 
 def _check_blocks(tensors):
     """Each quantized tensor's blocks, dequantized as llama.cpp defines them,
-    against kflats' own values; returns the largest Q4_1 offset.
+    against kflats' own values; returns the largest Q4_1 or Q5_1 offset.
 
-    Q4_0 and Q8_0 blocks give kflats' values exactly; Q4_1 blocks move a
-    group by its float16 minimum's rounding, and round ``d * q + m`` to
-    float32. More would be a bug of kflats, not of its input.
+    Q4_0, Q5_0 and Q8_0 blocks give kflats' values exactly; Q4_1 and Q5_1
+    blocks move a group by its float16 minimum's rounding, and round ``d *
+    q + m`` to float32. More would be a bug of kflats, not of its input.
     """
     import gguf
 
@@ -173,7 +174,7 @@ def _check_blocks(tensors):
         if t.heads is not None:
             ours = permute_rows(ours, t.heads)
         theirs = gguf.quants.dequantize(t.data, t.type).reshape(ours.shape)
-        bound = q4_1_offset_bound(qt)
+        bound = minimum_offset_bound(qt)
         allowed = bound + _CHECK_SLACK * float(np.abs(ours).max(initial=0.0))
         if float(np.abs(theirs - ours).max(initial=0.0)) > allowed:
             raise RuntimeError(  # pragma: no cover - a kflats bug
@@ -214,10 +215,11 @@ def export_gguf(folder, out, *, source=None, overwrite=False):
     compress``) wrote of a causal LM of a family llama.cpp runs (Llama,
     SmolLM2, Mistral, Qwen2, Qwen3, GPT-2) becomes one GGUF file. Each
     quantized matrix keeps kflats' own codes and scales, never rounded
-    again, in the block type that holds them: 4-bit codes with zero points
-    as ``Q4_1`` (its float16 minimum ``-z * s`` rounded: at most 2**-11 of
-    it), 4-bit symmetric codes as ``Q4_0``, 8-bit symmetric codes as
-    ``Q8_0``, all in groups of 32 along rows with float16 scales. Float
+    again, in the block type that holds them: 4- and 5-bit codes with zero
+    points as ``Q4_1`` and ``Q5_1`` (their float16 minimum ``-z * s``
+    rounded: at most 2**-11 of it), 4- and 5-bit symmetric codes as
+    ``Q4_0`` and ``Q5_0``, 8-bit symmetric codes as ``Q8_0``, all in groups
+    of 32 along rows with float16 scales. Float
     tensors (norms, any matrix left in float) are written as they are
     (F32). A GPT-2 Conv1D weight is written as rows of outputs, its codes
     read transposed. A head tied to the word embedding is left to

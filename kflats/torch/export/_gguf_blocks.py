@@ -1,33 +1,37 @@
 """kflats' quantized matrices as GGUF blocks: which type holds each, and the packing.
 
 A GGUF block holds 32 consecutive entries of a row and one float16 scale
-``d`` (and, for Q4_1, one float16 minimum ``m``):
+``d`` (and, for Q4_1 and Q5_1, one float16 minimum ``m``), in this order:
 
-- ``Q8_0``: 32 signed bytes ``x``, value ``d * x``;
-- ``Q4_0``: 16 bytes of two 4-bit codes ``q``, value ``d * (q - 8)``;
-- ``Q4_1``: the same 16 bytes, value ``d * q + m``.
+- ``Q8_0``: ``d``, 32 signed bytes ``x``; value ``d * x``;
+- ``Q4_0``: ``d``, 16 bytes of two 4-bit codes ``q``; value ``d * (q - 8)``;
+- ``Q4_1``: ``d``, ``m``, the same 16 bytes; value ``d * q + m``;
+- ``Q5_0``: ``d``, 4 bytes of the codes' fifth bits, 16 bytes of their low
+  4 bits; value ``d * (q - 16)``;
+- ``Q5_1``: ``d``, ``m``, the same 4 + 16 bytes; value ``d * q + m``.
 
 A :class:`~kflats.quantize.QuantizedTensor` grouped in 32s along its rows
 (``axis=1``), with float16 scales, fills them with its own codes: 8-bit
 symmetric codes ``c`` (value ``(c - 128) * s``) are Q8_0's ``x = c - 128``
-and ``d = s``; 4-bit symmetric codes (``(c - 8) * s``) are Q4_0's, as they
-are; 4-bit codes with zero points ``z`` (``(c - z) * s``, ``z`` an
-integer or a float16) are Q4_1's with ``d = s`` and ``m = -z * s``. The
-first two hold the very values kflats computes; Q4_1's minimum is
-``-z * s`` rounded to float16, which moves a group's entries by at most
-``2**-11 * |z * s|`` (below 1 % of the group's step ``s`` for an integer
-zero point, ``z <= 15``), one offset for the whole group. The codes are
-never rounded again.
+and ``d = s``; 4- and 5-bit symmetric codes (``(c - 8) * s``, ``(c - 16)
+* s``) are Q4_0's and Q5_0's, as they are; 4- and 5-bit codes with zero
+points ``z`` (``(c - z) * s``, ``z`` an integer or a float16) are Q4_1's
+and Q5_1's with ``d = s`` and ``m = -z * s``. The symmetric types hold the
+very values kflats computes; a minimum ``m`` is ``-z * s`` rounded to
+float16, which moves a group's entries by at most ``2**-11 * |z * s|``
+(below 2 % of the group's step ``s`` for an integer zero point, ``z <=
+31``), one offset for the whole group. The codes are never rounded again.
 
-In a block the 4-bit codes of entries ``j`` and ``j + 16`` share byte ``j``
-(low and high half): the order llama.cpp's kernels read. The gguf package
-dequantizes these blocks but has no packing of given codes: it is written
-here.
+In a block the low 4 bits of entries ``j`` and ``j + 16`` share byte ``j``
+(low and high half): the order llama.cpp's kernels read; the fifth bit of
+entry ``j`` is bit ``j`` of the 4 bytes read as a little-endian uint32.
+The gguf package dequantizes these blocks but has no packing of given
+codes: it is written here.
 """
 
 import numpy as np
 
-__all__ = ["BLOCK", "block_type", "gguf_type", "pack_blocks", "q4_1_offset_bound"]
+__all__ = ["BLOCK", "block_type", "gguf_type", "minimum_offset_bound", "pack_blocks"]
 
 BLOCK = 32  # entries per block of every type written here
 
@@ -37,7 +41,13 @@ def _types():
 
     q = gguf.GGMLQuantizationType
     # (bits, symmetric) -> the block type that holds kflats' codes as they are
-    return {(8, True): q.Q8_0, (4, True): q.Q4_0, (4, False): q.Q4_1}
+    return {
+        (8, True): q.Q8_0,
+        (5, True): q.Q5_0,
+        (5, False): q.Q5_1,
+        (4, True): q.Q4_0,
+        (4, False): q.Q4_1,
+    }
 
 
 def block_type(bits, symmetric):
@@ -76,8 +86,16 @@ def gguf_type(qt):
 
 
 def _nibbles(codes):
-    """Blocks of 32 4-bit codes as 16 bytes: entry j low, entry j + 16 high."""
-    return (codes[:, :16] | (codes[:, 16:] << 4)).astype(np.uint8)
+    """The low 4 bits of blocks of 32 codes as 16 bytes: entry j low, entry
+    j + 16 high."""
+    low = codes & 15
+    return (low[:, :16] | (low[:, 16:] << 4)).astype(np.uint8)
+
+
+def _fifth_bits(codes):
+    """Bit 4 of blocks of 32 codes as 4 bytes: entry j's is bit j of the
+    little-endian uint32 they make."""
+    return np.packbits((codes >> 4) & 1, axis=1, bitorder="little")
 
 
 def _half_bytes(values):
@@ -114,17 +132,21 @@ def pack_blocks(qt):
     if qt.bits == 8:  # Q8_0: the codes less their midpoint, as signed bytes
         x = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
         parts = [d, x]
-    elif qt.symmetric:  # Q4_0: the codes as they are (midpoint 8)
-        parts = [d, _nibbles(codes)]
-    else:  # Q4_1: d * q + m with m = -z * s
-        m = -qt.zeros.reshape(-1).astype(np.float64) * scales.astype(np.float64)
-        parts = [d, _half_bytes(m), _nibbles(codes)]
+    else:  # Q4_0, Q5_0: the codes as they are (midpoint 8, 16)
+        parts = [d]
+        if not qt.symmetric:  # Q4_1, Q5_1: d * q + m with m = -z * s
+            m = -qt.zeros.reshape(-1).astype(np.float64) * scales.astype(np.float64)
+            parts.append(_half_bytes(m))
+        if qt.bits == 5:
+            parts.append(_fifth_bits(codes))
+        parts.append(_nibbles(codes))
     blocks = np.concatenate(parts, axis=1)
     return blocks.reshape(rows, -1), qtype
 
 
-def q4_1_offset_bound(qt):
-    """The largest move of an entry by Q4_1's float16 minimum (0 for others).
+def minimum_offset_bound(qt):
+    """The largest move of an entry by a float16 minimum (Q4_1, Q5_1; 0 for
+    the symmetric types).
 
     Parameters
     ----------

@@ -192,7 +192,8 @@ def file_type(tensors):
     q, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
     by_type = {
         q.F32: f.ALL_F32, q.F16: f.MOSTLY_F16, q.Q4_0: f.MOSTLY_Q4_0,
-        q.Q4_1: f.MOSTLY_Q4_1, q.Q8_0: f.MOSTLY_Q8_0,
+        q.Q4_1: f.MOSTLY_Q4_1, q.Q5_0: f.MOSTLY_Q5_0, q.Q5_1: f.MOSTLY_Q5_1,
+        q.Q8_0: f.MOSTLY_Q8_0,
     }  # fmt: skip
     counts = {}
     for t in tensors:

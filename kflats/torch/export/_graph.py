@@ -11,15 +11,15 @@ the layout of the operator that holds it, never rounded again:
   one, a whole row of 384 say, is cut into blocks repeating its scale and
   zero point). With float32 activations (``accuracy_level`` below 4, the
   default) 2-, 3- and 4-bit codes, held as 4 bits (the same integers, so
-  the same values); with int8 activations (4) also 2 and 8 bits, 3 and 6
-  widened to 4 and 8.
+  the same values); with int8 activations (4) also 2 and 8 bits, 3 widened
+  to 4, 5 and 6 to 8.
 - ``GatherBlockQuantized``: a table's rows, groups along each row, the same
   blocks and widths.
 - written out, ``(codes - zeros) * scales`` by Cast, Sub and Mul on the
   packed codes, which onnxruntime folds into a float32 weight when the
   session starts: a matrix the operators cannot take (groups along the
-  product's output side, as a factor's are; a group no block divides; 6 or
-  8 bits with float32 activations); a table's rows are gathered first and
+  product's output side, as a factor's are; a group no block divides; 5, 6
+  or 8 bits with float32 activations); a table's rows are gathered first and
   dequantized by ``DequantizeLinear``.
 - float32: a table grouped along its columns (kflats groups along rows).
 
@@ -34,12 +34,12 @@ import numpy as np
 __all__ = ["MS_DOMAIN", "Pieces", "TensorForm"]
 
 MS_DOMAIN = "com.microsoft"
-_NBITS = {2: 2, 3: 4, 4: 4, 6: 8, 8: 8}  # the operators' widths holding each
+_NBITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}  # the operators' widths holding each
 # MatMulNBits with float32 activations (accuracy_level below 4): onnxruntime's
 # CPU kernel runs 2- and 8-bit weights by dequantizing the whole matrix at
 # each call (10-19 ms for a 384 x 1536 weight at 12 rows, against 0.17 ms in
 # float32 and 0.18 ms at 4 bits; onnxruntime 1.32, AVX2): 2-bit codes are
-# widened to 4 bits there, and 6- and 8-bit codes are dequantized when the
+# widened to 4 bits there, and 5-, 6- and 8-bit codes are dequantized when the
 # session starts (a DequantizeLinear there would be fused into a MatMulNBits
 # with int8 activations, onnxruntime's session default).
 _NBITS_FLOAT = {2: 4, 3: 4, 4: 4}

@@ -337,7 +337,8 @@ def export_onnx(folder, out, *, accuracy_level=0):
     ``GatherBlockQuantized``. Projective layers become their factor
     products (gathers by cluster, MatMuls, a permutation). A form an
     operator cannot hold falls back to the nearest one that holds the same
-    values: 2- and 3-bit codes widened to 4 bits, a group cut into blocks,
+    values: codes widened to a width the operator takes (3 bits to 4, 5
+    and 6 to 8; 2 to 4 in MatMulNBits), a group cut into blocks,
     the codes dequantized in the graph (folded to a float32 weight when the
     session starts), a table's gathered rows dequantized.
     :attr:`OnnxExport.fallbacks` lists them, and why.

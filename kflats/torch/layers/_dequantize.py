@@ -9,13 +9,14 @@ float parameters computes.
 
 Two paths give those values. On the CPU, the Numba kernels of
 ``_dequantize_kernels.py`` read the packed stream once and write the
-floats (whole matrices of 2, 3, 4 and 6 bits whose group size is a
+floats (whole matrices of 2, 3, 4, 5 and 6 bits whose group size is a
 multiple of a word, and every lookup of rows); elsewhere (another device,
 8-bit codes, odd group sizes) torch operations do: each byte, or each
-three-byte word of 3- or 6-bit codes, shifted and masked once per code it
-holds, the codes interleaved by one stack, then converted, less the zero
-point, times the scale. A row of a table is unpacked alone (its bytes
-gathered, or its codes read from the bit stream two bytes at a time).
+three-byte word of 3- or 6-bit codes (five-byte word of 5-bit codes),
+shifted and masked once per code it holds, the codes interleaved by one
+stack, then converted, less the zero point, times the scale. A row of a
+table is unpacked alone (its bytes gathered, or its codes read from the bit
+stream two bytes at a time).
 
 Why these paths (measured on a shared 2-core development machine, AMD EPYC,
 AVX2, torch 2.13, one thread, process time, best of 40; a 1536 x 384
@@ -65,8 +66,8 @@ from kflats.torch.layers._dequantize_kernels import (
 )
 
 # bytes of a word, codes of a word: a byte holds whole 2-, 4- and 8-bit codes,
-# three bytes whole 3- and 6-bit codes
-_TORCH_WORDS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 6: (3, 4), 8: (1, 1)}
+# three bytes whole 3- and 6-bit codes, five bytes eight 5-bit codes
+_TORCH_WORDS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 5: (5, 8), 6: (3, 4), 8: (1, 1)}
 
 
 def unpack_codes(packed, bits, count):
@@ -76,7 +77,7 @@ def unpack_codes(packed, bits, count):
     ----------
     packed : uint8 Tensor of shape (n_bytes,)
         As :func:`kflats.quantize._grid.pack_codes` wrote it.
-    bits : {2, 3, 4, 6, 8}
+    bits : {2, 3, 4, 5, 6, 8}
     count : int
 
     Returns
@@ -87,7 +88,8 @@ def unpack_codes(packed, bits, count):
 
 
 def _unpack(packed, bits, count):
-    """The codes as integers: uint8 for 2, 4 and 8 bits, int32 for 3 and 6."""
+    """The codes as integers: uint8 for 2, 4 and 8 bits, int32 for 3 and 6,
+    int64 for 5 (a 40-bit word)."""
     if bits == 8:
         return packed[:count]
     width, per_word = _TORCH_WORDS[bits]
@@ -98,8 +100,10 @@ def _unpack(packed, bits, count):
     if width == 1:
         word = data
     else:
-        b = data.view(words, 3).to(torch.int32)
-        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        b = data.view(words, width).to(torch.int64 if width > 3 else torch.int32)
+        word = b[:, 0]
+        for i in range(1, width):
+            word = word | (b[:, i] << (8 * i))
     mask = (1 << bits) - 1
     # one operator call per code of a word, then one copy that interleaves
     # them (a shift by a broadcast tensor of shifts took 3x longer)
@@ -115,7 +119,8 @@ def gather_codes(packed, bits, index):
     bit = index * bits
     byte = bit >> 3
     low = packed[byte].to(torch.int32)
-    # a 3- or 6-bit code may end in the next byte; the last byte has none
+    # a 3-, 5- or 6-bit code may end in the next byte (its first bit at
+    # offset 0-7, its last before 16); the last byte has none
     high = packed[(byte + 1).clamp_(max=packed.numel() - 1)].to(torch.int32)
     codes = ((low | (high << 8)) >> (bit & 7)) & ((1 << bits) - 1)
     return codes.to(torch.uint8)

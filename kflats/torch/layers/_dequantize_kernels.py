@@ -5,11 +5,11 @@ Each reads a tightly packed little-endian code stream and writes
 :meth:`kflats.quantize.QuantizedTensor.dequantize`, bit for bit (no
 ``fastmath``: the subtraction and the product stay apart). Where a group
 (and, for a lookup of lines, a line) starts on a word (one to three bytes
-holding whole codes, :data:`WORDS`: group size and line length multiples
-of 2 to 8, as the group sizes kflats chooses for weight matrices are), a
-word is read once and its codes taken by constant shifts, which the
-compiler unrolls; other lines (the coefficients of a cluster whose rank
-is odd) are read code by code from the bit stream.
+holding whole codes, five for 5-bit codes, :data:`WORDS`: group size and
+line length multiples of 2 to 8, as the group sizes kflats chooses for
+weight matrices are), a word is read once and its codes taken by constant
+shifts, which the compiler unrolls; other lines (the coefficients of a
+cluster whose rank is odd) are read code by code from the bit stream.
 
 One kernel per bit width, made by :func:`_word_kernel` at import, so that
 the width and the shifts are compile-time constants; each is compiled on
@@ -24,11 +24,12 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-# bytes of a word read as one int32, and the codes it holds: the fastest of
+# bytes of a word read as one integer, and the codes it holds: the fastest of
 # 1, 2 or 4 bytes for 2, 4 and 8 bits on a 1536 x 384 matrix (g128, one
 # thread): 2 bits 166 / 349 / 343 us, 4 bits 148 / 269 / 342 us, 8 bits
-# 350 / 218 / 339 us; 3 and 6 bits read three bytes (219 and 247 us)
-WORDS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 6: (3, 4), 8: (2, 2)}
+# 350 / 218 / 339 us; 3 and 6 bits read three bytes (219 and 247 us); 5
+# bits the five bytes of eight codes, a 40-bit word read as one int64
+WORDS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 5: (5, 8), 6: (3, 4), 8: (2, 2)}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -67,6 +68,10 @@ def _scale_of(scales, j):
 def _word_kernel(bits):
     mask = (1 << bits) - 1
     width, per_word = WORDS[bits]
+    # the integer a word is read into: int64 where it holds more than 31 bits
+    # (compiled, Numba widens an int32 shifted by 32 itself; run as Python,
+    # with NUMBA_DISABLE_JIT=1, numpy would drop the fifth byte)
+    word_int = np.int64 if 8 * width > 31 else np.int32
 
     @numba.njit(cache=True, nogil=True)
     def dequantize_lines(codes, scales, zeros, zstep, group_size, length, index, out):
@@ -90,9 +95,9 @@ def _word_kernel(bits):
                 o = r * length + j * group_size
                 for w in range(words):
                     p = (first + w) * width
-                    word = np.int32(codes[p])
+                    word = word_int(codes[p])
                     for b in range(1, width):
-                        word |= np.int32(codes[p + b]) << (8 * b)
+                        word |= word_int(codes[p + b]) << (8 * b)
                     for k in range(per_word):
                         q = (word >> (bits * k)) & mask
                         out[o + w * per_word + k] = (np.float32(q) - z) * s
@@ -110,9 +115,9 @@ def _word_kernel(bits):
             z = _scale(zeros, j * zstep)
             for w in range(words):
                 p = (j * words + w) * width
-                word = np.int32(codes[p])
+                word = word_int(codes[p])
                 for b in range(1, width):
-                    word |= np.int32(codes[p + b]) << (8 * b)
+                    word |= word_int(codes[p + b]) << (8 * b)
                 o = (j * words + w) * per_word
                 for k in range(per_word):
                     q = (word >> (bits * k)) & mask
@@ -147,4 +152,4 @@ def dequantize_lines_any(
                 out[o + t] = (np.float32(q) - z) * s
 
 
-WORD_KERNELS = {bits: _word_kernel(bits) for bits in (2, 3, 4, 6, 8)}
+WORD_KERNELS = {bits: _word_kernel(bits) for bits in WORDS}

@@ -223,7 +223,7 @@ def quantize_module_(
         transposed: its codes are grouped along the input features too (the
         recorded tensor has the stored weight's shape, grouped along its
         columns: ``axis=0``).
-    bits : {2, 3, 4, 6, 8}
+    bits : {2, 3, 4, 5, 6, 8}
     group_size : int or None, default=128
         Entries per scale, along the input features of a Linear weight, a
         row of an embedding table, a row of the bases and a row of a

@@ -71,7 +71,7 @@ def form_nbytes(
     ----------
     module : nn.Linear, nn.Embedding, ProjectiveLinear or ProjectiveEmbedding
         Or transformers' ``Conv1D``.
-    bits : {2, 3, 4, 6, 8} or None, default=None
+    bits : {2, 3, 4, 5, 6, 8} or None, default=None
     group_size : int or None, default=128
     symmetric : bool, default=False
     scale_dtype : {"float16", "float32"}, default="float16"
@@ -156,7 +156,7 @@ def factors_nbytes(
         Rank of each cluster, same length.
     d : int
         Length of a basis row (embedding_dim, or the other side of a Linear).
-    bits : {2, 3, 4, 6, 8} or None, default=None
+    bits : {2, 3, 4, 5, 6, 8} or None, default=None
         ``None``: the float factors.
     group_size : int or None, default=128
         Must divide ``d`` and every non-zero rank.

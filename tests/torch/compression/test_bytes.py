@@ -46,6 +46,8 @@ from .._helpers import (  # noqa: E402
 tokenizer = tokenizer_for(64)
 TEXTS = SENTENCES[:6] * 3
 TARGETS = [nn.Embedding, nn.Linear]
+# every width a plan may hold (5 bits: GGUF's Q5_0 and Q5_1)
+ALL_BITS = (8, 6, 5, 4, 3, 2)
 
 
 def tiny(seed=0, low_rank=False):
@@ -76,7 +78,7 @@ def module_forms(draw):
     for _ in range(draw(st.integers(1, 4))):
         full = draw(st.integers(1000, 100_000))
         forms = [_Form("float", None, None, None, full, 0.0)]
-        for b in (8, 6, 4, 3, 2):
+        for b in ALL_BITS:
             err = draw(st.floats(0, 1, allow_nan=False))
             forms.append(_Form("dense", b, 32, None, full * b // 32 + 40, err))
         for r in range(draw(st.integers(0, 6))):
@@ -102,12 +104,12 @@ def test_the_plan_never_exceeds_the_budget(case, fraction):
     least = sum(min(f.nbytes for f in forms) for forms in all_forms)
     full = sum(forms[0].nbytes for forms in all_forms)
     allowed = int(least + fraction * (full - least))
-    chosen = _plan_bytes(all_forms, scales, allowed, (8, 6, 4, 3, 2))
+    chosen = _plan_bytes(all_forms, scales, allowed, ALL_BITS)
     assert sum(f[i].nbytes for f, i in zip(all_forms, chosen, strict=True)) <= allowed
 
 
 @settings(max_examples=200, deadline=None)
-@given(module_forms(), st.sampled_from((8, 6, 4, 3, 2)), st.integers(0, 500))
+@given(module_forms(), st.sampled_from(ALL_BITS), st.integers(0, 500))
 def test_uniform_quantization_is_a_point_of_the_search(case, bits, extra):
     all_forms, scales = case
     uniform = [
@@ -115,7 +117,7 @@ def test_uniform_quantization_is_a_point_of_the_search(case, bits, extra):
         for forms in all_forms
     ]
     size = sum(f[i].nbytes for f, i in zip(all_forms, uniform, strict=True))
-    chosen = _plan_bytes(all_forms, scales, size + extra, (8, 6, 4, 3, 2))
+    chosen = _plan_bytes(all_forms, scales, size + extra, ALL_BITS)
     assert _predicted(all_forms, scales, chosen) <= _predicted(
         all_forms, scales, uniform
     )
@@ -179,6 +181,16 @@ def test_factors_nbytes_counts_the_forms_of_the_plan():
 
 def test_dense_forms_include_wider_groups():
     linear = nn.Linear(256, 16)
+    # 5 bits (no uniform peer's) in the groups of 4 bits, priced exactly
+    dense = {
+        (f.bits, f.group_size, f.zero_dtype): f.nbytes
+        for f in _forms(linear, (5,), None)
+        if f.kind == "dense"
+    }
+    assert set(dense) == {(5, 32, "uint8"), (5, 128, "uint8")}
+    assert all(n == form_nbytes(linear, b, g) for (b, g, _), n in dense.items())
+    # codes; a float16 scale and a uint8 zero point a group; meta; the bias
+    assert dense[5, 32, "uint8"] == 16 * 256 * 5 // 8 + 16 * 8 * 3 + 8 * 5 + 16 * 4
     forms = _forms(linear, (4, 3), None)
     dense = {
         (f.bits, f.group_size): f.nbytes
@@ -198,18 +210,27 @@ def test_dense_forms_include_wider_groups():
     assert [f.group_size for f in forms if f.kind == "dense"] == [64]
 
 
-def test_a_budget_below_the_peers_groups_takes_wider_groups():
+@pytest.mark.parametrize("bits", [4, 5])
+def test_a_budget_below_the_peers_groups_takes_wider_groups(tmp_path, bits):
+    from kflats.torch import load_compressed, save_compressed
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 64))  # full rank: factors do not pay
     # the tensors of groups of 128, and a header's 600 bytes at most
-    size = form_nbytes(model[0], 4, 128) + 600
-    assert size < form_nbytes(model[0], 4, 32)
-    report = compress(model, size, [nn.Linear], unit="bytes", bits=(4,))
+    size = form_nbytes(model[0], bits, 128) + 600
+    assert size < form_nbytes(model[0], bits, 32)
+    report = compress(model, size, [nn.Linear], unit="bytes", bits=(bits,))
     (m,) = report
-    assert (m.form, m.bits, m.group_size) == ("dense", 4, 128)
-    assert state_nbytes(quantized_state(model)) == form_nbytes(model[0], 4, 128)
+    assert (m.form, m.bits, m.group_size) == ("dense", bits, 128)
+    assert state_nbytes(quantized_state(model)) == form_nbytes(model[0], bits, 128)
     assert report.folder_bytes <= size
     assert quantized_tensors(model[0])["weight"].group_size == 128
+    # the folder: the plan's bytes, and the same model back
+    save_compressed(model, tmp_path / "m")
+    assert report.model_bytes <= weight_files(tmp_path / "m") <= report.folder_bytes
+    back = load_compressed(tmp_path / "m", nn.Sequential(nn.Linear(256, 64)))
+    x = torch.randn(3, 256)
+    assert torch.equal(back(x), model(x))
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.2, 0.15])
@@ -287,7 +308,7 @@ def test_without_calibration_and_a_projective_layer_is_quantized():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"bits": (5,)}, r"'bits' parameter .* must be a non-empty sequence"),
+        ({"bits": (7,)}, r"'bits' parameter .* must be None or a non-empty sequence"),
         ({"bits": ()}, r"'bits' parameter .* must be"),
         ({"group_size": 24}, r"group_size=24 does not divide"),
         ({"group_size": 0}, r"'group_size' parameter .* must be"),
@@ -396,7 +417,7 @@ def test_load_rejects_a_packed_tensor_that_disagrees_with_kflats_json(tmp_path):
     manifest = json.loads((path / "kflats.json").read_text())
     key = next(iter(manifest["quantized"]))
     for field, value, match in [
-        ("bits", 5, "bits must be one of"),
+        ("bits", 7, "bits must be one of"),
         ("bits", 8, "entry in kflats.json says"),
         ("group_size", 7, "group_size must be a divisor"),
         ("shape", [1], "shape must be a list of 2"),
@@ -471,7 +492,7 @@ def probe_distortion(model, base, cal):
 @pytest.mark.parametrize("bits", [4, 3])
 def test_never_worse_than_uniform_quantization_on_the_probe(cal_model, bits):
     from kflats.quantize import quantize_module_
-    from kflats.torch.compression._form_errors import _quantize_kw
+    from kflats.torch.compression._measure import _quantize_kw
 
     base, cal = cal_model
     named = dict(base.named_modules())
@@ -643,8 +664,12 @@ def leftovers():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(["linear", "all"]), st.floats(0, 1))
-def test_the_folder_is_never_over_the_size_asked(leftovers, which, fraction):
+@given(
+    st.sampled_from(["linear", "all"]),
+    st.floats(0, 1),
+    st.sampled_from([None, (8, 6, 5, 4, 3, 2)]),
+)
+def test_the_folder_is_never_over_the_size_asked(leftovers, which, fraction, bits):
     import tempfile
 
     from kflats.torch import save_compressed
@@ -654,7 +679,8 @@ def test_the_folder_is_never_over_the_size_asked(leftovers, which, fraction):
     # every size from the smallest reachable to the float32 model's
     size = need[which] + round(fraction * (saved_nbytes(base) - need[which]))
     model = copy.deepcopy(base)
-    report = compress(model, size, targets, unit="bytes")
+    # (the smallest size reachable is the same with 5 bits: 2 bits are smaller)
+    report = compress(model, size, targets, unit="bytes", bits=bits)
     with tempfile.TemporaryDirectory() as tmp:
         save_compressed(model, os.path.join(tmp, "m"))
         on_disk = weight_files(tmp)

@@ -232,7 +232,7 @@ def test_fisher_sensitivities_follow_the_measured_kl(calibrated):
     whose errors move every position's attention alike)."""
     from kflats.quantize import quantize_module_
     from kflats.torch.compression._fisher import fisher_sensitivities
-    from kflats.torch.compression._form_errors import _Measure, _quantize_kw
+    from kflats.torch.compression._measure import _Measure, _quantize_kw
     from kflats.torch.compression._objectives import module_objectives
     from kflats.torch.compression._sensitivity import _probe_batches
     from kflats.torch.layers import dense_weight
@@ -306,3 +306,30 @@ def test_a_q4_1_weight_keeps_its_grid_and_skips_the_wider_forms():
     }
     assert dense[4, "float16"] < 1e-6 < dense[4, "uint8"]
     assert not any(bits > 4 for bits, _ in dense)
+
+
+@settings(max_examples=8, deadline=None)
+@given(rank=st.integers(1, 15), seed=st.integers(0, 2**16))
+def test_a_tied_tables_forms_are_measured_in_one_metric(rank, seed):
+    """A tied table's dense and factor forms are compared in one metric: the
+    measured error of its rank-r factors is the tail of the spectrum the
+    search reads their truncation error from (rows weighted by token counts,
+    columns whitened by the head's input moment)."""
+    from kflats.torch.compression._measure import _Measure
+    from kflats.torch.compression._objectives import _Objective
+    from kflats.torch.compression._sensitivity import _truncated, _weight_spectrum
+
+    rng = np.random.default_rng(seed)
+    table = nn.Embedding(40, 16)
+    with torch.no_grad():
+        table.weight.copy_(torch.from_numpy(rng.normal(size=(40, 16))))
+    X = rng.normal(size=(200, 16)) * rng.uniform(0.1, 10, size=16)
+    objective = _Objective(
+        row_weights=rng.uniform(0.1, 5, size=40), input_moment=X.T @ X, damping=0.01
+    )
+    spectrum = _weight_spectrum(table, objective)
+    tail = float(spectrum.gains[rank:].sum())
+    measured = _Measure(table, objective)(
+        torch.from_numpy(_truncated(table, spectrum, rank))
+    )
+    np.testing.assert_allclose(measured, tail, rtol=1e-6, atol=1e-9)

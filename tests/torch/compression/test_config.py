@@ -82,7 +82,7 @@ def says(name, expected="", where="CompressionConfig"):
         ("random_state", True, says("random_state")),
         ("random_state", "seed", says("random_state")),
         ("targets", 3, says("targets")),
-        ("bits", (4, 4), says("bits", "a non-empty sequence of distinct ints")),
+        ("bits", (4, 4), says("bits", "None or a non-empty sequence of distinct ints")),
         ("bits", (True,), says("bits")),
         ("group_size", True, says("group_size")),
         ("overrides", ["a"], says("overrides", "an instance of .*Mapping")),

@@ -1,5 +1,5 @@
 """format="gguf": the size asked is the GGUF file's, to the byte, and the search
-keeps to the forms a GGUF file holds (Q8_0, Q4_0, Q4_1 and float).
+keeps to the forms a GGUF file holds (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and float).
 
 The input is a tiny random causal LM written as a GGUF file (tied Llama,
 untied Qwen2 with biases), read as users' GGUF files are. A plan's bytes
@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from kflats.quantize import quantize_module_, quantized_tensors  # noqa: E402
-from kflats.torch import compress, save_compressed  # noqa: E402
+from kflats.torch import CompressionConfig, compress, save_compressed  # noqa: E402
 from kflats.torch.compression._forms import FORMATS, _forms, grid_options  # noqa: E402
 from kflats.torch.compression._gguf_bytes import GGUF_GRIDS, GgufBudget  # noqa: E402
 from kflats.torch.export import export_gguf  # noqa: E402
@@ -44,7 +44,8 @@ TARGETS = ["*proj", "model.embed_tokens", "lm_head"]
 # GPT-2: Conv1D layers (weights stored in x out), its head tied
 GPT2_TARGETS = ["*.c_attn", "*.c_proj", "*.c_fc", "transformer.wte"]
 FAMILIES = ["llama", "qwen2", "gpt2"]
-BITS = (8, 6, 4, 3, 2)
+# the bits the search tries by default for GGUF: 5 too (Q5_0, Q5_1)
+BITS = CompressionConfig(0.5, unit="bytes", format="gguf").bits
 SENTENCES = [
     "the cat sat on the mat and looked at the door",
     "a river runs through the old town in the spring",
@@ -96,11 +97,20 @@ def test_the_model_read_from_a_gguf_file_records_it(tiny, tmp_path):
     assert gguf_source(tiny_causal_lm()) is None
 
 
+def test_the_default_bits_are_gguf_s_with_5_bits_for_gguf_only():
+    assert BITS == (8, 6, 5, 4, 3, 2)
+    for fmt in ("kflats", "onnx"):
+        assert CompressionConfig(0.5, unit="bytes", format=fmt).bits == (8, 6, 4, 3, 2)
+    config = CompressionConfig(0.5, unit="bytes", format="gguf", bits=(8, 4))
+    assert config.bits == (8, 4)  # bits given: as given
+    assert CompressionConfig.from_dict(config.to_dict()) == config
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_forms_searched_are_those_gguf_holds(tiny, family):
-    # float, and 8-bit symmetric (Q8_0), 4-bit symmetric (Q4_0), 4-bit with
-    # float16 zero points (Q4_1) in groups of 32: never uint8 zero points,
-    # other widths or groups, or factors
+    # float, and 8-bit symmetric (Q8_0), 5- and 4-bit symmetric (Q5_0, Q4_0),
+    # 5- and 4-bit with float16 zero points (Q5_1, Q4_1) in groups of 32:
+    # never uint8 zero points, other widths or groups, or factors
     _, model, _ = tiny[family]
     names, named = _selected(model)
     for name in names:
@@ -108,6 +118,8 @@ def test_the_forms_searched_are_those_gguf_holds(tiny, family):
         assert {_key(f) for f in forms} == {
             ("float", None, None, "uint8"),
             ("dense", 8, 32, None),
+            ("dense", 5, 32, None),
+            ("dense", 5, 32, "float16"),
             ("dense", 4, 32, None),
             ("dense", 4, 32, "float16"),
         }
@@ -126,9 +138,10 @@ def test_settings_gguf_cannot_take_are_refused(tiny):
     check = FORMATS["gguf"].check
     with pytest.raises(ValueError, match="blocks of 32 .*give 32 or None"):
         check(CompressionConfig(0.5, unit="bytes", format="gguf", group_size=64))
-    with pytest.raises(ValueError, match="include 8 or 4 in bits"):
+    with pytest.raises(ValueError, match="include 8, 5 or 4 in bits"):
         check(CompressionConfig(0.5, unit="bytes", format="gguf", bits=(6, 3, 2)))
     check(CompressionConfig(0.5, unit="bytes", format="gguf", bits=(8,)))
+    check(CompressionConfig(0.5, unit="bytes", format="gguf", bits=(5,)))
 
 
 def _prepared(tiny, family, data):
@@ -166,6 +179,28 @@ def test_a_plans_bytes_are_the_files_bytes(tiny, tmp_path_factory, family, data)
     save_compressed(model, root / "folder", tokenizer=tokenizer)
     result = export_gguf(root / "folder", root / "out.gguf", source=source)
     assert result.file_bytes == predicted
+
+
+@pytest.mark.parametrize("grid", list(GGUF_GRIDS), ids=list(GGUF_GRIDS.values()))
+def test_each_block_type_is_priced_at_its_files_bytes(tiny, tmp_path, grid):
+    # every selected module of a tied Llama and a GPT-2 (Conv1D) in one type
+    bits, zeros = grid
+    for family in ("llama", "gpt2"):
+        source, model, tokenizer = tiny[family]
+        model = copy.deepcopy(model)
+        names, named = _selected(model)
+        budget = GgufBudget(model, names, 10**9)
+        predicted = budget.frame + budget.rest
+        for name in names:
+            held = _held_forms(named[name])
+            (form,) = [f for f in held if _key(f) == ("dense", bits, 32, zeros)]
+            predicted += budget.priced(name, form).nbytes
+            quantize_module_(named[name], bits, 32, method="rtn", **grid_options(form))
+        save_compressed(model, tmp_path / family, tokenizer=tokenizer)
+        out = tmp_path / f"{family}.gguf"
+        result = export_gguf(tmp_path / family, out, source=source)
+        assert result.file_bytes == predicted
+        assert set(result.types) == {"F32", GGUF_GRIDS[grid]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -211,9 +246,9 @@ def test_the_gguf_file_is_within_the_size_asked(tiny, tmp_path, family, size):
     result = export_gguf(tmp_path / "folder", tmp_path / "out.gguf", source=source)
     assert result.file_bytes == report.model_bytes + report.header_bytes
     assert result.file_bytes <= size
-    assert set(result.types) <= {"F32", "Q8_0", "Q4_0", "Q4_1"}
-    if size in (70_000, 360_000):  # below Q8_0 everywhere: 4-bit codes
-        assert {"Q4_0", "Q4_1"} & set(result.types)
+    assert set(result.types) <= {"F32", *GGUF_GRIDS.values()}
+    if size in (70_000, 360_000):  # below Q8_0 everywhere: 4- or 5-bit codes
+        assert {"Q4_0", "Q4_1", "Q5_0", "Q5_1"} & set(result.types)
 
 
 def test_a_size_below_the_smallest_file_names_it(tiny):
@@ -247,7 +282,8 @@ def test_a_model_not_read_from_a_gguf_file_is_refused(tiny):
 
 
 def test_prices_grow_with_the_bits(tiny):
-    # per 32 numbers: Q4_0 18 bytes < Q4_1 20 < Q8_0 34 < F32 128, padded
+    # per 32 numbers: Q4_0 18 bytes < Q4_1 20 < Q5_0 22 < Q5_1 24 < Q8_0 34
+    # < F32 128, padded
     _, model, _ = tiny["qwen2"]
     names, named = select_modules(model, TARGETS)
     budget = GgufBudget(model, names, 10**9)
@@ -256,6 +292,8 @@ def test_prices_grow_with_the_bits(tiny):
         order = [
             ("dense", 4, 32, None),
             ("dense", 4, 32, "float16"),
+            ("dense", 5, 32, None),
+            ("dense", 5, 32, "float16"),
             ("dense", 8, 32, None),
             ("float", None, None, "uint8"),
         ]

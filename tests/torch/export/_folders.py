@@ -93,6 +93,7 @@ def compress_by_hand_(model):
     q = "encoder.layer.{}.attention.self.{}"
     forms = {
         "embeddings.word_embeddings": (4, 16, False),  # GatherBlockQuantized
+        "embeddings.position_embeddings": (5, 16, False),  # widened to 8
         q.format(0, "query"): (4, 16, False),  # MatMulNBits
         q.format(0, "key"): (3, 48, False),  # widened to 4, cut into 16s
         q.format(0, "value"): (8, 24, False),  # no block: DequantizeLinear
@@ -107,7 +108,7 @@ def compress_by_hand_(model):
     layer = _linear(hf, "encoder.layer.0.intermediate.dense", k=1, j=16, side="output")
     quantize_module_(layer, 4, 16, method="rtn")
     layer = _linear(hf, "encoder.layer.0.output.dense", k=2, j=16, side="input")
-    quantize_module_(layer, 6, 16, method="rtn")
+    quantize_module_(layer, 5, 16, method="rtn")  # stored as 8 bits
     layer = _linear(hf, "encoder.layer.1.attention.output.dense", k=3, j=16,
                     side="output")  # fmt: skip
     quantize_module_(layer, 2, 16, method="rtn")

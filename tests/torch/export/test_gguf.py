@@ -27,7 +27,10 @@ from hypothesis import strategies as st  # noqa: E402
 from kflats.quantize import quantize, quantize_module_, quantized_tensors  # noqa: E402
 from kflats.torch import load_compressed, save_compressed  # noqa: E402
 from kflats.torch.export import export_gguf  # noqa: E402
-from kflats.torch.export._gguf_blocks import pack_blocks, q4_1_offset_bound  # noqa: E402
+from kflats.torch.export._gguf_blocks import (  # noqa: E402
+    minimum_offset_bound,
+    pack_blocks,
+)
 from kflats.torch.io import load_pretrained  # noqa: E402
 
 from .._gguf_models import HEADS, KV_HEADS, permute_rows, write_tiny_gguf  # noqa: E402
@@ -36,15 +39,16 @@ Q = gguf.GGMLQuantizationType
 LAYER = "model.layers.{}.{}"
 # the form of each quantized matrix, and the GGUF type that must hold it
 FORMS = {
-    "self_attn.q_proj": (4, False, Q.Q4_1),
+    "self_attn.q_proj": (5, False, Q.Q5_1),
     "self_attn.k_proj": (4, True, Q.Q4_0),
     "self_attn.v_proj": (8, True, Q.Q8_0),
-    "self_attn.o_proj": (4, True, Q.Q4_0),
+    "self_attn.o_proj": (5, True, Q.Q5_0),
     "mlp.gate_proj": (4, False, Q.Q4_1),
     "mlp.down_proj": (8, True, Q.Q8_0),
 }
-# zero points in float16 (the grid compress(format="gguf") searches), else uint8
-FLOAT_ZEROS = ("mlp.gate_proj",)
+# zero points in float16 (the grids compress(format="gguf") searches), else
+# uint8 (layer 0's up_proj: Q4_1)
+FLOAT_ZEROS = ("mlp.gate_proj", "self_attn.q_proj")
 FLOAT = "model.layers.1.mlp.up_proj"  # left in float32
 TEXT = "the cat sat on the mat and then the dog ran into the park"
 
@@ -99,15 +103,28 @@ def _expected_type(key):
 
 
 def _decode(blocks, qtype):
-    """Codes, scales and minimums of GGUF blocks, decoded by hand."""
+    """Codes, scales and minimums of GGUF blocks, decoded by hand.
+
+    Q4_0 and Q5_0: ``d``, then the codes; Q4_1 and Q5_1: ``d``, ``m``, then
+    the codes. 4-bit codes: 16 bytes, entry j in the low half of byte j,
+    entry j + 16 in its high half; 5-bit codes: first their fifth bits, 4
+    bytes (entry j's: bit j of the little-endian uint32), then their low 4
+    bits as 4-bit codes.
+    """
     n = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
     d = n[:, :2].copy().view(np.float16)[:, 0]
     if qtype == Q.Q8_0:
         return n[:, 2:].view(np.int8).astype(np.int16) + 128, d, None
-    m = n[:, 2:4].copy().view(np.float16)[:, 0] if qtype == Q.Q4_1 else None
-    packed = n[:, 4:] if qtype == Q.Q4_1 else n[:, 2:]
-    codes = np.concatenate([packed & 15, packed >> 4], axis=1)
-    return codes, d, m
+    minimum = qtype in (Q.Q4_1, Q.Q5_1)
+    m = n[:, 2:4].copy().view(np.float16)[:, 0] if minimum else None
+    packed = n[:, 4:] if minimum else n[:, 2:]
+    high = np.zeros((n.shape[0], 32), dtype=np.int16)
+    if qtype in (Q.Q5_0, Q.Q5_1):
+        word = packed[:, :4].copy().view("<u4")[:, 0].astype(np.int64)
+        high = ((word[:, None] >> np.arange(32)) & 1).astype(np.int16)
+        packed = packed[:, 4:]
+    low = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.int16)
+    return low | (high << 4), d, m
 
 
 # --- the file, read by the gguf package -----------------------------------------
@@ -148,6 +165,18 @@ def test_types_shapes_and_codes_are_kflats_own(exported):
             assert np.array_equal(m.reshape(rows, -1), order(exact.astype(np.float16)))
         else:
             assert qt.symmetric
+        # dequantized as the gguf package defines each type: kflats' values
+        # (a float16 minimum's rounding and float32 rounding aside)
+        theirs = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        ours = order(qt.dequantize())
+        slack = minimum_offset_bound(qt) + 2**-23 * np.abs(ours).max()
+        assert np.abs(theirs.reshape(ours.shape) - ours).max() <= slack, key
+        if qt.symmetric:
+            assert np.array_equal(theirs.reshape(ours.shape), ours), key
+    # every block type kflats writes is in the file
+    assert {t.tensor_type for t in written.values()} >= {
+        Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0,
+    }  # fmt: skip
 
 
 def test_metadata_is_the_sources_with_the_file_type_set(exported):
@@ -168,12 +197,27 @@ def test_metadata_is_the_sources_with_the_file_type_set(exported):
     assert "kflats.version" in ours
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+def test_the_file_type_is_the_type_of_most_weights(qtype):
+    from types import SimpleNamespace
+
+    from kflats.torch.export._gguf_meta import file_type
+
+    def tensor(name, numbers):
+        return SimpleNamespace(type=Q[name], shape=(numbers // 32, 32),
+                               data=np.zeros(numbers, np.uint8))  # fmt: skip
+
+    others = [tensor(t, 64) for t in ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")]
+    tensors = [*others, tensor(qtype, 128), tensor("F32", 4096)]
+    assert file_type(tensors) == gguf.LlamaFileType[f"MOSTLY_{qtype}"]
+
+
 # --- the file, read by transformers and by llama.cpp ----------------------------
 
 
 def test_transformers_reads_kflats_weights_back(exported):
     # transformers undoes llama.cpp's row order itself: the weights it reads
-    # are kflats' dequantized ones, Q4_1's float16 minimums aside
+    # are kflats' dequantized ones, Q4_1's and Q5_1's float16 minimums aside
     folder, _, result = exported
     mine = load_compressed(folder, unpack=True).state_dict()
     back, _ = _load(result.path)
@@ -186,8 +230,9 @@ def test_transformers_reads_kflats_weights_back(exported):
 
 
 def test_llama_cpp_runs_it_close_to_kflats_model(exported):
-    # Tolerance: llama.cpp multiplies Q4_0/Q4_1/Q8_0 blocks with activations
-    # it rounds to 8 bits per block of 32 (Q8_0/Q8_1), so its logits are not
+    # Tolerance: llama.cpp multiplies Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks with
+    # activations it rounds to 8 bits per block of 32 (Q8_0/Q8_1), so its logits
+    # are not
     # kflats' float32 ones: 3 % of the largest logit apart on this model with
     # its sharp attention (an F32 file of the same values: 0.1 %). A bug moves
     # them far more: query and key rows left in transformers' order 61 %,
@@ -281,6 +326,7 @@ GPT2_FORMS = {
     "attn.c_attn": (4, False, "float16", Q.Q4_1),
     "attn.c_proj": (4, True, "uint8", Q.Q4_0),
     "mlp.c_fc": (8, True, "uint8", Q.Q8_0),
+    "mlp.c_proj": (5, False, "float16", Q.Q5_1),
 }
 
 
@@ -344,6 +390,9 @@ def test_gpt2_conv1d_layers_are_written_as_rows_and_run(tmp_path):
     form=st.sampled_from(
         [
             (8, True, "uint8"),
+            (5, True, "uint8"),
+            (5, False, "uint8"),
+            (5, False, "float16"),
             (4, True, "uint8"),
             (4, False, "uint8"),
             (4, False, "float16"),
@@ -362,10 +411,10 @@ def test_blocks_dequantize_to_kflats_values(rows, blocks, form, scale, shift, se
     assert data.shape == (rows, blocks * gguf.GGML_QUANT_SIZES[qtype][1])
     theirs = gguf.quants.dequantize(data, qtype)
     ours = qt.dequantize()
-    if symmetric:  # Q8_0, Q4_0: the very values
+    if symmetric:  # Q8_0, Q5_0, Q4_0: the very values
         assert np.array_equal(theirs, ours)
-    else:  # Q4_1: the float16 minimum, and float32 rounding of d * q + m
-        bound = q4_1_offset_bound(qt)
+    else:  # Q4_1, Q5_1: the float16 minimum, and float32 rounding of d * q + m
+        bound = minimum_offset_bound(qt)
         slack = bound + 2**-23 * np.abs(ours).max()
         assert np.abs(theirs - ours).max() <= slack
         exact = qt.zeros.astype(np.float64) * qt.scales.astype(np.float64)
@@ -375,7 +424,9 @@ def test_blocks_dequantize_to_kflats_values(rows, blocks, form, scale, shift, se
 @pytest.mark.parametrize(
     "bits, group, symmetric, axis, why",
     [(3, 32, False, 1, "3-bit codes with zero points"),
+     (6, 32, True, 1, "6-bit codes symmetric"),
      (8, 32, False, 1, "8-bit codes with zero points"),
+     (5, 64, True, 1, "groups of 64"),
      (4, 16, False, 1, "groups of 16"),
      (4, 32, True, 0, "grouped along columns")],
 )  # fmt: skip
@@ -410,8 +461,15 @@ def test_compress_for_gguf_picks_forms_the_file_holds(tmp_path):
     )
     quantized = quantized_tensors(model)
     assert quantized  # the size asked needs quantized forms
-    # each on a grid of Q8_0, Q4_0 or Q4_1 (float16 zero points), in 32s
-    grids = {(8, None): "Q8_0", (4, None): "Q4_0", (4, "float16"): "Q4_1"}
+    # each on a grid of Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1 (float16 zero points
+    # for the last of each), in 32s
+    grids = {
+        (8, None): "Q8_0",
+        (5, None): "Q5_0",
+        (5, "float16"): "Q5_1",
+        (4, None): "Q4_0",
+        (4, "float16"): "Q4_1",
+    }
     for qt in quantized.values():
         assert (qt.bits, qt.zero_dtype) in grids and (qt.group_size, qt.axis) == (32, 1)
     save_compressed(model, tmp_path / "compressed", tokenizer=tokenizer)
@@ -431,6 +489,6 @@ def test_compress_for_gguf_refuses_what_gguf_cannot_hold():
 
         FORMATS["gguf"].check(CompressionConfig(0.5, unit="bytes", format="gguf",
                                                 group_size=64))  # fmt: skip
-    with pytest.raises(ValueError, match="include 8 or 4 in bits"):
+    with pytest.raises(ValueError, match="include 8, 5 or 4 in bits"):
         FORMATS["gguf"].check(CompressionConfig(0.5, unit="bytes", format="gguf",
                                                 bits=(6, 3)))  # fmt: skip

@@ -156,6 +156,13 @@ def test_each_form_takes_its_operator_or_says_why(exported):
     assert form("embeddings.word_embeddings.weight") == (
         "GatherBlockQuantized", 4, 16, True,
     )  # fmt: skip
+    # 5 bits widened to 8
+    assert form("embeddings.position_embeddings.weight") == (
+        "GatherBlockQuantized", 8, 16, False,
+    )  # fmt: skip
+    assert "5-bit codes widened to 8 bits" in (
+        forms["embeddings.position_embeddings.weight"].fallback
+    )
     assert form(q.format(0, "query")) == ("MatMulNBits", 4, 16, True)
     # 3 bits widened to 4, groups of 48 cut into blocks of 16
     assert form(q.format(0, "key")) == ("MatMulNBits", 4, 16, False)
@@ -178,8 +185,9 @@ def test_each_form_takes_its_operator_or_says_why(exported):
         assert form(name) == ("MatMulNBits", 4, 16, True)
     for part in ("bases", "coefficients.0", "coefficients.1"):
         name = layer.format(0) + "output.dense." + part
-        assert forms[name].op == "MatMul"
+        assert (forms[name].op, forms[name].onnx_bits) == ("MatMul", 8)
         assert "output side" in forms[name].fallback
+        assert "5-bit codes stored as 8-bit" in forms[name].fallback
     assert set(result.fallbacks) == {f for f in result.forms if f.fallback}
     assert "not in their operator's own form" in result.summary()
 

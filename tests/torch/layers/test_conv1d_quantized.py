@@ -35,7 +35,7 @@ def pair(seed=0, n_in=64, n_out=48):
 
 
 @pytest.mark.parametrize("zero_dtype", ["uint8", "float16"])
-@pytest.mark.parametrize("bits, group", [(4, 32), (3, 16), (8, None)])
+@pytest.mark.parametrize("bits, group", [(4, 32), (3, 16), (5, 32), (8, None)])
 def test_a_conv1d_quantizes_as_its_linear(bits, group, zero_dtype):
     conv, linear = pair()
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def test_a_packed_conv1d_computes_the_same(zero_dtype):
     assert torch.equal(conv(x), before)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_float16_zero_points_dequantize_alike_in_torch(bits):
     rng = np.random.default_rng(bits)
     W = rng.normal(size=(24, 64)) + 3.0
