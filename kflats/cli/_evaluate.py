@@ -62,6 +62,26 @@ def text_splits(job):
     return job.texts, job.texts
 
 
+# the heal's texts held out to stop it (a tenth, 8 to 128 of them)
+_HEAL_HELD_OUT = (8, 128)
+
+
+def heal_splits(job):
+    """The heal's training texts, and the texts held out to stop it.
+
+    The heal reads the texts :func:`text_splits` gives it, less a tenth (8 to
+    128 texts), on which its output's distortion is measured as it trains
+    (:func:`kflats.torch.heal`'s ``validation``): the model keeps the best
+    step's matrices.
+    """
+    texts = list(dict.fromkeys(text_splits(job)[1]))  # each text once
+    low, high = _HEAL_HELD_OUT
+    n = min(high, max(low, len(texts) // 10))
+    if len(texts) < 2 * n:  # too few to hold any out
+        return texts, None
+    return texts[:-n], texts[-n:]
+
+
 def heldout_texts(job):
     """The held-out sentences the fidelity is measured on (fewer for a causal LM)."""
     from kflats.datasets import load_sentences

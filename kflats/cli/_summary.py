@@ -37,6 +37,14 @@ def summary(data, out, files):
         f"{data.get('baseline', 'truncated SVD, same size')}: "
         f"{s['mean_cosine']:.4f}"
     )
+    healed = data.get("healed")
+    if healed is not None and healed["validation"]:
+        measures = [v for _, v in healed["validation"]]
+        print(
+            f"heal: {healed['steps_run']} steps on {healed['texts']} texts; kept step "
+            f"{healed['best_step']}, its loss on {healed['held_out']} held-out texts "
+            f"{measures[0]:.4g} -> {min(measures):.4g}"
+        )
     outside = data.get("outside")
     if outside is not None:
         print(

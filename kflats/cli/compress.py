@@ -34,6 +34,7 @@ from ._evaluate import (
     BASELINES,
     compress_options,
     evaluate,
+    heal_splits,
     heldout_texts,
     text_splits,
 )
@@ -181,6 +182,7 @@ class _Job:
     latency: dict | None = None
     model_metrics: dict | None = None
     outside: dict | None = None
+    healed: dict | None = None
     folder_bytes: int | None = None
     exported: dict | None = None
 
@@ -352,14 +354,14 @@ def _heal(job):
     if job.args.heal_steps:
         torch.manual_seed(job.args.seed)
         with _model().hushed(), job.steps("heal", "healing", bar=False):
-            heal(
-                job.model,
-                job.base,
-                text_splits(job)[1],
-                steps=job.args.heal_steps,
-                tokenizer=job.tokenizer,
-                progress=job.steps.show,
-            )
+            train, held = heal_splits(job)
+            losses = heal(
+                job.model, job.base, train, steps=job.args.heal_steps,
+                tokenizer=job.tokenizer, progress=job.steps.show, validation=held,
+            )  # fmt: skip
+        job.healed = {"texts": len(train), "held_out": len(held or ()),
+                      "steps_run": len(losses), "best_step": losses.best_step,
+                      "validation": losses.validation}  # fmt: skip
     job.model.eval()
     # packed, as a loaded folder holds it (outputs bit for bit; SmolLM2's 538 MB
     # of float copies freed): the evaluation runs what a user loads
@@ -480,8 +482,9 @@ def _data(job, identical):
         "curve": job.curve,
         "warnings": job.warnings,
     }  # fmt: skip
-    if job.outside is not None:
-        data["outside"] = job.outside
+    for key in ("outside", "healed"):
+        if getattr(job, key) is not None:
+            data[key] = getattr(job, key)
     if job.probe is not None:
         data["probe"] = job.probe
     if job.model_metrics is not None:

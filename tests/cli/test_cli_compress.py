@@ -237,6 +237,13 @@ def test_compress_a_hugging_face_folder_with_heal(hf_dir, tmp_path, capsys):
     assert set(report["fidelity"]) == {"kflats", "kflats_before_heal", "svd"}
     assert report["calibration"]["texts"] == 200 and report["seed"] == 3
     assert report["seconds"]["heal"] > 0
+    # the heal held a tenth of its texts out (8 to 128) and kept its best step
+    healed = report["healed"]
+    assert (healed["texts"], healed["held_out"]) == (180, 20)
+    assert [s for s, _ in healed["validation"]][0] == 0
+    assert healed["best_step"] in {s for s, _ in healed["validation"]}
+    assert "texts from another source" in stdout and "heal: 3 steps" in stdout
+    assert report["outside"]["texts"] == len(load_sentences("outside"))
     loaded = load_compressed(out)
     assert type(loaded) is transformers.BertModel
     heldout = load_sentences("heldout")

@@ -19,7 +19,8 @@ Where each step lives:
 - ``_uniform.py``: every module quantized alike, the byte road's baseline;
 - ``_fit.py``: one module fitted as a projective layer, and its report;
 - ``_report.py``: :class:`CompressionReport` and :class:`ModuleReport`;
-- ``_heal.py``: :func:`heal`, a short distillation towards the original.
+- ``_heal.py``: :func:`heal`, a short distillation towards the original;
+  ``_heal_loop.py``: its training loop and held-out stop (:class:`HealLosses`).
 """
 
 from kflats.torch.compression._compress import PLANNERS, check_budget, compress

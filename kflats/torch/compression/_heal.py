@@ -15,15 +15,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kflats.torch._progress import progress_bar
 from kflats.torch.calibration._calibrate import check_count
+from kflats.torch.compression._heal_loop import check_held_out, train
 from kflats.torch.layers import QUANTIZED_RECORD, ProjectiveEmbedding, ProjectiveLinear
 from kflats.torch.models import adapter_for, relative_mse
 
 __all__ = ["heal"]
 
-# progress=None shows a bar from this many steps on
-_PROGRESS_STEPS = 20
 _TRAINABLE = ("compressed", "projective", "all")
 
 
@@ -220,9 +218,10 @@ class _Pair:
         self.recorders = _Recorder(model, stacks), _Recorder(teacher, stacks)
 
     def batch(self, indices):
-        batch = self.adapter.tokenize(
-            [self.texts[i] for i in indices], self.tokenizer, self.max_length
-        )
+        return self.batch_of([self.texts[i] for i in indices])
+
+    def batch_of(self, texts):
+        batch = self.adapter.tokenize(texts, self.tokenizer, self.max_length)
         return {
             k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
         }
@@ -303,51 +302,6 @@ def _only_trained(model, params):
             p.requires_grad_(flag)
 
 
-# --- 4. the training loop ---------------------------------------------------------
-
-
-def _schedule(optimizer, steps):
-    """Linear warm-up over the first 10% of the steps, then a cosine to 0."""
-    warmup = max(1, steps // 10)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _progress_bar(steps, progress):
-    long = steps >= _PROGRESS_STEPS
-    return progress_bar(progress, long, total=steps, desc="kflats heal", unit="step")
-
-
-def _train(pair, params, *, steps, batch_size, lr, layer_weight, progress):
-    """Adam on ``params``, one random batch a step; the loss of each step."""
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = _schedule(optimizer, steps)
-    bar = _progress_bar(steps, progress)
-    losses = []
-    try:
-        for _ in range(steps):
-            indices = torch.randint(len(pair.texts), (batch_size,)).tolist()
-            loss = pair.loss(pair.batch(indices), layer_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    finally:
-        if bar is not None:
-            bar.close()
-    return losses
-
-
 # --- 5. heal ------------------------------------------------------------------------
 
 
@@ -364,6 +318,9 @@ def heal(
     tokenizer=None,
     max_length=None,
     progress=None,
+    validation=None,
+    eval_every=None,
+    patience=3,
 ):
     """Distil a compressed model towards the original, on calibration text.
 
@@ -431,16 +388,31 @@ def heal(
         Truncate texts to this many tokens.
     progress : bool, default=None
         Show a tqdm progress bar; ``None``: from 20 steps on.
+    validation : list of str, default=None
+        Held-out texts, none of them in ``data``: every ``eval_every`` steps
+        (and before the first) the output's distortion is measured on them,
+        and at the end the model holds the trained matrices of the best
+        measure (the untrained ones if no step helped); ``patience``
+        measures without a better one stop the heal early.
+    eval_every : int, default=None
+        Steps between held-out measures; ``None``: a tenth of ``steps``
+        (at least 1).
+    patience : int, default=3
+        Held-out measures without improvement before the heal stops.
 
     Returns
     -------
-    losses : list of float
-        The loss at each step (before that step's update).
+    losses : HealLosses
+        A list: the loss at each step run (before that step's update); its
+        ``validation`` holds the held-out measures ``(step, loss)``, its
+        ``best_step`` the step the model was left at, and
+        ``stopped_early`` whether ``patience`` ended it.
 
     Raises
     ------
     ValueError
-        If ``steps < 1``, ``data`` is empty or not texts, no tokenizer is
+        If ``steps < 1``, ``data`` is empty or not texts, ``validation`` is
+        empty or shares texts with ``data``, no tokenizer is
         known, the model holds nothing compressed to train (no projective
         layer, nor quantized weight for ``"compressed"``), or the teacher's
         outputs have other shapes than the model's. The model is untouched then.
@@ -476,6 +448,7 @@ def heal(
     """
     _check_options(steps, batch_size, max_length, lr, layer_weight, trainable)
     texts, _, teacher_adapter = _check_inputs(model, teacher, data, tokenizer)
+    held_out = check_held_out(texts, validation, eval_every, patience, steps)
     layers = _trained_layers(model, trainable)
     stacks = _stacks(teacher_adapter, model, layer_weight)
     pair = _Pair(model, teacher, texts, tokenizer, max_length, stacks)
@@ -487,7 +460,7 @@ def heal(
                 _through_the_rounding(model, layers) as params,
                 _only_trained(model, params),
             ):
-                return _train(
+                return train(
                     pair,
                     params,
                     steps=steps,
@@ -495,6 +468,7 @@ def heal(
                     lr=lr,
                     layer_weight=layer_weight,
                     progress=progress,
+                    held_out=held_out,
                 )
     finally:
         pair.remove()

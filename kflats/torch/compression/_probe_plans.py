@@ -142,3 +142,29 @@ def best_on_probe(model, named, plans, measured, batches):
         model.train(was_training)
     scores = [float(t) / len(batches) for t in totals]
     return int(np.argmin(scores)), scores
+
+
+# candidate plans run on the probe: the lowest predicted errors, and uniform
+# quantization (each run costs a pass over the probe)
+_CHECKED = 4
+
+
+def checked_plans(plans):
+    """The plans worth running on the probe: the first :data:`_CHECKED` (the
+    lowest predicted errors first), the best without factor forms if none of
+    those is (the factors' errors are modelled, the dense forms' measured),
+    and any uniform quantization among the others (every module dense at the
+    same bits), so that the plan kept is never worse on the probe than
+    uniform quantization that fits."""
+
+    def uniform(plan):
+        grids = {(f.kind, f.bits, f.zero_dtype) for f in plan.values()}
+        return len(grids) == 1 and next(iter(grids))[0] == "dense"
+
+    def no_factors(plan):
+        return all(f.kind != "projective" for f in plan.values())
+
+    first = plans[:_CHECKED]
+    if not any(no_factors(p) for p in first):  # the best plan without factors
+        first += [p for p in plans[_CHECKED:] if no_factors(p)][:1]
+    return first + [p for p in plans[_CHECKED:] if uniform(p) and p not in first]

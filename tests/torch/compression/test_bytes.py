@@ -109,6 +109,37 @@ def test_the_plan_never_exceeds_the_budget(case, fraction):
 
 
 @settings(max_examples=200, deadline=None)
+@given(module_forms(), st.floats(0, 1.2))
+def test_the_probe_runs_a_plan_without_factors_whenever_one_fits(case, fraction):
+    """Factor forms' errors are modelled: the plans the probe runs hold the best
+    plan of dense forms alone (the greedy among them) whenever one fits."""
+    from kflats.torch.compression._plan_bytes import _plan_candidates
+    from kflats.torch.compression._probe_plans import checked_plans
+
+    all_forms, scales = case
+    dense = [[f for f in forms if f.kind != "projective"] for forms in all_forms]
+    least = sum(min(f.nbytes for f in forms) for forms in dense)
+    full = sum(forms[0].nbytes for forms in all_forms)
+    allowed = int(least + fraction * (full - least))
+    candidates = _plan_candidates(all_forms, scales, allowed, ALL_BITS)
+    plans = checked_plans(
+        [{i: all_forms[i][j] for i, j in enumerate(c)} for c in candidates]
+    )
+    free = [p for p in plans if all(f.kind != "projective" for f in p.values())]
+    assert free
+    best_dense = _plan_bytes(dense, scales, allowed, ALL_BITS)
+    best = _predicted(dense, scales, best_dense)
+    assert (
+        min(
+            _predicted(all_forms, scales, c)
+            for c in candidates
+            if all(all_forms[i][j].kind != "projective" for i, j in enumerate(c))
+        )
+        <= best + 1e-12
+    )
+
+
+@settings(max_examples=200, deadline=None)
 @given(module_forms(), st.sampled_from(ALL_BITS), st.integers(0, 500))
 def test_uniform_quantization_is_a_point_of_the_search(case, bits, extra):
     all_forms, scales = case

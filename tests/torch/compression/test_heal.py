@@ -86,8 +86,8 @@ def assert_on_the_grid(model):
 
 def run_heal(model, teacher, steps=60, **kwargs):
     torch.manual_seed(0)
-    options = {"batch_size": 4, "lr": 1e-2, "tokenizer": word_tokenizer}
-    return heal(model, teacher, TEXTS, steps=steps, progress=False, **options, **kwargs)
+    options = {"batch_size": 4, "lr": 1e-2, "tokenizer": word_tokenizer, **kwargs}
+    return heal(model, teacher, TEXTS, steps=steps, progress=False, **options)
 
 
 def test_heal_through_the_rounding_keeps_bits_groups_and_bytes():
@@ -226,3 +226,75 @@ def test_straight_through_gradient_is_the_identity_within_the_grid(bits, seed, i
         step = (rounded - latent.detach()).abs()
         assert torch.all(step <= scale / 2 + 1e-6)
     assert_on_the_grid(layer)
+
+
+HELD_OUT = [
+    "seven green boxes wait by the river",
+    "a tall clock rings twice at noon",
+    "old maps fold into small squares",
+    "the farmer counts his sheep at dusk",
+]
+
+
+def held_out_loss(model, teacher):
+    """The heal's held-out measure, as heal computes it: the output's distortion."""
+    from kflats.torch.models import adapter_for
+
+    adapter = adapter_for(model)
+    batch = adapter.tokenize(HELD_OUT, word_tokenizer, None)
+    with torch.no_grad():
+        out = adapter.final(adapter.run(dict(batch)))
+        ref = adapter_for(teacher).final(adapter_for(teacher).run(dict(batch)))
+        return float(adapter.distortion(out, ref, batch))
+
+
+@pytest.mark.parametrize("lr", [1e-2, 3.0])
+def test_heal_keeps_the_step_best_on_held_out_text(lr):
+    """The model ends at the held-out measure's best step: never worse on the
+    held-out texts than before the heal (a learning rate of 3 ruins it: the
+    model is then left as it was, and the heal stops early)."""
+    teacher, model = quantized_pair()
+    snap, start = snapshot(model), held_out_loss(model, teacher)
+    losses = run_heal(
+        model, teacher, steps=40, lr=lr, validation=HELD_OUT, eval_every=5,
+        patience=2,
+    )  # fmt: skip
+    steps, measures = zip(*losses.validation, strict=True)
+    assert steps[0] == 0 and measures[0] == pytest.approx(start, rel=1e-5)
+    best = int(np.argmin(measures))
+    assert losses.best_step == steps[best]
+    assert held_out_loss(model, teacher) == pytest.approx(measures[best], rel=1e-4)
+    assert held_out_loss(model, teacher) <= start * (1 + 1e-5)
+    assert_on_the_grid(model)
+    if lr > 1:
+        assert losses.best_step == 0 and losses.stopped_early
+        assert len(losses) < 40
+        assert_unchanged(model, snap)
+    else:
+        assert losses.best_step > 0 and measures[best] < start
+
+
+def test_heal_without_held_out_text_keeps_its_last_step():
+    teacher, model = quantized_pair()
+    losses = run_heal(model, teacher, steps=6)
+    assert losses.validation == [] and losses.best_step == 6
+    assert not losses.stopped_early
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"validation": TEXTS[:2]}, ValueError, "apart from data; 2 are in both"),
+        ({"validation": []}, ValueError, "validation must be a non-empty"),
+        ({"validation": "a text"}, TypeError, "validation must be a list"),
+        ({"validation": HELD_OUT, "eval_every": 0}, ValueError, "eval_every"),
+        ({"validation": HELD_OUT, "patience": 0}, ValueError, "patience"),
+    ],
+)
+def test_heal_bad_held_out_options_leave_the_model_untouched(kwargs, error, match):
+    teacher, model = quantized_pair()
+    snap, before = snapshot(model), codes(model)
+    with pytest.raises(error, match=match):
+        run_heal(model, teacher, steps=4, **kwargs)
+    assert_unchanged(model, snap)
+    assert all(np.array_equal(c, before[n]) for n, c in codes(model).items())
