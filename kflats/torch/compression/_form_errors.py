@@ -219,7 +219,9 @@ class _ModuleForms:
                 part.sizes, d, bits, config.group_size, bias, k, part.ranks
             )
         out = self._dense_forms(out, kw)
-        tails = {1: np.clip(1.0 - np.cumsum(spectrum.gains), 0.0, None)}
+        tails = {}  # no spectrum: no factor form (a file format without them)
+        if spectrum is not None:
+            tails[1] = np.clip(1.0 - np.cumsum(spectrum.gains), 0.0, None)
         tails.update({k: p.tail() for k, p in self.partitions.items()})
         self.tails, self.noise = tails, {}
         self.forms = _undominated(out, tails)

@@ -39,6 +39,7 @@ from kflats.torch.compression._form_errors import (
     _noise_key,
 )
 from kflats.torch.compression._forms import (
+    FORMATS,
     _bias_numel,
     _check_bytes_feasible,
     _cluster_counts,
@@ -310,13 +311,19 @@ def _measure_all(
             if bar is not None:
                 bar.set_postfix_str(name)
             module, objective = named[name], objectives[name]
+            # a file format that holds no factor form (GGUF): no spectrum, no
+            # partition of a table into clusters, dense forms alone
+            factors = any(
+                f.kind == "projective" and FORMATS[config.format].holds(module, f)
+                for f in forms[name]
+            )
             measured[name] = _ModuleForms(
                 module,
                 name,
                 objective,
-                _weight_spectrum(module, objective),
-                forms[name],
-                _cluster_counts(name, module, config),
+                _weight_spectrum(module, objective) if factors or spectra else None,
+                forms[name] if factors else _no_factors(forms[name]),
+                _cluster_counts(name, module, config) if factors else (),
                 config,
                 options,
                 lazy=True,
@@ -337,6 +344,10 @@ def _measure_all(
         if bar is not None:
             bar.close()
     return measured
+
+
+def _no_factors(forms):
+    return [f for f in forms if f.kind != "projective"]
 
 
 def _plannable(forms, bits):

@@ -318,3 +318,25 @@ def test_what_no_gguf_file_can_be_made_of_is_named(tiny, tmp_path):
     moved.unlink()
     with pytest.raises(ValueError, match="moved.gguf', which is not a file any more"):
         GgufBudget(model, names, 10**6)
+
+
+def test_no_spectrum_nor_clusters_are_computed_for_a_format_without_factors(
+    tiny, monkeypatch
+):
+    # GGUF holds no factor form: the search takes no spectrum of any module
+    # and partitions no table into clusters (SmolLM2: its 49,152-row table)
+    from kflats.torch.compression import _form_errors, _plan_bytes
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a spectrum or a partition for format='gguf'")
+
+    monkeypatch.setattr(_plan_bytes, "_weight_spectrum", refused)
+    monkeypatch.setattr(_form_errors, "_Partition", refused)
+    _, model, tokenizer = tiny["llama"]
+    model = copy.deepcopy(model)
+    names, _ = _selected(model)
+    report = compress(
+        model, 110_000, names, calibration=SENTENCES, tokenizer=tokenizer,
+        unit="bytes", format="gguf", random_state=0, progress=False,
+    )  # fmt: skip
+    assert all(m.form != "projective" for m in report)
