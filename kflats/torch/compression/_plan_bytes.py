@@ -351,10 +351,10 @@ def _no_factors(forms):
 
 
 def _plannable(forms, bits):
-    """Indices of the forms a plan can take: on the module's lower hull, or
-    on its hull from a uniform start (:func:`_plan_candidates`), those
-    starts included."""
-    keep = set(_hull(forms))
+    """Indices of the forms a plan can take: on the module's lower hull, on
+    the hull of its forms without factors, or on its hull from a uniform
+    start (:func:`_plan_candidates`), those starts included."""
+    keep = set(_hull(forms)) | set(_dense_hull(forms))
     for b in bits:
         if any(f.kind == "dense" and f.bits == b for f in forms):
             for smallest in (False, True):

@@ -81,6 +81,10 @@ def module_forms(draw):
         for b in ALL_BITS:
             err = draw(st.floats(0, 1, allow_nan=False))
             forms.append(_Form("dense", b, 32, None, full * b // 32 + 40, err))
+            if draw(st.booleans()):  # the same bits with float16 zero points
+                err = draw(st.floats(0, 1, allow_nan=False))
+                size = full * b // 32 + 60
+                forms.append(_Form("dense", b, 32, None, size, err, 1, "float16"))
         for r in range(draw(st.integers(0, 6))):
             size = draw(st.integers(10, full))
             err = draw(st.floats(0, 1, allow_nan=False))
@@ -137,6 +141,40 @@ def test_the_probe_runs_a_plan_without_factors_whenever_one_fits(case, fraction)
         )
         <= best + 1e-12
     )
+
+
+def test_a_dense_form_that_factors_hide_is_kept_for_the_plan_without_factors():
+    """A dense form off the module's hull (a factor form beats it) but on the
+    hull of its dense forms: the plan without factors takes it, so it is kept."""
+    from kflats.torch.compression._plan_bytes import _plan_candidates, _plannable
+
+    forms = [
+        _Form("float", None, None, None, 1000, 0.0),
+        _Form("dense", 2, 32, None, 100, 0.9),
+        _Form("dense", 4, 32, None, 160, 0.5),
+        _Form("dense", 4, 32, None, 170, 0.1, 1, "float16"),
+        _Form("projective", 4, 32, 8, 165, 0.05),
+        _Form("dense", 8, 32, None, 290, 0.01),
+    ]
+    plans = _plan_candidates([forms], [1.0], 175, ALL_BITS)
+    assert [3] in plans  # the plan without factors
+    assert 3 in _plannable(forms, ALL_BITS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(module_forms(), st.floats(0, 1.2))
+def test_every_form_a_candidate_plan_takes_is_kept(case, fraction):
+    """Once measured, a module keeps the quantized weights of the forms a plan
+    can take (:func:`_plannable`): every candidate plan's forms are among them."""
+    from kflats.torch.compression._plan_bytes import _plan_candidates, _plannable
+
+    all_forms, scales = case
+    least = sum(min(f.nbytes for f in forms) for forms in all_forms)
+    full = sum(forms[0].nbytes for forms in all_forms)
+    allowed = int(least + fraction * (full - least))
+    kept = [set(_plannable(forms, ALL_BITS)) for forms in all_forms]
+    for plan in _plan_candidates(all_forms, scales, allowed, ALL_BITS):
+        assert all(i in k for i, k in zip(plan, kept, strict=True))
 
 
 @settings(max_examples=200, deadline=None)
