@@ -192,7 +192,7 @@ def score_folders(model_path, folders, token_lists):
 def _kflats_gguf(model, size, out, seed):
     """``kflats compress model --size size --format gguf`` into ``out``."""
     cmd = [
-        sys.executable, "-m", "kflats.cli.main", "compress", str(model),
+        sys.executable, "-m", "kflats", "compress", str(model),
         "--size", size, "--format", "gguf", "--out", str(out), "--overwrite",
         "--seed", str(seed), "--quiet",
     ]  # fmt: skip

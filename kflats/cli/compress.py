@@ -407,6 +407,7 @@ def _write(job):
             identical = bool(
                 np.array_equal(job.evaluator.outputs(reloaded), job.compressed)
             )
+            del reloaded  # not held while the file is exported
             if not identical:  # pragma: no cover - would be a kflats bug
                 raise RuntimeError(
                     "the saved model's outputs differ from the evaluated model's"
