@@ -128,6 +128,9 @@ def evaluate(job):
         job.warnings.append(warning)
     job.model_metrics = _model_metrics(job)
     job.svd_model = None  # the baseline's scores are kept; its weights freed
+    # nor is the calibration read again (SmolLM2's input moments: 0.4 GB),
+    # which the save and the export would stand on
+    job.calibration = None
     with _hushed(), job.steps("latency", "timing both models", bar=False):
         job.latency = _latency(job)
 
