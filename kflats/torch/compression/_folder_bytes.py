@@ -208,6 +208,15 @@ def _files(model, total):
     return max(files, 1)
 
 
+def size_asked(tensors, budget):
+    """``(total, asked)``: the bytes of a model's tensors as they are
+    (:func:`saved_tensors`; float32 for most), and the size a budget allows:
+    a fraction of that total (a float), or a size in bytes (an int)."""
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    asked = math.floor(budget * total) if isinstance(budget, float) else int(budget)
+    return total, asked
+
+
 class FolderBudget:
     """A budget in bytes as a size of the folder's weight files.
 
@@ -240,11 +249,7 @@ class FolderBudget:
 
     def __init__(self, model, names, budget, digits=None):
         tensors = saved_tensors(model)
-        self.total = sum(t.numel() * t.element_size() for _, t in tensors)
-        if isinstance(budget, float):
-            self.asked = math.floor(budget * self.total)
-        else:
-            self.asked = int(budget)
+        self.total, self.asked = size_asked(tensors, budget)
         self.digits = len(str(max(self.asked, 1))) if digits is None else digits
         self._model, self._names = model, list(names)
         self._named = dict(model.named_modules())

@@ -27,13 +27,12 @@ This module also holds the rule of the format (:func:`gguf_holds`,
 """
 
 import functools
-import math
 import os
 from typing import NamedTuple
 
 import torch
 
-from kflats.torch.compression._folder_bytes import saved_tensors
+from kflats.torch.compression._folder_bytes import saved_tensors, size_asked
 
 _BLOCK = 32  # numbers per block of every GGUF type kflats writes
 _WHERE = "format='gguf': the model"
@@ -159,12 +158,7 @@ class GgufBudget:
                 "from a .gguf file, or compress with format='kflats' and export "
                 "the folder with a source GGUF file (export_gguf(..., source=))"
             )
-        tensors = saved_tensors(model)
-        self.total = sum(t.numel() * t.element_size() for _, t in tensors)
-        if isinstance(budget, float):
-            self.asked = math.floor(budget * self.total)
-        else:
-            self.asked = int(budget)
+        self.total, self.asked = size_asked(saved_tensors(model), budget)
         self.digits = len(str(max(self.asked, 1)))
         self.source = source
         written, arch = written_tensors(model, _WHERE)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kflats.torch.compression._folder_bytes import saved_tensors
+from kflats.torch.compression._folder_bytes import saved_tensors, size_asked
 from kflats.torch.export._frame import module_graph_nbytes, onnx_frame, transformer_of
 from kflats.torch.layers import (
     ProjectiveEmbedding,
@@ -159,12 +159,7 @@ class OnnxBudget:
     describes = "the ONNX model file"
 
     def __init__(self, model, names, budget):
-        tensors = saved_tensors(model)
-        self.total = sum(t.numel() * t.element_size() for _, t in tensors)
-        if isinstance(budget, float):
-            self.asked = math.floor(budget * self.total)
-        else:
-            self.asked = int(budget)
+        self.total, self.asked = size_asked(saved_tensors(model), budget)
         self.digits = len(str(max(self.asked, 1)))
         hf, self._frame = transformer_of(model)[0], onnx_frame(model)
         prefix = self._frame.prefix
