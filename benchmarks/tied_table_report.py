@@ -83,7 +83,8 @@ def main(argv=None):
         V = linalg.eigh(A.T @ A)[1][:, ::-1][:, : args.rank]
         M = (W @ L) @ V @ V.T
         rows = linalg.solve_triangular(L, M.T, lower=True, trans="T").T
-        score(rows, f"rank {args.rank}, whitened (damping {damping})")
+        how = "not whitened" if damping is None else f"whitened, damping {damping}"
+        score(rows, f"rank {args.rank}, rows weighted, {how}")
     q4 = quantize(W.astype(np.float32), 4, 32, zero_dtype="float16")
     score(q4.dequantize().astype(np.float64), "4 bits, float16 zero points, g32")
     q5 = quantize(W.astype(np.float32), 5, 32, symmetric=True)
