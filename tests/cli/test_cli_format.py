@@ -4,32 +4,19 @@ import json
 
 import pytest
 
-from .conftest import save_tiny_bert
+from .conftest import run_compress
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from kflats.__main__ import main  # noqa: E402
-
-
-def _run(capsys, *argv):
-    code = main(["compress", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("bert") / "m")
-
 
 def test_format_onnx_writes_the_onnx_folder_within_the_size(bert_dir, tmp_path, capsys):
     import numpy as np
 
     out = tmp_path / "o"
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", out, "--format", "onnx", "--size", "1.2MB",
         "--quiet",
     )  # fmt: skip
@@ -72,7 +59,7 @@ def test_format_onnx_writes_the_onnx_folder_within_the_size(bert_dir, tmp_path, 
     ],
 )
 def test_format_onnx_takes_a_size_in_bytes(bert_dir, tmp_path, capsys, extra, message):
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", tmp_path / "o", "--format", "onnx", *extra,
         "--quiet",
     )  # fmt: skip
@@ -85,7 +72,7 @@ def test_format_onnx_replaces_only_an_onnx_folder(bert_dir, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "kflats.json").write_text("{}")  # a folder of --format kflats
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", out, "--format", "onnx", "--overwrite", "--quiet"
     )
     assert code == 2 and stdout == ""
@@ -94,7 +81,7 @@ def test_format_onnx_replaces_only_an_onnx_folder(bert_dir, tmp_path, capsys):
 
 
 def test_a_format_is_a_choice(bert_dir, tmp_path, capsys):
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_compress(
         capsys, bert_dir, "--out", tmp_path / "o", "--format", "tflite"
     )
     assert code == 2 and "invalid choice: 'tflite'" in stderr
