@@ -7,7 +7,6 @@ sensitivities come from the Fisher information of those distributions.
 """
 
 import copy
-import os
 import re
 import tempfile
 
@@ -32,6 +31,7 @@ from kflats.torch.compression import saved_nbytes  # noqa: E402
 from kflats.torch.models import adapter_for, all_targets  # noqa: E402
 
 from .._helpers import SENTENCES, tokenizer_for  # noqa: E402
+from .test_bytes import weight_files  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 SMALL, LARGE = 300, 4096  # a table of 4096 rows is also searched in clusters
@@ -60,15 +60,6 @@ def tiny(family, vocab=SMALL, tie=True, seed=0):
     if cls is transformers.AutoModelForCausalLM:
         return cls.from_config(config).eval()
     return cls(config).eval()
-
-
-def weight_files(path):
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.endswith(".safetensors")
-    )
 
 
 def smallest_size(model, targets):
