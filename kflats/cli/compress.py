@@ -38,11 +38,11 @@ from ._evaluate import (
     heldout_texts,
     text_splits,
 )
-from ._formats import FORMATS, check_budget_of, check_format, check_input, marker
+from ._formats import FORMATS, check_format, check_input, marker
 from ._steps import Steps
 from ._summary import summary
+from ._targets import ALL, checked_targets
 
-EMBEDDING, ALL = "embedding", "all"
 _budget = budget_type(include_one=False)
 # the budget without --budget or --size: the folder at 0.15 of the float32
 # model's bytes (the default unit), or 0.6 of the numbers with --unit numbers
@@ -101,7 +101,8 @@ _OPTIONS = (
      "existing one is replaced (with --overwrite) only if kflats wrote it"}),
     (("--targets",), {"nargs": "+", "default": [ALL], "metavar": "TARGET",
      "help": "'all' (default: the word embedding and every Linear layer of the "
-     "transformer blocks), 'embedding' (the word embedding), or module-name "
+     "transformer blocks; with a size in bytes, every other matrix too: position "
+     "tables, a pooler), 'embedding' (the word embedding), or module-name "
      "patterns such as '*.intermediate.dense'; they may be mixed"}),
     (("--allocation",), {"choices": ["global", "uniform"], "default": "global",
      "help": "one budget shared by the modules by their measured effect on the "
@@ -246,7 +247,7 @@ def _check(args):
     check_input(args.format, source, skeleton)
     if skeleton is not None:  # checked before the weights are loaded
         # (an ONNX file's bytes are measured on a trace: once loaded)
-        _checked_targets(skeleton, args, budget=args.format != "onnx")
+        checked_targets(skeleton, args, budget=args.format != "onnx")
     return _Job(args, out, texts, text_source, labelled, source, Steps(not args.quiet))
 
 
@@ -262,44 +263,7 @@ def _load(job):
     job.base, job.tokenizer, job.kind = loaded.model, loaded.tokenizer, loaded.kind
     job.saved_tokenizer = loaded.saved_tokenizer
     args = job.args
-    job.names = _checked_targets(job.base, args)
-
-
-def _targets(model, specs):
-    """Module names (or patterns, checked by compress) for --targets.
-
-    ``embedding`` and ``all`` are what the model's adapter names: its word
-    embedding, and with it every Linear (or GPT-2 Conv1D) of its block stacks.
-    """
-    from kflats.torch.models import all_targets, default_target
-
-    names = []
-    for spec in specs:
-        if spec == EMBEDDING:
-            names += default_target(model)
-        elif spec == ALL:
-            names += all_targets(model)
-        else:
-            names.append(spec)
-    return list(dict.fromkeys(names))
-
-
-def _checked_targets(model, args, budget=True):
-    """Selected module names, checked with the budget before any heavy work.
-
-    A size in bytes below the smallest the folder (or the ``--format``
-    file) reaches stops here, before the calibration, in one line naming
-    that size.
-    """
-    from kflats.torch.models import select_modules
-
-    try:
-        names, named = select_modules(model, _targets(model, args.targets))
-    except (TypeError, ValueError) as exc:  # a pattern that selects a LayerNorm
-        raise ValueError(f"--targets: {exc}") from None
-    if budget:
-        check_budget_of(args, names, named)
-    return names
+    job.names = checked_targets(job.base, args)
 
 
 # --- 3. calibrate, compress, heal ------------------------------------------------

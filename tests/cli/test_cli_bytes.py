@@ -126,3 +126,53 @@ def test_tied_causal_lm_in_bytes_saves_its_table_once(tmp_path, capsys):
     assert totals["bytes_after"] <= on_disk == totals["folder_bytes"]
     # 0.3 of the whole model, its table counted once
     assert on_disk <= totals["size_asked"] == int(0.3 * totals["bytes_before"])
+
+
+@pytest.mark.parametrize(
+    ("family", "others"),
+    [
+        (
+            "bert",
+            {
+                "embeddings.position_embeddings",
+                "embeddings.token_type_embeddings",
+                "pooler.dense",
+            },
+        ),
+        ("gpt2", {"transformer.wpe"}),
+    ],
+)
+def test_all_in_bytes_takes_every_matrix_the_folder_holds(
+    family, others, bert_dir, tmp_path, capsys
+):
+    from .conftest import save_tiny_causal_lm
+
+    folder = (
+        bert_dir if family == "bert" else save_tiny_causal_lm(tmp_path / "m", family)
+    )
+    out = tmp_path / "out"
+    code, _, stderr = run_compress(
+        capsys, folder, "--out", out, "--budget", "0.2", "--curve", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    names = {m["name"] for m in report["compression"]["modules"]}
+    # the tables and the pooler outside the blocks are priced by the search
+    assert others <= names
+    assert report["evaluation"]["reloaded_outputs_identical"]
+    on_disk = os.path.getsize(out / "model.safetensors")
+    assert on_disk == report["totals"]["folder_bytes"] <= report["totals"]["size_asked"]
+    # under a budget of numbers, 'all' is the word embedding and the blocks
+    import transformers
+
+    from kflats.cli._targets import target_names
+    from kflats.torch.models import all_targets
+
+    auto = (
+        transformers.AutoModel
+        if family == "bert"
+        else transformers.AutoModelForCausalLM
+    )
+    model = auto.from_pretrained(folder)
+    assert target_names(model, ["all"], "numbers") == all_targets(model)
+    assert set(target_names(model, ["all"], "bytes")) == {*all_targets(model), *others}

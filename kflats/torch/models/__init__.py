@@ -39,6 +39,7 @@ from kflats.torch.models._outputs import OUTPUT_KINDS, relative_mse
 from kflats.torch.models._registry import adapter_for, register_adapter
 from kflats.torch.models._t5 import T5Adapter
 from kflats.torch.models._targets import (
+    all_matrices,
     all_targets,
     default_target,
     every_layer,
@@ -57,6 +58,7 @@ __all__ = [
     "T5Adapter",
     "TransformersAdapter",
     "adapter_for",
+    "all_matrices",
     "all_targets",
     "default_target",
     "every_layer",

@@ -18,6 +18,34 @@ def all_targets(model):
     return adapter_for(model).all_targets()
 
 
+def all_matrices(model):
+    """:func:`all_targets`, then every other matrix outside the block stacks.
+
+    The other matrices are the Embedding, Linear and Conv1D modules that
+    neither the block stacks nor the word embedding hold, and that share no
+    table: position and token-type tables, a pooler, an untied head. A size
+    in bytes counts them all (the folder's weight files hold them), so a
+    search in bytes may as well spend those bytes where they do most.
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertModel
+    >>> config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1,
+    ...                     num_attention_heads=2, intermediate_size=16)
+    >>> [name.split(".", 1)[1] for name in all_matrices(BertModel(config))[-3:]]
+    ['position_embeddings', 'token_type_embeddings', 'dense']
+    """
+    adapter = adapter_for(model)
+    targets = adapter.all_targets()
+    stacks = tuple(f"{stack}." for stack in adapter.block_stacks())
+    others = [
+        name
+        for name in every_layer(model)
+        if name not in targets and not name.startswith(stacks)
+    ]
+    return targets + others
+
+
 def _compressible(module):
     return type(module) is nn.Embedding or is_linear(module)
 
