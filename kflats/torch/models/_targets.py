@@ -22,28 +22,42 @@ def all_matrices(model):
     """:func:`all_targets`, then every other matrix outside the block stacks.
 
     The other matrices are the Embedding, Linear and Conv1D modules that
-    neither the block stacks nor the word embedding hold, and that share no
-    table: position and token-type tables, a pooler, an untied head. A size
-    in bytes counts them all (the folder's weight files hold them), so a
-    search in bytes may as well spend those bytes where they do most.
+    neither the block stacks nor the word embedding hold, that share no
+    table, and that hold at least as many numbers as the smallest Linear of
+    the blocks: position tables, a pooler, an untied head. A size in bytes
+    counts them all (the folder's weight files hold them), so a search in
+    bytes may as well spend those bytes where they do most. A smaller one (a
+    token-type table of two rows, a classifier's head) stays as it is: its
+    bytes are a rounding error of the folder's, while rounding it moves
+    every output (a token-type row is added to every token), more than the
+    search's probe of a truncation sees.
 
     Examples
     --------
     >>> from transformers import BertConfig, BertModel
     >>> config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1,
     ...                     num_attention_heads=2, intermediate_size=16)
-    >>> [name.split(".", 1)[1] for name in all_matrices(BertModel(config))[-3:]]
-    ['position_embeddings', 'token_type_embeddings', 'dense']
+    >>> [name.split(".", 1)[1] for name in all_matrices(BertModel(config))[-2:]]
+    ['position_embeddings', 'dense']
     """
     adapter = adapter_for(model)
     targets = adapter.all_targets()
     stacks = tuple(f"{stack}." for stack in adapter.block_stacks())
+    named = dict(model.named_modules())
+    sizes = [_numbers(named[name]) for name in adapter.block_layers()]
+    smallest = min(sizes, default=0)
     others = [
         name
         for name in every_layer(model)
-        if name not in targets and not name.startswith(stacks)
+        if name not in targets
+        and not name.startswith(stacks)
+        and _numbers(named[name]) >= smallest
     ]
     return targets + others
+
+
+def _numbers(module):
+    return sum(p.numel() for p in module.parameters(recurse=False) if p.ndim == 2)
 
 
 def _compressible(module):
