@@ -312,11 +312,14 @@ class _ModuleForms:
                 wave = dense[:1]
             else:
                 wave = [i for i in dense[done:] if forms[i].bits <= 4] or dense[done:]
+            modelled = self._modelled(out, wave)
+            wave = [i for i in wave if i not in modelled]
             results = map_threads(lambda i: self._dense(forms[i], kw, measure), wave)
-            for i, f in zip(wave, results, strict=True):
+            for i, f in [*zip(wave, results, strict=True), *modelled.items()]:
                 out[i] = f
                 if f.error <= _NEGLIGIBLE and exact is None:
                     exact = f.nbytes
+            wave += list(modelled)
             dense = dense[:done] + wave + [i for i in dense[done:] if i not in wave]
             done += len(wave)
             if exact is not None:  # the rest, larger: dropped
@@ -325,12 +328,35 @@ class _ModuleForms:
         measured = {i for i in dense}
         return [f for i, f in enumerate(out) if f.kind != "dense" or i in measured]
 
+    def _modelled(self, forms, wave):
+        """The forms of ``wave`` wider than 4 bits whose error follows from a
+        measured 4-bit form of the same groups: modelled, not quantized."""
+        four = {
+            (f.group_size, f.zero_dtype): f.error
+            for f in forms
+            if f.kind == "dense" and f.bits == _MODEL_FROM and np.isfinite(f.error)
+        }
+        out = {}
+        for i in wave:
+            f = forms[i]
+            e = four.get((f.group_size, f.zero_dtype))
+            if f.bits > _MODEL_FROM and e is not None and e > _NEGLIGIBLE:
+                out[i] = f._replace(error=e * _step_ratio(_MODEL_FROM, f.bits))
+        return out
+
     def _dense(self, form, kw, measure):
         """A dense form quantized, kept, and its error measured."""
         q = copy.deepcopy(self.module)
         quantize_module_(q, form.bits, form.group_size, **grid_options(form), **kw)
         self.dense_q[_dense_key(form)] = quantized_tensors(q)["weight"]
         return form._replace(error=measure(dense_weight(q)))
+
+    def quantized(self, form):
+        """The packed weight of a dense form (quantized now if it was modelled)."""
+        key = _dense_key(form)
+        if key not in self.dense_q:
+            self._dense(form, _quantize_kw(self.module, self.objective), self.measure)
+        return self.dense_q[key]
 
     @property
     def measure(self):
@@ -404,7 +430,7 @@ class _ModuleForms:
 
     def dense_weight(self, form):
         """The dequantized weight of a dense form, as the module stores it."""
-        qt = self.dense_q[_dense_key(form)]
+        qt = self.quantized(form)
         return torch.from_numpy(qt.dequantize()).to(self.module.weight.dtype)
 
 
@@ -414,6 +440,18 @@ _MEASURED_NOISE = 1 << 24
 # a relative error this small is a weight kept as it is (a float16 offset of a
 # GGUF Q4_1 block: about 3e-7 of SmolLM2's weights)
 _NEGLIGIBLE = 1e-6
+# the dense forms wider than this many bits take their error from the measured
+# form of this many bits (same groups): a grid of b bits has 2**b - 1 steps, its
+# rounding noise the square of a step (_step_ratio); GPTQ on MiniLM's Linears
+# follows it within a few percent, and the forms chosen are quantized then
+_MODEL_FROM = 4
+
+
+def _step_ratio(bits, wider):
+    """The rounding noise at ``wider`` bits over the noise at ``bits``."""
+    return ((2**bits - 1) / (2**wider - 1)) ** 2
+
+
 # bytes by which a form must be smaller than a factor form to rule it out: more
 # than the difference of their header entries in the folder
 _HEADER_SLACK = 1024

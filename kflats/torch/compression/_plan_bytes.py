@@ -34,7 +34,6 @@ from kflats.factorize._allocation import greedy_fill
 from kflats.torch.compression._config import _search_options_of
 from kflats.torch.compression._fisher import fisher_sensitivities, has_logits
 from kflats.torch.compression._form_errors import (
-    _dense_key,
     _ModuleForms,
     _noise_key,
 )
@@ -264,7 +263,7 @@ def _compress_bytes(model, names, named, config, objectives, calibration, progre
             if report.form == "projective":
                 layers[name] = layer
             elif report.bits is not None:
-                records[name] = measured[name].dense_q[_dense_key(choice[name])]
+                records[name] = measured[name].quantized(choice[name])
             reports.append(report._replace(seconds=time.perf_counter() - start))
             measured[name].release(())
     tensors = budget.rest + sum(r.bytes_after for r in reports)
@@ -463,7 +462,8 @@ def _chosen(name, module, form, measured):
         w = measured.dense_weight(form)
         if is_conv1d(module):  # stored (in, out): measured as (out, in)
             w = w.T
-        entry.update(error=form.error, weight_error=measured.measure.plain(w))
+        error = measured.measure(w)  # measured (a wide form's was modelled)
+        entry.update(error=error, weight_error=measured.measure.plain(w))
         entry["bytes_after"] = form_nbytes(
             module, form.bits, form.group_size, **grid_options(form)
         )

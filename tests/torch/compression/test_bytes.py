@@ -236,6 +236,39 @@ def test_uniform_inside_the_search_on_measured_forms(cal_model):
         assert best < 0.5 * _predicted(all_forms, scales, uniform)
 
 
+def test_wide_dense_forms_are_modelled_from_four_bits_quantized_on_demand(cal_model):
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _dense_key, _step_ratio
+
+    model, cal = cal_model
+    named = dict(model.named_modules())
+    names = [n for n, m in named.items() if isinstance(m, nn.Linear)]
+    objectives = module_objectives(cal, names, named, 1.0, 1e-2)
+    config = CompressionConfig(1.0, unit="bytes", ranks="uniform", random_state=0)
+    options = _search_options_of(config)
+    for name in names:
+        module = named[name]
+        forms = _forms(module, (8, 6, 4, 3, 2), None)
+        measured = _ModuleForms(
+            module, name, objectives[name], None, forms, (), config, options
+        )
+        dense = {_dense_key(f): f for f in measured.forms if f.kind == "dense"}
+        assert {b for b, *_ in dense} == {8, 6, 4, 3, 2}
+        # the narrow forms quantized and measured; the wide ones modelled
+        assert {b for b, *_ in measured.dense_q} == {4, 3, 2}
+        for (bits, group, zero), form in dense.items():
+            if bits <= 4:
+                continue
+            four = dense[4, group, zero]
+            assert form.error == four.error * _step_ratio(4, bits)
+            # quantized when asked for: the model within a factor 2 of it
+            assert _dense_key(form) not in measured.dense_q
+            weight = measured.dense_weight(form)
+            assert _dense_key(form) in measured.dense_q
+            truth = measured.measure(weight.numpy())
+            assert 0.5 * truth <= form.error <= 2 * truth
+
+
 # -- compress in bytes -------------------------------------------------------
 
 
@@ -877,7 +910,7 @@ def test_each_form_header_bounds_its_layer_header():
             elif form.kind == "dense":
                 state = dict(module.state_dict())
                 del state["weight"]
-                qt = measured.dense_q[form.bits, form.group_size, form.zero_dtype]
+                qt = measured.quantized(form)
                 state.update(
                     {k: torch.from_numpy(v) for k, v in qt.to_state("weight.").items()}
                 )
