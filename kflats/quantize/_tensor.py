@@ -200,30 +200,51 @@ class QuantizedTensor:
         out = out.reshape(lines, length)
         return out if self.axis == 1 else np.ascontiguousarray(out.T)
 
-    def requantize(self, W):
-        """Codes of ``W`` on this tensor's grid (its scales and zero points kept).
+    def requantize(self, W, scales=None):
+        """Codes of ``W`` on this tensor's grid (its zero points kept).
 
         Parameters
         ----------
         W : array-like of shape ``shape``
+        scales : array-like of the shape of ``scales``, default=None
+            New scales (finite, >= 0), stored in this tensor's scale dtype;
+            ``None`` keeps this tensor's.
 
         Returns
         -------
         QuantizedTensor
-            Same scales and zero points, codes of ``W`` by round-to-nearest.
+            Same zero points and scales (or ``scales``), codes of ``W`` by
+            round-to-nearest.
         """
         W = np.asarray(W, dtype=np.float64)
         if W.shape != self.shape:
             raise ValueError(f"W must have shape {self.shape}, got {W.shape}")
+        if scales is None:
+            scales = self.scales.copy()
+        else:
+            wide = np.asarray(scales, dtype=np.float64)
+            if wide.shape != self.scales.shape or not (
+                np.isfinite(wide).all() and (wide >= 0).all()
+            ):
+                raise ValueError(
+                    f"scales must be finite, >= 0 and of shape {self.scales.shape}, "
+                    f"got shape {wide.shape}"
+                )
+            scales = wide.astype(self.scales.dtype)
+            if not np.isfinite(scales).all():
+                raise ValueError(
+                    f"scales must be finite in {self.scales.dtype}, got "
+                    f"{float(wide.max())!r}"
+                )
         lines, length = self._lines
         M = W if self.axis == 1 else W.T
         groups = M.reshape(-1, self.group_size)
         codes = _encode(
-            groups, self.scales.reshape(-1), self._zeros_or_mid().reshape(-1), self.bits
+            groups, scales.reshape(-1), self._zeros_or_mid().reshape(-1), self.bits
         )
         return QuantizedTensor._from_codes(
             codes.reshape(lines, length),
-            self.scales.copy(),
+            scales,
             None if self.zeros is None else self.zeros.copy(),
             self.shape,
             self.bits,

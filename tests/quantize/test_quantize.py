@@ -445,8 +445,9 @@ def test_record_quantized_checks_values():
 # ---------------------------------------------------------------- straight-through
 
 
+@pytest.mark.parametrize("zero_dtype", ["uint8", "float16"])
 @pytest.mark.parametrize("kind", ["linear", "projective-embedding"])
-def test_straight_through_trains_latent_floats_then_requantizes(kind):
+def test_straight_through_trains_latent_floats_then_requantizes(kind, zero_dtype):
     torch.manual_seed(0)
     if kind == "linear":
         layer = torch.nn.Linear(16, 8)
@@ -456,7 +457,7 @@ def test_straight_through_trains_latent_floats_then_requantizes(kind):
             torch.nn.Embedding(40, 16), k=2, j=4, random_state=0
         )
         x = torch.arange(40)
-    quantize_module_(layer, 3, 4)
+    quantize_module_(layer, 3, 4, zero_dtype=zero_dtype)
     grids = {n: qt.scales.copy() for n, qt in quantized_tensors(layer).items()}
     y0 = layer(x).detach()
     register_straight_through_(layer)
@@ -475,12 +476,64 @@ def test_straight_through_trains_latent_floats_then_requantizes(kind):
     requantize_(layer)
     assert not straight_through_parameters(layer)
     assert not any("parametrizations" in n for n, _ in layer.named_parameters())
-    # the rounded forward during training is the final layer's forward
+    # the rounded forward during training is the final layer's forward (with
+    # float zero points too: the grid adds them before the rounding)
     torch.testing.assert_close(layer(x), trained, rtol=0, atol=1e-6)
     assert ((layer(x) - target) ** 2).mean() < ((y0 - target) ** 2).mean()
     for name, qt in quantized_tensors(layer).items():
         np.testing.assert_array_equal(qt.scales, grids[name])
         assert torch.equal(layer.get_parameter(name), torch.from_numpy(qt.dequantize()))
+
+
+@pytest.mark.parametrize("zero_dtype", ["uint8", "float16", None])
+def test_straight_through_trains_the_scales_and_writes_them_packed(zero_dtype):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 8, bias=False)
+    grid = {"symmetric": True} if zero_dtype is None else {"zero_dtype": zero_dtype}
+    quantize_module_(layer, 2, 8, **grid)
+    before = quantized_tensors(layer)["weight"]
+    register_straight_through_(layer, scales=True)
+    latent, gain = straight_through_parameters(layer)
+    assert gain.shape == before.scales.shape
+    assert torch.equal(layer.weight, torch.from_numpy(before.dequantize()))
+    # the latent floats move off the grid: the gradient of each group's log
+    # gain is its scale times the sum of (code - latent / scale - zero) over
+    # its entries, of (code - zero) where the code is clipped
+    with torch.no_grad():
+        latent.add_(0.3 * before.scales.astype(np.float32).mean() * torch.randn(8, 32))
+    layer.weight.sum().backward()
+    w = latent.detach().double().numpy().reshape(-1, 8)
+    scale = before.scales.astype(np.float64).reshape(-1, 1)
+    zero = before._zeros_or_mid().astype(np.float64).reshape(-1, 1)
+    v = w / scale + zero
+    q = np.clip(np.round(v), 0, 3)
+    per_entry = np.where((np.round(v) < 0) | (np.round(v) > 3), q - zero, q - v)
+    expected = (scale[:, 0] * per_entry.sum(1)).reshape(before.scales.shape)
+    np.testing.assert_allclose(gain.grad.numpy(), expected, rtol=1e-4, atol=1e-6)
+    # trained gains are written packed: scales in their dtype, same bytes
+    with torch.no_grad():
+        gain.copy_(torch.linspace(-0.2, 0.2, gain.numel()).reshape(gain.shape))
+    latent_now = latent.detach().numpy().copy()
+    wanted = before.scales.astype(np.float32) * np.exp(gain.detach().numpy())
+    requantize_(layer)
+    after = quantized_tensors(layer)["weight"]
+    assert after.scales.dtype == before.scales.dtype
+    np.testing.assert_array_equal(after.scales, wanted.astype(before.scales.dtype))
+    assert (after.bits, after.group_size, after.nbytes) == (2, 8, before.nbytes)
+    reference = before.requantize(latent_now, wanted)
+    np.testing.assert_array_equal(after.unpacked_codes(), reference.unpacked_codes())
+    assert torch.equal(layer.weight, torch.from_numpy(after.dequantize()))
+
+
+def test_requantize_checks_new_scales():
+    qt = quantize(np.ones((2, 8), dtype=np.float32), 4, 8)
+    for bad in (np.ones((3, 1)), -qt.scales, np.full(qt.scales.shape, np.inf)):
+        with pytest.raises(ValueError, match="scales must be finite, >= 0"):
+            qt.requantize(np.ones((2, 8)), bad)
+    with pytest.raises(ValueError, match="finite in float16"):
+        qt.requantize(np.ones((2, 8)), np.full(qt.scales.shape, 1e6))
+    twice = qt.requantize(np.ones((2, 8)), 2 * qt.scales.astype(np.float64))
+    np.testing.assert_array_equal(twice.scales, 2 * qt.scales)
 
 
 def test_straight_through_gradient_is_identity():

@@ -50,7 +50,9 @@ class _Recorder:
 # --- 1. the options and the inputs, checked before anything changes --------------
 
 
-def _check_options(steps, batch_size, max_length, lr, layer_weight, trainable):
+def _check_options(steps, batch_size, max_length, lr, layer_weight, trainable, scales):
+    if not isinstance(scales, bool):
+        raise ValueError(f"heal: scales must be True or False, got {scales!r}")
     try:
         check_count(steps, "steps")
         check_count(batch_size, "batch_size")
@@ -147,7 +149,13 @@ def _parameters(model, layers):
     """The leaves the optimizer updates, in a fixed order."""
     if layers == [model]:
         return list(model.parameters())
-    return [_leaf(*slot) for layer in layers for slot in _slots(layer)]
+    out = []
+    for layer in layers:
+        for owner, name in _slots(layer):
+            out.append(_leaf(owner, name))
+            if parametrize.is_parametrized(owner, name):  # its scales, if trained
+                out += list(owner.parametrizations[name][0].parameters())
+    return out
 
 
 def _packed_forms(model):
@@ -161,14 +169,15 @@ def _packed_forms(model):
 
 
 @contextlib.contextmanager
-def _through_the_rounding(model, layers):
+def _through_the_rounding(model, layers, scales=False):
     """Yield the parameters that train; quantized ones as latent floats.
 
     Each quantized matrix of ``layers`` trains as a float master copy that
     the forward rounds to its grid, the gradient passing straight through
     the rounding; on the way out (also after an error) it is rounded once
     more and written back into its packed form, whose bits, group size and
-    bytes are checked to be unchanged.
+    bytes are checked to be unchanged. With ``scales``, the scales of each
+    group train too and are written back.
     """
     if not any(_quantized(m) for m in model.modules()):
         yield _parameters(model, layers)
@@ -177,7 +186,7 @@ def _through_the_rounding(model, layers):
 
     forms = _packed_forms(model)
     for layer in layers:
-        register_straight_through_(layer)
+        register_straight_through_(layer, scales=scales)
     try:
         yield _parameters(model, layers)
     finally:
@@ -321,6 +330,7 @@ def heal(
     validation=None,
     eval_every=None,
     patience=3,
+    scales=False,
 ):
     """Distil a compressed model towards the original, on calibration text.
 
@@ -399,6 +409,10 @@ def heal(
         (at least 1).
     patience : int, default=3
         Held-out measures without improvement before the heal stops.
+    scales : bool, default=False
+        Train the scales of each quantized matrix that trains too, through
+        the rounding (in log space, the rounding's gradient taken as the
+        identity's), and write them into its packed form: the same bytes.
 
     Returns
     -------
@@ -446,7 +460,7 @@ def heal(
     >>> len(losses), losses[-1] < losses[0], model.training
     (30, True, False)
     """
-    _check_options(steps, batch_size, max_length, lr, layer_weight, trainable)
+    _check_options(steps, batch_size, max_length, lr, layer_weight, trainable, scales)
     texts, _, teacher_adapter = _check_inputs(model, teacher, data, tokenizer)
     held_out = check_held_out(texts, validation, eval_every, patience, steps)
     layers = _trained_layers(model, trainable)
@@ -457,7 +471,7 @@ def heal(
             pair.check_shapes(batch_size)  # before anything changes
             started[0] = True
             with (
-                _through_the_rounding(model, layers) as params,
+                _through_the_rounding(model, layers, scales) as params,
                 _only_trained(model, params),
             ):
                 return train(

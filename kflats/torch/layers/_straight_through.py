@@ -21,45 +21,68 @@ __all__ = [
 
 
 class _FakeQuantize(nn.Module):
-    """Rounds to a fixed grid on the forward, passes the gradient straight through."""
+    """Rounds to a grid on the forward, passes the gradient straight through.
 
-    def __init__(self, qt):
+    The grid's zero points are fixed; its scales too, unless ``scales``: then
+    each group's scale trains as its recorded value times ``exp(log_gain)``
+    (positive, equal to the recorded one at the start, an optimizer's step a
+    relative change), the gradient of the rounding taken as the identity's
+    (learned step size); a group of scale 0 (all zero) stays so.
+    """
+
+    def __init__(self, qt, scales=False):
         super().__init__()
-        rows, cols = qt._lines
-        g = qt.group_size
-        scale = np.repeat(qt.scales.astype(np.float32), g, axis=1)
-        zero = np.repeat(qt._zeros_or_mid().astype(np.float32), g, axis=1)
-        if qt.axis == 0:
-            scale, zero = scale.T, zero.T
-        self.register_buffer(
-            "scale", torch.from_numpy(np.ascontiguousarray(scale)), persistent=False
-        )
-        self.register_buffer(
-            "zero", torch.from_numpy(np.ascontiguousarray(zero)), persistent=False
-        )
+        self.group_size, self.axis = qt.group_size, qt.axis
+        scale = torch.from_numpy(qt.scales.astype(np.float32))
+        zero = torch.from_numpy(qt._zeros_or_mid().astype(np.float32))
+        self.register_buffer("zero", zero, persistent=False)
+        self.register_buffer("alive", scale > 0, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        if scales:  # each scale times exp(log_gain): exact at 0, steps relative
+            self.log_gain = nn.Parameter(torch.zeros_like(scale))
         self.levels = float((1 << qt.bits) - 1)
 
+    def scales(self):
+        """The grid's scales, (lines, groups): as recorded, or as trained."""
+        if hasattr(self, "log_gain"):
+            return self.scale * torch.exp(self.log_gain)
+        return self.scale
+
+    def _spread(self, t, x):
+        """A (lines, groups) tensor spread over the weight's entries."""
+        t = t.to(x.device).repeat_interleave(self.group_size, dim=1)
+        return t if self.axis == 1 else t.T
+
     def forward(self, x):
-        s = self.scale.to(x.device)
-        z = self.zero.to(x.device)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.clamp(torch.round(x / safe) + z, 0.0, self.levels)
-        deq = ((q - z) * s).to(x.dtype)
-        return x + (deq - x).detach()
+        s = self._spread(self.scales(), x)
+        z = self._spread(self.zero, x)
+        alive = self._spread(self.alive, x)
+        v = x / torch.where(alive, s, torch.ones_like(s)) + z
+        if not hasattr(self, "log_gain"):
+            q = torch.clamp(torch.round(v), 0.0, self.levels)
+            return x + (((q - z) * s).to(x.dtype) - x).detach()
+        q = torch.clamp(v + (torch.round(v) - v).detach(), 0.0, self.levels)
+        return ((q - z) * s).to(x.dtype)
 
 
-def register_straight_through_(module):
+def register_straight_through_(module, scales=False):
     """Train through the rounding: each quantized parameter becomes a latent float.
 
     Each recorded parameter is parametrized (:mod:`torch.nn.utils.parametrize`):
-    the layer sees its latent value rounded to the recorded grid (scales and
-    zero points fixed), and the gradient passes through the rounding as if
-    it were the identity (straight-through estimator). The optimizer updates
-    the latent floats; :func:`requantize_` ends the training.
+    the layer sees its latent value rounded to the recorded grid (zero
+    points fixed; scales fixed unless ``scales``), and the gradient passes
+    through the rounding as if it were the identity (straight-through
+    estimator). The optimizer updates the latent floats (and the scales);
+    :func:`requantize_` ends the training.
 
     Parameters
     ----------
     module : torch.nn.Module
+    scales : bool, default=False
+        Train each group's scale too, in log space (learned step size); a
+        group of scale 0 keeps it. :func:`straight_through_parameters` lists
+        them; :func:`requantize_` writes them into the packed form, in the
+        dtype its scales are stored in.
 
     Returns
     -------
@@ -92,9 +115,8 @@ def register_straight_through_(module):
             owner, attr = _split(sub, name)
             if parametrize.is_parametrized(owner, attr):
                 continue
-            parametrize.register_parametrization(
-                owner, attr, _FakeQuantize(qt).to(sub.get_parameter(name).device)
-            )
+            fake = _FakeQuantize(qt, scales).to(sub.get_parameter(name).device)
+            parametrize.register_parametrization(owner, attr, fake)
     return module
 
 
@@ -111,14 +133,17 @@ def straight_through_parameters(module):
     Returns
     -------
     params : list of torch.nn.Parameter
-        In module order; empty when nothing is parametrized.
+        In module order, each latent float followed by its log scales when
+        they train; empty when nothing is parametrized.
     """
     params = []
     for _, sub in module.named_modules():
         for name in getattr(sub, QUANTIZED_RECORD, {}):
             owner, attr = _split(sub, name)
             if parametrize.is_parametrized(owner, attr):
-                params.append(owner.parametrizations[attr].original)
+                parametrization = owner.parametrizations[attr]
+                params.append(parametrization.original)
+                params += [p for p in parametrization[0].parameters()]
     return params
 
 
@@ -133,8 +158,9 @@ def requantize_(module):
     """Round each quantized parameter to its grid again (after training).
 
     Removes the straight-through parametrizations if any (keeping the
-    latent floats), then rounds each recorded parameter to its recorded grid
-    (scales and zero points unchanged), records the new codes and sets the
+    latent floats and trained scales), then rounds each recorded parameter
+    to its grid (zero points unchanged; scales as trained, in the dtype they
+    are stored in, else unchanged), records the new codes and sets the
     parameter to their dequantized values.
 
     Parameters
@@ -149,16 +175,20 @@ def requantize_(module):
         record = getattr(sub, QUANTIZED_RECORD, None)
         if not record or is_packed(sub):  # packed: its codes are the grid's
             continue
+        trained = {}
         for name in record:
             owner, attr = _split(sub, name)
             if parametrize.is_parametrized(owner, attr):
+                fake = owner.parametrizations[attr][0]
+                if hasattr(fake, "log_gain"):
+                    trained[name] = _np(fake.scales().detach())
                 parametrize.remove_parametrizations(
                     owner, attr, leave_parametrized=False
                 )
         _assign(
             sub,
             {
-                name: qt.requantize(_np(sub.get_parameter(name)))
+                name: qt.requantize(_np(sub.get_parameter(name)), trained.get(name))
                 for name, qt in record.items()
             },
         )

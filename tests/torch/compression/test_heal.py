@@ -128,6 +128,34 @@ def test_healed_quantized_model_round_trips_bit_for_bit(tmp_path):
     assert_same_forms(forms(fresh), forms(model))
 
 
+@pytest.mark.parametrize("trainable", ["compressed", "all"])
+def test_heal_trains_the_scales_and_keeps_the_bytes(trainable, tmp_path):
+    teacher, model = quantized_pair(bits=2)
+    before = forms(model)
+    nbytes = state_nbytes(quantized_state(model))
+    start = distance(model, teacher)
+    run_heal(model, teacher, steps=30, trainable=trainable, scales=True)
+    after = forms(model)
+    assert distance(model, teacher) < start
+    assert state_nbytes(quantized_state(model)) == nbytes
+    assert_on_the_grid(model)
+    changed = 0
+    for name in before:
+        assert before[name][:5] == after[name][:5], name  # bits, groups, bytes
+        assert after[name][5].dtype == before[name][5].dtype
+        changed += not np.array_equal(after[name][5], before[name][5])
+    assert changed == len(before)  # every matrix's scales trained
+    # and the folder holds them: the same outputs after loading
+    save_compressed(model, tmp_path / "healed")
+    fresh = load_compressed(tmp_path / "healed", tiny(seed=1))
+    ids = word_tokenizer(TEXTS[:5])
+    with torch.no_grad():
+        a, b = fresh(**ids)["last_hidden_state"], model(**ids)["last_hidden_state"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="scales must be True or False"):
+        run_heal(model, teacher, steps=2, scales=1)
+
+
 def test_heal_projective_leaves_quantized_dense_layers():
     teacher, model = quantized_pair()
     before = codes(model)
