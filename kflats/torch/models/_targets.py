@@ -23,20 +23,20 @@ def all_matrices(model):
 
     The other matrices are the Embedding, Linear and Conv1D modules that
     neither the block stacks nor the word embedding hold, that share no
-    table, and that hold at least as many numbers as the smallest Linear of
-    the blocks: position tables, a pooler, an untied head. A size in bytes
-    counts them all (the folder's weight files hold them), so a search in
-    bytes may as well spend those bytes where they do most. A smaller one (a
-    token-type table of two rows, a classifier's head) stays as it is: its
-    bytes are a rounding error of the folder's, while rounding it moves
-    every output (a token-type row is added to every token), more than the
-    search's probe of a truncation sees.
+    table, and that have at least :data:`MIN_SIDE` rows and columns:
+    position tables, a pooler, an untied head. A size in bytes counts them
+    all (the folder's weight files hold them), so a search in bytes may as
+    well spend those bytes where they do most. A narrower one (a token-type
+    table of two rows, a classifier's head over a few classes) stays as it
+    is: its bytes are a rounding error of the folder's, while rounding it
+    moves every output (a token-type row is added to every token), more
+    than the search's probe of a truncation sees.
 
     Examples
     --------
     >>> from transformers import BertConfig, BertModel
-    >>> config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1,
-    ...                     num_attention_heads=2, intermediate_size=16)
+    >>> config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+    ...                     num_attention_heads=2, intermediate_size=64)
     >>> [name.split(".", 1)[1] for name in all_matrices(BertModel(config))[-2:]]
     ['position_embeddings', 'dense']
     """
@@ -44,20 +44,24 @@ def all_matrices(model):
     targets = adapter.all_targets()
     stacks = tuple(f"{stack}." for stack in adapter.block_stacks())
     named = dict(model.named_modules())
-    sizes = [_numbers(named[name]) for name in adapter.block_layers()]
-    smallest = min(sizes, default=0)
     others = [
         name
         for name in every_layer(model)
         if name not in targets
         and not name.startswith(stacks)
-        and _numbers(named[name]) >= smallest
+        and min(_sides(named[name])) >= MIN_SIDE
     ]
     return targets + others
 
 
-def _numbers(module):
-    return sum(p.numel() for p in module.parameters(recurse=False) if p.ndim == 2)
+# the rows and columns a matrix outside the blocks needs to enter a search in
+# bytes (all_matrices): a group of the finest grid the factors take
+MIN_SIDE = 32
+
+
+def _sides(module):
+    weight = next(p for p in module.parameters(recurse=False) if p.ndim == 2)
+    return tuple(weight.shape)
 
 
 def _compressible(module):
