@@ -442,8 +442,9 @@ _MEASURED_NOISE = 1 << 24
 _NEGLIGIBLE = 1e-6
 # the dense forms wider than this many bits take their error from the measured
 # form of this many bits (same groups): a grid of b bits has 2**b - 1 steps, its
-# rounding noise the square of a step (_step_ratio); GPTQ on MiniLM's Linears
-# follows it within a few percent, and the forms chosen are quantized then
+# rounding noise the square of a step (_step_ratio); on MiniLM's 36 Linears
+# (calibrated, groups of 128) the model gives 0.74-0.98 of the measured error
+# at 6 and 8 bits (median 0.94); the forms a plan takes are quantized then
 _MODEL_FROM = 4
 
 
