@@ -116,15 +116,21 @@ def test_heal_through_the_rounding_keeps_bits_groups_and_bytes():
     assert not model.training
 
 
-def test_healed_quantized_model_round_trips_bit_for_bit(tmp_path):
-    teacher, model = quantized_pair(bits=4)
-    run_heal(model, teacher, steps=20)
-    save_compressed(model, tmp_path / "healed")
-    fresh = load_compressed(tmp_path / "healed", tiny(seed=1))
+def reloaded(model, folder):
+    """The model saved and loaded back, after checking it computes the same."""
+    save_compressed(model, folder)
+    fresh = load_compressed(folder, tiny(seed=1))
     ids = word_tokenizer(TEXTS[:5])
     with torch.no_grad():
         a, b = fresh(**ids)["last_hidden_state"], model(**ids)["last_hidden_state"]
     assert torch.equal(a, b)
+    return fresh
+
+
+def test_healed_quantized_model_round_trips_bit_for_bit(tmp_path):
+    teacher, model = quantized_pair(bits=4)
+    run_heal(model, teacher, steps=20)
+    fresh = reloaded(model, tmp_path / "healed")
     assert_same_forms(forms(fresh), forms(model))
 
 
@@ -146,12 +152,7 @@ def test_heal_trains_the_scales_and_keeps_the_bytes(trainable, tmp_path):
         changed += not np.array_equal(after[name][5], before[name][5])
     assert changed == len(before)  # every matrix's scales trained
     # and the folder holds them: the same outputs after loading
-    save_compressed(model, tmp_path / "healed")
-    fresh = load_compressed(tmp_path / "healed", tiny(seed=1))
-    ids = word_tokenizer(TEXTS[:5])
-    with torch.no_grad():
-        a, b = fresh(**ids)["last_hidden_state"], model(**ids)["last_hidden_state"]
-    assert torch.equal(a, b)
+    assert_same_forms(forms(reloaded(model, tmp_path / "healed")), after)
     with pytest.raises(ValueError, match="scales must be True or False"):
         run_heal(model, teacher, steps=2, scales=1)
 
