@@ -492,6 +492,9 @@ def test_straight_through_trains_the_scales_and_writes_them_packed(zero_dtype):
     grid = {"symmetric": True} if zero_dtype is None else {"zero_dtype": zero_dtype}
     quantize_module_(layer, 2, 8, **grid)
     before = quantized_tensors(layer)["weight"]
+    with pytest.raises(ValueError, match="scales must be True or False"):
+        register_straight_through_(layer, scales="yes")
+    assert not straight_through_parameters(layer)  # nothing registered
     register_straight_through_(layer, scales=True)
     latent, gain = straight_through_parameters(layer)
     assert gain.shape == before.scales.shape

@@ -102,6 +102,8 @@ def register_straight_through_(module, scales=False):
     >>> hasattr(layer, "parametrizations")
     False
     """
+    if not isinstance(scales, bool):
+        raise ValueError(f"scales must be True or False, got {scales!r}")
     packed = [name for name, sub in module.named_modules() if is_packed(sub)]
     if packed:
         raise ValueError(
