@@ -194,6 +194,28 @@ def test_compress_format_gguf_writes_model_gguf(tiny, tmp_path, capsys):
     ]
 
 
+def test_compress_format_gguf_prices_an_untied_head(tmp_path, capsys):
+    # --targets all in bytes takes an untied head too: written as output.weight
+    # in a GGUF type, the file within the size
+    source = tmp_path / "untied.gguf"
+    write_tiny_gguf(source, tied=False)
+    out = tmp_path / "out"
+    code = main(
+        ["compress", str(source), "--format", "gguf", "--budget", "0.3",
+         "--curve", "none", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads((out / "report.json").read_text())
+    head = [m for m in data["compression"]["modules"] if m["name"] == "lm_head"]
+    assert head and head[0]["bits"] is not None
+    reader = gguf.GGUFReader(out / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] in {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"}
+    size = (out / "model.gguf").stat().st_size
+    assert size == data["totals"]["folder_bytes"] <= data["totals"]["size_asked"]
+
+
 def _hf_folder(source, folder):
     """The model of a GGUF file as a Hugging Face folder, with its tokenizer."""
     import warnings
