@@ -269,6 +269,67 @@ def test_wide_dense_forms_are_modelled_from_four_bits_quantized_on_demand(cal_mo
             assert 0.5 * truth <= form.error <= 2 * truth
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sets(st.sampled_from((2, 3, 4, 5, 6, 8)), min_size=1),
+    st.sets(st.sampled_from((2, 3, 4, 5, 6, 8))),
+    st.sets(st.sampled_from((2, 3, 4, 5, 6, 8))),
+)
+def test_the_factor_noise_plan_never_measures_more_widths(asked, known, held):
+    from kflats.torch.compression._form_errors import _noise_plan
+
+    key = lambda b: (16, b, 32)  # noqa: E731
+    available = {key(b) for b in held | asked | known}
+    keys, known = {key(b) for b in asked - known}, {key(b) for b in known}
+    measured, modelled = _noise_plan(keys, known, available)
+    # each key asked measured or modelled from widths measured now or before
+    assert keys <= measured | set(modelled)
+    assert not measured & known and measured <= available
+    for anchors in modelled.values():
+        assert set(anchors) <= measured | known
+    # never more widths quantized than measuring each key asked
+    assert len(measured) <= len(keys)
+
+
+def test_factor_noise_is_modelled_from_two_and_four_bits():
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _noise_key, _step_ratio
+
+    rng = np.random.default_rng(0)
+    table = nn.Embedding(600, 64)
+    with torch.no_grad():  # a decaying spectrum: rounding noise at every rank
+        table.weight.copy_(
+            torch.as_tensor(rng.normal(size=(600, 64)) / np.arange(1, 65) ** 0.5)
+        )
+    config = CompressionConfig(0.2, unit="bytes", bits=(5, 4, 3, 2), ranks="uniform")
+    forms = _forms(table, config.bits, None)
+    measured = _ModuleForms(
+        table,
+        "t",
+        None,
+        _weight_spectrum(table, None),
+        forms,
+        (1,),
+        config,
+        _search_options_of(config),
+    )
+    noise = measured.noise
+    assert {b for _, b, _ in noise} == {5, 4, 3, 2}
+    for k, b, g in noise:
+        if b == 3:
+            assert noise[k, 3, g] == pytest.approx(
+                np.sqrt(noise[k, 2, g] * noise[k, 4, g])
+            )
+        if b == 5:
+            assert noise[k, 5, g] == pytest.approx(noise[k, 4, g] * _step_ratio(4, 5))
+    # the model within a factor 1.5 of the noise measured at 3 and 5 bits
+    factors = [f for f in measured.forms if f.kind == "projective" and f.bits in (3, 5)]
+    truth = measured._rounding_noise(factors, measured.tails)
+    for key, rho in truth.items():
+        assert rho > 0 and truth[key] / 1.5 <= noise[key] <= 1.5 * truth[key]
+    assert {_noise_key(f) for f in factors} == set(truth)
+
+
 # -- compress in bytes -------------------------------------------------------
 
 
@@ -641,7 +702,7 @@ def clustered_table(seed=0, k=8, rank=3, rows=512, d=32):
 
 def test_clustered_forms_count_their_bytes_and_errors_exactly():
     from kflats.torch.compression._config import _search_options_of
-    from kflats.torch.compression._form_errors import _Partition
+    from kflats.torch.compression._partition import _Partition
 
     model = clustered_table()
     table = model[0]
