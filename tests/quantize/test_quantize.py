@@ -731,3 +731,45 @@ def test_compiled_rounding_matches_the_numpy_loop(
         out.append((codes, scales, zeros, Wp))
     for a, b in zip(*out, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 30),
+    st.sampled_from([8, 16, 32]),
+    st.sampled_from([2, 3, 4, 8]),
+    st.sampled_from(["uint8", "float16", "symmetric"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_each_group_takes_the_clipping_ratio_of_least_error(rows, g, bits, grid, seed):
+    from kflats.quantize._grid import (
+        _CLIP_RATIOS,
+        _decode,
+        _encode,
+        _fit_and_encode,
+        _fit_grid,
+    )
+
+    rng = np.random.default_rng(seed)
+    groups = rng.standard_t(3, size=(rows, g)) * rng.exponential(size=(rows, 1))
+    symmetric = grid == "symmetric"
+    zeros = np.float16 if grid == "float16" else np.uint8
+    scale, zero, codes = _fit_and_encode(
+        groups, bits, symmetric, np.float16, _CLIP_RATIOS, zero_dtype=zeros
+    )
+    # the reference: every ratio's grid on its own, the first least error kept
+    fits = [
+        _fit_grid(groups, bits, symmetric, r, np.float16, zeros) for r in _CLIP_RATIOS
+    ]
+    errors = []
+    for s, z in fits:
+        z = np.broadcast_to(z, s.shape)
+        deq = _decode(_encode(groups, s, z, bits), s, z).astype(np.float64)
+        errors.append(((deq - groups) ** 2).sum(axis=1))
+    best = np.argmin(np.stack(errors), axis=0)
+    rows_ = np.arange(rows)
+    want_s = np.stack([s for s, _ in fits])[best, rows_]
+    want_z = np.stack([np.broadcast_to(z, s.shape) for s, z in fits])[best, rows_]
+    np.testing.assert_array_equal(scale, want_s)
+    np.testing.assert_array_equal(zero, want_z)
+    np.testing.assert_array_equal(codes, _encode(groups, want_s, want_z, bits))
