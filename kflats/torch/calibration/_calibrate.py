@@ -162,12 +162,18 @@ class _Observer:
             self.n_in = dense_features(module)[0]
             self.moments = None  # a _MomentSum, shared with the same input's
 
-    def _rows(self, x):
-        """The rows of x at real (not padding) positions."""
+    def _rows(self, x, features=False):
+        """The rows of x at real (not padding) positions.
+
+        ``features``: x has a last dimension of features (a Linear's input),
+        beyond the mask's: an input of one row per sequence (a pooler's, the
+        first token's) is not masked, though its features may number as
+        many as a batch's positions.
+        """
         mask = self.state.get("mask")
         if (
             mask is not None
-            and x.dim() >= mask.dim()
+            and x.dim() >= mask.dim() + features
             and x.shape[: mask.dim()] == mask.shape
         ):
             return x[mask.to(x.device)]
@@ -199,7 +205,7 @@ class _Observer:
 
     def rows(self, x):
         """The real rows of an input, 2-D, in float32 (or float64)."""
-        rows = self._rows(x.detach()).reshape(-1, x.shape[-1])
+        rows = self._rows(x.detach(), features=True).reshape(-1, x.shape[-1])
         if not rows.dtype.is_floating_point or rows.dtype in (
             torch.float16,
             torch.bfloat16,

@@ -109,3 +109,29 @@ def test_modules_that_part_ways_keep_their_own_sums():
     np.testing.assert_allclose(cal._records["a"]["moment_sum"], a.numpy(), rtol=1e-6)
     np.testing.assert_allclose(cal._records["b"]["moment_sum"], b.numpy(), rtol=1e-6)
     assert cal._records["a"]["moment_sum"] is not cal._records["b"]["moment_sum"]
+
+
+def test_a_pooler_as_wide_as_the_padded_batch_takes_one_row_a_sequence():
+    # a pooler reads the first token of each sequence, (batch, hidden); when
+    # a batch is padded to exactly `hidden` positions its input has the
+    # attention mask's shape, and must not be read through that mask
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 60, (3, 32))
+    mask = torch.ones(3, 32, dtype=torch.int64)
+    mask[1, 20:] = mask[2, 9:] = 0  # padding: 32 + 20 + 9 real positions
+    batch = {"input_ids": ids, "attention_mask": mask}
+    cal = calibrate(model, [batch])
+    pooler = cal._records["pooler.dense"]
+    assert pooler["n_rows"] == 3
+    with torch.no_grad():
+        first = model(**batch).last_hidden_state[:, 0].double()
+    np.testing.assert_allclose(
+        pooler["moment_sum"], (first.T @ first).numpy(), rtol=2e-5, atol=1e-4
+    )
+    query = cal._records["encoder.layer.0.attention.self.query"]
+    assert query["n_rows"] == 32 + 20 + 9
