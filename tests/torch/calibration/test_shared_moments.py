@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from kflats.torch import calibrate
@@ -135,3 +137,21 @@ def test_a_pooler_as_wide_as_the_padded_batch_takes_one_row_a_sequence():
     )
     query = cal._records["encoder.layer.0.attention.self.query"]
     assert query["n_rows"] == 32 + 20 + 9
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=5), st.integers(1, 40))
+def test_a_moment_sum_adds_every_batch_once(batch_rows, d):
+    from kflats.torch.calibration._moments import _MomentSum
+
+    rng = np.random.default_rng(d)
+    sums, expected = _MomentSum(d), np.zeros((d, d))
+    for batch, n in enumerate(batch_rows):
+        rows = torch.as_tensor(rng.normal(size=(n, d)), dtype=torch.float32)
+        tensor = torch.empty(0)
+        sums = sums.add(rows, batch, (tensor, None))
+        expected += (rows.double().T @ rows.double()).numpy()
+    array = sums.array()
+    assert array.dtype == np.float32 and np.array_equal(array, array.T)
+    np.testing.assert_allclose(array, expected, rtol=1e-4, atol=1e-4)
+    assert sums.n_rows == sum(batch_rows) and sums.array() is array
