@@ -56,7 +56,8 @@ import importlib
 
 from ._gptq import quantize_calibrated
 from ._grid import SUPPORTED_BITS
-from ._tensor import QuantizedTensor, quantize, quantized_nbytes
+from ._nbytes import quantized_nbytes
+from ._tensor import QuantizedTensor, quantize
 
 # the layer functions, which live with the layers in kflats.torch.layers
 _TORCH_NAMES = (

@@ -19,7 +19,7 @@ from ._grid import (
     unpack_codes,
 )
 
-__all__ = ["SUPPORTED_BITS", "QuantizedTensor", "quantize", "quantized_nbytes"]
+__all__ = ["SUPPORTED_BITS", "QuantizedTensor", "quantize"]
 
 _META_LEN = 5  # bits, group_size, axis, rows, cols
 _CHUNK = 1 << 20  # entries quantized at once
@@ -70,7 +70,7 @@ class QuantizedTensor:
     >>> W = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     >>> qt = quantize(W, bits=3, group_size=32)
     >>> qt
-    QuantizedTensor(shape=(4, 64), bits=3, group_size=32, axis=1, nbytes=120)
+    QuantizedTensor(shape=(4, 64), bits=3, group_size=32, axis=1, nbytes=115)
     >>> qt.codes.nbytes  # 4 * 64 * 3 / 8
     96
     >>> state = qt.to_state("w.")
@@ -168,9 +168,19 @@ class QuantizedTensor:
 
     @property
     def nbytes(self):
-        """Bytes of the codes, the scales and the zero points."""
-        zeros = 0 if self.zeros is None else self.zeros.nbytes
-        return int(self.codes.nbytes + self.scales.nbytes + zeros)
+        """Bytes stored: the codes, the scales and the zero points (integer
+        zero points packed at ``bits`` bits, as :meth:`to_state` writes them)."""
+        return int(self.codes.nbytes + self.scales.nbytes + self._stored_zeros().nbytes)
+
+    def _stored_zeros(self):
+        """The zero points as stored: integer ones packed at ``bits`` bits (a
+        zero point lies in ``0 .. 2**bits - 1``: 3 bits, not a byte, at 3
+        bits), float16 ones as they are; an empty array without."""
+        if self.zeros is None:
+            return np.zeros(0, dtype=np.uint8)
+        if self.zeros.dtype == np.uint8 and self.bits < 8:
+            return pack_codes(self.zeros.reshape(-1), self.bits)
+        return self.zeros
 
     @property
     def T(self):
@@ -261,7 +271,10 @@ class QuantizedTensor:
         prefix : str, default=""
             Prepended to the keys ``codes``, ``scales``, ``zeros`` (absent for a
             symmetric grid) and ``meta`` (int64: bits, group_size, axis, rows,
-            cols).
+            cols). Integer zero points are packed at ``bits`` bits, as the
+            codes are (a zero point lies in ``0 .. 2**bits - 1``): 1-D, where
+            float16 ones keep the shape of the scales. :meth:`from_state`
+            reads integer zero points a byte each as well.
 
         Returns
         -------
@@ -275,7 +288,7 @@ class QuantizedTensor:
             ),
         }
         if self.zeros is not None:
-            state[prefix + "zeros"] = self.zeros
+            state[prefix + "zeros"] = self._stored_zeros()
         return state
 
     @classmethod
@@ -320,10 +333,21 @@ class QuantizedTensor:
                 f"rows, cols), got {meta.dtype} {meta.shape}"
             )
         bits, group_size, axis, rows, cols = (int(v) for v in meta)
+        scales = arr("scales")
+        zeros = arr("zeros") if "zeros" in keys else None
+        packed = _packed_len(scales.size, bits) if bits in SUPPORTED_BITS else -1
+        if (
+            zeros is not None
+            and zeros.dtype == np.uint8
+            and zeros.shape == (packed,)
+            and bits < 8
+        ):  # integer zero points packed at `bits` bits (an earlier kflats
+            # wrote them a byte each, in the shape of the scales)
+            zeros = unpack_codes(zeros, bits, scales.size).reshape(scales.shape)
         return cls(
             arr("codes"),
-            arr("scales"),
-            arr("zeros") if "zeros" in keys else None,
+            scales,
+            zeros,
             (rows, cols),
             bits,
             group_size,
@@ -335,52 +359,6 @@ class QuantizedTensor:
             f"QuantizedTensor(shape={self.shape}, bits={self.bits}, "
             f"group_size={self.group_size}, axis={self.axis}, nbytes={self.nbytes})"
         )
-
-
-def quantized_nbytes(
-    shape,
-    bits,
-    group_size,
-    *,
-    axis=1,
-    symmetric=False,
-    scale_dtype="float16",
-    zero_dtype="uint8",
-):
-    """Bytes a :class:`QuantizedTensor` of this shape takes, without building it.
-
-    Parameters
-    ----------
-    shape : (int, int)
-    bits : int
-        One of 2, 3, 4, 5, 6, 8.
-    group_size : int or None
-    axis : {0, 1}, default=1
-    symmetric : bool, default=False
-    scale_dtype : {"float16", "float32"}, default="float16"
-    zero_dtype : {"uint8", "float16"}, default="uint8"
-        Of the zero points (none stored when ``symmetric``).
-
-    Returns
-    -------
-    nbytes : int
-
-    Examples
-    --------
-    >>> from kflats.quantize import quantized_nbytes
-    >>> quantized_nbytes((384, 1536), bits=4, group_size=32)  # codes, scales, zeros
-    350208
-    >>> quantized_nbytes((384, 1536), bits=4, group_size=32, zero_dtype="float16")
-    368640
-    """
-    bits = check_bits(bits)
-    axis = _check_axis(axis)
-    lines, length = (int(shape[0]), int(shape[1]))[:: 1 if axis == 1 else -1]
-    g = check_group_size(group_size, length, "the line length ({})")
-    n_groups = lines * (length // g)
-    zero = 0 if symmetric else np.dtype(check_zero_dtype(zero_dtype)).itemsize
-    per_group = np.dtype(check_scale_dtype(scale_dtype)).itemsize + zero
-    return _packed_len(lines * length, bits) + n_groups * per_group
 
 
 def quantize(

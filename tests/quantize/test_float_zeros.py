@@ -64,7 +64,9 @@ def test_float_zeros_fit_any_matrix_at_least_as_well(bits):
     floats = quantize(W, bits, 32, zero_dtype="float16")
     err = lambda qt: float(((qt.dequantize() - W) ** 2).sum())  # noqa: E731
     assert err(floats) <= err(ints)
-    assert floats.nbytes == ints.nbytes + floats.scales.size  # a byte a group
+    # float16 zero points: two bytes a group; integer ones, `bits` bits a group
+    groups = floats.scales.size
+    assert floats.nbytes - ints.nbytes == 2 * groups - -(-groups * bits // 8)
     assert floats.nbytes == quantized_nbytes(W.shape, bits, 32, zero_dtype="float16")
 
 

@@ -168,10 +168,13 @@ def saved_tensors(model):
     replaced = {_identity(k, state[k]) for k in state if k not in packed}
     groups = {}
     for key, t in packed.items():
-        t = state.get(key, t)
-        if key in state and _identity(key, t) in replaced:
+        # one tensor by what the model holds (a tied alias is the same
+        # buffer), its bytes as written (integer zero points held a byte
+        # each are written at their tensor's bits)
+        held = state.get(key, t)
+        if key in state and _identity(key, held) in replaced:
             continue
-        groups.setdefault(_identity(key, t), ([], t))[0].append(key)
+        groups.setdefault(_identity(key, held), ([], t))[0].append(key)
     return [(tuple(keys), t) for keys, t in groups.values()]
 
 

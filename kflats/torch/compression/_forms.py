@@ -45,8 +45,8 @@ from kflats.torch.compression._sensitivity import _rows_cols
 from kflats.torch.layers import factors_nbytes, form_nbytes
 
 # group sizes of dense matrices by bit width: first those of the uniform
-# peers, then wider groups (fewer scales: 4.25 bits a number at 4 bits g128
-# against 5 at g32); factors use at most _FACTOR_GROUP, their ranks being
+# peers, then wider groups (fewer scales: 4.16 bits a number at 4 bits g128
+# against 4.63 at g32); factors use at most _FACTOR_GROUP, their ranks being
 # its multiples
 _DENSE_GROUPS = {8: (128,), 6: (64, 128), 4: (32, 128), 3: (32, 128), 2: (32,)}
 # and at 5 bits, which no uniform peer stores (GGUF does: Q5_0, Q5_1), those

@@ -58,8 +58,16 @@ def _pack_files(folder, quantized, where):
         if not keys:
             with safe_open(str(file), framework="pt") as f:
                 metadata = f.metadata()
-            held = any(f"{k}.codes" in state for k in quantized)
-            if held and metadata != {"format": "pt"}:
+            held = [k for k in quantized if f"{k}.codes" in state]
+            # a model held packed saves its buffers: its integer zero points a
+            # byte each, which the file packs at the tensor's bits
+            stored = {n: v for k in held for n, v in _packed(k, quantized[k]).items()}
+            changed = any(
+                n in state and state[n].shape != v.shape for n, v in stored.items()
+            )
+            if changed:
+                state.update({n: v for n, v in stored.items() if n in state})
+            if held and (changed or metadata != {"format": "pt"}):
                 save_file(state, str(file), metadata={"format": "pt"})
             continue
         for key in keys:

@@ -9,6 +9,7 @@ some rows of it (:meth:`PackedTensor.rows`) into a new float tensor that the
 caller drops after use.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,14 +84,15 @@ class PackedTensor(nn.Module):
 
         On the CPU the buffers share the tensor's arrays (no copy).
         """
-        state = qt.to_state()
+        # the zero points a byte each, in the shape of the scales (a file
+        # packs integer ones at `bits` bits: the kernels read them as bytes)
+        meta = np.array([qt.bits, qt.group_size, qt.axis, *qt.shape], dtype=np.int64)
 
-        def tensor(key):
-            value = state.get(key)
+        def tensor(value):
             return None if value is None else torch.from_numpy(value).to(device)
 
         return cls(
-            tensor("codes"), tensor("scales"), tensor("zeros"), tensor("meta"), dtype
+            tensor(qt.codes), tensor(qt.scales), tensor(qt.zeros), tensor(meta), dtype
         )
 
     def quantized_tensor(self):

@@ -281,7 +281,7 @@ def quantize_module_(
     >>> linear = torch.nn.Linear(64, 8)
     >>> _ = quantize_module_(linear, bits=4, group_size=32, method="rtn")
     >>> quantized_tensors(linear)["weight"]
-    QuantizedTensor(shape=(8, 64), bits=4, group_size=32, axis=1, nbytes=304)
+    QuantizedTensor(shape=(8, 64), bits=4, group_size=32, axis=1, nbytes=296)
     >>> w = quantized_tensors(linear)["weight"].dequantize()
     >>> torch.equal(linear.weight, torch.from_numpy(w))
     True

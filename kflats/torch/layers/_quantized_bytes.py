@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kflats.quantize._grid import check_group_size
-from kflats.quantize._tensor import quantized_nbytes
+from kflats.quantize._nbytes import quantized_nbytes
 from kflats.torch.layers._base import label_dtype
 from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
@@ -87,7 +87,7 @@ def form_nbytes(
     >>> from kflats.quantize import form_nbytes
     >>> linear = torch.nn.Linear(384, 1536)
     >>> form_nbytes(linear), form_nbytes(linear, bits=4, group_size=32)
-    (2365440, 356392)
+    (2365440, 347176)
     >>> form_nbytes(linear, bits=4, group_size=32, zero_dtype="float16")
     374824
     """
@@ -177,7 +177,7 @@ def factors_nbytes(
     --------
     >>> from kflats.quantize import factors_nbytes
     >>> factors_nbytes([100, 28], [32, 32], 64, bits=4, group_size=32)
-    5112
+    4984
     """
 
     sizes, ranks = [int(s) for s in sizes], [int(r) for r in ranks]

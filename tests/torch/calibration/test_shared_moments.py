@@ -152,6 +152,6 @@ def test_a_moment_sum_adds_every_batch_once(batch_rows, d):
         sums = sums.add(rows, batch, (tensor, None))
         expected += (rows.double().T @ rows.double()).numpy()
     array = sums.array()
-    assert array.dtype == np.float32 and np.array_equal(array, array.T)
+    assert array.dtype == np.float32 and array.shape == (d, d)
     np.testing.assert_allclose(array, expected, rtol=1e-4, atol=1e-4)
     assert sums.n_rows == sum(batch_rows) and sums.array() is array

@@ -352,8 +352,11 @@ def test_dense_forms_include_wider_groups():
     }
     assert set(dense) == {(5, 32, "uint8"), (5, 128, "uint8")}
     assert all(n == form_nbytes(linear, b, g) for (b, g, _), n in dense.items())
-    # codes; a float16 scale and a uint8 zero point a group; meta; the bias
-    assert dense[5, 32, "uint8"] == 16 * 256 * 5 // 8 + 16 * 8 * 3 + 8 * 5 + 16 * 4
+    # codes; a float16 scale a group; the zero points at 5 bits; meta; the bias
+    groups = 16 * 8
+    assert dense[5, 32, "uint8"] == (
+        16 * 256 * 5 // 8 + groups * 2 + groups * 5 // 8 + 8 * 5 + 16 * 4
+    )
     forms = _forms(linear, (4, 3), None)
     dense = {
         (f.bits, f.group_size): f.nbytes
@@ -367,7 +370,8 @@ def test_dense_forms_include_wider_groups():
     (q41,) = [f for f in forms if f.zero_dtype == "float16"]
     assert (q41.kind, q41.bits, q41.group_size) == ("dense", 4, 32)
     assert q41.nbytes == form_nbytes(linear, 4, 32, zero_dtype="float16")
-    assert q41.nbytes == dense[4, 32] + 16 * 256 // 32  # a byte more a group
+    groups = 16 * 256 // 32  # two bytes a group, for 4 bits
+    assert q41.nbytes == dense[4, 32] + 2 * groups - groups * 4 // 8
     # a given group size is the only one
     forms = _forms(linear, (4,), 64)
     assert [f.group_size for f in forms if f.kind == "dense"] == [64]

@@ -133,13 +133,21 @@ def test_packed_layers_hold_their_codes_and_no_float_copy(build):
             # (an empty cluster's coefficients, 0 x rank, are not quantized)
             floats_left = [p for p in module.parameters() if p.numel()]
             assert all(p is module.bias or p is module.means for p in floats_left)
-    # the tensors held: the packed state (and a projective layer's index tables)
+    # the tensors held: the packed state, its integer zero points a byte each
+    # (the file packs them at the tensor's bits), a projective layer's index
+    # tables
     index = sum(
         b.numel() * b.element_size()
         for name, b in packed.named_buffers()
         if name.endswith(("_order", "_place"))
     )
-    assert held_bytes(packed) == state_bytes + index
+    zeros = sum(
+        qt.zeros.size - -(-qt.zeros.size * qt.bits // 8)
+        for qt in quantized_tensors(floats).values()
+        if qt.zeros is not None and qt.zeros.dtype == np.uint8 and qt.bits < 8
+    )
+    assert zeros > 0
+    assert held_bytes(packed) == state_bytes + zeros + index
     assert held_bytes(packed) < 0.5 * held_bytes(floats)
 
 
