@@ -235,6 +235,17 @@ def _decode(codes, scale, zero):
     )[:, None]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _code(x, s, z, levels, float_zeros):
+    """The code of ``x`` on the grid ``(s, z)``, as :func:`_encode` rounds it:
+    a float zero point added before the rounding, an integer one after."""
+    if float_zeros:
+        q = np.rint(x / s + z) if s > 0 else np.rint(z)
+    else:
+        q = (np.rint(x / s) if s > 0 else 0.0) + z
+    return min(max(q, 0.0), float(levels))
+
+
 @numba.njit(cache=True, nogil=True)
 def _best_grids(groups, scales, zeros, bits, float_zeros, codes):
     """Index of each group's best grid among ``scales[t]``/``zeros[t]``, and its codes.
@@ -257,24 +268,14 @@ def _best_grids(groups, scales, zeros, bits, float_zeros, codes):
             s32, z32 = np.float32(s), np.float32(z)
             total = 0.0
             for c in range(groups.shape[1]):
-                x = groups[r, c]
-                if float_zeros:
-                    q = np.rint(x / s + z) if s > 0 else np.rint(z)
-                else:
-                    q = (np.rint(x / s) if s > 0 else 0.0) + z
-                q = min(max(q, 0.0), float(levels))
-                diff = np.float64((np.float32(q) - z32) * s32) - x
+                q = _code(groups[r, c], s, z, levels, float_zeros)
+                diff = np.float64((np.float32(q) - z32) * s32) - groups[r, c]
                 total += diff * diff
             if total < least:
                 least, best[r] = total, t
         s, z = scales[best[r], r], zeros[best[r], r]
         for c in range(groups.shape[1]):
-            x = groups[r, c]
-            if float_zeros:
-                q = np.rint(x / s + z) if s > 0 else np.rint(z)
-            else:
-                q = (np.rint(x / s) if s > 0 else 0.0) + z
-            codes[r, c] = np.uint8(min(max(q, 0.0), float(levels)))
+            codes[r, c] = np.uint8(_code(groups[r, c], s, z, levels, float_zeros))
     return best
 
 
