@@ -60,14 +60,15 @@ def _pack_files(folder, quantized, where):
                 metadata = f.metadata()
             held = [k for k in quantized if f"{k}.codes" in state]
             # a model held packed saves its buffers: its integer zero points a
-            # byte each, which the file packs at the tensor's bits
-            stored = {n: v for k in held for n, v in _packed(k, quantized[k]).items()}
-            changed = any(
-                n in state and state[n].shape != v.shape for n, v in stored.items()
-            )
-            if changed:
-                state.update({n: v for n, v in stored.items() if n in state})
-            if held and (changed or metadata != {"format": "pt"}):
+            # byte each, which the file packs at the tensor's bits (the
+            # other entries are written as they are held)
+            zeros = {}
+            for k in held:
+                z = quantized[k].to_state().get("zeros")
+                if z is not None and tuple(state[f"{k}.zeros"].shape) != z.shape:
+                    zeros[f"{k}.zeros"] = torch.from_numpy(z.copy())
+            state.update(zeros)
+            if held and (zeros or metadata != {"format": "pt"}):
                 save_file(state, str(file), metadata={"format": "pt"})
             continue
         for key in keys:
