@@ -170,35 +170,32 @@ def _plan_candidates(all_forms, scales, allowed, bits):
 
     The greedy from the smallest forms; from uniform quantization at each bit
     width that fits (in the peers' groups, and in the widest groups), the
-    greedy filling the bytes left; and uniform quantization itself at the
+    greedy filling the bytes left; each of these among all forms and among
+    the forms without factors; and uniform quantization itself at the
     widest bits that fit.
     """
-    candidates = []
-    chosen = _fill(all_forms, scales, [_hull(f) for f in all_forms], allowed)
-    if chosen is not None:
-        candidates.append(chosen)
-    # the greedy among dense forms alone: a factor form's error is modelled
-    # (its truncation, exact in its module's metric, plus rounding noise), and
-    # the metric can misjudge it (SmolLM2's tied table at rank 448 of 576:
-    # 0.004 of its whitened energy, KL 0.31 on its own); the probe weighs the
-    # two plans
-    chosen = _fill(all_forms, scales, [_dense_hull(f) for f in all_forms], allowed)
-    if chosen is not None:
-        candidates.append(chosen)
-    fitting = []
-    for b in bits:
-        if not all(
-            any(f.kind == "dense" and f.bits == b for f in fs) for fs in all_forms
-        ):
-            continue  # a width the file format does not hold for every module
-        for smallest in (False, True):
-            starts = _uniform(all_forms, b, smallest)
-            hulls = [_hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
-            chosen = _fill(all_forms, scales, hulls, allowed)
-            if chosen is not None:
-                candidates.append(chosen)
-                if not smallest:
-                    fitting.append(b)
+    # among dense forms alone too: a factor form's error is modelled (its
+    # truncation, exact in its module's metric, plus rounding noise), and the
+    # metric can misjudge it (SmolLM2's tied table at rank 448 of 576: 0.004
+    # of its whitened energy, KL 0.31 on its own); the probe weighs the plans
+    candidates, fitting = [], set()
+    for hull in (_hull, _dense_hull):
+        chosen = _fill(all_forms, scales, [hull(f) for f in all_forms], allowed)
+        if chosen is not None:
+            candidates.append(chosen)
+        for b in bits:
+            if not all(
+                any(f.kind == "dense" and f.bits == b for f in fs) for fs in all_forms
+            ):
+                continue  # a width the file format does not hold for every module
+            for smallest in (False, True):
+                starts = _uniform(all_forms, b, smallest)
+                hulls = [hull(f, s) for f, s in zip(all_forms, starts, strict=True)]
+                chosen = _fill(all_forms, scales, hulls, allowed)
+                if chosen is not None:
+                    candidates.append(chosen)
+                    if not smallest:
+                        fitting.add(b)
     if fitting:
         candidates.append(_uniform(all_forms, max(fitting)))
     unique = []
@@ -208,10 +205,12 @@ def _plan_candidates(all_forms, scales, allowed, bits):
     return sorted(unique, key=lambda c: _predicted(all_forms, scales, c))
 
 
-def _dense_hull(forms):
-    """:func:`_hull` of the forms that are not factors (indices into ``forms``)."""
+def _dense_hull(forms, start=None):
+    """:func:`_hull` of the forms that are not factors (indices into ``forms``);
+    ``start``, a dense form's index, as there."""
     keep = [i for i, f in enumerate(forms) if f.kind != "projective"]
-    return [keep[j] for j in _hull([forms[i] for i in keep])]
+    start = None if start is None else keep.index(start)
+    return [keep[j] for j in _hull([forms[i] for i in keep], start)]
 
 
 def _plan_bytes(all_forms, scales, allowed, bits):
@@ -350,14 +349,16 @@ def _no_factors(forms):
 
 
 def _plannable(forms, bits):
-    """Indices of the forms a plan can take: on the module's lower hull, on
-    the hull of its forms without factors, or on its hull from a uniform
-    start (:func:`_plan_candidates`), those starts included."""
+    """Indices of the forms a plan can take: on the module's lower hull, or
+    on its hull from a uniform start (:func:`_plan_candidates`), those starts
+    included; each among all its forms and among those without factors."""
     keep = set(_hull(forms)) | set(_dense_hull(forms))
     for b in bits:
         if any(f.kind == "dense" and f.bits == b for f in forms):
             for smallest in (False, True):
-                keep.update(_hull(forms, _uniform([forms], b, smallest)[0]))
+                start = _uniform([forms], b, smallest)[0]
+                keep.update(_hull(forms, start))
+                keep.update(_dense_hull(forms, start))
     return sorted(keep)
 
 

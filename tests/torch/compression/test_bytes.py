@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch", reason="kflats.torch needs torch")
@@ -112,8 +112,45 @@ def test_the_plan_never_exceeds_the_budget(case, fraction):
     assert sum(f[i].nbytes for f, i in zip(all_forms, chosen, strict=True)) <= allowed
 
 
+def _forms_of(kinds, sizes, errors, zeros=None):
+    """A module's forms: kinds, bytes and errors side by side (bits from the
+    kind "dense:b"), zero points uint8 unless ``zeros`` says."""
+    zeros = zeros or ["uint8"] * len(kinds)
+    out = []
+    for kind, size, err, zero in zip(kinds, sizes, errors, zeros, strict=True):
+        kind, _, bits = kind.partition(":")
+        if kind == "float":
+            out.append(_Form("float", None, None, None, size, err))
+        elif kind == "dense":
+            out.append(_Form("dense", int(bits), 32, None, size, err, 1, zero))
+        else:
+            out.append(_Form("projective", int(bits), 32, 1, size, err))
+    return out
+
+
+# a dense form off its module's convex hull (3 bits, float16 zero points) that
+# only a greedy from a uniform start among the forms without factors reaches
+_OFF_THE_HULL = (
+    [
+        _forms_of(
+            ["float", *(f"dense:{b}" for b in (8, 6, 5, 4, 3, 3, 2)), "proj:4"],
+            [1530, 422, 326, 279, 231, 183, 203, 135, 184],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.75, 0.0],
+            ["uint8"] * 6 + ["float16"] + ["uint8"] * 2,
+        ),
+        _forms_of(
+            ["float", *(f"dense:{b}" for b in (8, 6, 5, 4, 3, 2))],
+            [1000, 290, 227, 196, 165, 133, 102],
+            [0.0] * 7,
+        ),
+    ],
+    [1.0, 0.0],
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(module_forms(), st.floats(0, 1.2))
+@example(case=_OFF_THE_HULL, fraction=0.0625)
 def test_the_probe_runs_a_plan_without_factors_whenever_one_fits(case, fraction):
     """Factor forms' errors are modelled: the plans the probe runs hold the best
     plan of dense forms alone (the greedy among them) whenever one fits."""
