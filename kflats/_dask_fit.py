@@ -21,7 +21,14 @@ import numpy as np
 
 from ._dask import _add, _blocks, _check_weight, _map_reduce, _tree, check_array
 from ._dask_seeding import _centred_sq, _grow_distributed, _seed, random_start
-from ._lloyd import _assign, _exact_mind, _row_norms_sq, _Stats, _use_complement
+from ._lloyd import (
+    _assign,
+    _exact_mind,
+    _row_norms_sq,
+    _rows_to_fit,
+    _Stats,
+    _use_complement,
+)
 
 
 def fit_input(X, sample_weight):
@@ -142,13 +149,13 @@ class DaskOps:
     def update(self, X, labels, stats, mind, sample_weight, j, affine, grow):
         """Refit every subspace to its statistics; re-seed one starved cluster.
 
-        A starved cluster (fewer than j rows of positive weight) grows a new
-        subspace around the farthest row, one per pass: the next pass measures
-        the rows again.
+        A starved cluster (fewer than j rows of positive weight, j + 1 for an
+        affine flat) grows a new subspace around the farthest row, one per
+        pass: the next pass measures the rows again.
         """
         k = stats.W.size
         bases, means, comps = _from_stats(stats, k, j, affine, X.dtype)
-        starved = np.flatnonzero(stats.N < j)
+        starved = np.flatnonzero(stats.N < _rows_to_fit(j, affine))
         if grow is None or not starved.size or not mind.far > 0:
             return bases, means, comps, []
         c = int(starved[0])

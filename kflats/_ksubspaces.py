@@ -253,7 +253,8 @@ class KSubspaces(
         and refits every subspace to its statistics: one Lloyd step whose
         statistics **accumulate** over all batches, without decay, so that
         after one pass over the data each subspace fits all the rows it was
-        given. A cluster with fewer than ``j`` rows so far is re-seeded from the
+        given. A cluster with fewer than ``j`` rows so far (``j + 1`` for affine
+        flats) is re-seeded from the
         batch's row farthest from the subspaces (its statistics start afresh).
         After ``fit``, ``partial_fit`` goes on from the fitted subspaces with
         fresh statistics.

@@ -46,6 +46,17 @@ def _complements(bases):
     return out
 
 
+def _rows_to_fit(j, affine):
+    """Rows of positive weight that determine a j-dimensional subspace.
+
+    j rows in general position span a linear subspace; an affine flat needs one
+    more, its mean taking one degree of freedom (j rows leave a (j - 1)-flat).
+    A cluster with fewer rows has arbitrary directions in its subspace, which
+    each LAPACK breaks its own way.
+    """
+    return j + 1 if affine else j
+
+
 def _use_complement(j, d):
     """Whether distances are cheaper (and exact) through the complement."""
     return 2 * j > d
@@ -285,15 +296,16 @@ def _update(
 ):
     """Refit every subspace to its rows (the M-step of Lloyd).
 
-    Clusters with fewer than ``j`` rows of positive weight are re-seeded: the
-    rows farthest from their subspaces (largest ``mind``) each grow a new
-    subspace from their neighbourhood (``grow(i) -> (basis, mean, complement)``),
-    as scikit-learn relocates empty k-means clusters. ``grow=None`` turns
-    re-seeding off. The other subspaces come from ``stats``, the clusters'
+    Clusters with fewer than ``j`` rows of positive weight (``j + 1`` for affine
+    flats: see ``_rows_to_fit``), whose subspaces those rows do not determine, are
+    re-seeded: the rows farthest from their subspaces (largest ``mind``) each grow a
+    new subspace from their neighbourhood (``grow(i) -> (basis, mean,
+    complement)``), as scikit-learn relocates empty k-means clusters. ``grow=None``
+    turns re-seeding off. The other subspaces come from ``stats``, the clusters'
     statistics under ``labels``. ``counts`` (k,), when given, are the numbers of
     rows behind ``stats`` (more than X's when they accumulate, as in partial_fit).
-    ``assign`` measures the rows' distances to a re-seeded subspace (``_assign``,
-    or another backend's).
+    ``assign`` measures the rows' distances to a re-seeded subspace (``_assign``, or
+    another backend's).
 
     Returns
     -------
@@ -310,7 +322,7 @@ def _update(
     positive = sample_weight > 0
     if counts is None:
         counts = np.bincount(labels[positive], minlength=k)
-    starved = np.flatnonzero(counts < j)
+    starved = np.flatnonzero(counts < _rows_to_fit(j, affine))
     relocated = {}
     if starved.size and grow is not None:
         # Farthest row first; each re-seeded subspace contains its seed, so the
@@ -389,10 +401,10 @@ def _ksubspaces_single(
         mind = init_dist[np.arange(X.shape[0]), labels]
     inertia = ops.cost(sample_weight, mind)
     n_iter = 0
-    # Re-seed starved clusters only where k clusters of j rows can exist, and
-    # only while it pays: once a re-seeding step does not lower the cost, the run
-    # goes on as plain Lloyd (which then always terminates).
-    relocate = ops.n_positive(sample_weight) >= k * j
+    # Re-seed starved clusters only where k clusters of rows enough to fit them
+    # can exist, and only while it pays: once a re-seeding step does not lower
+    # the cost, the run goes on as plain Lloyd (which then always terminates).
+    relocate = ops.n_positive(sample_weight) >= k * _rows_to_fit(j, affine)
     stats = ops.stats(X, labels, sample_weight, k)
     for n_iter in range(1, max_iter + 1):
         bases, means, comps, n_relocated = ops.update(

@@ -9,7 +9,15 @@ from sklearn.utils.validation import _check_sample_weight, validate_data
 from . import _dask
 from ._backend import NumpyOps
 from ._fit import check_params_vs_input
-from ._lloyd import _assign, _exact_mind, _pack, _row_norms_sq, _Stats, _update
+from ._lloyd import (
+    _assign,
+    _exact_mind,
+    _pack,
+    _row_norms_sq,
+    _rows_to_fit,
+    _Stats,
+    _update,
+)
 
 
 def partial_fit(est, X, sample_weight):
@@ -67,8 +75,8 @@ def partial_fit_batch(est, X, sample_weight):
 def _step(X, xsq, sample_weight, subspaces, stats, j, affine, grow):
     """Assign the batch, add it to ``stats``, refit: the new subspaces and stats.
 
-    A cluster with fewer than j rows so far is re-seeded around the batch's
-    farthest row; its old statistics are forgotten.
+    A cluster with fewer than j rows so far (j + 1 for affine flats) is
+    re-seeded around the batch's farthest row; its old statistics are forgotten.
     """
     bases, means, comps = subspaces
     k = stats.W.size
@@ -85,7 +93,8 @@ def _step(X, xsq, sample_weight, subspaces, stats, j, affine, grow):
         labels, mind = _assign(X, xsq, _pack(bases, means, affine, comps))
         total = stats + _Stats.of_rows(X, labels, sample_weight, k)
         refit = _update(X, labels, total, mind, sample_weight, j, affine, None, total.N)
-        keep = [c for c in range(k) if c in relocated and total.N[c] < j]
+        few = _rows_to_fit(j, affine)
+        keep = [c for c in range(k) if c in relocated and total.N[c] < few]
         for new, old in zip(refit[:3], (bases, means, comps), strict=True):
             if new is not None:
                 new[keep] = old[keep]

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -31,11 +31,22 @@ def projectors(bases):
     dtype=st.sampled_from([np.float32, np.float64]),
     init=st.sampled_from(["k-subspaces++", "random"]),
 )
+# The first assignment left an affine 2-flat with 2 rows, which do not fix its
+# second direction: the two backends' LAPACKs picked different ones. (Such a
+# cluster is now re-seeded: an affine j-flat needs j + 1 rows.)
+@example(
+    seed=4, n=8, d=4, k=4, j_frac=0.5, affine=True, dtype=np.float64, init="random"
+)
+@example(
+    seed=58914, n=8, d=4, k=4, j_frac=0.5, affine=True, dtype=np.float32, init="random"
+)
 def test_cpu_fit_equals_the_numpy_backend(seed, n, d, k, j_frac, affine, dtype, init):
     """Basis and complement forms, linear and affine.
 
     Each cluster has room for more rows than its dimension, so that no row sits
-    at distance zero from two subspaces (a tie that rounding would break).
+    at distance zero from two subspaces (a tie that rounding would break). A
+    cluster whose rows do not determine its subspace (fewer than j, or j + 1
+    for an affine flat) is re-seeded by both backends alike, not fitted.
     """
     j = 1 + int(j_frac * (d - 2))
     n = max(n, 3 * k * (j + 1))

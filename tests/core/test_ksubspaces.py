@@ -244,6 +244,33 @@ def test_starved_clusters_are_reseeded():
     assert adjusted_rand_score(y, ks.labels_) == 1.0
 
 
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_a_cluster_of_too_few_rows_to_fit_its_subspace_is_reseeded(affine, extra):
+    """j rows fit a linear j-subspace; an affine j-flat needs j + 1.
+
+    Fitted to j rows, a flat has one direction that nothing determines (each
+    LAPACK picks its own), so that cluster is re-seeded; with enough rows its
+    own subspace is fitted (with exactly enough, it passes through them all).
+    """
+    j, k = 2, 2
+    X = np.random.RandomState(0).randn(40, 5)
+    sw, xsq = np.ones(40), _row_norms_sq(X)
+    size = j + int(affine) + extra  # rows of cluster 1
+    labels = (np.arange(40) < size).astype(np.int32)
+
+    def grow(i):
+        return _grow(X, xsq, sw, i, j, affine)
+
+    stats = _Stats(X, labels, sw, k)
+    bases, means, _, relocated = _update(X, labels, stats, xsq, sw, j, affine, grow)
+    assert relocated == ([1] if extra < 0 else [])
+    if extra == 0:
+        R = X[:size] - means[1]
+        R -= R @ bases[1].T @ bases[1]
+        assert_allclose(R, 0.0, atol=1e-12)
+
+
 def test_fewer_distinct_clusters_warns():
     X = np.repeat([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], 5, axis=0)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\)"):
