@@ -18,6 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+# Imported here, once: asv's server process imports the suite and forks one
+# process per benchmark, which so starts with kflats (and torch, when
+# installed) already imported instead of importing them anew (about 4 s each,
+# most of a quick run's time). Nothing runs here: no thread pool is started
+# before the fork.
+import kflats  # noqa: F401
+
+try:
+    import kflats.torch  # noqa: F401
+except ImportError:  # torch missing: the torch benchmarks skip themselves
+    pass
+
 
 @cache
 def union_of_subspaces(
