@@ -8,7 +8,10 @@ and the one whose output is nearest the original's is kept.
 The probe runs in batches of at most 8 sequences
 (:func:`~._fisher.micro_batches`), the original and every plan on one batch
 before the next: no output outlives its batch, and a plan's dense weights
-are dequantized as their modules run (:func:`placed`). The original's
+are dequantized as their modules run (:func:`placed`), each (module, form)
+once and kept for the next plans and batches up to :data:`_KEPT_BYTES`
+(MiniLM's six plans at 0.10x: all of theirs; a larger model's beyond that
+are dequantized at each run, as they were). The original's
 log-probabilities are kept for the batch in float32, or, past 16 MB (a
 vocabulary of 49,152 tokens by 41 positions by 8 sequences: 64 MB), in
 float16, which moves every plan's KL divergence alike (the same rounding of
@@ -22,10 +25,38 @@ import torch
 from torch import nn
 
 from kflats.torch.compression._fisher import LOGIT_KINDS, micro_batches
+from kflats.torch.compression._form_errors import _dense_key
 from kflats.torch.models import adapter_for, tie_replacements
 
 # log-probabilities of a batch kept in float32 up to this many (16 MB)
 _EXACT = 1 << 22
+
+# the dense forms' dequantized weights kept across the probe's plans and
+# batches, at most (bytes)
+_KEPT_BYTES = 256 << 20
+
+
+class _Dequantized:
+    """Dense forms' weights, dequantized once and kept up to ``max_bytes``.
+
+    Kept in the order first asked and never dropped: the probe asks for the
+    same weights in the same order at every batch, and a cycle over more
+    than fits would drop each before it is asked again.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.nbytes, self._kept = max_bytes, 0, {}
+
+    def weight(self, name, measured, form, dtype):
+        key = (name, *_dense_key(form))
+        w = self._kept.get(key)
+        if w is None:
+            w = measured.dense_weight(form).to(dtype)
+            size = w.numel() * w.element_size()
+            if self.nbytes + size <= self.max_bytes:
+                self._kept[key] = w
+                self.nbytes += size
+        return w
 
 
 def _reference(adapter, batch):
@@ -52,23 +83,25 @@ def _distortion(adapter, out, reference, batch):
 
 
 @contextlib.contextmanager
-def placed(model, named, plan, measured):
+def placed(model, named, plan, measured, kept=None):
     """The model with a plan's forms in place, restored on exit.
 
     A dense form's weight is dequantized when its module runs and dropped
     after (a forward pre-hook puts it in the place of the parameter, in every
     module that holds that parameter, a tied head too; a forward hook puts
-    the parameter back), so that no copy of the model's weights is kept;
-    projective layers are swapped in, with the modules tied to them.
+    the parameter back), so that no copy of the model's weights is kept
+    beyond what ``kept`` (a :class:`_Dequantized`) holds; projective layers
+    are swapped in, with the modules tied to them.
     """
     handles, swapped = [], {}
     holders = _holders(model)
+    kept = _Dequantized(0) if kept is None else kept
     try:
         layers = {}
         for name, form in plan.items():
             if form.kind == "dense":
                 weight = named[name]._parameters["weight"]
-                source = (measured[name], form)
+                source = (name, measured[name], form, kept)
                 for module in holders.get(id(weight), [named[name]]):
                     handles += _dequantized_in(module, weight, source)
             elif form.kind == "projective":
@@ -99,10 +132,10 @@ def _holders(model):
 
 def _dequantized_in(module, weight, source):
     """Hooks that hold the dequantized form in ``module.weight`` while it runs."""
-    measured, form = source
+    name, measured, form, kept = source
 
     def put(mod, args):
-        w = measured.dense_weight(form).to(weight.dtype)
+        w = kept.weight(name, measured, form, weight.dtype)
         mod._parameters["weight"] = nn.Parameter(w, requires_grad=False)
 
     def back(mod, args, output):
@@ -129,12 +162,13 @@ def best_on_probe(model, named, plans, measured, batches):
     was_training = model.training
     model.eval()
     totals = np.zeros(len(plans))
+    kept = _Dequantized(_KEPT_BYTES)
     try:
         with torch.no_grad():
             for batch in batches:
                 reference = _reference(adapter, batch)
                 for i, plan in enumerate(plans):
-                    with placed(model, named, plan, measured):
+                    with placed(model, named, plan, measured, kept):
                         out = adapter.final(adapter.run(dict(batch)))
                     totals[i] += _distortion(adapter, out, reference, batch)
                     del out

@@ -216,6 +216,50 @@ def test_the_probe_reports_the_kl_divergence(calibrated):
     assert _ModuleForms  # the measured forms have the same interface
 
 
+def test_the_probe_dequantizes_each_dense_form_once(calibrated, monkeypatch):
+    """Weights kept across plans and batches: the same scores as dequantized
+    at every run, each (module, form) dequantized once; with nothing kept
+    (a model too large), at every run, as before."""
+    from kflats.torch.compression import _probe_plans
+    from kflats.torch.compression._fisher import micro_batches
+    from kflats.torch.compression._forms import _Form
+    from kflats.torch.compression._sensitivity import _probe_batches
+
+    model, targets, cal = calibrated
+    named = dict(model.named_modules())
+    batches = _probe_batches(model, cal.probe)
+    n_batches = len(list(micro_batches(batches)))
+    three = {n: _Form("dense", 3, 32, None, 0) for n in targets}
+    mixed = {**three, targets[0]: _Form("dense", 4, 32, None, 0)}
+
+    class Measured:
+        def __init__(self, module):
+            from kflats.quantize import quantize_module_
+
+            self.q = {}
+            for bits in (3, 4):
+                self.q[bits] = copy.deepcopy(module)
+                quantize_module_(self.q[bits], bits, 32, method="rtn")
+            self.calls = 0
+
+        def dense_weight(self, form):
+            self.calls += 1
+            return self.q[form.bits].weight.detach().clone()
+
+    measured = {n: Measured(named[n]) for n in targets}
+    best, scores = _probe_plans.best_on_probe(
+        model, named, [three, mixed], measured, batches
+    )
+    # every module's 3-bit form, and the first's 4-bit form: once each
+    assert [measured[n].calls for n in targets] == [2] + [1] * (len(targets) - 1)
+    monkeypatch.setattr(_probe_plans, "_KEPT_BYTES", 0)
+    for m in measured.values():
+        m.calls = 0
+    again = _probe_plans.best_on_probe(model, named, [three, mixed], measured, batches)
+    assert again == (best, scores)
+    assert measured[targets[1]].calls == 2 * n_batches > 2
+
+
 def test_fisher_sensitivities_follow_the_measured_kl(calibrated):
     """Each module alone rounded to 3 bits: the KL it causes, per unit of its
     calibrated error, and the Fisher estimate agree within a factor 3 for
