@@ -801,3 +801,35 @@ def test_integer_zero_points_are_stored_at_the_tensors_bits(bits, rows, g, axis,
     # a file of an earlier kflats, the zero points a byte each: read as well
     old = {**state, "zeros": qt.zeros}
     assert np.array_equal(QuantizedTensor.from_state(old).dequantize(), qt.dequantize())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(1, 40),
+    st.sampled_from((np.float16, np.float32)),
+    st.sampled_from((np.uint8, np.float16)),
+    st.integers(0, 2**31 - 1),
+)
+def test_compiled_decode_has_numpys_float32_bits(
+    groups, g, scale_dtype, zero_dtype, seed
+):
+    """The compiled decode: ``(codes - zero) * scale`` rounded as NumPy rounds
+    it in float32, bit for bit (scales spanning many exponents)."""
+    from kflats.quantize._grid import _decode
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, size=(groups, g), dtype=np.uint8)
+    scales = (rng.random(groups) * 10.0 ** rng.integers(-6, 4, groups)).astype(
+        scale_dtype
+    )
+    zeros = (rng.random(groups) * 255).astype(zero_dtype)
+    want = (
+        codes.astype(np.float32) - zeros.astype(np.float32)[:, None]
+    ) * scales.astype(np.float32)[:, None]
+    got = _decode(codes, scales, zeros)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # a view with strides (a tensor's codes reshaped) decodes alike
+    wide = np.repeat(codes, 2, axis=1)[:, ::2]
+    np.testing.assert_array_equal(_decode(wide, scales, zeros), got)
