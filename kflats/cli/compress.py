@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kflats.quantize import shared_quantizations
+
 from . import report as _report
 from ._common import (
     budget_type,
@@ -47,6 +49,8 @@ _budget = budget_type(include_one=False)
 # the budget without --budget or --size: the folder at 0.15 of the float32
 # model's bytes (the default unit), or 0.6 of the numbers with --unit numbers
 _DEFAULT_BUDGET = {"bytes": 0.15, "numbers": 0.6}
+# the calibrated roundings kept for the baseline, at most (packed bytes)
+_SHARED_BYTES = 128 << 20
 
 
 def _model():
@@ -199,9 +203,12 @@ def run(args):
     job = _check(args)
     _load(job)
     _calibrate(job)
-    _compress(job)
-    _heal(job)
-    evaluate(job)
+    # the baseline (uniform quantization at the same size) rounds what the
+    # search rounded: each calibrated rounding is made once
+    with shared_quantizations(_SHARED_BYTES):
+        _compress(job)
+        _heal(job)
+        evaluate(job)
     data, files = _write(job)
     summary(data, args.out, files)
     return 0

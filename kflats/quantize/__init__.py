@@ -10,7 +10,9 @@ outputs after a save and load that store only the codes.
 - :func:`quantize`: round-to-nearest (the floor), optionally with a search of
   each group's clipping ratio.
 - :func:`quantize_calibrated`: GPTQ-style rounding with error feedback along a
-  Linear layer's input moment ``E[x x^T]``.
+  Linear layer's input moment ``E[x x^T]``; :func:`shared_quantizations`: a
+  scope in which the same inputs are rounded once (a search and its
+  baseline).
 - Layers (needs PyTorch; defined in :mod:`kflats.torch.layers` beside the
   layers they quantize, and imported from there on first use):
   :func:`quantize_module_`
@@ -54,7 +56,7 @@ round-to-nearest, 0.9918 calibrated, 0.9749 HQQ (0.157x), 0.9593 torchao
 
 import importlib
 
-from ._gptq import quantize_calibrated
+from ._gptq import quantize_calibrated, shared_quantizations
 from ._grid import SUPPORTED_BITS
 from ._nbytes import quantized_nbytes
 from ._tensor import QuantizedTensor, quantize
@@ -82,6 +84,7 @@ __all__ = [
     "quantize",
     "quantize_calibrated",
     "quantized_nbytes",
+    "shared_quantizations",
     *_TORCH_NAMES,
 ]
 

@@ -1,5 +1,8 @@
 """Calibrated quantization: rounding with error feedback along an input moment."""
 
+import contextlib
+import copy
+
 import numba
 import numpy as np
 from scipy.linalg import lapack
@@ -20,7 +23,7 @@ from ._grid import (
 )
 from ._tensor import QuantizedTensor
 
-__all__ = ["quantize_calibrated"]
+__all__ = ["quantize_calibrated", "shared_quantizations"]
 
 _BLOCK = 128
 
@@ -56,6 +59,79 @@ def _inverse_factor(H, damping):
     if info != 0:  # pragma: no cover - a Cholesky factor has a positive diagonal
         raise np.linalg.LinAlgError(f"moment: the triangular inverse failed ({info})")
     return _INVERSE.put(key, (np.ascontiguousarray(inverse[::-1, ::-1]),))[0]
+
+
+# the scopes of shared_quantizations, innermost last: a list, not a context
+# variable, so that the threads a search measures its forms in see them
+_SCOPES = []
+
+
+class _Shared:
+    """Results of :func:`quantize_calibrated` by the content of its inputs, up
+    to ``max_bytes`` of packed tensors, kept in the order made (a search's
+    baseline asks last for what the search made first)."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.nbytes = int(max_bytes), 0
+        self.hits, self._kept = 0, {}
+
+    def get(self, key):
+        hit = self._kept.get(key)
+        if hit is None:
+            return None
+        self.hits += 1
+        return copy.deepcopy(hit)
+
+    def put(self, key, qt):
+        if key not in self._kept and self.nbytes + qt.nbytes <= self.max_bytes:
+            self._kept[key] = copy.deepcopy(qt)
+            self.nbytes += qt.nbytes
+
+
+@contextlib.contextmanager
+def shared_quantizations(max_bytes=256 << 20):
+    """A scope in which :func:`quantize_calibrated` rounds the same inputs once.
+
+    A compression in bytes measures each module's dense forms, and its
+    baseline, uniform quantization at the same size, rounds the same
+    weights with the same moments on the same grids again. Within the
+    scope, each call's result is kept (up to ``max_bytes`` of packed
+    tensors, in the order made) by the content of its inputs (the weight,
+    the moment and every option), and a call on the same inputs gets a copy
+    of it: the same codes, scales and zero points it would compute. Nothing
+    is kept after the scope.
+
+    Parameters
+    ----------
+    max_bytes : int, default=256 MiB
+        The packed bytes kept at most; results beyond are not kept.
+
+    Yields
+    ------
+    shared : object
+        Its ``hits`` counts the calls answered from the kept results.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kflats.quantize import quantize_calibrated, shared_quantizations
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.normal(size=(8, 64))
+    >>> C = np.cov(rng.normal(size=(64, 200)))
+    >>> with shared_quantizations() as shared:
+    ...     a = quantize_calibrated(W, C, bits=3, group_size=32)
+    ...     b = quantize_calibrated(W, C, bits=3, group_size=32)
+    >>> shared.hits, np.array_equal(a.dequantize(), b.dequantize())
+    (1, True)
+    """
+    if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+    shared = _Shared(max_bytes)
+    _SCOPES.append(shared)
+    try:
+        yield shared
+    finally:
+        _SCOPES.remove(shared)
 
 
 def _check_moment(moment, n):
@@ -256,6 +332,14 @@ def quantize_calibrated(
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
     H = _check_moment(moment, cols)
     zdtype = check_zero_dtype(zero_dtype)
+    shared = _SCOPES[-1] if _SCOPES else None
+    if shared is not None:
+        options = (bits, g, axis, bool(symmetric), bool(clip), damping)
+        options += (bool(act_order), np.dtype(dtype).str, np.dtype(zdtype).str)
+        key = (Kept.key(W, *options), Kept.key(H)[0])
+        hit = shared.get(key)
+        if hit is not None:
+            return hit
     ratios = _CLIP_RATIOS if clip else (1.0,)
     grid = _Grid(bits, bool(symmetric), dtype, ratios, zdtype)
     n_scales = (rows, cols // g) if axis == 1 else (cols, rows // g)
@@ -278,7 +362,7 @@ def quantize_calibrated(
     codes = _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros)
     if axis == 0:
         codes = codes.T
-    return QuantizedTensor._from_codes(
+    qt = QuantizedTensor._from_codes(
         codes,
         scales,
         None if symmetric else zeros,
@@ -287,3 +371,6 @@ def quantize_calibrated(
         g,
         axis,
     )
+    if shared is not None:
+        shared.put(key, qt)
+    return qt

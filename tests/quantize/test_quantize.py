@@ -833,3 +833,57 @@ def test_compiled_decode_has_numpys_float32_bits(
     # a view with strides (a tensor's codes reshaped) decodes alike
     wide = np.repeat(codes, 2, axis=1)[:, ::2]
     np.testing.assert_array_equal(_decode(wide, scales, zeros), got)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from((2, 3, 4, 8)),
+    st.sampled_from((8, 16)),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_a_shared_scope_rounds_the_same_inputs_once_to_the_same_codes(
+    bits, g, act_order, symmetric, seed
+):
+    from kflats.quantize import shared_quantizations
+
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(6, 4 * g))
+    X = rng.normal(size=(8 * g, 4 * g))
+    C = X.T @ X / len(X)
+    kw = dict(bits=bits, group_size=g, act_order=act_order, symmetric=symmetric)
+    alone = quantize_calibrated(W, C, **kw)
+    with shared_quantizations() as shared:
+        first = quantize_calibrated(W, C, **kw)
+        again = quantize_calibrated(W.copy(), C.copy(), **kw)
+        # another option, another moment, another weight: rounded anew
+        quantize_calibrated(W, C, **{**kw, "damping": 0.1})
+        quantize_calibrated(W, C + np.eye(len(C)), **kw)
+        quantize_calibrated(W + 1e-3, C, **kw)
+    assert shared.hits == 1
+    for qt in (first, again):
+        np.testing.assert_array_equal(qt.unpacked_codes(), alone.unpacked_codes())
+        np.testing.assert_array_equal(qt.scales, alone.scales)
+        if not symmetric:
+            np.testing.assert_array_equal(qt.zeros, alone.zeros)
+    # each caller its copy: what one changes, the next does not see
+    with shared_quantizations() as shared:
+        quantize_calibrated(W, C, **kw).scales[...] = 0
+        quantize_calibrated(W, C, **kw).scales[...] = 0
+        assert np.array_equal(quantize_calibrated(W, C, **kw).scales, alone.scales)
+    assert shared.hits == 2
+    # no room: nothing kept
+    with shared_quantizations(max_bytes=0) as none_kept:
+        quantize_calibrated(W, C, **kw)
+        quantize_calibrated(W, C, **kw)
+    assert none_kept.hits == 0
+
+
+@pytest.mark.parametrize("max_bytes", [-1, 1.5, "1"])
+def test_a_shared_scope_checks_its_size(max_bytes):
+    from kflats.quantize import shared_quantizations
+
+    with pytest.raises(ValueError, match="max_bytes"):
+        with shared_quantizations(max_bytes):
+            pass
