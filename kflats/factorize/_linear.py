@@ -27,6 +27,7 @@ exact calibrated error under the full (damped) ``C``.
 import collections
 import hashlib
 import numbers
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -116,6 +117,8 @@ class Kept:
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self._items = collections.OrderedDict()
+        # modules' forms are measured in threads (kflats._threads.map_threads)
+        self._lock = threading.Lock()
 
     @staticmethod
     def key(array, *params):
@@ -124,17 +127,19 @@ class Kept:
         return (digest, array.shape, array.dtype.str, *params)
 
     def get(self, key):
-        hit = self._items.get(key)
-        if hit is not None:
-            self._items.move_to_end(key)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
         return hit
 
     def put(self, key, arrays):
         for a in arrays:
             a.flags.writeable = False
-        self._items[key] = arrays
-        while len(self._items) > 1 and self._nbytes() > self.max_bytes:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = arrays
+            while len(self._items) > 1 and self._nbytes() > self.max_bytes:
+                self._items.popitem(last=False)
         return arrays
 
     def _nbytes(self):

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import threading
 
 import numba
 import numpy as np
@@ -74,16 +75,20 @@ class _Shared:
     def __init__(self, max_bytes):
         self.max_bytes, self.nbytes = int(max_bytes), 0
         self.hits, self._kept = 0, {}
+        self._lock = threading.Lock()  # calls come from a search's threads
 
     def get(self, key):
-        hit = self._kept.get(key)
-        if hit is None:
-            return None
-        self.hits += 1
+        with self._lock:
+            hit = self._kept.get(key)
+            if hit is None:
+                return None
+            self.hits += 1
         return copy.deepcopy(hit)
 
     def put(self, key, qt):
-        if key not in self._kept and self.nbytes + qt.nbytes <= self.max_bytes:
+        with self._lock:
+            if key in self._kept or self.nbytes + qt.nbytes > self.max_bytes:
+                return
             self._kept[key] = copy.deepcopy(qt)
             self.nbytes += qt.nbytes
 

@@ -630,13 +630,18 @@ def test_numpy_core_does_not_import_torch():
     st.integers(1, 20),
     st.booleans(),
     st.integers(0, 2**31 - 1),
+    st.booleans(),
 )
-def test_refit_is_the_least_squares_solution(r, d, n, whiten, seed):
+def test_refit_is_the_least_squares_solution(r, d, n, whiten, seed, deficient):
+    """The least-norm solution, also where two rounded bases coincide (the
+    normal equations singular: the Cholesky solve gives way to pinvh)."""
     from kflats.torch.layers._quantize import _lstsq_refit
 
     rng = np.random.default_rng(seed)
     U, V = rng.normal(size=(n, r)), rng.normal(size=(r, d))
     Vq = V + 0.1 * rng.normal(size=(r, d))
+    if deficient and r > 1:
+        Vq[-1] = Vq[0]
     L = np.linalg.cholesky(np.cov(rng.normal(size=(d, 4 * d))) + np.eye(d))
     L = L if whiten else None
     A, B = (Vq, U @ V) if L is None else (Vq @ L, U @ V @ L)
