@@ -15,7 +15,6 @@ from ._grid import (
     _as_matrix,
     _check_axis,
     _decode,
-    _encode,
     _fit_and_encode,
     check_bits,
     check_group_size,
@@ -161,7 +160,12 @@ class _Grid:
 
     def fit(self, groups):
         """(scales, zero points) of the groups, one a row of ``groups``."""
-        s, z, _ = _fit_and_encode(
+        return self.fit_codes(groups)[:2]
+
+    def fit_codes(self, groups):
+        """(scales, zero points, codes) of the groups, one a row of ``groups``:
+        the codes are :func:`_encode`'s on the grids fitted."""
+        return _fit_and_encode(
             groups,
             self.bits,
             self.symmetric,
@@ -169,7 +173,6 @@ class _Grid:
             self.ratios,
             zero_dtype=self.zero_dtype,
         )
-        return s, z
 
 
 @numba.njit(cache=True, nogil=True)
@@ -239,8 +242,8 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
             for j in range(b0, b1):
                 orig = perm[j]
                 col = W[:, j].reshape(-1, g)
-                s, z = scales[orig], zeros[orig] = grid.fit(col)
-                q = _encode(col, s, z, grid.bits)
+                s, z, q = grid.fit_codes(col)
+                scales[orig], zeros[orig] = s, z
                 deq = _decode(q, s, z).astype(np.float64).reshape(-1)
                 codes[:, orig] = q.reshape(-1)
                 e = (W[:, j] - deq) / U[j, j]
