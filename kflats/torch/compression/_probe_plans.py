@@ -10,8 +10,7 @@ The probe runs in batches of at most 8 sequences
 before the next: no output outlives its batch, and a plan's dense weights
 are dequantized as their modules run (:func:`placed`), each (module, form)
 once and kept for the next plans and batches up to :data:`_KEPT_BYTES`
-(MiniLM's six plans at 0.10x: all of theirs; a larger model's beyond that
-are dequantized at each run, as they were). The original's
+(beyond that, dequantized at each run). The original's
 log-probabilities are kept for the batch in float32, or, past 16 MB (a
 vocabulary of 49,152 tokens by 41 positions by 8 sequences: 64 MB), in
 float16, which moves every plan's KL divergence alike (the same rounding of
