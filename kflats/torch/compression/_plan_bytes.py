@@ -206,8 +206,7 @@ def _plan_candidates(all_forms, scales, allowed, bits):
 
 
 def _dense_hull(forms, start=None):
-    """:func:`_hull` of the forms that are not factors (indices into ``forms``);
-    ``start``, a dense form's index, as there."""
+    """:func:`_hull` of the forms without factors (indices into ``forms``)."""
     keep = [i for i, f in enumerate(forms) if f.kind != "projective"]
     start = None if start is None else keep.index(start)
     return [keep[j] for j in _hull([forms[i] for i in keep], start)]
@@ -380,7 +379,7 @@ def _choose(model, names, named, measured, config, probe, budget, phases):
     batches = _probe_batches(model, probe) if probe else None
     if probe and len(names) > 1 and config.allocation == "global":
         with phases("sensitivity"):
-            scale = _scales(model, names, named, measured, config, probe, batches)
+            scale = _scales(model, named, measured, config, probe, batches, phases)
     with phases("allocation"):
         plans = _measured_plans(names, measured, config, budget, scale)
     if probe and len(plans) > 1:
@@ -390,8 +389,9 @@ def _choose(model, names, named, measured, config, probe, budget, phases):
     return plans[0]
 
 
-def _scales(model, names, named, measured, config, probe, batches):
-    """Each module's sensitivity: Fisher for a distribution, else the probe."""
+def _scales(model, named, measured, config, probe, batches, phases):
+    """Sensitivities: Fisher for a distribution, else the probe (bar as phases)."""
+    names = list(measured)
     if has_logits(model):
         weights = {
             n: measured[n].objective.row_weights
@@ -402,7 +402,7 @@ def _scales(model, names, named, measured, config, probe, batches):
             model, names, named, batches, row_weights=weights, seed=_seed(config)
         )
     spectra = {n: measured[n].spectrum for n in names}
-    return _sensitivities(model, names, named, spectra, probe)
+    return _sensitivities(model, names, named, spectra, probe, phases.show)
 
 
 def _measured_plans(names, measured, config, budget, scale):

@@ -546,6 +546,21 @@ def test_a_budget_below_the_smallest_forms_says_the_minimum(allocation):
     assert report.folder_bytes <= need
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_sensitivity_bar_follows_progress(cal_model, progress, capsys, monkeypatch):
+    """progress=False (kflats compress --quiet) hides every bar of the search,
+    the sensitivity probe's too, however large the model."""
+    from kflats.torch.compression import _sensitivity
+
+    monkeypatch.setattr(_sensitivity, "_PROGRESS_NUMBERS", 0)
+    # measured anew, not taken from an earlier test's equal probe
+    monkeypatch.setattr(_sensitivity, "_MEASURED", type(_sensitivity._MEASURED)())
+    base, cal = cal_model
+    model = copy.deepcopy(base)
+    compress(model, 0.2, TARGETS, calibration=cal, unit="bytes", progress=progress)
+    assert ("kflats sensitivity" in capsys.readouterr().err) == progress
+
+
 def test_a_byte_count_needs_unit_bytes():
     with pytest.raises(ValueError, match=r"'budget' .* float in the range \(0\.0, 1"):
         CompressionConfig(5000)
