@@ -128,7 +128,8 @@ def shared_quantizations(max_bytes=256 << 20):
     >>> shared.hits, np.array_equal(a.dequantize(), b.dequantize())
     (1, True)
     """
-    if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+    whole = isinstance(max_bytes, (int, np.integer)) and not isinstance(max_bytes, bool)
+    if not whole or max_bytes < 0:
         raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
     shared = _Shared(max_bytes)
     _SCOPES.append(shared)

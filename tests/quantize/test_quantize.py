@@ -920,7 +920,7 @@ def test_a_shared_scope_rounds_the_same_inputs_once_to_the_same_codes(
     assert none_kept.hits == 0
 
 
-@pytest.mark.parametrize("max_bytes", [-1, 1.5, "1"])
+@pytest.mark.parametrize("max_bytes", [-1, 1.5, "1", True])
 def test_a_shared_scope_checks_its_size(max_bytes):
     from kflats.quantize import shared_quantizations
 
