@@ -200,6 +200,71 @@ def _fit_grid(groups, bits, symmetric, ratio, dtype, zero_dtype=np.uint8, bounds
     return scale, zero
 
 
+# every finite float16 value >= 0, increasing (the bit patterns 0 .. 0x7BFF):
+# the compiled grid fit rounds a scale up to float16 by a search in it
+_HALVES = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+_NO_HALVES = np.empty(0)  # float32 scales
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ceil_scale(x, halves):
+    """:func:`_round_up` of one scale: the least float16 (``halves``, see
+    :data:`_HALVES`) or, ``halves`` empty, float32 value ``>= x``."""
+    if halves.size == 0:
+        y = np.float32(x)
+        if np.float64(y) < x:
+            y = np.nextafter(y, np.float32(np.inf))
+        return np.float64(y)
+    i = np.searchsorted(halves, x)
+    if i == halves.size:
+        raise ValueError(
+            "the weights are too large for float16 scales (a scale above "
+            "65504); use scale_dtype='float32'"
+        )
+    return halves[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _fit_groups_into(x, g, bits, symmetric, ratios, halves, scale, zero, codes):
+    """:func:`_fit_and_encode` of the groups of ``g`` consecutive entries of
+    ``x`` (integer zero points, or symmetric; no weights), compiled.
+
+    Each group's grid over each of ``ratios`` is :func:`_fit_grid`'s, in the
+    same float64 operations, the scale rounded up as :func:`_round_up` does
+    (``halves``); its error and the choice are :func:`_best_grids`'. The
+    stored scales and zero points go to ``scale`` and ``zero`` (float64), the
+    codes to ``codes``.
+    """
+    levels = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    for k in range(x.size // g):
+        a = k * g
+        low, high = x[a], x[a]
+        for c in range(a + 1, a + g):
+            low, high = min(low, x[c]), max(high, x[c])
+        least, best_s, best_z = np.inf, 0.0, 0.0
+        for t in range(ratios.size):
+            if symmetric:
+                amax = max(-low, high) * ratios[t]
+                s = _ceil_scale(amax / (mid - 0.5), halves)
+                z = float(mid)
+            else:
+                lo, hi = min(low, 0.0) * ratios[t], max(high, 0.0) * ratios[t]
+                s = _ceil_scale((hi - lo) / levels, halves)
+                z = min(max(np.rint(-lo / s) if s > 0 else 0.0, 0.0), float(levels))
+            s32, z32 = np.float32(s), np.float32(z)
+            total = 0.0
+            for c in range(a, a + g):
+                q = _code(x[c], s, z, levels, False)
+                diff = np.float64((np.float32(q) - z32) * s32) - x[c]
+                total += diff * diff
+            if total < least:
+                least, best_s, best_z = total, s, z
+        scale[k], zero[k] = best_s, best_z
+        for c in range(a, a + g):
+            codes[c] = np.uint8(_code(x[c], best_s, best_z, levels, False))
+
+
 def _nearest(values, dtype):
     """``values`` in ``dtype``, to the nearest; raise when float16 overflows."""
     with np.errstate(over="ignore"):

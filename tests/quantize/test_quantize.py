@@ -701,39 +701,55 @@ def _round_columns_reference(W, U, perm, g, axis, act_order, grid, scales, zeros
     return codes
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     st.sampled_from((2, 3, 4, 8)),
     st.sampled_from((8, 16)),
     st.integers(1, 4),
-    st.integers(2, 40),
+    st.integers(2, 140),
+    st.sampled_from(("uint8", "symmetric", "float16")),
+    st.sampled_from((np.float16, np.float32)),
+    st.booleans(),
     st.booleans(),
     st.integers(0, 2**31 - 1),
 )
 def test_rounding_down_the_columns_matches_the_numpy_loop(
-    bits, g, groups, cols, sym, seed
+    bits, g, groups, cols, zero, dtype, clip, act_order, seed
 ):
-    """Groups down each column (axis 0, a table's bases): the codes the grid
-    search returns are those :func:`_encode` gives on the grids fitted."""
+    """Groups down each column (axis 0, a table's bases), rounded in one
+    compiled loop (float zero points: in NumPy): the codes, grids and
+    updated weights of the NumPy loop, in every grid, scale dtype, clipping
+    and column order, over more than one block of columns."""
     from kflats.quantize import _gptq
     from kflats.quantize._grid import _CLIP_RATIOS
 
     rng = np.random.default_rng(seed)
     rows = g * groups
     W = rng.normal(size=(rows, cols)) * rng.exponential(size=(rows, 1))
+    W[:, 0] = 0.0  # a column of zeros: scales and zero points 0
     X = rng.normal(size=(3 * cols, cols)) @ rng.normal(size=(cols, cols))
+    perm = rng.permutation(cols) if act_order else np.arange(cols)
     U = _gptq._inverse_factor(X.T @ X, 0.01)
-    grid = _gptq._Grid(bits, sym, np.float16, _CLIP_RATIOS)
-    perm = np.arange(cols)
+    sym = zero == "symmetric"
+    zdtype = np.float16 if zero == "float16" else np.uint8
+    grid = _gptq._Grid(bits, sym, dtype, _CLIP_RATIOS if clip else (1.0,), zdtype)
     out = []
     for fn in (_gptq._round_columns, _round_columns_reference):
-        scales = np.empty((cols, groups), dtype=np.float16)
-        zeros = np.empty((cols, groups), dtype=np.uint8)
+        scales = np.empty((cols, groups), dtype=dtype)
+        zeros = np.empty((cols, groups), dtype=zdtype)
         Wp = W.copy()
         codes = fn(Wp, U, perm, g, 0, False, grid, scales, zeros)
         out.append((codes, scales, zeros, Wp))
     for a, b in zip(*out, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rounding_down_refuses_weights_beyond_float16_scales():
+    W = np.full((16, 3), 1e9)
+    with pytest.raises(ValueError, match="too large for float16 scales"):
+        quantize_calibrated(W, np.eye(3), 4, 8, axis=0)
+    qt = quantize_calibrated(W, np.eye(3), 4, 8, axis=0, scale_dtype="float32")
+    np.testing.assert_allclose(qt.dequantize(), W, rtol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
