@@ -42,6 +42,7 @@ from ._validation import (
     _check_matrix,
     check_moment,
     check_sample_weight,
+    is_symmetric,
 )
 
 SIDES = ("auto", "input", "output")
@@ -99,7 +100,7 @@ def damped_moment(input_moment, n_features, damping=1e-2):
             "input_moment has a non-positive trace: it is not the second moment "
             "of any non-zero input (was the calibration empty?)"
         )
-    if not np.allclose(C, C.T, rtol=1e-5, atol=1e-8 * scale):
+    if not is_symmetric(C, 1e-5, 1e-8 * scale):
         raise ValueError("input_moment must be symmetric (E[x x^T])")
     advice = "pass E[x x^T] of real inputs, or raise damping"
     return damped_cholesky(C, damping, scale, "input_moment", advice)

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from ..factorize._linear import Kept, damped_cholesky
-from ..factorize._validation import check_moment
+from ..factorize._validation import check_moment, is_symmetric
 from ._grid import (
     _CLIP_RATIOS,
     _HALVES,
@@ -144,7 +144,7 @@ def shared_quantizations(max_bytes=256 << 20):
 
 def _check_moment(moment, n):
     M = check_moment(moment, n, "moment", "one row and column per column of W")
-    if not np.allclose(M, M.T, rtol=1e-5, atol=1e-8 * max(np.abs(M).max(), 1e-300)):
+    if not is_symmetric(M, 1e-5, 1e-8 * max(np.abs(M).max(), 1e-300)):
         raise ValueError("moment must be symmetric")
     return M
 

@@ -12,6 +12,7 @@ from kflats.factorize import (
     K_GRID,
     Candidate,
     ProjectiveFactors,
+    damped_moment,
     factorize,
     factorize_linear,
     svd_factors,
@@ -648,3 +649,46 @@ def test_bytes_count_values_at_their_width_and_the_smallest_id_type():
     assert size.numbers == 2 * 7 + 1 * 9 + 8
     assert size.bytes(32) == 4 * 23 + 8
     assert size.bytes(4) == math.ceil(23 * 4 / 8) + 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.sampled_from((0.0, 1e-9, 1e-6, 1e-5, 2e-5, 1e-3)),
+    st.floats(1e-6, 1e6),
+    st.integers(0, 2**31 - 1),
+)
+def test_the_moment_symmetry_check_is_allclose(n, noise, scale, seed):
+    """The compiled check says what ``np.allclose(M, M.T)`` says, at and
+    around its tolerance, relative and absolute."""
+    from kflats.factorize._validation import is_symmetric
+
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n)) * scale
+    M = A + A.T
+    M[rng.integers(n), rng.integers(n)] *= 1 + noise * rng.choice((-1, 1))
+    M[rng.integers(n), rng.integers(n)] += noise * scale * rng.normal()
+    atol = 1e-8 * max(np.abs(M).max(), 1e-300)
+    expected = np.allclose(M, M.T, rtol=1e-5, atol=atol)
+    assert is_symmetric(M, 1e-5, atol) == expected
+
+
+@pytest.mark.parametrize("upper", [1.0, 1.0 + 1e-5 + 1e-8 + 5e-11])
+def test_the_moment_symmetry_check_reads_both_triangles(upper):
+    """A pair within the tolerance relative to one of its entries but not the
+    other: ``allclose`` checks both, so must the compiled check."""
+    from kflats.factorize._validation import is_symmetric
+
+    lower = 2.0 + 1e-5 + 1e-8 + 5e-11 - upper
+    M = np.array([[1.0, upper], [lower, 1.0]])
+    atol = 1e-8 * np.abs(M).max()
+    assert np.allclose(M, M.T, 1e-5, atol) is False
+    assert not is_symmetric(M, 1e-5, atol)
+    assert not is_symmetric(M.T.copy(), 1e-5, atol)
+
+
+def test_damped_moment_refuses_an_asymmetric_moment():
+    C = np.eye(4)
+    C[0, 1] = 0.5
+    with pytest.raises(ValueError, match="input_moment must be symmetric"):
+        damped_moment(C, 4, 0.01)

@@ -943,3 +943,10 @@ def test_a_shared_scope_checks_its_size(max_bytes):
     with pytest.raises(ValueError, match="max_bytes"):
         with shared_quantizations(max_bytes):
             pass
+
+
+def test_an_asymmetric_moment_is_refused():
+    C = np.eye(4)
+    C[0, 1] = 0.5
+    with pytest.raises(ValueError, match="moment must be symmetric"):
+        quantize_calibrated(np.ones((2, 4)), C, 4, 4)
