@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -384,3 +386,22 @@ def test_entry_point_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"kflats: MODEL_DIR {str(tmp_path / 'nowhere')!r} does not exist"
     ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 60), st.integers(0, 6), st.integers(0, 99))
+def test_the_pictures_singular_values_are_the_svds(n, d, decay, seed):
+    """The embedding picture's spectra from the smaller Gram matrix: an
+    SVD's values, to 1e-7 of the largest, for tall, wide and rank-deficient
+    matrices."""
+    from kflats.cli.report import singular_values
+
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, d)) * np.logspace(0, -decay, d)
+    A[:, : d // 3] = 0.0  # rank deficient
+    expected = np.linalg.svd(A, compute_uv=False)
+    got = singular_values(A)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(
+        got, expected, rtol=0, atol=1e-7 * max(expected[0], 1e-300)
+    )
