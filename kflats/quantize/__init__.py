@@ -9,6 +9,9 @@ outputs after a save and load that store only the codes.
 
 - :func:`quantize`: round-to-nearest (the floor), optionally with a search of
   each group's clipping ratio.
+- ``compact_scales=True`` (both quantizers): scales stored as 8-bit multiples
+  of a power of two shared by 8 groups, a byte a group instead of two
+  (:class:`QuantizedTensor`'s ``scale_layout``); float16 in memory as any.
 - :func:`quantize_calibrated`: GPTQ-style rounding with error feedback along a
   Linear layer's input moment ``E[x x^T]``; :func:`shared_quantizations`: a
   scope in which the same inputs are rounded once (a search and its
@@ -59,7 +62,8 @@ import importlib
 from ._gptq import quantize_calibrated, shared_quantizations
 from ._grid import SUPPORTED_BITS
 from ._nbytes import quantized_nbytes
-from ._tensor import QuantizedTensor, quantize
+from ._rtn import quantize
+from ._tensor import QuantizedTensor
 
 # the layer functions, which live with the layers in kflats.torch.layers
 _TORCH_NAMES = (

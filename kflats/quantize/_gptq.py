@@ -24,6 +24,7 @@ from ._grid import (
     check_scale_dtype,
     check_zero_dtype,
 )
+from ._scales import compact_layout
 from ._tensor import QuantizedTensor
 
 __all__ = ["quantize_calibrated", "shared_quantizations"]
@@ -151,24 +152,35 @@ def _check_moment(moment, n):
 
 class _Grid:
     """How a group's grid is fitted: bits, symmetry, scale dtype, clip ratios,
-    and the dtype of its zero points."""
+    the dtype of its zero points, and the layout of compact scales (None:
+    not compact)."""
 
-    def __init__(self, bits, symmetric, dtype, ratios, zero_dtype=np.uint8):
+    def __init__(
+        self, bits, symmetric, dtype, ratios, zero_dtype=np.uint8, layout=None
+    ):
         self.bits, self.symmetric = bits, symmetric
         self.dtype, self.ratios = dtype, ratios
-        self.zero_dtype = zero_dtype
+        self.zero_dtype, self.layout = zero_dtype, layout
 
     @property
     def float_zeros(self):
         return not self.symmetric and self.zero_dtype is np.float16
 
-    def fit(self, groups):
+    def fit(self, groups, shape=None):
         """(scales, zero points) of the groups, one a row of ``groups``."""
-        return self.fit_codes(groups)[:2]
+        return self.fit_codes(groups, shape)[:2]
 
-    def fit_codes(self, groups):
+    def fit_codes(self, groups, shape=None):
         """(scales, zero points, codes) of the groups, one a row of ``groups``:
-        the codes are :func:`_encode`'s on the grids fitted."""
+        the codes are :func:`_encode`'s on the grids fitted. Compact scales
+        share exponents as the groups lie in ``shape`` (lines, groups);
+        by default the groups are one group index of as many lines (layout
+        0) or the groups of one line (layout 1)."""
+        compact = None
+        if self.layout is not None:
+            n = len(groups)
+            shape = shape or ((n, 1) if self.layout == 0 else (1, n))
+            compact = (shape, self.layout)
         return _fit_and_encode(
             groups,
             self.bits,
@@ -176,6 +188,7 @@ class _Grid:
             self.dtype,
             self.ratios,
             zero_dtype=self.zero_dtype,
+            compact=compact,
         )
 
 
@@ -256,14 +269,15 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
     rounded: at once within a block of columns, by one product beyond it.
     Groups along the rows (``axis=1``) round a group's columns in one
     compiled loop (:func:`_round_span`), groups down the columns (``axis=0``)
-    a block of columns (:func:`_round_down`), but for float zero points.
+    a block of columns (:func:`_round_down`), but for float zero points and
+    compact scales.
     """
     rows, cols = W.shape
     codes = np.empty((rows, cols), dtype=np.uint8)
     block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
     if axis == 1:
         s64, z64 = scales.astype(np.float64), zeros.astype(np.float64)
-    compiled = axis == 0 and not grid.float_zeros
+    compiled = axis == 0 and not grid.float_zeros and grid.layout is None
     if compiled:
         s64, z64 = np.empty(scales.shape), np.empty(zeros.shape)
         ratios = np.asarray(grid.ratios, dtype=np.float64)
@@ -287,7 +301,7 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
                 W, U, perm, b0, b1, g, grid.bits, grid.symmetric, ratios, halves,
                 s64, z64, codes, err_block,
             )  # fmt: skip
-        else:  # float zero points (a GGUF Q4_1 block's grid)
+        else:  # float zero points (a GGUF Q4_1 block's grid), compact scales
             for j in range(b0, b1):
                 orig = perm[j]
                 col = W[:, j].reshape(-1, g)
@@ -317,6 +331,7 @@ def quantize_calibrated(
     act_order=False,
     scale_dtype="float16",
     zero_dtype="uint8",
+    compact_scales=False,
 ):
     """GPTQ-style quantization: columns rounded in order, errors fed forward.
 
@@ -353,6 +368,12 @@ def quantize_calibrated(
     zero_dtype : {"uint8", "float16"}, default="uint8"
         Integer zero points, or float16 ones (see
         :func:`~kflats.quantize.quantize`).
+    compact_scales : bool, default=False
+        Compact scales (see :class:`QuantizedTensor`): each group's scale
+        rounded up onto 8-bit multiples of a power of two shared with the
+        groups fitted beside it: the groups of one index in 8 consecutive
+        rows (``axis=1``, ``scale_layout=0``), or 8 consecutive groups of a
+        column (``axis=0``, ``scale_layout=1``).
 
     Returns
     -------
@@ -391,16 +412,18 @@ def quantize_calibrated(
         raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
     H = _check_moment(moment, cols)
     zdtype = check_zero_dtype(zero_dtype)
+    layout = compact_layout(compact_scales, dtype, zdtype, symmetric, 1 - axis)
     shared = _SCOPES[-1] if _SCOPES else None
     if shared is not None:
         options = (bits, g, axis, bool(symmetric), bool(clip), damping)
         options += (bool(act_order), np.dtype(dtype).str, np.dtype(zdtype).str)
+        options += (layout,)
         key = (Kept.key(W, *options), Kept.key(H)[0])
         hit = shared.get(key)
         if hit is not None:
             return hit
     ratios = _CLIP_RATIOS if clip else (1.0,)
-    grid = _Grid(bits, bool(symmetric), dtype, ratios, zdtype)
+    grid = _Grid(bits, bool(symmetric), dtype, ratios, zdtype, layout)
     n_scales = (rows, cols // g) if axis == 1 else (cols, rows // g)
     scales = np.empty(n_scales, dtype=dtype)
     zeros = np.empty(n_scales, dtype=np.uint8 if symmetric else zdtype)
@@ -410,7 +433,7 @@ def quantize_calibrated(
         perm = np.argsort(-np.diag(H), kind="stable")
         H = H[np.ix_(perm, perm)]
         if axis == 1:  # every group of every row in one call
-            s, z = grid.fit(W.reshape(rows * (cols // g), g))
+            s, z = grid.fit(W.reshape(rows * (cols // g), g), (rows, cols // g))
             scales[:], zeros[:] = s.reshape(scales.shape), z.reshape(zeros.shape)
     else:
         perm = np.arange(cols)
@@ -429,6 +452,7 @@ def quantize_calibrated(
         bits,
         g,
         axis,
+        layout,
     )
     if shared is not None:
         shared.put(key, qt)

@@ -11,6 +11,8 @@ import numbers
 import numba
 import numpy as np
 
+from ._scales import snap_scales
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
 # zero points: integers (uint8, the grid covers zero) or float16 (the grid
@@ -359,15 +361,33 @@ def _best_grids(groups, scales, zeros, bits, float_zeros, codes):
 
 
 def _fit_and_encode(
-    groups, bits, symmetric, dtype, clip_ratios, weights=None, zero_dtype=np.uint8
+    groups,
+    bits,
+    symmetric,
+    dtype,
+    clip_ratios,
+    weights=None,
+    zero_dtype=np.uint8,
+    compact=None,
+    with_ratio=False,
 ):
     """Grid of each group (row of ``groups``), searched over clipping ratios.
 
     The ratio with the lowest (weighted) squared error of each group wins
     (the first of equal errors); ``clip_ratios=(1.0,)`` is plain
-    round-to-nearest over the full range.
+    round-to-nearest over the full range. ``compact=(shape, layout)``: the
+    groups' scales, arranged as ``shape`` (lines, groups: C order), are
+    then rounded up onto the compact grid of ``layout``
+    (:mod:`._scales`), and their zero points and codes fitted again.
+    ``with_ratio``: each group's clipping ratio is returned too, last.
     """
     groups = np.ascontiguousarray(groups, dtype=np.float64)
+    if compact is not None:
+        scale, _, _, ratio = _fit_and_encode(
+            groups, bits, symmetric, dtype, clip_ratios, weights, zero_dtype,
+            with_ratio=True,
+        )  # fmt: skip
+        return _snapped(groups, bits, symmetric, scale, ratio, *compact)
     float_zeros = not symmetric and zero_dtype is np.float16
     codes = np.empty(groups.shape, dtype=np.uint8)
     bounds = groups.min(axis=1), groups.max(axis=1)
@@ -384,9 +404,11 @@ def _fit_and_encode(
         z64 = np.ascontiguousarray(zero, dtype=np.float64)
         best = _best_grids(groups, s64, z64, bits, float_zeros, codes)
         rows = np.arange(len(groups))
-        return scale[best, rows], zero[best, rows], codes
+        out = scale[best, rows], zero[best, rows], codes
+        return (*out, ratios[best, 0]) if with_ratio else out
     best = None
     err = np.empty(groups.shape[0])
+    chosen = np.full(groups.shape[0], float(clip_ratios[0]))
     for ratio in clip_ratios:
         scale, zero = _fit_grid(
             groups, bits, symmetric, ratio, dtype, zero_dtype, bounds
@@ -401,7 +423,25 @@ def _fit_and_encode(
         best[0] = np.where(better, err, best[0])
         best[1][better], best[2][better] = scale[better], zero[better]
         best[3][better] = codes[better]
-    return best[1], best[2], best[3]
+        chosen[better] = ratio
+    out = best[1], best[2], best[3]
+    return (*out, chosen) if with_ratio else out
+
+
+def _snapped(groups, bits, symmetric, scale, ratio, shape, layout):
+    """Each group's chosen grid with its scale rounded up onto the compact
+    grid (:func:`._scales.snap_scales`): the zero point that covers the
+    group's range and zero as clipped by its ``ratio``, and the codes."""
+    scale = snap_scales(np.asarray(scale).reshape(shape), layout).reshape(-1)
+    if symmetric:
+        zero = np.full(len(groups), 1 << (bits - 1), dtype=np.uint8)
+    else:
+        lo = np.minimum(groups.min(axis=1), 0.0) * ratio
+        s64 = scale.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero = np.where(s64 > 0, np.rint(-lo / s64), 0.0)
+        zero = np.clip(zero, 0, (1 << bits) - 1).astype(np.uint8)
+    return scale, zero, _encode(groups, scale, zero, bits)
 
 
 def _as_matrix(W, name="W", copy=True):

@@ -1,28 +1,29 @@
-"""QuantizedTensor: group-wise integer codes packed tightly, and round-to-nearest."""
+"""QuantizedTensor: group-wise integer codes packed tightly."""
 
 import numpy as np
 
 from ._grid import (
-    _CLIP_RATIOS,
     SUPPORTED_BITS,
-    _as_matrix,
     _check_axis,
     _decode,
     _encode,
-    _fit_and_encode,
     _packed_len,
     check_bits,
     check_group_size,
-    check_scale_dtype,
-    check_zero_dtype,
     pack_codes,
     unpack_codes,
 )
+from ._scales import (
+    check_scale_layout,
+    compact_nbytes,
+    join_scales,
+    snap_scales,
+    split_scales,
+)
 
-__all__ = ["SUPPORTED_BITS", "QuantizedTensor", "quantize"]
+__all__ = ["SUPPORTED_BITS", "QuantizedTensor"]
 
 _META_LEN = 5  # bits, group_size, axis, rows, cols
-_CHUNK = 1 << 20  # entries quantized at once
 
 
 class QuantizedTensor:
@@ -57,6 +58,15 @@ class QuantizedTensor:
     group_size : int
         Divides the length of a line.
     axis : {0, 1}, default=1
+    scale_layout : {None, 0, 1}, default=None
+        Compact scales (:func:`quantize` and :func:`quantize_calibrated`
+        with ``compact_scales=True``): float16 scales that are 8-bit
+        multiples of a power of two shared by 8 neighbouring groups, along
+        the lines (0: the groups of one index in 8 consecutive lines) or
+        along each line (1). They are stored as a byte a group and a byte
+        an exponent (0.28 bits a number at groups of 32, instead of 0.5);
+        in memory they are float16 as any. ``None``: float16 or float32
+        scales stored as they are.
 
     Attributes
     ----------
@@ -81,8 +91,11 @@ class QuantizedTensor:
     True
     """
 
-    def __init__(self, codes, scales, zeros, shape, bits, group_size, axis=1):
+    def __init__(
+        self, codes, scales, zeros, shape, bits, group_size, axis=1, scale_layout=None
+    ):
         self.bits = check_bits(bits)
+        self.scale_layout = check_scale_layout(scale_layout)
         self.axis = _check_axis(axis)
         try:
             shape = tuple(int(s) for s in shape)
@@ -130,15 +143,24 @@ class QuantizedTensor:
                 raise ValueError(
                     f"zeros must lie in 0..{(1 << self.bits) - 1} for {self.bits} bits"
                 )
+        if self.scale_layout is not None and (
+            scales.dtype != np.float16
+            or split_scales(scales, self.scale_layout) is None
+        ):
+            raise ValueError(
+                f"scale_layout={self.scale_layout} needs float16 scales on its compact "
+                "grid (kflats.quantize: compact_scales=True makes them)"
+            )
         self.codes, self.scales, self.zeros = codes, scales, zeros
 
     # -- construction from unpacked codes
     @classmethod
-    def _from_codes(cls, codes, scales, zeros, shape, bits, group_size, axis):
+    def _from_codes(
+        cls, codes, scales, zeros, shape, bits, group_size, axis, scale_layout=None
+    ):
         """Pack ``codes`` of shape (lines, length) in the orientation of ``axis``."""
-        return cls(
-            pack_codes(codes, bits), scales, zeros, shape, bits, group_size, axis
-        )
+        packed = pack_codes(codes, bits)
+        return cls(packed, scales, zeros, shape, bits, group_size, axis, scale_layout)
 
     @property
     def _lines(self):
@@ -170,7 +192,10 @@ class QuantizedTensor:
     def nbytes(self):
         """Bytes stored: the codes, the scales and the zero points (integer
         zero points packed at ``bits`` bits, as :meth:`to_state` writes them)."""
-        return int(self.codes.nbytes + self.scales.nbytes + self._stored_zeros().nbytes)
+        scales = self.scales.nbytes
+        if self.scale_layout is not None:
+            scales = compact_nbytes(self.scales.shape, self.scale_layout)
+        return int(self.codes.nbytes + scales + self._stored_zeros().nbytes)
 
     def _stored_zeros(self):
         """The zero points as stored: integer ones packed at ``bits`` bits (a
@@ -193,6 +218,7 @@ class QuantizedTensor:
             self.bits,
             self.group_size,
             1 - self.axis,
+            self.scale_layout,
         )
 
     def dequantize(self):
@@ -217,7 +243,8 @@ class QuantizedTensor:
         ----------
         W : array-like of shape ``shape``
         scales : array-like of the shape of ``scales``, default=None
-            New scales (finite, >= 0), stored in this tensor's scale dtype;
+            New scales (finite, >= 0), stored in this tensor's scale dtype
+            (with a :attr:`scale_layout`, rounded up onto its compact grid);
             ``None`` keeps this tensor's.
 
         Returns
@@ -246,6 +273,8 @@ class QuantizedTensor:
                     f"scales must be finite in {self.scales.dtype}, got "
                     f"{float(wide.max())!r}"
                 )
+            if self.scale_layout is not None:
+                scales = snap_scales(np.maximum(wide, scales), self.scale_layout)
         lines, length = self._lines
         M = W if self.axis == 1 else W.T
         groups = M.reshape(-1, self.group_size)
@@ -260,6 +289,7 @@ class QuantizedTensor:
             self.bits,
             self.group_size,
             self.axis,
+            self.scale_layout,
         )
 
     # -- state
@@ -274,19 +304,26 @@ class QuantizedTensor:
             cols). Integer zero points are packed at ``bits`` bits, as the
             codes are (a zero point lies in ``0 .. 2**bits - 1``): 1-D, where
             float16 ones keep the shape of the scales. :meth:`from_state`
-            reads integer zero points a byte each as well.
+            reads integer zero points a byte each as well. Compact scales
+            (a :attr:`scale_layout`) are stored as ``scale_codes`` (uint8)
+            and ``scale_exponents`` (int8) instead of ``scales``, and the
+            layout as a sixth entry of ``meta``.
 
         Returns
         -------
         state : dict of str to ndarray
         """
-        state = {
-            prefix + "codes": self.codes,
-            prefix + "scales": self.scales,
-            prefix + "meta": np.array(
-                [self.bits, self.group_size, self.axis, *self.shape], dtype=np.int64
-            ),
-        }
+        meta = [self.bits, self.group_size, self.axis, *self.shape]
+        state = {prefix + "codes": self.codes, prefix + "scales": self.scales}
+        if self.scale_layout is not None:
+            del state[prefix + "scales"]
+            codes, exps = split_scales(self.scales, self.scale_layout)
+            state[prefix + "scale_codes"], state[prefix + "scale_exponents"] = (
+                codes,
+                exps,
+            )
+            meta.append(self.scale_layout)
+        state[prefix + "meta"] = np.array(meta, dtype=np.int64)
         if self.zeros is not None:
             state[prefix + "zeros"] = self._stored_zeros()
         return state
@@ -311,10 +348,12 @@ class QuantizedTensor:
             shape, or ``bits`` is not supported.
         """
         keys = {k[len(prefix) :] for k in state if k.startswith(prefix)}
-        missing = {"codes", "scales", "meta"} - keys
+        compact = "scale_codes" in keys or "scale_exponents" in keys
+        scale_keys = {"scale_codes", "scale_exponents"} if compact else {"scales"}
+        missing = ({"codes", "meta"} | scale_keys) - keys
         if missing:
             raise ValueError(f"state lacks {sorted(prefix + k for k in missing)}")
-        unexpected = keys - {"codes", "scales", "meta", "zeros"}
+        unexpected = keys - {"codes", "meta", "zeros"} - scale_keys
         if unexpected:
             raise ValueError(
                 f"unexpected entries {sorted(prefix + k for k in unexpected)}"
@@ -327,13 +366,19 @@ class QuantizedTensor:
             return np.asarray(value)
 
         meta = arr("meta")
-        if meta.dtype.kind not in "iu" or meta.shape != (_META_LEN,):
+        n_meta = _META_LEN + compact
+        if meta.dtype.kind not in "iu" or meta.shape != (n_meta,):
             raise ValueError(
-                f"{prefix}meta must be {_META_LEN} integers (bits, group_size, axis, "
-                f"rows, cols), got {meta.dtype} {meta.shape}"
+                f"{prefix}meta must be {n_meta} integers (bits, group_size, axis, "
+                f"rows, cols{', scale layout' if compact else ''}), got "
+                f"{meta.dtype} {meta.shape}"
             )
-        bits, group_size, axis, rows, cols = (int(v) for v in meta)
-        scales = arr("scales")
+        bits, group_size, axis, rows, cols = (int(v) for v in meta[:_META_LEN])
+        layout = check_scale_layout(int(meta[-1])) if compact else None
+        if compact:
+            scales = join_scales(arr("scale_codes"), arr("scale_exponents"), layout)
+        else:
+            scales = arr("scales")
         zeros = arr("zeros") if "zeros" in keys else None
         packed = _packed_len(scales.size, bits) if bits in SUPPORTED_BITS else -1
         if (
@@ -352,6 +397,7 @@ class QuantizedTensor:
             bits,
             group_size,
             axis,
+            layout,
         )
 
     def __repr__(self):
@@ -359,102 +405,3 @@ class QuantizedTensor:
             f"QuantizedTensor(shape={self.shape}, bits={self.bits}, "
             f"group_size={self.group_size}, axis={self.axis}, nbytes={self.nbytes})"
         )
-
-
-def quantize(
-    W,
-    bits,
-    group_size=128,
-    *,
-    axis=1,
-    symmetric=False,
-    clip=False,
-    scale_dtype="float16",
-    zero_dtype="uint8",
-):
-    """Round-to-nearest group-wise quantization of a matrix.
-
-    Each group of ``group_size`` entries along ``axis`` gets the grid that
-    covers its range and zero (``symmetric=False``: ``2**bits`` levels from
-    ``min(w, 0)`` to ``max(w, 0)``; ``symmetric=True``: levels centred on
-    zero), and each entry the nearest level: ``|w - w_hat| <= scale / 2``.
-    With ``clip=True`` each group instead takes, among a few clipping ratios
-    of its range (1.0 down to 0.6), the one with the lowest squared error.
-
-    Parameters
-    ----------
-    W : array-like of shape (rows, cols)
-        Real, finite.
-    bits : {2, 3, 4, 5, 6, 8}
-    group_size : int or None, default=128
-        Must divide the line length (cols for ``axis=1``); ``None``: one
-        group per line.
-    axis : {0, 1}, default=1
-        Groups along each row (1) or each column (0).
-    symmetric : bool, default=False
-        A symmetric grid stores no zero points.
-    clip : bool, default=False
-        Search the clipping ratio per group (lower error, no longer the
-        ``scale / 2`` bound for the clipped entries).
-    scale_dtype : {"float16", "float32"}, default="float16"
-    zero_dtype : {"uint8", "float16"}, default="uint8"
-        Integer zero points, the grid covering the group's range and zero;
-        or float16 zero points, the grid spanning the group's own range
-        (one more byte a group; a matrix already on such a grid, as the
-        Q4_1 blocks of a GGUF file hold it, keeps its codes). Not used
-        when ``symmetric``.
-
-    Returns
-    -------
-    QuantizedTensor
-
-    Raises
-    ------
-    ValueError
-        If ``bits`` is not supported, ``group_size`` does not divide the line
-        length, or ``W`` is not a finite 2-D array.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from kflats.quantize import quantize
-    >>> W = np.random.default_rng(0).normal(size=(8, 64))
-    >>> qt = quantize(W, bits=4, group_size=32)
-    >>> err = np.abs(W - qt.dequantize())
-    >>> bool(np.all(err <= qt.scales.repeat(32, axis=1) / 2 + 1e-6))
-    True
-    >>> quantize(W, bits=7)
-    Traceback (most recent call last):
-    ...
-    ValueError: bits must be one of (2, 3, 4, 5, 6, 8), got 7
-    """
-    bits = check_bits(bits)
-    axis = _check_axis(axis)
-    dtype = check_scale_dtype(scale_dtype)
-    zdtype = check_zero_dtype(zero_dtype)
-    W = _as_matrix(W, copy=False)
-    M = W if axis == 1 else W.T
-    lines, length = M.shape
-    what = "the row length ({})" if axis == 1 else "the column length ({})"
-    g = check_group_size(group_size, length, what)
-    ratios = _CLIP_RATIOS if clip else (1.0,)
-    # lines by chunks of about _CHUNK entries, each in float64: a 49,152 x 576
-    # table takes a few MB beside its codes, not a float64 copy of itself
-    step = max(1, _CHUNK // length)
-    codes = np.empty((lines, length), dtype=np.uint8)
-    scale = np.empty((lines, length // g), dtype=dtype)
-    zero = np.empty((lines, length // g), dtype=np.uint8 if symmetric else zdtype)
-    for a in range(0, lines, step):
-        groups = np.asarray(M[a : a + step], dtype=np.float64).reshape(-1, g)
-        s, z, c = _fit_and_encode(
-            groups, bits, symmetric, dtype, ratios, zero_dtype=zdtype
-        )
-        n = min(step, lines - a)
-        codes[a : a + n], scale[a : a + n], zero[a : a + n] = (
-            c.reshape(n, length),
-            s.reshape(n, -1),
-            z.reshape(n, -1),
-        )
-    return QuantizedTensor._from_codes(
-        codes, scale, None if symmetric else zero, W.shape, bits, g, axis
-    )

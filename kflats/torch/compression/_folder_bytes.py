@@ -41,7 +41,7 @@ import sys
 import numpy as np
 import torch
 
-from kflats.quantize._tensor import quantize
+from kflats.quantize._rtn import quantize
 from kflats.torch.compression._sensitivity import _rows_cols
 from kflats.torch.layers import label_dtype, quantized_state
 

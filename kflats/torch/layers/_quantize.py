@@ -44,7 +44,8 @@ from kflats.quantize._grid import (
     check_scale_dtype,
     check_zero_dtype,
 )
-from kflats.quantize._tensor import QuantizedTensor, quantize
+from kflats.quantize._rtn import quantize
+from kflats.quantize._tensor import QuantizedTensor
 from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
 from kflats.torch.layers._linear import ProjectiveLinear
