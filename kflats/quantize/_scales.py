@@ -48,10 +48,14 @@ def _blocks(scales, layout):
 
 
 def _exponents(largest):
-    """The least exponent ``e >= -24`` with ``ceil(largest / 2**e) <= 255``."""
-    with np.errstate(divide="ignore"):
-        e = np.floor(np.log2(np.where(largest > 0, largest, 1.0))) - 7
-    e = np.maximum(np.where(largest > 0, e, _LOWEST), _LOWEST)
+    """The least exponent ``e >= -24`` with ``ceil(largest / 2**e) <= 255``.
+
+    ``floor(log2(x))`` from the binary exponent (``frexp``), exact on every
+    machine: a file written on one reads back on another.
+    """
+    _, p = np.frexp(np.where(largest > 0, largest, 1.0))
+    e = np.where(largest > 0, p - 8.0, _LOWEST)  # floor(log2(x)) - 7
+    e = np.maximum(e, _LOWEST)
     e += np.ceil(largest / np.exp2(e)) > _CODES
     return e
 
