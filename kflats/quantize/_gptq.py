@@ -228,7 +228,7 @@ def _round_span(
 
 @numba.njit(cache=True, nogil=True)
 def _round_down(
-    W, U, perm, b0, b1, g, bits, symmetric, ratios, halves, s, z, codes, err
+    W, U, perm, b0, b1, g, bits, symmetric, ratios, halves, s, z, codes, err, compact
 ):
     """Columns ``b0 ... b1 - 1`` of ``W`` rounded in groups down each column
     (``axis=0``), each column's grids fitted on it as updated so far.
@@ -247,7 +247,9 @@ def _round_down(
         orig = perm[j]
         for i in range(rows):
             x[i] = W[i, j]
-        _fit_groups_into(x, g, bits, symmetric, ratios, halves, s[orig], z[orig], q)
+        _fit_groups_into(
+            x, g, bits, symmetric, ratios, halves, s[orig], z[orig], q, compact
+        )
         for i in range(rows):
             k = i // g
             deq = np.float64(
@@ -269,15 +271,14 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
     rounded: at once within a block of columns, by one product beyond it.
     Groups along the rows (``axis=1``) round a group's columns in one
     compiled loop (:func:`_round_span`), groups down the columns (``axis=0``)
-    a block of columns (:func:`_round_down`), but for float zero points and
-    compact scales.
+    a block of columns (:func:`_round_down`), but for float zero points.
     """
     rows, cols = W.shape
     codes = np.empty((rows, cols), dtype=np.uint8)
     block = _BLOCK if axis == 0 or act_order else g * max(1, _BLOCK // g)
     if axis == 1:
         s64, z64 = scales.astype(np.float64), zeros.astype(np.float64)
-    compiled = axis == 0 and not grid.float_zeros and grid.layout is None
+    compiled = axis == 0 and not grid.float_zeros
     if compiled:
         s64, z64 = np.empty(scales.shape), np.empty(zeros.shape)
         ratios = np.asarray(grid.ratios, dtype=np.float64)
@@ -299,9 +300,9 @@ def _round_columns(W, U, perm, g, axis, act_order, grid, scales, zeros):
         elif compiled:
             _round_down(
                 W, U, perm, b0, b1, g, grid.bits, grid.symmetric, ratios, halves,
-                s64, z64, codes, err_block,
+                s64, z64, codes, err_block, grid.layout is not None,
             )  # fmt: skip
-        else:  # float zero points (a GGUF Q4_1 block's grid), compact scales
+        else:  # float zero points (a GGUF Q4_1 block's grid)
             for j in range(b0, b1):
                 orig = perm[j]
                 col = W[:, j].reshape(-1, g)

@@ -6,12 +6,13 @@ clipping ratios), encodes and decodes the codes, and packs them tightly into
 bytes. :class:`~kflats.quantize.QuantizedTensor` is built on it.
 """
 
+import math
 import numbers
 
 import numba
 import numpy as np
 
-from ._scales import snap_scales
+from ._scales import _F16_MAX, SUPER, _exponent, snap_scales
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -227,7 +228,9 @@ def _ceil_scale(x, halves):
 
 
 @numba.njit(cache=True, nogil=True)
-def _fit_groups_into(x, g, bits, symmetric, ratios, halves, scale, zero, codes):
+def _fit_groups_into(
+    x, g, bits, symmetric, ratios, halves, scale, zero, codes, compact=False
+):
     """:func:`_fit_and_encode` of the groups of ``g`` consecutive entries of
     ``x`` (integer zero points, or symmetric; no weights), compiled.
 
@@ -235,16 +238,21 @@ def _fit_groups_into(x, g, bits, symmetric, ratios, halves, scale, zero, codes):
     same float64 operations, the scale rounded up as :func:`_round_up` does
     (``halves``); its error and the choice are :func:`_best_grids`'. The
     stored scales and zero points go to ``scale`` and ``zero`` (float64), the
-    codes to ``codes``.
+    codes to ``codes``. ``compact``: the scales then snapped onto compact
+    scales along ``x``'s groups, zero points and codes fitted again, as
+    :func:`_snapped` does.
     """
     levels = (1 << bits) - 1
     mid = 1 << (bits - 1)
-    for k in range(x.size // g):
+    n = x.size // g
+    lows = np.empty(n)
+    chosen = np.empty(n)
+    for k in range(n):
         a = k * g
         low, high = x[a], x[a]
         for c in range(a + 1, a + g):
             low, high = min(low, x[c]), max(high, x[c])
-        least, best_s, best_z = np.inf, 0.0, 0.0
+        least, best_s, best_z, best_t = np.inf, 0.0, 0.0, 0
         for t in range(ratios.size):
             if symmetric:
                 amax = max(-low, high) * ratios[t]
@@ -261,10 +269,33 @@ def _fit_groups_into(x, g, bits, symmetric, ratios, halves, scale, zero, codes):
                 diff = np.float64((np.float32(q) - z32) * s32) - x[c]
                 total += diff * diff
             if total < least:
-                least, best_s, best_z = total, s, z
+                least, best_s, best_z, best_t = total, s, z, t
         scale[k], zero[k] = best_s, best_z
+        lows[k], chosen[k] = low, ratios[best_t]
         for c in range(a, a + g):
             codes[c] = np.uint8(_code(x[c], best_s, best_z, levels, False))
+    if not compact:
+        return
+    for a in range(0, n, SUPER):
+        b = min(n, a + SUPER)
+        largest = 0.0
+        for k in range(a, b):
+            largest = max(largest, scale[k])
+        step = math.ldexp(1.0, _exponent(largest))
+        for k in range(a, b):
+            s = np.ceil(scale[k] / step) * step
+            if s > _F16_MAX:
+                raise ValueError(
+                    "the weights are too large for float16 scales (a scale "
+                    "above 65504); use scale_dtype='float32'"
+                )
+            z = float(mid)
+            if not symmetric:
+                lo = min(lows[k], 0.0) * chosen[k]
+                z = min(max(np.rint(-lo / s) if s > 0 else 0.0, 0.0), float(levels))
+            scale[k], zero[k] = s, z
+            for c in range(k * g, k * g + g):
+                codes[c] = np.uint8(_code(x[c], s, z, levels, False))
 
 
 def _nearest(values, dtype):

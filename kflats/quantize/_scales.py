@@ -19,6 +19,9 @@ each line (``1``: :data:`SUPER` consecutive groups of a line); the last
 super group of a line or a column may be shorter.
 """
 
+import math
+
+import numba
 import numpy as np
 
 SUPER = 8  # groups that share an exponent
@@ -47,6 +50,11 @@ def _blocks(scales, layout):
     return P.reshape(lines, -1, SUPER), n
 
 
+def _power(e):
+    """``2.0 ** e`` of integer-valued ``e``, exactly (``ldexp``)."""
+    return np.ldexp(1.0, np.asarray(e).astype(np.int64))
+
+
 def _exponents(largest):
     """The least exponent ``e >= -24`` with ``ceil(largest / 2**e) <= 255``.
 
@@ -56,7 +64,18 @@ def _exponents(largest):
     _, p = np.frexp(np.where(largest > 0, largest, 1.0))
     e = np.where(largest > 0, p - 8.0, _LOWEST)  # floor(log2(x)) - 7
     e = np.maximum(e, _LOWEST)
-    e += np.ceil(largest / np.exp2(e)) > _CODES
+    e += np.ceil(largest / _power(e)) > _CODES
+    return e
+
+
+@numba.njit(cache=True, nogil=True)
+def _exponent(largest):
+    """:func:`_exponents` of one scale, compiled (the same arithmetic)."""
+    if largest <= 0:
+        return _LOWEST
+    e = max(math.frexp(largest)[1] - 8, _LOWEST)
+    if np.ceil(largest / math.ldexp(1.0, e)) > _CODES:
+        e += 1
     return e
 
 
@@ -78,7 +97,7 @@ def snap_scales(scales, layout):
     """
     B, n = _blocks(scales, layout)
     e = _exponents(B.max(axis=2, keepdims=True))
-    step = np.exp2(e)
+    step = _power(e)
     snapped = np.ceil(B / step) * step
     if snapped.max(initial=0.0) > _F16_MAX:
         raise ValueError(
@@ -97,7 +116,7 @@ def split_scales(scales, layout):
     """
     B, n = _blocks(scales, layout)
     e = _exponents(B.max(axis=2, keepdims=True))
-    codes = B / np.exp2(e)
+    codes = B / _power(e)
     if not (np.all(codes == np.rint(codes)) and np.all(codes <= _CODES)):
         return None
     codes = codes.reshape(B.shape[0], -1)[:, :n].astype(np.uint8)
@@ -129,7 +148,7 @@ def join_scales(codes, exponents, layout):
         )
     if exps.size and (exps.min() < _LOWEST or exps.max() > 8):
         raise ValueError("scale_exponents must lie in -24..8")
-    step = np.exp2(exps.astype(np.float64))
+    step = _power(exps)
     spread = np.repeat(step, SUPER, axis=1 if layout == 1 else 0)
     spread = spread[: codes.shape[0], : codes.shape[1]]
     values = codes * spread

@@ -711,15 +711,17 @@ def _round_columns_reference(W, U, perm, g, axis, act_order, grid, scales, zeros
     st.sampled_from((np.float16, np.float32)),
     st.booleans(),
     st.booleans(),
+    st.booleans(),
     st.integers(0, 2**31 - 1),
 )
 def test_rounding_down_the_columns_matches_the_numpy_loop(
-    bits, g, groups, cols, zero, dtype, clip, act_order, seed
+    bits, g, groups, cols, zero, dtype, clip, act_order, compact, seed
 ):
     """Groups down each column (axis 0, a table's bases), rounded in one
     compiled loop (float zero points: in NumPy): the codes, grids and
     updated weights of the NumPy loop, in every grid, scale dtype, clipping
-    and column order, over more than one block of columns."""
+    and column order, with compact scales or not, over more than one block of
+    columns."""
     from kflats.quantize import _gptq
     from kflats.quantize._grid import _CLIP_RATIOS
 
@@ -732,7 +734,9 @@ def test_rounding_down_the_columns_matches_the_numpy_loop(
     U = _gptq._inverse_factor(X.T @ X, 0.01)
     sym = zero == "symmetric"
     zdtype = np.float16 if zero == "float16" else np.uint8
-    grid = _gptq._Grid(bits, sym, dtype, _CLIP_RATIOS if clip else (1.0,), zdtype)
+    layout = 1 if compact and dtype is np.float16 and zero != "float16" else None
+    ratios = _CLIP_RATIOS if clip else (1.0,)
+    grid = _gptq._Grid(bits, sym, dtype, ratios, zdtype, layout)
     out = []
     for fn in (_gptq._round_columns, _round_columns_reference):
         scales = np.empty((cols, groups), dtype=dtype)
