@@ -954,3 +954,29 @@ def test_an_asymmetric_moment_is_refused():
     C[0, 1] = 0.5
     with pytest.raises(ValueError, match="moment must be symmetric"):
         quantize_calibrated(np.ones((2, 4)), C, 4, 4)
+
+
+def test_a_failed_requantize_leaves_the_model_as_it_was():
+    """A trained scale beyond float16 in the second layer: nothing is
+    requantized, the first layer included, and the training can go on."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    for layer in model:
+        quantize_module_(layer, 3, 8)
+    before = quantized_tensors(model)
+    register_straight_through_(model, scales=True)
+    gain = model[1].parametrizations["weight"][0].log_gain
+    with torch.no_grad():
+        gain.fill_(30.0)  # exp(30) times a scale: beyond 65504
+    with pytest.raises(ValueError, match="finite in float16"):
+        requantize_(model)
+    assert all(parametrize.is_parametrized(layer, "weight") for layer in model)
+    assert quantized_tensors(model) == before
+    with torch.no_grad():
+        gain.zero_()
+    requantize_(model)
+    assert not any(parametrize.is_parametrized(layer, "weight") for layer in model)
+    for key, qt in quantized_tensors(model).items():
+        np.testing.assert_array_equal(qt.dequantize(), before[key].dequantize())

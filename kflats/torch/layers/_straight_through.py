@@ -163,7 +163,9 @@ def requantize_(module):
     latent floats and trained scales), then rounds each recorded parameter
     to its grid (zero points unchanged; scales as trained, in the dtype they
     are stored in, else unchanged), records the new codes and sets the
-    parameter to their dequantized values.
+    parameter to their dequantized values. Every grid is made before any
+    layer changes: a trained scale that its dtype cannot hold raises and
+    leaves the module as it was.
 
     Parameters
     ----------
@@ -173,25 +175,29 @@ def requantize_(module):
     -------
     module
     """
+    # every new grid first, from the latent floats and trained scales: a
+    # scale that float16 cannot hold raises before any layer is changed
+    done = []
     for _, sub in module.named_modules():
         record = getattr(sub, QUANTIZED_RECORD, None)
         if not record or is_packed(sub):  # packed: its codes are the grid's
             continue
-        trained = {}
-        for name in record:
+        tensors, parametrized = {}, []
+        for name, qt in record.items():
             owner, attr = _split(sub, name)
+            trained = None
             if parametrize.is_parametrized(owner, attr):
                 fake = owner.parametrizations[attr][0]
                 if hasattr(fake, "log_gain"):
-                    trained[name] = _np(fake.scales().detach())
-                parametrize.remove_parametrizations(
-                    owner, attr, leave_parametrized=False
-                )
-        _assign(
-            sub,
-            {
-                name: qt.requantize(_np(sub.get_parameter(name)), trained.get(name))
-                for name, qt in record.items()
-            },
-        )
+                    trained = _np(fake.scales().detach())
+                latent = owner.parametrizations[attr].original
+                parametrized.append((owner, attr))
+            else:
+                latent = sub.get_parameter(name)
+            tensors[name] = qt.requantize(_np(latent), trained)
+        done.append((sub, tensors, parametrized))
+    for sub, tensors, parametrized in done:
+        for owner, attr in parametrized:
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        _assign(sub, tensors)
     return module
