@@ -9,6 +9,8 @@ table's bases are rounded (a rank-192 basis of 384-wide rows, transposed).
 error and the bytes, each relative to float16 scales on the same matrix.
 """
 
+from functools import cache
+
 import numpy as np
 
 from kflats.quantize import quantize_calibrated
@@ -18,6 +20,7 @@ from . import common
 BITS, GROUP = 3, 32
 
 
+@cache
 def _problem(axis):
     """(W, moment): a Linear's weight and input moment, or a basis (transposed)
     and the moment of its coefficients."""
