@@ -12,7 +12,7 @@ from ._grid import (
     check_scale_dtype,
     check_zero_dtype,
 )
-from ._scales import compact_layout
+from ._scales import SUPER, compact_layout
 from ._tensor import QuantizedTensor
 
 __all__ = ["quantize"]
@@ -31,6 +31,7 @@ def quantize(
     scale_dtype="float16",
     zero_dtype="uint8",
     compact_scales=False,
+    scale_layout=1,
 ):
     """Round-to-nearest group-wise quantization of a matrix.
 
@@ -70,6 +71,11 @@ def quantize(
         (by at most 1/128 of its super group's largest), so the grid still
         covers the group. Needs float16 scales and integer (or symmetric)
         zero points.
+    scale_layout : {0, 1}, default=1
+        Which groups share an exponent when ``compact_scales``: 8
+        consecutive groups of a line (1), or the groups of one index in 8
+        consecutive lines (0, as :func:`quantize_calibrated` along the rows
+        shares them). Every group is fitted at once here, so either works.
 
     Returns
     -------
@@ -107,11 +113,16 @@ def quantize(
     lines, length = M.shape
     what = "the row length ({})" if axis == 1 else "the column length ({})"
     g = check_group_size(group_size, length, what)
-    layout = compact_layout(compact_scales, dtype, zdtype, symmetric, 1)
+    if isinstance(scale_layout, bool) or scale_layout not in (0, 1):
+        raise ValueError(f"scale_layout must be 0 or 1, got {scale_layout!r}")
+    layout = compact_layout(compact_scales, dtype, zdtype, symmetric, scale_layout)
     ratios = _CLIP_RATIOS if clip else (1.0,)
     # lines by chunks of about _CHUNK entries, each in float64: a 49,152 x 576
-    # table takes a few MB beside its codes, not a float64 copy of itself
+    # table takes a few MB beside its codes, not a float64 copy of itself;
+    # with exponents shared across lines, whole super groups of lines
     step = max(1, _CHUNK // length)
+    if layout == 0:
+        step = max(SUPER, step - step % SUPER)
     codes = np.empty((lines, length), dtype=np.uint8)
     scale = np.empty((lines, length // g), dtype=dtype)
     zero = np.empty((lines, length // g), dtype=np.uint8 if symmetric else zdtype)

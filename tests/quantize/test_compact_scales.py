@@ -103,26 +103,31 @@ def test_a_scale_beyond_float16_is_refused():
     st.sampled_from((0, 1)),
     st.booleans(),
     st.booleans(),
+    st.sampled_from((0, 1)),
     st.integers(0, 2**31 - 1),
 )
-def test_compact_round_to_nearest(bits, g, lines, groups, axis, sym, clip, seed):
-    """Along each line (layout 1); the state holds codes and exponents, their
-    bytes are ``nbytes`` and ``quantized_nbytes``'s, the reload is the same
-    matrix; without clipping each entry is within half its step."""
+def test_compact_round_to_nearest(
+    bits, g, lines, groups, axis, sym, clip, layout, seed
+):
+    """Along each line (layout 1) or across lines (0); the state holds codes
+    and exponents, their bytes are ``nbytes`` and ``quantized_nbytes``'s,
+    the reload is the same matrix; without clipping each entry is within
+    half its step."""
     rng = np.random.default_rng(seed)
     shape = (lines, g * groups) if axis == 1 else (g * groups, lines)
     W = rng.normal(size=shape) * rng.exponential(size=(shape[0], 1))
-    qt = quantize(W, bits, g, axis=axis, symmetric=sym, clip=clip, compact_scales=True)
-    assert qt.scale_layout == 1
+    kw = dict(axis=axis, symmetric=sym, clip=clip, compact_scales=True)
+    qt = quantize(W, bits, g, scale_layout=layout, **kw)
+    assert qt.scale_layout == layout
     plain = quantize(W, bits, g, axis=axis, symmetric=sym, clip=clip)
     state = qt.to_state("w.")
     assert "w.scales" not in state and state["w.meta"].shape == (6,)
     assert _stored_bytes(state) == qt.nbytes < plain.nbytes + 1
     assert qt.nbytes == quantized_nbytes(
-        shape, bits, g, axis=axis, symmetric=sym, scale_layout=1
+        shape, bits, g, axis=axis, symmetric=sym, scale_layout=layout
     )
     again = QuantizedTensor.from_state(state, "w.")
-    assert again.scale_layout == 1
+    assert again.scale_layout == layout
     np.testing.assert_array_equal(again.dequantize(), qt.dequantize())
     if not clip:
         steps = qt.scales.astype(np.float64).repeat(g, axis=1)
@@ -227,3 +232,18 @@ def test_compact_scales_cost_little_error_on_a_weight_like_matrix(axis):
 
     assert err(qt) <= 1.03 * err(plain)
     assert qt.nbytes <= 0.95 * plain.nbytes
+
+
+def test_round_to_nearest_across_lines_keeps_super_groups_whole(monkeypatch):
+    """Rounded a few lines at a time, the exponents shared across lines are
+    those of the whole matrix at once: the blocks hold whole super groups."""
+    from kflats.quantize import _rtn
+
+    W = np.random.default_rng(0).normal(size=(37, 96)) * np.arange(1, 38)[:, None]
+    whole = quantize(W, 3, 32, compact_scales=True, scale_layout=0)
+    monkeypatch.setattr(_rtn, "_CHUNK", 96 * 5)  # 5 lines a block: 8 taken
+    blocks = quantize(W, 3, 32, compact_scales=True, scale_layout=0)
+    np.testing.assert_array_equal(blocks.scales, whole.scales)
+    np.testing.assert_array_equal(blocks.unpacked_codes(), whole.unpacked_codes())
+    with pytest.raises(ValueError, match="scale_layout must be 0 or 1"):
+        quantize(W, 3, 32, compact_scales=True, scale_layout=None)
