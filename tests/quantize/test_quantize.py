@@ -334,13 +334,19 @@ LAYER_IDS = [name for name, *_ in _layers(np.random.default_rng(0))]
 @pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
 @pytest.mark.parametrize("method", ["rtn", "calibrated"])
 @pytest.mark.parametrize("bits", [3, 5, 8])
-def test_layer_round_trip_is_bit_identical(tmp_path, index, method, bits):
+@pytest.mark.parametrize("compact", [False, True])
+def test_layer_round_trip_is_bit_identical(tmp_path, index, method, bits, compact):
     from safetensors.torch import load_file, save_file
 
     _, layer, extra = list(_layers(np.random.default_rng(index)))[index]
     original = copy.deepcopy(layer)
     quantize_module_(
-        layer, bits, 8, method=method, **(extra if method == "calibrated" else {})
+        layer,
+        bits,
+        8,
+        method=method,
+        compact_scales=compact,
+        **(extra if method == "calibrated" else {}),
     )
     tensors = quantized_tensors(layer)
     assert tensors
@@ -350,8 +356,14 @@ def test_layer_round_trip_is_bit_identical(tmp_path, index, method, bits):
     assert not torch.equal(_dense_t(layer), _dense_t(original))
 
     state = quantized_state(layer)
-    assert state_nbytes(state) == form_nbytes(original, bits, 8)
+    assert state_nbytes(state) == form_nbytes(original, bits, 8, compact_scales=compact)
     assert state_nbytes(state) < form_nbytes(original)
+    side = getattr(original, "side", None)
+    for name, qt in tensors.items():  # where compact scales share exponents
+        bases, coefficients = (None if side == "output" else 1), int(side == "input")
+        want = coefficients if ".coefficients." in f".{name}" else bases
+        want = 0 if name == "weight" else want
+        assert qt.scale_layout == (want if compact else None), name
     path = str(tmp_path / "m.safetensors")
     save_file(state, path)
     fresh = copy.deepcopy(original)
@@ -578,7 +590,8 @@ def test_refitting_coefficients_to_rounded_bases_lowers_the_error(side, monkeypa
 
 @pytest.mark.parametrize("index", range(len(LAYER_IDS)), ids=LAYER_IDS)
 @pytest.mark.parametrize("bits", [None, 2, 5, 6])
-def test_factors_nbytes_counts_like_the_built_layer(index, bits):
+@pytest.mark.parametrize("compact", [False, True])
+def test_factors_nbytes_counts_like_the_built_layer(index, bits, compact):
     _, layer, _ = list(_layers(np.random.default_rng(index)))[index]
     if not isinstance(layer, (ProjectiveEmbedding, ProjectiveLinear)):
         return
@@ -593,10 +606,12 @@ def test_factors_nbytes_counts_like_the_built_layer(index, bits):
         8,
         affine=layer.affine,
         bias=0 if bias is None else bias.numel(),
+        compact_scales=compact,
+        side=getattr(layer, "side", None),
     )
-    assert predicted == form_nbytes(layer, bits, 8)
+    assert predicted == form_nbytes(layer, bits, 8, compact_scales=compact)
     if bits is not None:
-        quantize_module_(layer, bits, 8)
+        quantize_module_(layer, bits, 8, compact_scales=compact)
         assert predicted == state_nbytes(quantized_state(layer))
 
 

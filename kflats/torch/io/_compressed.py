@@ -35,6 +35,7 @@ from kflats.torch.io._build import (
 from kflats.torch.io._files import _MANIFEST, _WEIGHTS, _match, _stored, _weight_files
 from kflats.torch.io._manifest import _manifest_of
 from kflats.torch.io._quantized_files import (
+    _PARTS,
     _pack_files,
     _pack_plans,
     _packed,
@@ -297,7 +298,9 @@ def _check_saved(directory, folder, hf, quantized):
             packed = _packed(key, qt)
             # its float tensor, or the buffers of a model loaded packed; a
             # tied head's weight is the same tensor: stored once, packed
-            held = {id(expected[k]) for k in (key, *packed) if k in expected}
+            # (held packed: its buffers, whatever entries the file stores)
+            held_keys = (key, *packed, *(f"{key}.{p}" for p in _PARTS))
+            held = {id(expected[k]) for k in held_keys if k in expected}
             for alias in [k for k, t in expected.items() if id(t) in held]:
                 del expected[alias]
             expected.update(packed)

@@ -32,6 +32,10 @@ def _quantized_entry(qt):
     }
 
 
+# the entries of a packed tensor, any of them (to_state writes a subset)
+_PARTS = ("codes", "scales", "scale_codes", "scale_exponents", "zeros", "meta")
+
+
 def _packed(key, qt):
     """The safetensors entries of a quantized tensor: codes, scales, zeros, meta."""
     return {
@@ -60,15 +64,26 @@ def _pack_files(folder, quantized, where):
                 metadata = f.metadata()
             held = [k for k in quantized if f"{k}.codes" in state]
             # a model held packed saves its buffers: its integer zero points a
-            # byte each, which the file packs at the tensor's bits (the
-            # other entries are written as they are held)
-            zeros = {}
+            # byte each and its compact scales as float16, which the file
+            # stores packed at the tensor's bits, and as codes and exponents
+            # (the other entries are written as they are held)
+            rewritten = False
             for k in held:
-                z = quantized[k].to_state().get("zeros")
-                if z is not None and tuple(state[f"{k}.zeros"].shape) != z.shape:
-                    zeros[f"{k}.zeros"] = torch.from_numpy(z.copy())
-            state.update(zeros)
-            if held and (zeros or metadata != {"format": "pt"}):
+                packed = _packed(k, quantized[k])
+                old = {f"{k}.{p}" for p in _PARTS if f"{k}.{p}" in state}
+                if old != set(packed) or any(
+                    tuple(state[name].shape) != tuple(value.shape)
+                    for name, value in packed.items()
+                ):
+                    for name in old:
+                        del state[name]
+                    state.update(packed)
+                    rewritten = True
+                    if weight_map is not None:
+                        for name in old:
+                            del weight_map[name]
+                        weight_map.update(dict.fromkeys(packed, file.name))
+            if held and (rewritten or metadata != {"format": "pt"}):
                 save_file(state, str(file), metadata={"format": "pt"})
             continue
         for key in keys:
@@ -95,7 +110,9 @@ def _check_quantized(quantized, stored, where):
     stored = dict(stored)
     packed = {}
     for key, entry in quantized.items():
-        parts = {p: f"{key}.{p}" for p in ("codes", "scales", "meta")}
+        compact = f"{key}.scale_codes" in stored
+        scales = ("scale_codes", "scale_exponents") if compact else ("scales",)
+        parts = {p: f"{key}.{p}" for p in ("codes", *scales, "meta")}
         if not entry["symmetric"]:
             parts["zeros"] = f"{key}.zeros"
         missing = [k for k in parts.values() if k not in stored]

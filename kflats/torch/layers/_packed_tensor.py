@@ -32,9 +32,11 @@ class PackedTensor(nn.Module):
     scales : float16 or float32 Tensor of shape (lines, groups per line)
     zeros : uint8 or float16 Tensor of the shape of ``scales``, or None
         (symmetric grid)
-    meta : int64 Tensor of shape (5,)
-        bits, group size, axis, rows, cols (see
-        :meth:`kflats.quantize.QuantizedTensor.to_state`).
+    meta : int64 Tensor of shape (5,) or (6,)
+        bits, group size, axis, rows, cols, and the layout of compact
+        scales when they are (see
+        :meth:`kflats.quantize.QuantizedTensor.to_state`; their float16
+        values are held here).
     dtype : torch.dtype, default=torch.float32
         Of the floats it gives: the dtype of the parameter it stands for.
 
@@ -72,8 +74,10 @@ class PackedTensor(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("meta", meta)
-        bits, group_size, axis, rows, cols = (int(v) for v in meta.tolist())
+        # a sixth entry: the layout of compact scales (held float16 here)
+        bits, group_size, axis, rows, cols, *layout = (int(v) for v in meta.tolist())
         self.bits, self.group_size, self.axis = bits, group_size, axis
+        self.scale_layout = layout[0] if layout else None
         self.shape = torch.Size((rows, cols))
         self.dtype = dtype
         self._operands = (None, None)  # (buffers, what a CPU kernel reads of them)
@@ -86,7 +90,10 @@ class PackedTensor(nn.Module):
         """
         # the zero points a byte each, in the shape of the scales (a file
         # packs integer ones at `bits` bits: the kernels read them as bytes)
-        meta = np.array([qt.bits, qt.group_size, qt.axis, *qt.shape], dtype=np.int64)
+        meta = [qt.bits, qt.group_size, qt.axis, *qt.shape]
+        if qt.scale_layout is not None:
+            meta.append(qt.scale_layout)
+        meta = np.array(meta, dtype=np.int64)
 
         def tensor(value):
             return None if value is None else torch.from_numpy(value).to(device)
@@ -110,6 +117,7 @@ class PackedTensor(nn.Module):
             self.bits,
             self.group_size,
             self.axis,
+            self.scale_layout,
         )
 
     # a packed matrix is read, never trained (unpack_quantized_ gives floats)
@@ -195,6 +203,8 @@ class PackedTensor(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         super()._load_from_state_dict(state_dict, prefix, *args)
         expected = [self.bits, self.group_size, self.axis, *self.shape]
+        if self.scale_layout is not None:
+            expected.append(self.scale_layout)
         if self.meta.tolist() != expected:
             self.meta.copy_(torch.tensor(expected))
             error_msgs = args[-1]

@@ -45,6 +45,7 @@ from kflats.quantize._grid import (
     check_zero_dtype,
 )
 from kflats.quantize._rtn import quantize
+from kflats.quantize._scales import compact_layout
 from kflats.quantize._tensor import QuantizedTensor
 from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
@@ -52,6 +53,7 @@ from kflats.torch.layers._linear import ProjectiveLinear
 from kflats.torch.layers._quantized_bytes import (
     _check_projective_groups,
     rank_group_size,
+    scale_layouts,
 )
 from kflats.torch.layers._quantized_state import _assign, _np
 
@@ -113,12 +115,17 @@ def _projective_params(module):
 
 
 def _stack_rows(parts, bits, group_size, symmetric, shape):
-    """One QuantizedTensor of the rows of ``parts`` (axis-1 tensors), in order."""
+    """One QuantizedTensor of the rows of ``parts`` (axis-1 tensors), in order.
+
+    Compact scales that share exponents along each line (``scale_layout=1``)
+    stay compact: the lines are stacked whole."""
     codes = np.concatenate([p.unpacked_codes() for p in parts])
     scales = np.concatenate([p.scales for p in parts])
     zeros = None if symmetric else np.concatenate([p.zeros for p in parts])
+    layouts = {p.scale_layout for p in parts}
+    layout = layouts.pop() if layouts in ({1}, {None}) else None
     return QuantizedTensor._from_codes(
-        codes, scales, zeros, shape, bits, parts[0].group_size, 1
+        codes, scales, zeros, shape, bits, parts[0].group_size, 1, layout
     )
 
 
@@ -160,6 +167,13 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
 
         C, cholesky = damped_moment(moment, moment.shape[0], kw["damping"])
 
+    compact = kw.pop("compact_scales")
+    bases_layout, coef_layout = scale_layouts(side)
+    rtn_v = {**_rtn_kw(kw), "compact_scales": compact and bases_layout is not None}
+    rtn_u = {**_rtn_kw(kw), "compact_scales": compact}
+    kv = {**kw, "compact_scales": compact and bases_layout is not None}
+    kw = {**kw, "compact_scales": compact}
+
     def one(c):
         """Cluster c's quantized bases and coefficients (None where it has none)."""
         u, v, idx = U[c], V[c], rows[c]
@@ -167,14 +181,14 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
         gu = rank_group_size(r, g) if r else None
         if r == 0 or u.shape[0] == 0:
             # an empty cluster still stores its bases
-            return (quantize(v, bits, g, **_rtn_kw(kw)) if r else None), None
+            return (quantize(v, bits, g, **rtn_v) if r else None), None
         if not calibrated:
-            vq = quantize(v, bits, g, **_rtn_kw(kw))
-            return vq, quantize(u, bits, rank_group_size(r, g), **_rtn_kw(kw))
+            vq = quantize(v, bits, g, **rtn_v)
+            return vq, quantize(u, bits, gu, scale_layout=coef_layout, **rtn_u)
         if side == "output":
             Cm = np.eye(v.shape[1]) if moment is None else C
             Lm = None if moment is None else cholesky
-            vq = quantize_calibrated(v, Cm, bits, g, axis=1, **kw)
+            vq = quantize_calibrated(v, Cm, bits, g, axis=1, **kv)
             vh = vq.dequantize().astype(np.float64)
             u2 = _lstsq_refit(u, v, vh, Lm)
             return vq, quantize_calibrated(u2, vh @ Cm @ vh.T, bits, gu, axis=1, **kw)
@@ -184,7 +198,7 @@ def _quantize_projective(module, bits, g, method, moment, weights, kw):
         else:  # embedding
             w = np.ones(len(idx)) if weights is None else weights[idx]
             Hv = (u * w[:, None]).T @ u
-        vq = quantize_calibrated(v.T, Hv, bits, g, axis=0, **kw).T
+        vq = quantize_calibrated(v.T, Hv, bits, g, axis=0, **kv).T
         vh = vq.dequantize().astype(np.float64)
         u2 = _lstsq_refit(u, v, vh)
         if side == "input":
@@ -228,6 +242,7 @@ def quantize_module_(
     act_order=True,
     scale_dtype="float16",
     zero_dtype="uint8",
+    compact_scales=False,
 ):
     """Quantize a layer's weight matrices in place (storage quantization).
 
@@ -279,6 +294,14 @@ def quantize_module_(
         and zero; or float16, the grid spanning the group's own range (one
         byte more a group: the layout of a GGUF Q4_1 block, whose weights
         it keeps as they are). Not used when ``symmetric``.
+    compact_scales : bool, default=False
+        Store the scales compact (:class:`~kflats.quantize.QuantizedTensor`'s
+        ``scale_layout``: a byte a scale instead of two). A dense weight's
+        exponents are shared across 8 rows (layout 0); a projective layer's
+        stacked bases share them along each row (1), but on the output side,
+        where they keep float16 scales, and a cluster's coefficients across
+        rows (0), or along each row on the input side (1). Needs float16
+        scales and integer or symmetric zero points.
 
     Returns
     -------
@@ -308,8 +331,9 @@ def quantize_module_(
     """
     bits = check_bits(bits)
     _check_method(method)
-    check_scale_dtype(scale_dtype)
-    check_zero_dtype(zero_dtype)
+    dtype = check_scale_dtype(scale_dtype)
+    zdtype = check_zero_dtype(zero_dtype)
+    compact = compact_layout(compact_scales, dtype, zdtype, symmetric, 0) is not None
     kw = {
         "symmetric": bool(symmetric),
         "damping": damping,
@@ -330,8 +354,9 @@ def quantize_module_(
                 raise ValueError("moment is for Linear layers; got an embedding")
             weights = _check_weights(token_weights, module.num_embeddings)
         tensors = _quantize_projective(
-            module, bits, group_size, method, moment, weights, kw
-        )
+            module, bits, group_size, method, moment, weights,
+            {**kw, "compact_scales": compact},
+        )  # fmt: skip
     elif isinstance(module, nn.Linear) or is_conv1d(module):
         W = _np(dense_weight(module))  # (out, in): a Conv1D's transposed
         moment = _check_moment_shape(moment, W.shape[1])
@@ -339,9 +364,14 @@ def quantize_module_(
             raise ValueError("token_weights are for embeddings; got a Linear")
         check_group_size(group_size, W.shape[1], "in_features={}")
         if calibrated and moment is not None:
-            qt = quantize_calibrated(W, moment, bits, group_size, **kw)
+            qt = quantize_calibrated(
+                W, moment, bits, group_size, compact_scales=compact, **kw
+            )
         else:
-            qt = quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))
+            qt = quantize(
+                W, bits, group_size, clip=calibrated, compact_scales=compact,
+                scale_layout=0, **_rtn_kw(kw),
+            )  # fmt: skip
         # a Conv1D stores W^T: the same codes, read along the columns
         tensors = {"weight": qt.T if is_conv1d(module) else qt}
     elif isinstance(module, nn.Embedding):
@@ -351,7 +381,15 @@ def quantize_module_(
         W = module.weight.detach().to("cpu", torch.float32).numpy()  # no copy
         check_group_size(group_size, W.shape[1], "embedding_dim={}")
         tensors = {
-            "weight": quantize(W, bits, group_size, clip=calibrated, **_rtn_kw(kw))
+            "weight": quantize(
+                W,
+                bits,
+                group_size,
+                clip=calibrated,
+                compact_scales=compact,
+                scale_layout=0,
+                **_rtn_kw(kw),
+            )  # fmt: skip
         }
     else:
         raise TypeError(

@@ -4,8 +4,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kflats.quantize._grid import check_group_size
+from kflats.quantize._grid import (
+    check_group_size,
+    check_scale_dtype,
+    check_zero_dtype,
+)
 from kflats.quantize._nbytes import quantized_nbytes
+from kflats.quantize._scales import compact_layout
 from kflats.torch.layers._base import label_dtype
 from kflats.torch.layers._dense import dense_weight, is_conv1d
 from kflats.torch.layers._embedding import ProjectiveEmbedding
@@ -51,6 +56,21 @@ def rank_group_size(rank, group_size):
     return min(divisors, key=lambda q: (abs(np.log(q / group_size)), -q))
 
 
+def scale_layouts(side):
+    """The compact scales' layouts of a projective layer's (bases,
+    coefficients), by its side (None: an embedding): None where they are
+    not compact.
+
+    The bases of every cluster are stacked, so their exponents run along
+    each row (1), as GPTQ down their columns fits them; the output side's
+    bases, rounded along their rows, share them across rows (0), which
+    stacking would mix: kept float16. A cluster's coefficients are a
+    tensor of their own: across rows (0) where GPTQ runs along their rows,
+    along each row (1) on the input side, where it runs down their columns.
+    """
+    return (None if side == "output" else 1), (1 if side == "input" else 0)
+
+
 def form_nbytes(
     module,
     bits=None,
@@ -59,6 +79,7 @@ def form_nbytes(
     symmetric=False,
     scale_dtype="float16",
     zero_dtype="uint8",
+    compact_scales=False,
 ):
     """Bytes a layer's state takes once quantized, without quantizing it.
 
@@ -76,6 +97,8 @@ def form_nbytes(
     symmetric : bool, default=False
     scale_dtype : {"float16", "float32"}, default="float16"
     zero_dtype : {"uint8", "float16"}, default="uint8"
+    compact_scales : bool, default=False
+        As :func:`~kflats.quantize.quantize_module_` stores them.
 
     Returns
     -------
@@ -90,21 +113,20 @@ def form_nbytes(
     (2365440, 347176)
     >>> form_nbytes(linear, bits=4, group_size=32, zero_dtype="float16")
     374824
+    >>> form_nbytes(linear, bits=4, group_size=32, compact_scales=True)
+    331056
     """
     state = module.state_dict()
     total = state_nbytes(state)
     if bits is None:
         return total
-    meta = 8 * 5  # the int64 meta entry of each packed tensor
+    compact = _compact(compact_scales, scale_dtype, zero_dtype, symmetric)
+    side = getattr(module, "side", None)
 
-    def packed(shape, g=group_size):
-        return meta + quantized_nbytes(
-            shape,
-            bits,
-            g,
-            symmetric=symmetric,
-            scale_dtype=scale_dtype,
-            zero_dtype=zero_dtype,
+    def packed(shape, g=group_size, layout=0):
+        layout = layout if compact else None
+        return _packed_nbytes(
+            shape, bits, g, symmetric, scale_dtype, zero_dtype, layout
         )
 
     def plain(t):
@@ -112,12 +134,14 @@ def form_nbytes(
 
     if isinstance(module, (ProjectiveEmbedding, ProjectiveLinear)):
         _check_projective_groups(module, group_size)
+        bases_layout, coef_layout = scale_layouts(side)
         if module.bases.shape[0]:
-            total += packed(tuple(module.bases.shape)) - plain(module.bases)
+            shape = tuple(module.bases.shape)
+            total += packed(shape, layout=bases_layout) - plain(module.bases)
         for u in module.coefficients:
             if u.numel():
                 gu = rank_group_size(u.shape[1], group_size)
-                total += packed(tuple(u.shape), gu) - plain(u)
+                total += packed(tuple(u.shape), gu, coef_layout) - plain(u)
         return total
     if isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module):
         shape = tuple(dense_weight(module).shape)  # grouped along in_features
@@ -140,6 +164,8 @@ def factors_nbytes(
     symmetric=False,
     scale_dtype="float16",
     float_bytes=4,
+    compact_scales=False,
+    side=None,
 ):
     """Bytes of a projective layer's state before it is built, for an allocator.
 
@@ -168,6 +194,11 @@ def factors_nbytes(
     scale_dtype : {"float16", "float32"}, default="float16"
     float_bytes : int, default=4
         Bytes of a float parameter.
+    compact_scales : bool, default=False
+        As :func:`~kflats.quantize.quantize_module_` stores them.
+    side : {None, "input", "output"}, default=None
+        The layer's side (None: an embedding); it decides where compact
+        scales share their exponents.
 
     Returns
     -------
@@ -186,22 +217,52 @@ def factors_nbytes(
     k, n = len(ranks), sum(sizes)
     labels = n * torch.empty((), dtype=label_dtype(k)).element_size()
     total = labels + (k * d if affine else 0) * float_bytes + int(bias) * float_bytes
-    meta = 8 * 5
     if bits is not None:
         check_group_size(group_size, d, "the bases' row length d={}")
+    if side not in (None, "input", "output"):
+        raise ValueError(f"side must be None, 'input' or 'output', got {side!r}")
+    compact = _compact(compact_scales, scale_dtype, "uint8", symmetric)
+    bases_layout, coef_layout = scale_layouts(side)
 
-    def matrix(rows, cols, g=group_size):
+    def matrix(rows, cols, g=group_size, layout=None):
         if bits is None or rows * cols == 0:
             return rows * cols * float_bytes
-        return meta + quantized_nbytes(
-            (rows, cols),
-            bits,
-            g,
-            symmetric=symmetric,
-            scale_dtype=scale_dtype,
+        layout = layout if compact else None
+        return _packed_nbytes(
+            (rows, cols), bits, g, symmetric, scale_dtype, "uint8", layout
         )
 
-    total += matrix(sum(ranks), d)
+    total += matrix(sum(ranks), d, layout=bases_layout)
     for s, r in zip(sizes, ranks, strict=True):
-        total += matrix(s, r, rank_group_size(r, group_size) if r else None)
+        g = rank_group_size(r, group_size) if r else None
+        total += matrix(s, r, g, coef_layout)
     return int(total)
+
+
+def _compact(compact_scales, scale_dtype, zero_dtype, symmetric):
+    """Whether scales are compact, checked as the quantizers check it."""
+    return (
+        compact_layout(
+            compact_scales,
+            check_scale_dtype(scale_dtype),
+            check_zero_dtype(zero_dtype),
+            symmetric,
+            0,
+        )
+        is not None
+    )
+
+
+def _packed_nbytes(shape, bits, g, symmetric, scale_dtype, zero_dtype, layout):
+    """A packed tensor's entries: its meta (int64: 5, 6 with compact scales),
+    codes, scales and zero points."""
+    meta = 8 * (5 if layout is None else 6)
+    return meta + quantized_nbytes(
+        shape,
+        bits,
+        g,
+        symmetric=symmetric,
+        scale_dtype=scale_dtype,
+        zero_dtype=zero_dtype,
+        scale_layout=layout,
+    )

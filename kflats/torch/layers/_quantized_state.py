@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 QUANTIZED_RECORD = "_kflats_quantized"
-_KEYS = ("codes", "scales", "zeros", "meta")
+_KEYS = ("codes", "scales", "scale_codes", "scale_exponents", "zeros", "meta")
 
 
 def _np(t):
