@@ -995,3 +995,25 @@ def test_a_failed_requantize_leaves_the_model_as_it_was():
     assert not any(parametrize.is_parametrized(layer, "weight") for layer in model)
     for key, qt in quantized_tensors(model).items():
         np.testing.assert_array_equal(qt.dequantize(), before[key].dequantize())
+
+
+def test_trained_scales_go_back_onto_compact_scales():
+    """A heal through the rounding with compact scales: the trained scales
+    are rounded up onto the compact grid again, the bytes unchanged."""
+    from kflats.quantize._scales import split_scales
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16)
+    quantize_module_(layer, 3, 8, compact_scales=True)
+    before = quantized_tensors(layer)["weight"]
+    nbytes = state_nbytes(quantized_state(layer))
+    register_straight_through_(layer, scales=True)
+    gain = layer.parametrizations["weight"][0].log_gain
+    with torch.no_grad():
+        gain.copy_(torch.linspace(-0.3, 0.3, gain.numel()).reshape(gain.shape))
+    requantize_(layer)
+    after = quantized_tensors(layer)["weight"]
+    assert after.scale_layout == before.scale_layout == 0
+    assert split_scales(after.scales, 0) is not None
+    assert not np.array_equal(after.scales, before.scales)
+    assert state_nbytes(quantized_state(layer)) == nbytes
