@@ -78,3 +78,17 @@ def assert_unchanged(model, snap):
     now = snapshot(model)
     assert now[0] == snap[0] and now[2] == snap[2]
     assert all(torch.equal(now[1][k], snap[1][k]) for k in snap[1])
+
+
+def tiny_bert(transformers, **config):
+    """A tiny BertModel, seeded, in eval mode; ``config`` overrides its sizes."""
+    sizes = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(**{**sizes, **config})).eval()

@@ -39,6 +39,7 @@ from .._helpers import (  # noqa: E402
     TinyEncoder,
     assert_unchanged,
     snapshot,
+    tiny_bert,
     tokenizer_for,
 )
 
@@ -653,16 +654,7 @@ def test_load_rejects_a_packed_tensor_that_disagrees_with_kflats_json(tmp_path):
 
 def _tiny_bert(transformers):
     """A tiny BertModel, seeded, in eval mode."""
-    config = transformers.BertConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+    return tiny_bert(transformers)
 
 
 def test_tiny_bert_round_trip_in_bytes(tmp_path):

@@ -28,22 +28,22 @@ from kflats.torch.layers import (  # noqa: E402
     quantized_tensors,
 )
 
+from .._helpers import tiny_bert  # noqa: E402
+
 VOCAB = 512
 IDS = torch.randint(5, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    config = transformers.BertConfig(
+    model = tiny_bert(
+        transformers,
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=1,
-        num_attention_heads=4,
         intermediate_size=128,
         max_position_embeddings=32,
     )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
     emb = model.embeddings
     emb.word_embeddings = ProjectiveEmbedding.from_embedding(
         emb.word_embeddings, k=2, j=16, random_state=0
