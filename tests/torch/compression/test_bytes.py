@@ -961,16 +961,8 @@ def test_a_size_for_a_sentence_transformers_folder(tmp_path):
     (tmp_path / "bert").mkdir()
     vocab = tmp_path / "bert" / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]) + "\n")
-    config = transformers.BertConfig(
-        vocab_size=4 + len(words),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    model = tiny_bert(transformers, vocab_size=4 + len(words), num_hidden_layers=1)
+    model.save_pretrained(tmp_path / "bert")
     transformers.BertTokenizerFast(str(vocab)).save_pretrained(tmp_path / "bert")
     modules = [
         st_modules.Transformer(str(tmp_path / "bert")),
