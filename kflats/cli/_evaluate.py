@@ -247,7 +247,8 @@ def _lost(kind, scores):
 def _baseline(job, budget):
     """The baseline at budget, and its report: each module truncated by SVD
     (numbers), or every module quantized alike (bytes:
-    :func:`kflats.torch.compression.quantize_uniformly`)."""
+    :func:`kflats.torch.compression.quantize_uniformly`, with compact scales
+    where the folder's format stores them)."""
     from kflats.torch import compress
 
     svd = copy.deepcopy(job.base)
@@ -255,7 +256,10 @@ def _baseline(job, budget):
         from kflats.torch.compression import quantize_uniformly
         from kflats.torch.layers import pack_quantized_
 
-        report = quantize_uniformly(svd, job.names, budget, job.calibration)
+        compact = getattr(job.args, "format", "kflats") == "kflats"
+        report = quantize_uniformly(
+            svd, job.names, budget, job.calibration, compact_scales=compact
+        )
         return pack_quantized_(svd), report
     report = compress(
         svd, budget, job.names, k=1, allocation="uniform", ranks="uniform",

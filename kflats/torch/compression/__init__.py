@@ -13,7 +13,8 @@ Where each step lives:
 - ``_plan_numbers.py``: the planner of a budget in numbers (feasibility,
   the global allocation, every module fitted);
 - ``_plan_bytes.py``: the planner of a budget in bytes (every module's form
-  chosen among ``_forms.py``'s, measured by ``_form_errors.py``);
+  chosen among ``_forms.py``'s, measured by ``_form_errors.py``; what each
+  file format holds: ``_file_formats.py``);
 - ``_folder_bytes.py``: a budget in bytes as the size of the folder's weight
   files: the tensors outside the selected modules, and the headers' bound;
 - ``_uniform.py``: every module quantized alike, the byte road's baseline;

@@ -40,10 +40,11 @@ import sys
 
 import numpy as np
 import torch
+from torch import nn
 
 from kflats.quantize._rtn import quantize
 from kflats.torch.compression._sensitivity import _rows_cols
-from kflats.torch.layers import label_dtype, quantized_state
+from kflats.torch.layers import label_dtype, quantized_state, scale_layouts
 
 # a safetensors file's frame: its header's length (8 bytes), the braces of
 # the header, the metadata the saves write, and the padding to 8 bytes
@@ -90,11 +91,20 @@ def entry_nbytes(key, dtype, shape, digits):
     return len(text)
 
 
+def factor_side(module):
+    """The side of a module's projective forms in a search in bytes: ``None``
+    for an Embedding, ``"output"`` (k = 1 factors) for a Linear."""
+    return None if isinstance(module, nn.Embedding) else "output"
+
+
 @functools.cache
-def _packed_parts(bits, zero_dtype="uint8"):
+def _packed_parts(bits, zero_dtype="uint8", compact=False):
     """(suffix, dtype, ndim) of each entry of a matrix packed at ``bits``, its
-    zero points of ``zero_dtype`` (None: a symmetric grid, no zero points)."""
+    zero points of ``zero_dtype`` (None: a symmetric grid, no zero points),
+    its scales compact or not."""
     grid = {"symmetric": True} if zero_dtype is None else {"zero_dtype": zero_dtype}
+    if compact:
+        grid["compact_scales"] = True
     probe = quantize(np.zeros((1, 8), dtype=np.float32), bits, 8, **grid)
     return tuple(
         (key, torch.from_numpy(np.ascontiguousarray(value)).dtype, value.ndim)
@@ -102,14 +112,14 @@ def _packed_parts(bits, zero_dtype="uint8"):
     )
 
 
-def _matrix(key, rows, cols, bits, dtype, zero_dtype="uint8"):
+def _matrix(key, rows, cols, bits, dtype, zero_dtype="uint8", compact=False):
     """Header entries (key, dtype, shape bound) of a matrix, float or packed."""
     if bits is None:
         return [(key, dtype, (rows, cols))]
     side = max(rows, cols)
     return [
         (f"{key}.{suffix}", part, (rows * cols,) if ndim == 1 else (side,) * ndim)
-        for suffix, part, ndim in _packed_parts(bits, zero_dtype)
+        for suffix, part, ndim in _packed_parts(bits, zero_dtype, compact)
     ]
 
 
@@ -118,21 +128,29 @@ def _form_entries(name, module, form):
     state = module.state_dict()
     weight = state.pop("weight")
     others = [(f"{name}.{key}", t.dtype, tuple(t.shape)) for key, t in state.items()]
+    compact = getattr(form, "compact", False)
     if form.kind == "float":
         return [(f"{name}.weight", weight.dtype, tuple(weight.shape)), *others]
     if form.kind == "dense":
         zeros = getattr(form, "zero_dtype", "uint8")
         entries = _matrix(
-            f"{name}.weight", *weight.shape, form.bits, weight.dtype, zeros
+            f"{name}.weight", *weight.shape, form.bits, weight.dtype, zeros, compact
         )
         return entries + others
     n, d = _rows_cols(module)
     side = max(n, d)
+    bases, coefficients = (
+        compact and layout is not None for layout in scale_layouts(factor_side(module))
+    )
     entries = [(f"{name}.labels", label_dtype(form.k), (side,))]
-    entries += _matrix(f"{name}.bases", side, side, form.bits, weight.dtype)
+    entries += _matrix(
+        f"{name}.bases", side, side, form.bits, weight.dtype, compact=bases
+    )
     for c in range(form.k):
         key = f"{name}.coefficients.{c}"
-        entries += _matrix(key, side, side, form.bits, weight.dtype)
+        entries += _matrix(
+            key, side, side, form.bits, weight.dtype, compact=coefficients
+        )
     return entries + others
 
 
@@ -274,7 +292,14 @@ class FolderBudget:
 
     def header(self, name, form):
         """Header bytes of module ``name`` stored in ``form``, at most."""
-        key = (name, form.kind, form.bits, form.k, getattr(form, "zero_dtype", None))
+        key = (
+            name,
+            form.kind,
+            form.bits,
+            form.k,
+            getattr(form, "zero_dtype", None),
+            getattr(form, "compact", False),
+        )
         if key not in self._headers:
             entries = _form_entries(name, self._named[name], form)
             self._headers[key] = sum(

@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from kflats._threads import map_threads
+from kflats.torch.compression._file_formats import _file_format
 from kflats.torch.compression._fit import _fit_module
+from kflats.torch.compression._folder_bytes import factor_side
 from kflats.torch.compression._forms import (
     _CLUSTER_BITS,
     _bias_numel,
@@ -91,6 +93,9 @@ class _ModuleForms:
         self.module, self.name = module, name
         self.objective, self.options = objective, options
         self.spectrum = spectrum
+        # factors with k > 1 clusters (a large table's, where they pay) take
+        # compact scales wherever the file format stores them
+        self.compact = _file_format(config).compact_scales
         self._measure = None
         self.dense_q, self._layers = {}, {}
         self.partitions = {
@@ -104,7 +109,15 @@ class _ModuleForms:
         for k, part in self.partitions.items():
             bias = _bias_numel(module)
             out += _factor_forms(
-                part.sizes, d, bits, config.group_size, bias, k, part.ranks
+                part.sizes,
+                d,
+                bits,
+                config.group_size,
+                bias,
+                k,
+                part.ranks,
+                (self.compact,),
+                factor_side(module),
             )
         out = self._dense_forms(out, kw)
         tails = {}  # no spectrum: no factor form (a file format without them)
@@ -276,10 +289,12 @@ class _ModuleForms:
         factors only when k = 1 is not among the forms).
         """
 
-        by_bits = {}
+        by_bits, compact = {}, set()  # the ranks of each key; keys stored compact
         for f in forms:
             if f.kind == "projective" and f.bits is not None:
                 by_bits.setdefault((f.k, f.bits, f.group_size), []).append(f.rank)
+                if f.compact:
+                    compact.add((f.k, f.bits, f.group_size))
         kw = _quantize_kw(self.module, self.objective)
         noise = {}
         for (k, b, g), ranks in sorted(by_bits.items(), key=lambda kv: kv[0][0]):
@@ -291,7 +306,7 @@ class _ModuleForms:
             layer = self._float_layer(k, r0)
             t0 = self.measure(_weight_of(layer))
             q = copy.deepcopy(layer)
-            quantize_module_(q, b, g, **kw)
+            quantize_module_(q, b, g, compact_scales=(k, b, g) in compact, **kw)
             e = self.measure(_weight_of(q))
             noise[(k, b, g)] = max(e - t0, 0.0) / max(1.0 - t0, 1e-12)
         return noise
@@ -315,6 +330,7 @@ class _ModuleForms:
             layer = copy.deepcopy(self._float_layer(form.k, form.rank))
             if form.bits is not None:
                 kw = _quantize_kw(self.module, self.objective)
+                kw["compact_scales"] = form.compact
                 quantize_module_(layer, form.bits, form.group_size, **kw)
             self._layers[key] = layer
         return self._layers[key]
@@ -417,5 +433,6 @@ def _noise_key(form):
 
 
 def _dense_key(form):
-    """What tells a module's dense forms apart: bits, groups, zero points."""
-    return form.bits, form.group_size, form.zero_dtype
+    """What tells a module's dense forms apart: bits, groups, zero points and
+    scales."""
+    return form.bits, form.group_size, form.zero_dtype, form.compact

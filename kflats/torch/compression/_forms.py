@@ -15,32 +15,20 @@ Sizes in bytes come from the one formula (:func:`kflats.torch.layers.form_nbytes
 in :mod:`._form_errors`. The feasibility of a budget in bytes, a size of the
 whole folder (:mod:`._folder_bytes`), is checked here, before anything is
 fitted.
-
-File formats (:data:`FORMATS`)
-------------------------------
-``CompressionConfig.format`` names the file the folder will be exported
-to. Each format has one rule, a :class:`FileFormat`: which forms it holds in
-its operator's own form (``holds(module, form)``, applied wherever forms
-are enumerated: dense, k = 1 factors, factors with k clusters), a check of
-the settings it cannot take, and how the budget counts bytes (the folder's
-weight files, or the exported model file). To add a format: one entry.
+The file formats a folder may be exported to, and what each holds, are in
+:mod:`._file_formats`.
 """
 
 import fnmatch
+import itertools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 from torch import nn
 
-from kflats.torch.compression._folder_bytes import FolderBudget
-from kflats.torch.compression._gguf_bytes import (
-    GgufBudget,
-    gguf_check,
-    gguf_grids,
-    gguf_holds,
-)
+from kflats.torch.compression._file_formats import _file_format, _holds_all
+from kflats.torch.compression._folder_bytes import factor_side
 from kflats.torch.compression._sensitivity import _rows_cols
 from kflats.torch.layers import factors_nbytes, form_nbytes
 
@@ -81,131 +69,24 @@ class _Form(NamedTuple):
     k: int = 1  # clusters of a projective form
     zero_dtype: str | None = "uint8"  # of a quantized form's zero points;
     # None: a symmetric grid (no zero points stored)
+    compact: bool = False  # a quantized form's scales: compact (a byte each
+    # under an exponent per 8 groups) or float16
 
 
 def grid_options(form):
     """The keywords of a quantized form's grid for ``quantize_module_`` and
-    ``form_nbytes``: symmetric, or its zero points' dtype."""
+    ``form_nbytes``: symmetric, or its zero points' dtype; compact scales."""
+    grid = {"compact_scales": True} if form.compact else {}
     if form.zero_dtype is None:
-        return {"symmetric": True}
-    return {"zero_dtype": form.zero_dtype}
+        return {**grid, "symmetric": True}
+    return {**grid, "zero_dtype": form.zero_dtype}
 
 
-# ---------------------------------------------------------------- file formats
-
-
-class FileFormat(NamedTuple):
-    """What one file format holds, and how a budget counts its bytes.
-
-    Attributes
-    ----------
-    holds : callable
-        ``holds(module, form) -> bool``: whether the format writes ``form``
-        of ``module`` (a ``_Form``) in its operator's own form; the search
-        keeps only those.
-    check : callable
-        ``check(config)``: raises ValueError for settings the format cannot
-        take (before anything is measured).
-    budget : callable
-        ``budget(model, names, budget) -> FolderBudget``-like: the size
-        asked and what each form costs in that file (:meth:`priced`).
-    grids : callable
-        ``grids(bits) -> tuple of (bits, group_size, zero_dtype)``: dense
-        grids the search tries besides its own (a symmetric grid: zero
-        points ``None``); none by default.
-    """
-
-    holds: Callable
-    check: Callable
-    budget: Callable
-    grids: Callable = lambda bits: ()  # noqa: E731
-
-
-def _holds_all(module, form):
-    return True
-
-
-def _no_check(config):
-    return None
-
-
-# ONNX (onnxruntime's CPU operators, float32 activations, what kflats export
-# writes by default): MatMulNBits takes 4-bit codes (2 and 3 bits are widened
-# to 4 in the file, 5, 6 and 8 dequantized when the session starts);
-# GatherBlockQuantized, a table's rows, 2, 4 and 8 bits; both in blocks of a
-# power of two from 16 along the product's inner side (K) or the table's
-# rows. Groups wider than a block would repeat their scales: only groups
-# that are a block themselves are kept.
-_ONNX_MATMUL_BITS = (4,)
-_ONNX_GATHER_BITS = (2, 4, 8)
-_ONNX_MIN_BLOCK = 16
-
-
-def _onnx_block(group_size):
-    g = group_size
-    return g is not None and g >= _ONNX_MIN_BLOCK and g & (g - 1) == 0
-
-
-def _onnx_holds(module, form):
-    """Whether :func:`kflats.torch.export.export_onnx` writes ``form`` packed in
-    the ONNX file, each matrix in its operator's own form but one.
-
-    Float forms always (float32 MatMul and Gather). A dense Linear weight
-    at 4 bits (``MatMulNBits``), a dense table at 2, 4 or 8 bits
-    (``GatherBlockQuantized``), in groups of a power of two from 16. The
-    k = 1 factors of a module at 4 bits: a Linear's (output side: the
-    bases' groups run along the input features, the coefficients' along
-    the rank, both the product's K) as two ``MatMulNBits``; an Embedding's
-    coefficients as ``GatherBlockQuantized``, and its bases, whose groups
-    run along the product's output side, packed in the file and
-    dequantized when the session starts: the one matrix not in its
-    operator's own form (``rank x d`` float32 in memory, at most 0.6 MB on
-    all-MiniLM-L6-v2). Without those, the table has only its dense forms
-    and float factors, and at 0.10 and 0.07 of MiniLM's float32 bytes the
-    search kept it as float factors of rank 8: mean cosine 0.165 and 0.172
-    on held-out text (measured once, ``benchmarks/data/sentences.txt``),
-    against those of ``benchmarks/deploy_report.py`` with them. Not
-    factors with k > 1 clusters quantized: each cluster's rank takes a
-    group no block may divide.
-    """
-    if form.bits is None:
-        return True
-    if not _onnx_block(form.group_size) or form.zero_dtype != "uint8":
-        return False  # (the operators pack integer zero points only)
-    embedding = isinstance(module, nn.Embedding)
-    if form.kind == "dense":
-        return form.bits in (_ONNX_GATHER_BITS if embedding else _ONNX_MATMUL_BITS)
-    return form.k == 1 and form.bits in _ONNX_MATMUL_BITS
-
-
-def _onnx_check(config):
-    g = config.group_size
-    if g is not None and not _onnx_block(g):
-        raise ValueError(
-            f"group_size={g}: format='onnx' holds quantized matrices in blocks "
-            f"of a power of two from {_ONNX_MIN_BLOCK} (MatMulNBits, "
-            "GatherBlockQuantized); give 16, 32, 64, 128 ..., or group_size=None"
-        )
-
-
-def _onnx_budget(model, names, budget):
-    from kflats.torch.compression._onnx_bytes import OnnxBudget
-
-    return OnnxBudget(model, names, budget)
-
-
-#: Each file format a folder may be exported to, by ``CompressionConfig.format``.
-FORMATS = {
-    "kflats": FileFormat(_holds_all, _no_check, FolderBudget),
-    "onnx": FileFormat(_onnx_holds, _onnx_check, _onnx_budget),
-    # GGUF (llama.cpp): its rule and its bytes in ._gguf_bytes
-    "gguf": FileFormat(gguf_holds, gguf_check, GgufBudget, gguf_grids),
-}
-
-
-def _file_format(config):
-    """The :class:`FileFormat` of a config (``"kflats"`` when it names none)."""
-    return FORMATS[getattr(config, "format", "kflats")]
+def _compact_grid(compact, zero_dtype):
+    """Whether a quantized grid takes compact scales: where the file format
+    stores them, and its zero points are integers or none (float16 zero
+    points, a GGUF layout, keep float16 scales)."""
+    return compact and zero_dtype != "float16"
 
 
 def _bias_numel(module):
@@ -241,11 +122,15 @@ def _check_group_size(group_size, names, named):
             )
 
 
-def _factor_forms(sizes, d, bits, group_size, bias, k=1, ranks_at=None):
+def _factor_forms(
+    sizes, d, bits, group_size, bias, k=1, ranks_at=None, scales=(False,), side=None
+):
     """Projective forms of clusters of ``sizes`` rows: float, then at each bits.
 
     A form's rank ``r`` is a level: each cluster's rank at it is
-    ``ranks_at(r)`` (default: ``r``, at most the cluster's rows).
+    ``ranks_at(r)`` (default: ``r``, at most the cluster's rows). Quantized
+    forms in each of ``scales`` (compact or not: :attr:`_Form.compact`),
+    priced for a layer of ``side`` (:func:`~._folder_bytes.factor_side`).
     """
     if ranks_at is None:
         ranks_at = lambda r: _capped(r, sizes)  # noqa: E731
@@ -261,10 +146,11 @@ def _factor_forms(sizes, d, bits, group_size, bias, k=1, ranks_at=None):
     for b in bits:
         g = _group(d, group_size, min(_GROUPS[b][0], cap))
         step = g if g is not None else max(1, top // _FLOAT_STEPS)
-        for r in range(step, top + 1, step):
+        for r, compact in itertools.product(range(step, top + 1, step), scales):
             ranks = ranks_at(r)
-            size = factors_nbytes(sizes, ranks, d, b, g if g else None, bias=bias)
-            forms.append(_Form("projective", b, g, r, size, k=k))
+            grid = {"bias": bias, "compact_scales": compact, "side": side}
+            size = factors_nbytes(sizes, ranks, d, b, g if g else None, **grid)
+            forms.append(_Form("projective", b, g, r, size, k=k, compact=compact))
     return forms
 
 
@@ -314,12 +200,17 @@ def _shared_ranks(clusters, sizes, d):
     return levels
 
 
-def _forms(module, bits, group_size, holds=_holds_all, grids=()):
+def _forms(module, bits, group_size, holds=_holds_all, grids=(), compact=False):
     """Every form of a module with k = 1 factors, with its bytes (no errors).
 
-    Only those a file format ``holds`` (:attr:`FileFormat.holds`); the
-    float form first, always held. ``grids``: dense grids ``(bits,
-    group_size, zero_dtype)`` tried besides these (:attr:`FileFormat.grids`).
+    Only those a file format ``holds``
+    (:attr:`~._file_formats.FileFormat.holds`); the float form first,
+    always held. ``grids``: dense grids ``(bits, group_size, zero_dtype)``
+    tried besides these (:attr:`~._file_formats.FileFormat.grids`).
+    ``compact`` (:attr:`~._file_formats.FileFormat.compact_scales`): each
+    quantized form whose zero points allow it is also given with compact
+    scales, after it;
+    :func:`_cheaper_scales` keeps the smaller of the two in the folder.
     """
     n, d = _rows_cols(module)
     forms = [_Form("float", None, None, None, form_nbytes(module), 0.0)]
@@ -329,8 +220,10 @@ def _forms(module, bits, group_size, holds=_holds_all, grids=()):
         if (b, g, zeros) not in tried:
             tried.add((b, g, zeros))
             form = _Form("dense", b, g, None, 0, zero_dtype=zeros)
-            size = form_nbytes(module, b, g, **grid_options(form))
-            forms.append(form._replace(nbytes=size))
+            for c in (False, True) if _compact_grid(compact, zeros) else (False,):
+                form = form._replace(compact=c)
+                size = form_nbytes(module, b, g, **grid_options(form))
+                forms.append(form._replace(nbytes=size))
 
     for b in bits:
         for g in dict.fromkeys(_group(d, group_size, g) for g in _GROUPS[b]):
@@ -341,8 +234,30 @@ def _forms(module, bits, group_size, holds=_holds_all, grids=()):
     for b, g, zeros in grids:
         if b in bits and group_size in (None, g) and d % g == 0:
             dense(b, g, zeros)
-    forms += _factor_forms([n], d, bits, group_size, _bias_numel(module))
+    scales = (False, True) if compact else (False,)
+    side = factor_side(module)
+    forms += _factor_forms(
+        [n], d, bits, group_size, _bias_numel(module), 1, None, scales, side
+    )
     return [f for f in forms if f.kind == "float" or holds(module, f)]
+
+
+def _cheaper_scales(name, forms, budget):
+    """Of each quantized form given with float16 scales and compact ones
+    (:func:`_forms`), the one smaller in the folder: ``budget.priced``.
+
+    Compact scales save about a byte a group, and add a header entry (their
+    exponents) to each matrix: a small matrix keeps float16 scales. Float16
+    on a tie.
+    """
+    best = {}
+    for f in forms:
+        key = f._replace(nbytes=0, error=0.0, compact=False)
+        nbytes = budget.priced(name, f).nbytes
+        if key not in best or nbytes < best[key][0]:
+            best[key] = nbytes, f
+    kept = {id(f) for _, f in best.values()}
+    return [f for f in forms if id(f) in kept]
 
 
 def _cluster_counts(name, module, config):
@@ -437,13 +352,22 @@ def _check_bytes_feasible(config, names, named):
     for name in names:
         _cluster_counts(name, named[name], config)
     grids = file_format.grids(config.bits)
+    budget = file_format.budget(named[""], names, config.budget)
     forms = {
-        name: _forms(
-            named[name], config.bits, config.group_size, file_format.holds, grids
+        name: _cheaper_scales(
+            name,
+            _forms(
+                named[name],
+                config.bits,
+                config.group_size,
+                file_format.holds,
+                grids,
+                file_format.compact_scales,
+            ),
+            budget,
         )
         for name in names
     }
-    budget = file_format.budget(named[""], names, config.budget)
     need, digits = _smallest(budget, forms, config.allocation), budget.digits
     while len(str(need)) > digits:  # the offsets of a larger folder: more digits
         digits = len(str(need))

@@ -32,13 +32,13 @@ from torch import nn
 
 from kflats.factorize._allocation import greedy_fill
 from kflats.torch.compression._config import _search_options_of
+from kflats.torch.compression._file_formats import FORMATS
 from kflats.torch.compression._fisher import fisher_sensitivities, has_logits
 from kflats.torch.compression._form_errors import (
     _ModuleForms,
     _noise_key,
 )
 from kflats.torch.compression._forms import (
-    FORMATS,
     _bias_numel,
     _check_bytes_feasible,
     _cluster_counts,
@@ -455,6 +455,8 @@ def _chosen(name, module, form, measured):
     numbers = n * d + _bias_numel(module)
     before = form_nbytes(module)
     entry = {"k": 0, "ranks": (), "side": None, "form": "dense"}
+    entry["compact_scales"] = form.compact
+    grid = grid_options(form) if form.bits is not None else {}
     entry.update(params_after=numbers, bits=form.bits, group_size=form.group_size)
     layer = None
     if form.kind == "float":
@@ -465,9 +467,7 @@ def _chosen(name, module, form, measured):
             w = w.T
         error = measured.measure(w)  # measured (a wide form's was modelled)
         entry.update(error=error, weight_error=measured.measure.plain(w))
-        entry["bytes_after"] = form_nbytes(
-            module, form.bits, form.group_size, **grid_options(form)
-        )
+        entry["bytes_after"] = form_nbytes(module, form.bits, form.group_size, **grid)
         entry["zero_dtype"] = form.zero_dtype
     else:
         layer = measured.layer(form)
@@ -476,7 +476,7 @@ def _chosen(name, module, form, measured):
         entry.update(side=getattr(layer, "side", None))
         entry.update(error=measured.measure(w), weight_error=measured.measure.plain(w))
         entry["params_after"] = layer.n_params + _bias_numel(module)
-        entry["bytes_after"] = form_nbytes(layer, form.bits, form.group_size)
+        entry["bytes_after"] = form_nbytes(layer, form.bits, form.group_size, **grid)
     kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
     report = ModuleReport(
         name=name,

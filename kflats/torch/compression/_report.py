@@ -102,6 +102,9 @@ class ModuleReport(NamedTuple):
         (integers) or ``"float16"`` (the grid spanning each group's own
         range, GGUF's Q4_1 and Q5_1 layout); ``None`` otherwise (a
         symmetric grid stores none: GGUF's Q8_0, Q5_0 and Q4_0).
+    compact_scales : bool
+        Whether the quantized matrices' scales are compact (a byte each,
+        under a power of two shared by 8 groups), rather than float16.
     """
 
     name: str
@@ -121,6 +124,7 @@ class ModuleReport(NamedTuple):
     bits: int | None = None
     group_size: int | None = None
     zero_dtype: str | None = None
+    compact_scales: bool = False
 
 
 class CompressionReport(tuple):

@@ -4,7 +4,12 @@ from typing import NamedTuple
 
 from kflats.torch.compression._config import CompressionConfig
 from kflats.torch.compression._folder_bytes import FolderBudget
-from kflats.torch.compression._forms import _DENSE_GROUPS, _forms
+from kflats.torch.compression._forms import (
+    _DENSE_GROUPS,
+    _cheaper_scales,
+    _forms,
+    grid_options,
+)
 from kflats.torch.compression._measure import _quantize_kw
 from kflats.torch.compression._objectives import module_objectives
 from kflats.torch.layers import form_nbytes, quantize_module_
@@ -23,7 +28,7 @@ class UniformQuantization(NamedTuple):
     folder_bytes: int
 
 
-def quantize_uniformly(model, names, budget, calibration=None):
+def quantize_uniformly(model, names, budget, calibration=None, *, compact_scales=False):
     """Every selected module quantized alike, in place: the user's alternative.
 
     The bit width and groups (those :func:`kflats.torch.compress` searches
@@ -46,6 +51,12 @@ def quantize_uniformly(model, names, budget, calibration=None):
         most models), or a size in bytes of the folder's weight files.
     calibration : Calibration, default=None
         Recorded on ``model`` for ``names``; ``None``: plain rounding error.
+    compact_scales : bool, default=False
+        Store each group's scale in a byte under a power of two shared by 8
+        groups (:func:`kflats.quantize.quantize`) in each matrix where that
+        makes the folder smaller, as ``compress`` does for a folder in
+        kflats' format; ``False``: float16 scales, as the quantization peers
+        store them.
 
     Returns
     -------
@@ -59,11 +70,20 @@ def quantize_uniformly(model, names, budget, calibration=None):
     >>> model = torch.nn.Sequential(torch.nn.Linear(128, 64))
     >>> quantize_uniformly(model, ["0"], 0.2)
     UniformQuantization(bits=4, group_sizes=[32], bytes_after=5032, folder_bytes=5446)
+    >>> quantize_uniformly(torch.nn.Sequential(torch.nn.Linear(128, 64)), ["0"], 0.2,
+    ...                    compact_scales=True)
+    UniformQuantization(bits=4, group_sizes=[32], bytes_after=4816, folder_bytes=5321)
     """
     named = dict(model.named_modules())
     config = CompressionConfig(budget=budget, unit="bytes")
     folder = FolderBudget(model, names, config.budget)
-    forms = {n: _forms(named[n], tuple(_DENSE_GROUPS), None) for n in names}
+    bits = tuple(_DENSE_GROUPS)
+    forms = {
+        n: _cheaper_scales(
+            n, _forms(named[n], bits, None, compact=compact_scales), folder
+        )
+        for n in names
+    }
     choices = []  # (bytes in the folder, bits, each module's dense form)
     for bits, groups in _DENSE_GROUPS.items():
         for i in range(len(groups)):
@@ -83,7 +103,11 @@ def quantize_uniformly(model, names, budget, calibration=None):
     )
     for n in names:
         kw = _quantize_kw(named[n], objectives[n])
-        quantize_module_(named[n], bits, chosen[n].group_size, **kw)
+        grid = grid_options(chosen[n])  # its scales: compact where they pay
+        quantize_module_(named[n], bits, chosen[n].group_size, **grid, **kw)
     groups = sorted({f.group_size for f in chosen.values()}, key=str)
-    data = sum(form_nbytes(named[n], bits, f.group_size) for n, f in chosen.items())
+    data = sum(
+        form_nbytes(named[n], bits, f.group_size, **grid_options(f))
+        for n, f in chosen.items()
+    )
     return UniformQuantization(bits, groups, data, folder.rest + folder.frame + nbytes)

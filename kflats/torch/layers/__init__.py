@@ -44,6 +44,7 @@ from kflats.torch.layers._quantized_bytes import (
     factors_nbytes,
     form_nbytes,
     rank_group_size,
+    scale_layouts,
 )
 from kflats.torch.layers._quantized_state import (
     QUANTIZED_RECORD,
@@ -87,6 +88,7 @@ __all__ = [
     "record_quantized_",
     "register_straight_through_",
     "requantize_",
+    "scale_layouts",
     "split_quantized_state",
     "state_nbytes",
     "straight_through_parameters",

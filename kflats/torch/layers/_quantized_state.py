@@ -148,7 +148,10 @@ def quantized_state(module):
         packed = qt.to_state(full + ".")
         if full in state:
             del state[full]
-        elif not all(key in state for key in packed):  # held packed: already in
+        elif f"{full}.codes" in state:  # held packed: its entries as stored
+            for key in _KEYS:  # (compact scales held as float16 scales)
+                state.pop(f"{full}.{key}", None)
+        else:
             raise ValueError(
                 f"{full!r} is recorded as quantized but is not in the state "
                 "dict (still parametrized for training? call requantize_ first)"

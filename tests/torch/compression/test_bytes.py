@@ -294,10 +294,11 @@ def test_wide_dense_forms_are_modelled_from_four_bits_quantized_on_demand(cal_mo
         assert {b for b, *_ in dense} == {8, 6, 4, 3, 2}
         # the narrow forms quantized and measured; the wide ones modelled
         assert {b for b, *_ in measured.dense_q} == {4, 3, 2}
-        for (bits, group, zero), form in dense.items():
+        for (bits, group, zero, _), form in dense.items():
             if bits <= 4:
                 continue
-            four = dense[4, group, zero]
+            # (modelled from the 4-bit form of its groups, either scales)
+            (four,) = [f for k, f in dense.items() if k[:3] == (4, group, zero)]
             assert form.error == four.error * _step_ratio(4, bits)
             # quantized when asked for: the model within a factor 2 of it
             assert _dense_key(form) not in measured.dense_q
@@ -421,13 +422,16 @@ def test_a_budget_below_the_peers_groups_takes_wider_groups(tmp_path, bits):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 64))  # full rank: factors do not pay
-    # the tensors of groups of 128, and a header's 600 bytes at most
-    size = form_nbytes(model[0], bits, 128) + 600
-    assert size < form_nbytes(model[0], bits, 32)
+    # the tensors of groups of 128 (compact scales, as kflats' folder stores
+    # them), and a header's 600 bytes at most
+    compact = {"compact_scales": True}
+    size = form_nbytes(model[0], bits, 128, **compact) + 600
+    assert size < form_nbytes(model[0], bits, 32, **compact)
     report = compress(model, size, [nn.Linear], unit="bytes", bits=(bits,))
     (m,) = report
-    assert (m.form, m.bits, m.group_size) == ("dense", bits, 128)
-    assert state_nbytes(quantized_state(model)) == form_nbytes(model[0], bits, 128)
+    assert (m.form, m.bits, m.group_size, m.compact_scales) == ("dense", bits, 128, 1)
+    nbytes = form_nbytes(model[0], bits, 128, **compact)
+    assert state_nbytes(quantized_state(model)) == m.bytes_after == nbytes
     assert report.folder_bytes <= size
     assert quantized_tensors(model[0])["weight"].group_size == 128
     # the folder: the plan's bytes, and the same model back

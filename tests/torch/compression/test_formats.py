@@ -27,12 +27,11 @@ from kflats.torch import (  # noqa: E402
     ProjectiveLinear,
     compress,
 )
-from kflats.torch.compression._forms import (  # noqa: E402
+from kflats.torch.compression._file_formats import (  # noqa: E402
     FORMATS,
-    _Form,
-    _forms,
     _onnx_holds,
 )
+from kflats.torch.compression._forms import _Form, _forms  # noqa: E402
 from kflats.torch.compression._onnx_bytes import OnnxBudget  # noqa: E402
 from kflats.torch.export._frame import module_graph_nbytes  # noqa: E402
 from kflats.torch.export._graph import Pieces  # noqa: E402

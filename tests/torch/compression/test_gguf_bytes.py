@@ -21,7 +21,8 @@ gguf = pytest.importorskip("gguf")
 
 from kflats.quantize import quantize_module_, quantized_tensors  # noqa: E402
 from kflats.torch import CompressionConfig, compress, save_compressed  # noqa: E402
-from kflats.torch.compression._forms import FORMATS, _forms, grid_options  # noqa: E402
+from kflats.torch.compression._file_formats import FORMATS  # noqa: E402
+from kflats.torch.compression._forms import _forms, grid_options  # noqa: E402
 from kflats.torch.compression._gguf_bytes import GGUF_GRIDS, GgufBudget  # noqa: E402
 from kflats.torch.export import export_gguf  # noqa: E402
 from kflats.torch.export._gguf_blocks import gguf_type  # noqa: E402

@@ -485,7 +485,7 @@ def test_compress_for_gguf_refuses_what_gguf_cannot_hold():
     from kflats.torch import CompressionConfig
 
     with pytest.raises(ValueError, match="blocks of 32"):
-        from kflats.torch.compression._forms import FORMATS
+        from kflats.torch.compression._file_formats import FORMATS
 
         FORMATS["gguf"].check(CompressionConfig(0.5, unit="bytes", format="gguf",
                                                 group_size=64))  # fmt: skip

@@ -25,7 +25,9 @@ from kflats.torch.layers import (  # noqa: E402
     PackedTensor,
     ProjectiveEmbedding,
     ProjectiveLinear,
+    quantized_state,
     quantized_tensors,
+    state_nbytes,
 )
 
 from .._helpers import tiny_bert  # noqa: E402
@@ -103,6 +105,27 @@ def test_a_compact_folder_loads_to_the_same_outputs(folder):
     for loaded in (packed, floats):
         got = {k: qt.scale_layout for k, qt in quantized_tensors(loaded).items()}
         assert got == layouts
+
+
+def test_a_model_held_packed_has_the_quantized_state_of_its_folder(folder):
+    """``quantized_state`` of a model held packed (compact scales held as
+    float16 buffers) gives the entries the folder stores, as the model it
+    came from does: what ``kflats compress`` counts the baseline's bytes by."""
+    from safetensors.torch import load_file
+
+    path, model = folder
+    stored = {}
+    for file in path.glob("*.safetensors"):
+        stored.update(load_file(str(file)))
+    for source in (model, load_compressed(path)):
+        state = quantized_state(source)
+        packed = {k for k in state if k.rsplit(".", 1)[0] in quantized_tensors(model)}
+        assert packed <= set(stored)
+        for key in packed:
+            assert torch.equal(state[key], stored[key]), key
+    assert state_nbytes(quantized_state(load_compressed(path))) == state_nbytes(
+        quantized_state(model)
+    )
 
 
 @pytest.mark.parametrize("unpack", [False, True])
