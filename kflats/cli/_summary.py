@@ -49,8 +49,9 @@ def summary(data, out, files):
     if outside is not None:
         print(
             f"fidelity on {outside['texts']} texts from another source: mean cosine "
-            f"{outside['kflats']['mean_cosine']:.4f} ({outside['drop']:.4f} below the "
-            f"held-out texts); the baseline: {outside['svd']['mean_cosine']:.4f}"
+            f"{outside['kflats']['mean_cosine']:.4f} ({abs(outside['drop']):.4f} "
+            f"{'below' if outside['drop'] >= 0 else 'above'} the held-out texts); "
+            f"the baseline: {outside['svd']['mean_cosine']:.4f}"
         )
     metrics = data.get("model_metrics")
     if metrics is not None:

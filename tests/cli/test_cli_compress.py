@@ -405,3 +405,25 @@ def test_the_pictures_singular_values_are_the_svds(n, d, decay, seed):
     np.testing.assert_allclose(
         got, expected, rtol=0, atol=1e-7 * max(expected[0], 1e-300)
     )
+
+
+@pytest.mark.parametrize(
+    "drop, words", [(0.0046, "0.0046 below"), (-0.0023, "0.0023 above")]
+)
+def test_the_summary_says_whether_outside_text_scores_below_or_above(
+    capsys, drop, words
+):
+    from kflats.cli._summary import summary
+
+    fid = {"mean_cosine": 0.97, "worst_cosine": 0.9, "top5_overlap": 0.8}
+    data = {
+        "totals": {"params_before": 10, "params_after": 5, "bytes_before": 40,
+                   "folder_bytes": 20},
+        "fidelity": {"kflats": fid, "svd": fid},
+        "evaluation": {"texts": 480},
+        "outside": {"texts": 290, "kflats": {"mean_cosine": 0.97 - drop},
+                    "svd": fid, "drop": drop},
+    }  # fmt: skip
+    summary(data, "out", [])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "another" in x)
+    assert f"({words} the held-out texts)" in line
