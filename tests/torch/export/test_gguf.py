@@ -59,27 +59,33 @@ def _load(path):
         return load_pretrained(path)
 
 
-def _quantize_(model):
+def _quantize_(model, compact=False):
+    """``compact``: compact scales wherever the grid takes them (integer or no
+    zero points), as a folder of ``kflats compress`` stores them."""
     for layer in range(2):
         for name, (bits, symmetric, _) in FORMS.items():
             module = model.get_submodule(LAYER.format(layer, name))
             zeros = "float16" if name in FLOAT_ZEROS else "uint8"
             quantize_module_(
-                module, bits, 32, symmetric=symmetric, method="rtn", zero_dtype=zeros
-            )
+                module, bits, 32, symmetric=symmetric, method="rtn", zero_dtype=zeros,
+                compact_scales=compact and zeros == "uint8",
+            )  # fmt: skip
         if layer == 0:
             up = model.get_submodule(LAYER.format(layer, "mlp.up_proj"))
-            quantize_module_(up, 4, 32, method="rtn")
-    quantize_module_(model.model.embed_tokens, 8, 32, symmetric=True, method="rtn")
+            quantize_module_(up, 4, 32, method="rtn", compact_scales=compact)
+    quantize_module_(
+        model.model.embed_tokens, 8, 32, symmetric=True, method="rtn",
+        compact_scales=compact,
+    )  # fmt: skip
     return model
 
 
-def _compressed(root, family="llama", tied=True, name="compressed"):
+def _compressed(root, family="llama", tied=True, name="compressed", compact=False):
     source = root / f"{family}-{'tied' if tied else 'untied'}.gguf"
     if not source.exists():
         write_tiny_gguf(source, family, tied=tied)
     model, tokenizer = _load(source)
-    save_compressed(_quantize_(model), root / name, tokenizer=tokenizer)
+    save_compressed(_quantize_(model, compact), root / name, tokenizer=tokenizer)
     return root / name, source
 
 
@@ -132,6 +138,23 @@ def _decode(blocks, qtype):
 
 def test_types_shapes_and_codes_are_kflats_own(exported):
     folder, _, result = exported
+    _assert_kflats_own(folder, result)
+
+
+def test_a_folder_with_compact_scales_exports_its_own_blocks(tmp_path):
+    """Compact scales (a byte each under a shared power of two) are float16
+    values: the blocks hold them as they are."""
+    folder, source = _compressed(tmp_path, compact=True)
+    held = quantized_tensors(load_compressed(folder))
+    layouts = [qt.scale_layout for qt in held.values()]
+    assert sum(x is not None for x in layouts) == len(layouts) - 4  # but Q4_1, Q5_1
+    result = export_gguf(folder, tmp_path / "out.gguf", source=source)
+    _assert_kflats_own(folder, result)
+
+
+def _assert_kflats_own(folder, result):
+    """Each tensor of the GGUF file is the folder's: its type, shape, codes,
+    scales and minimums."""
     model = load_compressed(folder)
     quantized = quantized_tensors(model)
     state = model.state_dict()
