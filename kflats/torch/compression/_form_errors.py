@@ -170,11 +170,18 @@ class _ModuleForms:
         keys = set(keys) & self.pending
         if keys:
             available = {_noise_key(f) for f in self.forms if f.kind == "projective"}
-            measured, modelled = _noise_plan(keys, set(self.noise), available)
+            # factors with k > 1 clusters take k = 1's noise wherever the
+            # module has k = 1 forms at the same bits and groups: measured
+            # once, whichever k a plan asks for first
+            shared = {(k, b, g) for k, b, g in keys if k > 1 and (1, b, g) in available}
+            asked = (keys - shared) | {(1, b, g) for _, b, g in shared}
+            asked -= set(self.noise)
+            measured, modelled = _noise_plan(asked, set(self.noise), available)
             forms = [f for f in self.forms if _noise_key(f) in measured]
             self.noise.update(self._rounding_noise(forms, self.tails))
             self.noise.update(_modelled_noise(modelled, self.noise))
-            self.pending -= keys | measured
+            self.noise.update({(k, b, g): self.noise[1, b, g] for k, b, g in shared})
+            self.pending -= keys | asked | measured
             self._layers, self._measure = {}, None  # made to measure it
         self._set_errors(self.noise)
 
@@ -285,8 +292,9 @@ class _ModuleForms:
         """Relative noise of quantized factors per (k, bits, group), at a probe rank.
 
         Measured on the k = 1 factors; factors with k > 1 clusters take the
-        noise of k = 1 at the same bits and group (measured on their own
-        factors only when k = 1 is not among the forms).
+        noise of k = 1 at the same bits and group (:meth:`measure_noise`
+        asks for k = 1's wherever the module has k = 1 forms there; measured
+        on their own factors only where it has none).
         """
 
         by_bits, compact = {}, set()  # the ranks of each key; keys stored compact

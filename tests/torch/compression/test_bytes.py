@@ -369,6 +369,45 @@ def test_factor_noise_is_modelled_from_two_and_four_bits():
     assert {_noise_key(f) for f in factors} == set(truth)
 
 
+def test_clustered_factors_take_the_noise_of_k1_measured_once(monkeypatch):
+    """Factors with k > 1 clusters take k = 1's rounding noise at the same bits
+    and groups, whichever a plan asks for first: it is measured once, on the
+    k = 1 factors."""
+    from kflats.torch.compression._config import _search_options_of
+    from kflats.torch.compression._form_errors import _noise_key
+
+    rng = np.random.default_rng(0)
+    table = nn.Embedding(600, 64)
+    with torch.no_grad():
+        table.weight.copy_(
+            torch.as_tensor(rng.normal(size=(600, 64)) / np.arange(1, 65) ** 0.5)
+        )
+    config = CompressionConfig(0.2, unit="bytes", bits=(4, 2), ranks="uniform")
+    measured = _ModuleForms(
+        table, "t", None, _weight_spectrum(table, None),
+        _forms(table, config.bits, None), (1, 4), config,
+        _search_options_of(config), lazy=True,
+    )  # fmt: skip
+    keys = {_noise_key(f) for f in measured.forms if f.kind == "projective"}
+    clustered = sorted(k for k in keys if k[0] == 4 and k[1] is not None)
+    assert clustered and all((1, b, g) in keys for _, b, g in clustered)
+    calls = []
+    original = _ModuleForms._rounding_noise
+
+    def spy(self, forms, tails):
+        calls.append({_noise_key(f) for f in forms})
+        return original(self, forms, tails)
+
+    monkeypatch.setattr(_ModuleForms, "_rounding_noise", spy)
+    _, b, g = clustered[0]
+    measured.measure_noise({(4, b, g)})  # k = 4 asked first
+    assert calls == [{(1, b, g)}]
+    assert measured.noise[4, b, g] == measured.noise[1, b, g] > 0
+    measured.measure_noise({(1, b, g)})  # then k = 1: known already
+    assert len(calls) == 1
+    assert not any(measured.is_pending(f) for f in measured.forms if f.bits == b)
+
+
 # -- compress in bytes -------------------------------------------------------
 
 
