@@ -917,7 +917,7 @@ def leftovers():
     }
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     st.sampled_from(["linear", "all"]),
     st.floats(0, 1),
