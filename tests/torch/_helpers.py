@@ -5,6 +5,7 @@ returns ``{"last_hidden_state": ...}``, as a Hugging Face model does.
 """
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -92,3 +93,13 @@ def tiny_bert(transformers, **config):
     )
     torch.manual_seed(0)
     return transformers.BertModel(transformers.BertConfig(**{**sizes, **config})).eval()
+
+
+def weight_files(path):
+    """Bytes of a folder's weight files, as the file system counts them."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+        if name.endswith(".safetensors")
+    )

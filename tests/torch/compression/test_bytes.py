@@ -41,6 +41,7 @@ from .._helpers import (  # noqa: E402
     snapshot,
     tiny_bert,
     tokenizer_for,
+    weight_files,
 )
 
 # a tiny encoder with rows of 32, so that groups of 32 divide them
@@ -886,16 +887,6 @@ def test_shared_ranks_keep_more_than_uniform_ranks_in_as_many_numbers(sizes, d, 
 
 
 # -- a size is the folder's: every tensor, and the headers --------------------
-
-
-def weight_files(path):
-    """Bytes of a folder's weight files, as the file system counts them."""
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.endswith(".safetensors")
-    )
 
 
 def smallest_size(model, targets, **kwargs):

@@ -34,6 +34,8 @@ from kflats.torch.compression._forms import (  # noqa: E402
 )
 from kflats.torch.layers import quantized_tensors  # noqa: E402
 
+from .._helpers import weight_files  # noqa: E402
+
 TARGETS = [nn.Embedding, nn.Linear]
 BITS = (8, 6, 4, 3, 2)
 
@@ -56,15 +58,6 @@ def model_of(seed=0):
             n, d = m.weight.shape
             m.weight.copy_(torch.randn(n, 8) @ torch.randn(8, d) / 8)
     return model.eval()
-
-
-def weight_files(path):
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.endswith(".safetensors")
-    )
 
 
 def file_keys(path):
