@@ -81,7 +81,7 @@ def assert_unchanged(model, snap):
     assert all(torch.equal(now[1][k], snap[1][k]) for k in snap[1])
 
 
-def tiny_bert(transformers, **config):
+def tiny_bert(transformers, seed=0, **config):
     """A tiny BertModel, seeded, in eval mode; ``config`` overrides its sizes."""
     sizes = dict(
         vocab_size=300,
@@ -91,7 +91,7 @@ def tiny_bert(transformers, **config):
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return transformers.BertModel(transformers.BertConfig(**{**sizes, **config})).eval()
 
 

@@ -48,6 +48,8 @@ from kflats.torch import (  # noqa: E402
     save_compressed,
 )
 
+from .._helpers import tiny_bert  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
 
 # -- the valid inputs --------------------------------------------------------------
@@ -81,21 +83,12 @@ def compressed_module(seed=0):
     return model.eval()
 
 
-BERT = dict(
-    vocab_size=300,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(295)]
 
 
-def tiny_bert(tmp, seed=0):
-    """A BertModel and its fast tokenizer, saved to ``tmp / 'hf'``."""
-    torch.manual_seed(seed)
-    model = transformers.BertModel(transformers.BertConfig(**BERT)).eval()
+def bert_and_tokenizer(tmp, seed=0):
+    """A tiny BertModel (300 words) and its fast tokenizer."""
+    model = tiny_bert(transformers, seed=seed)
     (tmp / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"))
     return model, tokenizer
@@ -116,13 +109,13 @@ def folders(tmp_path_factory):
         out["module"] = model(IDS)
     save_compressed(compressed_module(seed=5), tmp / "module-other")
 
-    bert, tokenizer = tiny_bert(tmp)
+    bert, tokenizer = bert_and_tokenizer(tmp)
     compress(bert, 0.5, targets=TARGETS, k=2, random_state=0, progress=False)
     save_compressed(bert, tmp / "bert", tokenizer=tokenizer)
     with torch.no_grad():
         out["bert"] = bert(input_ids=IDS).last_hidden_state
 
-    hf, tokenizer = tiny_bert(tmp, seed=1)
+    hf, tokenizer = bert_and_tokenizer(tmp, seed=1)
     hf.save_pretrained(tmp / "hf")
     tokenizer.save_pretrained(tmp / "hf")
     modules = st.sentence_transformer.modules
